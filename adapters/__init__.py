@@ -1,0 +1,1 @@
+"""Engine adapters (vLLM, SGLang): the only place an engine is imported."""

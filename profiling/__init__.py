@@ -1,0 +1,1 @@
+"""tropical-profile: measure a real engine and write a latency profile (imports torch and engines lazily)."""

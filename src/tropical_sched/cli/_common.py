@@ -1,0 +1,71 @@
+"""Shared pieces of the command line: one-line errors, warnings as notes, a progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+__all__ = ["OneLineErrorParser", "collect_warnings", "progress_bar", "stderr"]
+
+stderr = Console(stderr=True, highlight=False)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line: ``<prog>: error: <what was wrong>`` (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the error on one line and exit with status 2."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+@contextmanager
+def collect_warnings() -> Iterator[list[str]]:
+    """Collect warnings raised inside the block as one-line notes (printed by the caller after the results)."""
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield notes
+    seen = set()
+    for warning in caught:
+        text = f"{warning.category.__name__}: {warning.message}"
+        if text not in seen:
+            seen.add(text)
+            notes.append(text)
+
+
+@contextmanager
+def progress_bar(enabled: bool) -> Iterator[tuple[Callable[[str, int], None], Callable[[int], None]]]:
+    """A progress bar on stderr with one task per run; yields ``(start_task, advance)`` callbacks."""
+    if not enabled:
+        yield (lambda name, total: None), (lambda count: None)
+        return
+    progress = Progress(
+        TextColumn("{task.description:<14}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=stderr,
+        transient=False,
+    )
+    current: list[TaskID] = []
+
+    def start(name: str, total: int) -> None:
+        if not current:
+            progress.start()  # lazily, so that an early error prints no empty bar
+        current.append(progress.add_task(name, total=total))
+
+    def advance(count: int) -> None:
+        if current:
+            progress.advance(current[-1], count)
+
+    try:
+        yield start, advance
+    finally:
+        if current:
+            progress.stop()

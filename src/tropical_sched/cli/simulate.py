@@ -1,0 +1,274 @@
+"""``tropical simulate``: compare policies on a trace-driven simulation of a GPU cluster."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from tropical_sched.cli._common import collect_warnings, progress_bar, stderr
+from tropical_sched.core.errors import ConfigError
+from tropical_sched.core.slo import SloSpec
+from tropical_sched.policies.registry import policy_names
+from tropical_sched.sim.experiment import (
+    DEFAULT_POLICIES,
+    DEFAULT_PROFILE,
+    DEFAULT_RATE_PER_S,
+    DEFAULT_TRACE,
+    Experiment,
+    ExperimentResult,
+    run_experiment,
+)
+
+__all__ = ["add_experiment_arguments", "build_experiment", "register"]
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _option_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_policy_options(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``POLICY.KEY=VALUE`` items (``tropical.toggle.enabled=false`` for nested toggle options) to a mapping.
+
+    Raises:
+        ConfigError: an item is not of that form.
+    """
+    options: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        parts = key.split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise ConfigError(
+                f"--policy-option {item!r} is not POLICY.KEY=VALUE (e.g. tropical.route_order=multiplex-first)"
+            )
+        target = options.setdefault(parts[0], {})
+        for part in parts[1:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = _option_value(value)
+    return options
+
+
+def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options shared by ``simulate`` and the evaluation commands."""
+    workload = parser.add_argument_group("workload")
+    workload.add_argument(
+        "--trace", default=DEFAULT_TRACE, help=f"bundled trace name or file (default {DEFAULT_TRACE})"
+    )
+    workload.add_argument(
+        "--rate",
+        type=_positive_float,
+        default=DEFAULT_RATE_PER_S,
+        help="mean request rate, req/s: rescales a timed trace's arrivals, or the Poisson/Gamma rate "
+        f"(default {DEFAULT_RATE_PER_S:g})",
+    )
+    workload.add_argument(
+        "--native-rate", action="store_true", help="keep a timed trace's real arrival times (ignores --rate)"
+    )
+    workload.add_argument(
+        "--arrival",
+        choices=["trace", "poisson", "gamma"],
+        help="arrival process (default: trace if it has arrivals, else poisson)",
+    )
+    workload.add_argument(
+        "--burstiness",
+        type=_positive_float,
+        default=1.0,
+        help="coefficient of variation of gamma inter-arrivals (default 1)",
+    )
+    workload.add_argument(
+        "--num-requests", type=_positive_int, help="simulate only the first N requests (default: all)"
+    )
+    workload.add_argument(
+        "--overlength",
+        choices=["filter", "clip"],
+        default="filter",
+        help="prompts beyond the model's context (default filter)",
+    )
+    workload.add_argument(
+        "--seed", type=_non_negative_int, default=0, help="seed for sampling and arrivals (default 0)"
+    )
+
+    cluster = parser.add_argument_group("cluster")
+    cluster.add_argument(
+        "--profile", default=DEFAULT_PROFILE, help=f"bundled profile name or file (default {DEFAULT_PROFILE})"
+    )
+    cluster.add_argument("--workers", type=_positive_int, default=2, help="model instances (default 2)")
+    cluster.add_argument(
+        "--prefill-workers", type=_non_negative_int, help="prefill workers of disaggregated policies (default half)"
+    )
+    cluster.add_argument(
+        "--max-num-seqs", type=_positive_int, default=256, help="engine batch limit per worker (default 256)"
+    )
+    cluster.add_argument(
+        "--kv-link-gbps",
+        type=_positive_float,
+        help="KV transfer bandwidth between workers, GB/s (default: NVLink from the profile)",
+    )
+
+    slo = parser.add_argument_group("SLOs")
+    ttft = slo.add_mutually_exclusive_group()
+    ttft.add_argument(
+        "--ttft-slo-scale", type=_positive_float, help="TTFT SLO as a multiple of the isolated prefill time (default 5)"
+    )
+    ttft.add_argument("--ttft-slo-ms", type=_positive_float, help="absolute TTFT SLO, ms")
+    tpot = slo.add_mutually_exclusive_group()
+    tpot.add_argument("--tpot-slo-ms", type=_positive_float, help="absolute TPOT SLO, ms (default 100)")
+    tpot.add_argument(
+        "--tpot-slo-scale", type=_positive_float, help="TPOT SLO as a multiple of the isolated decode step"
+    )
+    slo.add_argument("--slo-scale", type=_positive_float, default=1.0, help="multiply both SLOs (default 1)")
+
+    policies = parser.add_argument_group("policies")
+    policies.add_argument(
+        "--policies",
+        default=",".join(DEFAULT_POLICIES),
+        help=f"comma-separated, from: {', '.join(policy_names())} (default all four)",
+    )
+    policies.add_argument(
+        "--policy-option",
+        action="append",
+        default=[],
+        metavar="POLICY.KEY=VALUE",
+        help="set a policy option, e.g. tropical.route_order=multiplex-first or tropical.toggle.enabled=false",
+    )
+
+
+def build_experiment(args: argparse.Namespace) -> Experiment:
+    """The :class:`Experiment` described by parsed arguments.
+
+    Raises:
+        TropicalError: a value is invalid (the message names it).
+    """
+    slo = SloSpec.make(
+        ttft_slo_s=args.ttft_slo_ms / 1e3 if args.ttft_slo_ms else None,
+        ttft_slo_scale=args.ttft_slo_scale,
+        tpot_slo_s=args.tpot_slo_ms / 1e3 if args.tpot_slo_ms else None,
+        tpot_slo_scale=args.tpot_slo_scale,
+        slo_scale=args.slo_scale,
+    )
+    names = tuple(name.strip() for name in args.policies.split(",") if name.strip())
+    return Experiment(
+        trace=args.trace,
+        profile=args.profile,
+        num_workers=args.workers,
+        num_prefill_workers=args.prefill_workers,
+        rate_per_s=None if args.native_rate else args.rate,
+        arrival_process=args.arrival,
+        burstiness_cv=args.burstiness,
+        num_requests=args.num_requests,
+        overlength=args.overlength,
+        seed=args.seed,
+        slo=slo,
+        policies=names,
+        policy_options=parse_policy_options(args.policy_option),
+        max_num_seqs=args.max_num_seqs,
+        kv_link_bandwidth_bytes_per_s=args.kv_link_gbps * 1e9 if args.kv_link_gbps else None,
+    )
+
+
+def _ms(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value * 1e3:,.0f}"
+
+
+def render(result: ExperimentResult, console: Console) -> None:
+    """Print the comparison table."""
+    exp = result.experiment
+    profile = result.profile
+    title = (
+        f"{profile.metadata.model.name}, {exp.num_workers} x TP{profile.tensor_parallel_size} on "
+        f"{profile.metadata.hardware.gpu_name} ({exp.num_workers * profile.tensor_parallel_size} GPUs); "
+        f"{exp.slo.describe()}"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("policy", no_wrap=True)
+    for header in ("SLO att.", "TTFT att.", "TPOT att.", "TTFT p50/p90 ms", "TPOT p50/p90 ms", "muxed", "rejected"):
+        table.add_column(header, justify="right", no_wrap=True)
+    best = max(outcome.summary.slo_attainment for outcome in result.outcomes.values())
+    for name, outcome in result.outcomes.items():
+        s = outcome.summary
+        attain = f"{s.slo_attainment:.1%}"
+        table.add_row(
+            name,
+            f"[bold]{attain}[/bold]" if s.slo_attainment == best else attain,
+            f"{s.ttft_attainment:.1%}",
+            f"{s.tpot_attainment:.1%}",
+            f"{_ms(s.ttft_p50_s)} / {_ms(s.ttft_p90_s)}",
+            f"{_ms(s.tpot_p50_s)} / {_ms(s.tpot_p90_s)}",
+            f"{s.num_multiplexed / s.num_requests:.1%}" if s.num_requests else "-",
+            str(s.num_rejected),
+        )
+    console.print(table)
+    console.print(f"workload: {result.workload.report.describe()}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``tropical simulate``."""
+    experiment = build_experiment(args)
+    with collect_warnings() as notes, progress_bar(not args.no_progress) as (start, advance):
+        result = run_experiment(experiment, on_policy_start=start, progress=advance)
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, 120)
+    render(result, console)
+    for note in notes:
+        stderr.print(f"note: {note}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+        stderr.print(f"wrote {args.json}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``simulate`` subcommand."""
+    parser = subparsers.add_parser(
+        "simulate",
+        help="compare policies on a trace-driven simulation (default: bundled Azure trace, 2 x Llama-2-70B TP4 A100)",
+        description="Simulate a GPU serving cluster on a real trace under each policy and compare SLO attainment.",
+    )
+    add_experiment_arguments(parser)
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run, prog=parser.prog)

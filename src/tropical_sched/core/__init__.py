@@ -1,0 +1,57 @@
+"""Engine-agnostic core types: requests, SLOs, snapshots, slack, decisions and errors (stdlib only)."""
+
+from tropical_sched.core.decisions import DecodePlacement, RouteAction, RouteDecision
+from tropical_sched.core.errors import (
+    ConfigError,
+    DataFormatError,
+    ProfileFormatError,
+    SimulationError,
+    TraceFormatError,
+    TropicalError,
+    UnknownNameError,
+)
+from tropical_sched.core.request import Request, RequestRecord, Slo
+from tropical_sched.core.slack import (
+    min_tpot_slack_s,
+    predicted_prefill_finish_at_s,
+    tpot_slack_s,
+    ttft_slack_s,
+)
+from tropical_sched.core.slo import DEFAULT_TPOT_SLO_S, DEFAULT_TTFT_SLO_SCALE, SloSpec
+from tropical_sched.core.snapshot import (
+    ClusterSnapshot,
+    DecodeBatch,
+    DecodeView,
+    PrefillState,
+    WorkerRole,
+    WorkerSnapshot,
+)
+
+__all__ = [
+    "DEFAULT_TPOT_SLO_S",
+    "DEFAULT_TTFT_SLO_SCALE",
+    "ClusterSnapshot",
+    "ConfigError",
+    "DataFormatError",
+    "DecodeBatch",
+    "DecodePlacement",
+    "DecodeView",
+    "PrefillState",
+    "ProfileFormatError",
+    "Request",
+    "RequestRecord",
+    "RouteAction",
+    "RouteDecision",
+    "SimulationError",
+    "Slo",
+    "SloSpec",
+    "TraceFormatError",
+    "TropicalError",
+    "UnknownNameError",
+    "WorkerRole",
+    "WorkerSnapshot",
+    "min_tpot_slack_s",
+    "predicted_prefill_finish_at_s",
+    "tpot_slack_s",
+    "ttft_slack_s",
+]

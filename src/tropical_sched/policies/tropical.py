@@ -1,0 +1,433 @@
+"""Tropical: SLO-aware multiplexing between disaggregated and colocated serving.
+
+Unifying idea: keep a disaggregated deployment (prefill workers hand their KV caches to decoding workers), but let
+a decoding worker absorb a prefill itself when every decode it hosts has the TPOT slack to pay for it, and let a
+global toggle withdraw that permission when observed TPOT attainment says multiplexing is hurting.
+
+Design doc sections 2 to 7 (``docs`` of this repository); the prototype's bugs listed in section 5 are fixed here:
+every eligible worker is compared before one is chosen (no early return inside the loop), so short prompts are
+multiplexed too; the request under decision is never shadowed; the predictor is the profile of the real TP; the
+watermarks are applied, and the decode-step watermark is a fraction of the TPOT SLO rather than absolute seconds;
+and the rejection the README describes exists (``reject_unattainable``).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from tropical_sched.core.decisions import DecodePlacement, RouteAction, RouteDecision
+from tropical_sched.core.errors import ConfigError
+from tropical_sched.core.request import Request
+from tropical_sched.core.slack import min_tpot_slack_s
+from tropical_sched.core.snapshot import ClusterSnapshot, PrefillState, WorkerRole, WorkerSnapshot
+from tropical_sched.policies.base import EngineSettings, LocalScheduler, PolicyContext
+from tropical_sched.policies.local import ShortestRemainingPrefillFirst, SlackCappedScheduler
+from tropical_sched.policies.toggle import MultiplexingToggle, ToggleConfig
+
+__all__ = ["RouteOrder", "SlackTest", "TropicalConfig", "TropicalPolicy"]
+
+
+class SlackTest(str, enum.Enum):
+    """How a multiplexing worker decides whether its decodes can absorb a prefill (design doc section 5, rule 2)."""
+
+    CHUNKED = "chunked"
+    """Predict the prefill as the worker will run it, chunk by chunk, each chunk sized so that the mixed step
+    stays within the smallest TPOT slack (less the margin) as it grows by each decode's SLO every step; eligible
+    if the prefill then finishes by its TTFT deadline. The decodes' TPOT is protected step by step."""
+    WHOLE_PREFILL = "whole-prefill"
+    """The prototype's test: every decode keeps ``slack_margin_fraction`` of its TPOT SLO as slack after
+    absorbing the whole predicted prefill time at once."""
+
+
+class RouteOrder(str, enum.Enum):
+    """Which path the router tries first (design doc section 5)."""
+
+    PREFILL_FIRST = "prefill-first"
+    """Prefill workers first; multiplex only what they cannot take in time (the paper README's order)."""
+    MULTIPLEX_FIRST = "multiplex-first"
+    """Multiplexing workers first (the prototype's order)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TropicalConfig:
+    """Settings of the Tropical policy (defaults: the prototype's values where it has them).
+
+    Attributes:
+        route_order: which path to try first.
+        max_multiplexed_prompt_tokens: longer prompts are never multiplexed, tokens (prototype: 8192).
+        slack_test: which slack test admits a prefill onto a multiplexing worker.
+        slack_margin_fraction: every decode on a multiplexing worker keeps this fraction of its TPOT SLO as TPOT
+            slack in reserve, both in the slack test and in the per-step chunk cap (prototype ``slack_margin``: 1.0,
+            with the whole-prefill test; 0.1 by default here, a reserve for the step-time model's error).
+        queue_safety_factor: multiplier on predicted queueing on prefill workers (prototype: 1.02).
+        decode_step_watermark_fraction: a multiplexing worker takes a prefill (or a new decode) only while its
+            predicted decode step stays within this fraction of the tightest TPOT SLO it hosts.
+        kv_watermark_fraction: ... and while its KV usage after admitting the prompt stays below this fraction.
+        reject_unattainable: decline a request once no path can meet its TTFT deadline (else it waits).
+        prefill_chunk_tokens: chunk size on prefill workers, tokens; SRPF preempts at chunk boundaries.
+        multiplexing_token_budget: token budget of a multiplexing worker's steps, tokens.
+        min_multiplexed_chunk_tokens: smallest chunk a multiplexing worker runs whatever the slack, tokens.
+        toggle: the attainment-driven toggle.
+    """
+
+    route_order: RouteOrder = RouteOrder.PREFILL_FIRST
+    max_multiplexed_prompt_tokens: int = 8192
+    slack_test: SlackTest = SlackTest.CHUNKED
+    slack_margin_fraction: float = 0.1
+    queue_safety_factor: float = 1.02
+    decode_step_watermark_fraction: float = 0.9
+    kv_watermark_fraction: float = 0.9
+    reject_unattainable: bool = False
+    prefill_chunk_tokens: int = 8192
+    multiplexing_token_budget: int = 8192
+    min_multiplexed_chunk_tokens: int = 32
+    toggle: ToggleConfig = field(default_factory=ToggleConfig)
+
+    def __post_init__(self) -> None:
+        for name, enum_type in (("route_order", RouteOrder), ("slack_test", SlackTest)):
+            try:
+                object.__setattr__(self, name, enum_type(getattr(self, name)))
+            except ValueError:
+                raise ConfigError(
+                    f"TropicalConfig.{name} must be one of {[o.value for o in enum_type]}, got {getattr(self, name)!r}"
+                ) from None
+        checks = {
+            "max_multiplexed_prompt_tokens": self.max_multiplexed_prompt_tokens >= 0,
+            "slack_margin_fraction": self.slack_margin_fraction >= 0,
+            "queue_safety_factor": self.queue_safety_factor >= 1,
+            "decode_step_watermark_fraction": self.decode_step_watermark_fraction > 0,
+            "kv_watermark_fraction": 0 < self.kv_watermark_fraction <= 1,
+            "prefill_chunk_tokens": self.prefill_chunk_tokens >= 1,
+            "multiplexing_token_budget": self.multiplexing_token_budget >= 1,
+            "min_multiplexed_chunk_tokens": self.min_multiplexed_chunk_tokens >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"TropicalConfig.{name} is out of range: {getattr(self, name)!r}")
+
+
+def _srpf_key(prefill: PrefillState) -> int:
+    return prefill.num_prompt_tokens - prefill.num_computed_tokens
+
+
+class TropicalPolicy:
+    """The Tropical router, toggle and engine-local schedulers.
+
+    Args:
+        context: predictor and model limits.
+        config: settings.
+    """
+
+    name = "tropical"
+
+    def __init__(self, context: PolicyContext, config: TropicalConfig | None = None) -> None:
+        self.config = config or TropicalConfig()
+        self._step_time = context.step_time
+        self.toggle = MultiplexingToggle(self.config.toggle)
+        self._prefill_local = ShortestRemainingPrefillFirst()
+        self._mux_local = SlackCappedScheduler(
+            context.step_time,
+            min_chunk_tokens=self.config.min_multiplexed_chunk_tokens,
+            margin_fraction=self.config.slack_margin_fraction,
+        )
+        self._remaining_cache: dict[tuple[int, int], float] = {}  # (prompt, computed) -> remaining prefill (s)
+
+    # -- deployment ---------------------------------------------------------------------------------------------
+
+    def worker_roles(self, num_workers: int, num_prefill_workers: int | None) -> tuple[WorkerRole, ...]:
+        """``num_prefill_workers`` prefill workers (default half), the rest multiplexing workers."""
+        num_prefill = num_workers // 2 if num_prefill_workers is None else num_prefill_workers
+        if num_workers < 2 or not 1 <= num_prefill <= num_workers - 1:
+            raise ConfigError(
+                f"tropical needs at least one prefill and one multiplexing worker; got workers={num_workers}, "
+                f"prefill_workers={num_prefill}"
+            )
+        return (WorkerRole.PREFILL,) * num_prefill + (WorkerRole.MULTIPLEXING,) * (num_workers - num_prefill)
+
+    def engine_settings(self, role: WorkerRole) -> EngineSettings:
+        """Prefill workers: one prefill per step, chunked (preemptible at chunk boundaries). Multiplexing
+        workers: stall-free batching with the decodes first."""
+        if role is WorkerRole.PREFILL:
+            return EngineSettings(
+                enable_chunked_prefill=True,
+                max_num_batched_tokens=self.config.prefill_chunk_tokens,
+                max_num_prefill_seqs=1,
+            )
+        return EngineSettings(enable_chunked_prefill=True, max_num_batched_tokens=self.config.multiplexing_token_budget)
+
+    def local_scheduler(self, role: WorkerRole) -> LocalScheduler:
+        """SRPF on prefill workers; slack-capped chunks on multiplexing workers."""
+        return self._prefill_local if role is WorkerRole.PREFILL else self._mux_local
+
+    # -- routing ------------------------------------------------------------------------------------------------
+
+    def waiting_sort_key(self, request: Request) -> float:
+        """Shortest prompt first, like the prefill workers' own order."""
+        return float(request.num_prompt_tokens)
+
+    def _remaining_s(self, prefill: PrefillState) -> float:
+        key = (prefill.num_prompt_tokens, prefill.num_computed_tokens)
+        remaining_s = self._remaining_cache.get(key)
+        if remaining_s is None:
+            if len(self._remaining_cache) > 1 << 16:
+                self._remaining_cache.clear()
+            remaining_s = self._step_time.remaining_prefill_time_s(
+                prefill.num_prompt_tokens, prefill.num_computed_tokens, self.config.prefill_chunk_tokens
+            )
+            self._remaining_cache[key] = remaining_s
+        return remaining_s
+
+    def _prefill_finish_at_s(self, worker: WorkerSnapshot, new: PrefillState, now_s: float) -> tuple[float, bool]:
+        """Predicted first-token time of ``new`` if queued on ``worker``, and whether it breaks no other prefill.
+
+        The queue is simulated in the worker's own order (the snapshot's, shortest remaining first) with the
+        safety factor. A queued prefill that was going to meet its deadline must still meet it with ``new`` ahead
+        of it; one that was already going to miss it does not block ``new``.
+        """
+        factor = self.config.queue_safety_factor
+        key = _srpf_key(new)
+        ahead_s = 0.0
+        new_finish_at_s = math.nan
+        inserted = False
+        new_s = self._remaining_s(new) * factor
+        for queued in worker.prefills:
+            if not inserted and key < _srpf_key(queued):
+                inserted = True
+                ahead_s += new_s
+                new_finish_at_s = now_s + ahead_s
+            ahead_s += self._remaining_s(queued) * factor
+            if inserted:
+                deadline = queued.ttft_deadline_at_s
+                finish_with = now_s + ahead_s
+                if finish_with > deadline and finish_with - new_s <= deadline:
+                    return new_finish_at_s, False
+        if not inserted:
+            new_finish_at_s = now_s + ahead_s + new_s
+        return new_finish_at_s, True
+
+    def _try_prefill_workers(
+        self, request: Request, new: PrefillState, cluster: ClusterSnapshot
+    ) -> tuple[RouteDecision | None, float]:
+        """A PREFILL decision if some prefill worker is eligible, and the earliest predicted TTFT seen."""
+        now_s = cluster.now_s
+        best: tuple[int, int, float] | None = None  # (outstanding tokens, worker_id, finish_at_s)
+        earliest_at_s = math.inf
+        for worker in cluster.with_role(WorkerRole.PREFILL):
+            finish_at_s, breaks_none = self._prefill_finish_at_s(worker, new, now_s)
+            earliest_at_s = min(earliest_at_s, finish_at_s)
+            eligible = worker.is_idle or (breaks_none and finish_at_s <= request.ttft_deadline_at_s)
+            if eligible:
+                candidate = (worker.num_outstanding_prompt_tokens, worker.worker_id, finish_at_s)
+                if best is None or candidate < best:
+                    best = candidate
+        if best is None:
+            return None, earliest_at_s
+        outstanding, worker_id, finish_at_s = best
+        return (
+            RouteDecision(
+                action=RouteAction.PREFILL,
+                worker_id=worker_id,
+                reason="prefill worker meets every queued TTFT deadline; fewest outstanding prompt tokens",
+                predicted={
+                    "predicted_ttft_s": finish_at_s - request.arrival_at_s,
+                    "ttft_slack_s": request.ttft_deadline_at_s - finish_at_s,
+                    "outstanding_prompt_tokens": float(outstanding),
+                },
+            ),
+            earliest_at_s,
+        )
+
+    def multiplexed_prefill_s(self, worker: WorkerSnapshot, num_prompt_tokens: int, now_s: float) -> float:
+        """Predicted time to prefill a prompt on a multiplexing worker under its slack-capped chunking.
+
+        Mirrors :class:`~tropical_sched.policies.local.SlackCappedScheduler`: chunk ``k`` is the largest that keeps
+        the mixed step within the smallest TPOT slack less the margin. That slack is bounded below by
+        ``s0 + k * slo_min - elapsed``: each decode's slack grows by its own TPOT SLO (>= the tightest one) per
+        token and falls with elapsed time. The decode batch is taken as fixed (its context grows by one token per
+        decode per step).
+
+        Args:
+            worker: the multiplexing worker.
+            num_prompt_tokens: the prompt to prefill, tokens.
+            now_s: the current time, seconds.
+
+        Returns:
+            Seconds until the first token; ``inf`` if it would take more than 1024 steps.
+        """
+        cfg = self.config
+        model = self._step_time
+        decodes = worker.decodes
+        num_decodes = len(decodes)
+        context_tokens = decodes.total_context_tokens
+        token_budget = max(cfg.multiplexing_token_budget - num_decodes, 1)
+        if not num_decodes:
+            return model.remaining_prefill_time_s(num_prompt_tokens, 0, token_budget)
+        slack0_s = min_tpot_slack_s(decodes, now_s, margin_fraction=cfg.slack_margin_fraction)
+        slo_min_s = min(decodes.tpot_slo_s)
+        elapsed_s = 0.0
+        prefix = 0
+        for step in range(1024):
+            context = context_tokens + step * num_decodes
+            chunk = model.max_chunk_tokens_within(
+                slack0_s + step * slo_min_s - elapsed_s,
+                num_decode_seqs=num_decodes,
+                num_decode_context_tokens=context,
+                num_prefix_tokens=prefix,
+            )
+            chunk = min(max(chunk, cfg.min_multiplexed_chunk_tokens), token_budget, num_prompt_tokens - prefix)
+            if chunk > 0:
+                elapsed_s += model.step_time_s(
+                    num_decode_seqs=num_decodes, num_decode_context_tokens=context, prefill_chunks=((prefix, chunk),)
+                )
+            else:
+                elapsed_s += model.decode_step_time_s(num_decodes, context)
+            prefix += chunk
+            if prefix >= num_prompt_tokens:
+                return elapsed_s
+        return math.inf
+
+    def _try_multiplexing_workers(self, request: Request, cluster: ClusterSnapshot) -> tuple[RouteDecision | None, str]:
+        """A MULTIPLEX decision if some multiplexing worker passes the slack test, else why not."""
+        cfg = self.config
+        if not self.toggle.multiplexing_on:
+            return None, "multiplexing is switched off by the attainment toggle"
+        num_prompt_tokens = request.num_prompt_tokens
+        if num_prompt_tokens > cfg.max_multiplexed_prompt_tokens:
+            return None, f"prompt of {num_prompt_tokens} tokens exceeds max_multiplexed_prompt_tokens"
+        prefill_s = self._step_time.prefill_time_s(num_prompt_tokens)
+        now_s = cluster.now_s
+        best: tuple[int, int, float, float, float] | None = None  # (context, worker_id, slack, step, ttft)
+        why = "no multiplexing worker"
+        for worker in cluster.with_role(WorkerRole.MULTIPLEXING):
+            if worker.prefills:
+                why = "every multiplexing worker already has a prefill outstanding"
+                continue
+            decodes = worker.decodes
+            context_tokens = decodes.total_context_tokens
+            if len(decodes) >= worker.max_num_seqs:
+                why = "multiplexing workers are at max_num_seqs"
+                continue
+            if (
+                worker.num_kv_tokens_used + num_prompt_tokens
+            ) > cfg.kv_watermark_fraction * worker.num_kv_tokens_capacity:
+                why = "multiplexing workers are above the KV watermark"
+                continue
+            step_s = self._step_time.decode_step_time_s(len(decodes), context_tokens)
+            if len(decodes) and step_s > cfg.decode_step_watermark_fraction * min(decodes.tpot_slo_s):
+                why = "multiplexing workers' decode steps are above the latency watermark"
+                continue
+            slack_s = min_tpot_slack_s(decodes, now_s, margin_fraction=cfg.slack_margin_fraction)
+            if cfg.slack_test is SlackTest.WHOLE_PREFILL:
+                if slack_s < prefill_s:
+                    why = "no multiplexing worker's decodes have the TPOT slack to absorb the prefill"
+                    continue
+                finish_at_s = now_s + prefill_s
+            else:
+                finish_at_s = (
+                    now_s + self.multiplexed_prefill_s(worker, num_prompt_tokens, now_s) * cfg.queue_safety_factor
+                )
+                if finish_at_s > request.ttft_deadline_at_s:
+                    why = "no multiplexing worker's decodes leave the slack to finish the prefill by its TTFT deadline"
+                    continue
+            candidate = (context_tokens, worker.worker_id, slack_s, step_s, finish_at_s)
+            if best is None or candidate < best:
+                best = candidate
+        if best is None:
+            return None, why
+        context_tokens, worker_id, slack_s, step_s, finish_at_s = best
+        return (
+            RouteDecision(
+                action=RouteAction.MULTIPLEX,
+                worker_id=worker_id,
+                reason=f"decodes can absorb the prefill ({cfg.slack_test.value} slack test); fewest decode context "
+                "tokens",
+                predicted={
+                    "prefill_time_s": prefill_s,
+                    "predicted_ttft_s": finish_at_s - request.arrival_at_s,
+                    "min_tpot_slack_s": slack_s,
+                    "decode_step_s": step_s,
+                    "decode_context_tokens": float(context_tokens),
+                },
+            ),
+            "",
+        )
+
+    def route(self, request: Request, cluster: ClusterSnapshot) -> RouteDecision:
+        """Design doc section 5: prefill worker or multiplexing worker in the configured order; else wait, or
+        reject when ``reject_unattainable`` and no prefill worker can meet the deadline any more."""
+        new = PrefillState(
+            request_id=request.request_id,
+            arrival_at_s=request.arrival_at_s,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_computed_tokens=0,
+            ttft_slo_s=request.slo.ttft_s,
+        )
+        mux_why = ""
+        if self.config.route_order is RouteOrder.MULTIPLEX_FIRST:
+            decision, mux_why = self._try_multiplexing_workers(request, cluster)
+            if decision is not None:
+                return decision
+        decision_p, earliest_at_s = self._try_prefill_workers(request, new, cluster)
+        if decision_p is not None:
+            return decision_p
+        if self.config.route_order is RouteOrder.PREFILL_FIRST:
+            decision, mux_why = self._try_multiplexing_workers(request, cluster)
+            if decision is not None:
+                return decision
+        predicted = {"earliest_predicted_ttft_s": earliest_at_s - request.arrival_at_s}
+        if self.config.reject_unattainable and earliest_at_s > request.ttft_deadline_at_s:
+            return RouteDecision(
+                action=RouteAction.REJECT,
+                worker_id=None,
+                reason=f"TTFT SLO unattainable: no prefill worker can finish it in time and {mux_why}",
+                predicted=predicted,
+            )
+        return RouteDecision(
+            action=RouteAction.WAIT,
+            worker_id=None,
+            reason=f"no prefill worker can take it without breaking a TTFT deadline and {mux_why}",
+            predicted=predicted,
+        )
+
+    def place_decode(self, request: Request, cluster: ClusterSnapshot) -> DecodePlacement:
+        """Design doc section 5, rule 4: the multiplexing worker with the fewest decode context tokens whose
+        decodes stay TPOT-feasible with the new one; if none is feasible, the least loaded one with room."""
+        needed = request.num_prompt_tokens + 1
+        feasible: list[tuple[int, int, float]] = []
+        with_room: list[tuple[int, int, float]] = []
+        for worker in cluster.with_role(WorkerRole.MULTIPLEXING):
+            decodes = worker.decodes
+            if len(decodes) >= worker.max_num_seqs or worker.num_free_kv_tokens < needed:
+                continue
+            context_tokens = decodes.total_context_tokens
+            step_s = self._step_time.decode_step_time_s(len(decodes) + 1, context_tokens + needed)
+            tightest_s = min((*decodes.tpot_slo_s, request.slo.tpot_s))
+            entry = (context_tokens, worker.worker_id, step_s)
+            with_room.append(entry)
+            if step_s <= self.config.decode_step_watermark_fraction * tightest_s:
+                feasible.append(entry)
+        if feasible:
+            context_tokens, worker_id, step_s = min(feasible)
+            reason = "decodes stay TPOT-feasible with it; fewest decode context tokens"
+        elif with_room:
+            context_tokens, worker_id, step_s = min(with_room)
+            reason = "no worker stays TPOT-feasible; fewest decode context tokens among those with room"
+        else:
+            return DecodePlacement(worker_id=None, reason="no multiplexing worker has a free slot and KV room")
+        return DecodePlacement(
+            worker_id=worker_id,
+            reason=reason,
+            predicted={"decode_step_s": step_s, "decode_context_tokens": float(context_tokens)},
+        )
+
+    # -- feedback -----------------------------------------------------------------------------------------------
+
+    def on_first_token(self, request: Request, ttft_s: float, now_s: float) -> None:
+        """Feed the toggle's TTFT window (a rejection counts as a miss)."""
+        self.toggle.observe_ttft(now_s, ttft_s <= request.slo.ttft_s)
+
+    def on_finished(self, request: Request, tpot_s: float, now_s: float) -> None:
+        """Feed the toggle's TPOT window."""
+        self.toggle.observe_tpot(now_s, tpot_s <= request.slo.tpot_s)

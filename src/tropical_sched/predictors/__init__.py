@@ -1,0 +1,51 @@
+"""Latency predictors: the step-time model, the profile file, fitting and importers of published tables."""
+
+from tropical_sched.predictors.profile import (
+    PROFILE_SCHEMA_VERSION,
+    EngineInfo,
+    FitReport,
+    HardwareInfo,
+    KvCacheInfo,
+    ModelInfo,
+    Profile,
+    ProfileFile,
+    ProfileMetadata,
+    SourceInfo,
+    StepSample,
+    ValidRangeInfo,
+    bundled_profile_names,
+    load_profile,
+    write_profile_file,
+)
+from tropical_sched.predictors.step_time import (
+    FEATURE_NAMES,
+    ProfileRangeWarning,
+    StepTimeCoefficients,
+    StepTimeModel,
+    ValidRange,
+    step_features,
+)
+
+__all__ = [
+    "FEATURE_NAMES",
+    "PROFILE_SCHEMA_VERSION",
+    "EngineInfo",
+    "FitReport",
+    "HardwareInfo",
+    "KvCacheInfo",
+    "ModelInfo",
+    "Profile",
+    "ProfileFile",
+    "ProfileMetadata",
+    "ProfileRangeWarning",
+    "SourceInfo",
+    "StepSample",
+    "StepTimeCoefficients",
+    "StepTimeModel",
+    "ValidRange",
+    "ValidRangeInfo",
+    "bundled_profile_names",
+    "load_profile",
+    "step_features",
+    "write_profile_file",
+]

@@ -1,0 +1,416 @@
+"""The versioned latency-profile file: schema, loading (with path and line on errors), and bundled profiles.
+
+A profile records where its numbers came from (model, hardware, tensor parallelism, engine and version, source
+and licence), the raw step-time samples, the fitted step-time coefficients with their fit error, the range the
+samples cover, and the KV-cache capacity. The simulator, the router and the engine adapters all load this file.
+
+File format: JSON, ``schema_version`` 1 (see :class:`ProfileFile`). Bundled profiles live in
+``tropical_sched/data/profiles/<name>.json``; ``tropical list`` shows them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tropical_sched.core.errors import ProfileFormatError, UnknownNameError
+from tropical_sched.predictors.step_time import (
+    FEATURE_NAMES,
+    StepTimeCoefficients,
+    StepTimeModel,
+    ValidRange,
+)
+
+__all__ = [
+    "PROFILE_SCHEMA_VERSION",
+    "EngineInfo",
+    "FitReport",
+    "HardwareInfo",
+    "KvCacheInfo",
+    "ModelInfo",
+    "Profile",
+    "ProfileFile",
+    "ProfileMetadata",
+    "SourceInfo",
+    "StepSample",
+    "ValidRangeInfo",
+    "bundled_profile_names",
+    "load_profile",
+    "write_profile_file",
+]
+
+PROFILE_SCHEMA_VERSION = 1
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelInfo(_Strict):
+    """The served model's shape, enough to size its KV cache and weights.
+
+    Attributes:
+        name: model name, e.g. ``meta-llama/Llama-2-70b-hf``.
+        num_layers: transformer layers.
+        num_kv_heads: key/value heads (GQA groups).
+        head_dim: dimension of one head.
+        num_params: parameter count.
+        bytes_per_param: bytes per weight (2 for fp16/bf16).
+        kv_bytes_per_element: bytes per KV-cache element (2 for fp16/bf16, 1 for fp8).
+        max_model_len: longest sequence (prompt + output) the model serves, tokens.
+    """
+
+    name: str
+    num_layers: PositiveInt
+    num_kv_heads: PositiveInt
+    head_dim: PositiveInt
+    num_params: PositiveFloat
+    bytes_per_param: PositiveFloat = 2
+    kv_bytes_per_element: PositiveFloat = 2
+    max_model_len: PositiveInt
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """Bytes of KV cache per token over the whole model: ``2 * layers * kv_heads * head_dim * bytes``."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kv_bytes_per_element
+
+    @property
+    def weight_bytes(self) -> float:
+        """Bytes of model weights."""
+        return self.num_params * self.bytes_per_param
+
+
+class HardwareInfo(_Strict):
+    """The GPU type a profile was measured on.
+
+    Attributes:
+        gpu_name: e.g. ``A100-SXM4-80GB``.
+        gpu_memory_bytes: memory of one GPU, bytes.
+        interconnect: GPU-to-GPU link within a node, e.g. ``NVLink3``.
+        interconnect_bandwidth_bytes_per_s: that link's bandwidth per GPU and direction, bytes per second.
+    """
+
+    gpu_name: str
+    gpu_memory_bytes: PositiveInt
+    interconnect: str
+    interconnect_bandwidth_bytes_per_s: PositiveFloat
+
+
+class EngineInfo(_Strict):
+    """The serving engine the profile was measured with."""
+
+    name: str
+    version: str
+
+
+class SourceInfo(_Strict):
+    """Provenance and licence of the measurements."""
+
+    description: str
+    url: str = ""
+    commit: str = ""
+    licence: str = ""
+    citation: str = ""
+
+
+class ProfileMetadata(_Strict):
+    """Who, what and where.
+
+    Attributes:
+        name: the profile's short name, e.g. ``a100-llama2-70b-tp4``.
+        model: the served model.
+        hardware: the GPU type.
+        tensor_parallel_size: GPUs per worker (one model instance).
+        engine: engine and version.
+        source: where the samples come from, with licence and citation.
+        created_with: the tool and version that wrote the file.
+    """
+
+    name: str
+    model: ModelInfo
+    hardware: HardwareInfo
+    tensor_parallel_size: PositiveInt
+    engine: EngineInfo
+    source: SourceInfo
+    created_with: str
+
+
+class StepSample(_Strict):
+    """One measured engine step.
+
+    Attributes:
+        step_time_s: measured time of the step, seconds, > 0.
+        num_decode_seqs: decodes in the step.
+        num_decode_context_tokens: sum of their context tokens.
+        prefill_chunks: ``[num_prefix_tokens, num_chunk_tokens]`` per prefill chunk in the step.
+        used_in_fit: whether the fit used this sample (see :attr:`FitReport.exclusion_note`).
+        origin: where the sample comes from (file and row, or the formula it was evaluated from).
+    """
+
+    step_time_s: PositiveFloat
+    num_decode_seqs: NonNegativeInt = 0
+    num_decode_context_tokens: NonNegativeInt = 0
+    prefill_chunks: tuple[tuple[NonNegativeInt, PositiveInt], ...] = ()
+    used_in_fit: bool = True
+    origin: str = ""
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> StepSample:
+        if self.num_decode_seqs == 0 and not self.prefill_chunks:
+            raise ValueError("a sample needs num_decode_seqs > 0 or at least one prefill chunk")
+        if self.num_decode_context_tokens < self.num_decode_seqs:
+            raise ValueError(
+                f"num_decode_context_tokens={self.num_decode_context_tokens} is below "
+                f"num_decode_seqs={self.num_decode_seqs} (every decode has at least one context token)"
+            )
+        return self
+
+
+class FitReport(_Strict):
+    """The fitted step-time coefficients and how well they fit.
+
+    Attributes:
+        method: how the fit was made.
+        coefficients: one value per name in :data:`~tropical_sched.predictors.step_time.FEATURE_NAMES`, seconds
+            per unit.
+        r2: coefficient of determination on the fitted samples.
+        max_relative_error: largest ``|predicted - measured| / measured`` over the fitted samples.
+        median_relative_error: median of the same.
+        num_samples_fitted: samples used.
+        num_samples_excluded: samples kept in the file but not used.
+        exclusion_note: why samples were excluded.
+    """
+
+    method: str
+    coefficients: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]]
+    r2: float
+    max_relative_error: Annotated[float, Field(ge=0)]
+    median_relative_error: Annotated[float, Field(ge=0)]
+    num_samples_fitted: PositiveInt
+    num_samples_excluded: NonNegativeInt = 0
+    exclusion_note: str = ""
+
+    @model_validator(mode="after")
+    def _all_coefficients(self) -> FitReport:
+        if set(self.coefficients) != set(FEATURE_NAMES):
+            missing = sorted(set(FEATURE_NAMES) - set(self.coefficients))
+            extra = sorted(set(self.coefficients) - set(FEATURE_NAMES))
+            raise ValueError(f"coefficients must be exactly {list(FEATURE_NAMES)}; missing {missing}, extra {extra}")
+        return self
+
+
+class ValidRangeInfo(_Strict):
+    """The range the samples cover (see :class:`~tropical_sched.predictors.step_time.ValidRange`)."""
+
+    max_num_prompt_tokens: PositiveInt
+    max_num_batched_tokens: PositiveInt
+    max_num_decode_seqs: PositiveInt
+    max_decode_context_tokens_per_seq: PositiveInt
+
+
+class KvCacheInfo(_Strict):
+    """KV-cache capacity of one worker.
+
+    Attributes:
+        num_tokens: tokens the KV cache holds, over all GPUs of the worker.
+        derivation: how the number was obtained (measured, or computed from memory and model size).
+    """
+
+    num_tokens: PositiveInt
+    derivation: str
+
+
+class ProfileFile(_Strict):
+    """A latency profile, as stored on disk (``schema_version`` 1)."""
+
+    schema_version: Literal[1]
+    metadata: ProfileMetadata
+    valid_range: ValidRangeInfo
+    kv_cache: KvCacheInfo
+    fit: FitReport
+    samples: tuple[StepSample, ...] = Field(min_length=1)
+
+
+class Profile:
+    """A loaded profile: the file plus the step-time model built from its fitted coefficients.
+
+    Args:
+        file: the validated file content.
+        path: where it was loaded from (for messages), if anywhere.
+    """
+
+    def __init__(self, file: ProfileFile, path: str | None = None) -> None:
+        self.file = file
+        self.path = path
+
+    @property
+    def name(self) -> str:
+        """The profile's short name."""
+        return self.file.metadata.name
+
+    @property
+    def metadata(self) -> ProfileMetadata:
+        """Model, hardware, TP, engine and source."""
+        return self.file.metadata
+
+    @cached_property
+    def step_time(self) -> StepTimeModel:
+        """The step-time model with this profile's coefficients and valid range."""
+        vr = self.file.valid_range
+        return StepTimeModel(
+            StepTimeCoefficients(**self.file.fit.coefficients),
+            ValidRange(
+                max_num_prompt_tokens=vr.max_num_prompt_tokens,
+                max_num_batched_tokens=vr.max_num_batched_tokens,
+                max_num_decode_seqs=vr.max_num_decode_seqs,
+                max_decode_context_tokens_per_seq=vr.max_decode_context_tokens_per_seq,
+            ),
+            name=self.name,
+        )
+
+    @property
+    def num_kv_cache_tokens(self) -> int:
+        """KV-cache capacity of one worker, tokens."""
+        return self.file.kv_cache.num_tokens
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """KV-cache bytes per token over the whole model."""
+        return self.file.metadata.model.kv_bytes_per_token
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest sequence the model serves, tokens."""
+        return self.file.metadata.model.max_model_len
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """GPUs per worker."""
+        return self.file.metadata.tensor_parallel_size
+
+    @property
+    def default_kv_link_bandwidth_bytes_per_s(self) -> float:
+        """Bandwidth for a worker-to-worker KV transfer within a node: every GPU of the worker sends its shard
+        over its own link, so ``tensor_parallel_size * interconnect_bandwidth_bytes_per_s``."""
+        hardware = self.file.metadata.hardware
+        return self.tensor_parallel_size * hardware.interconnect_bandwidth_bytes_per_s
+
+    def describe(self) -> str:
+        """One line: model, GPUs, engine and fit error."""
+        m = self.file.metadata
+        fit = self.file.fit
+        return (
+            f"{m.model.name} on {m.tensor_parallel_size}x {m.hardware.gpu_name} ({m.engine.name} {m.engine.version}); "
+            f"fit R^2 {fit.r2:.3f}, max rel. error {fit.max_relative_error:.1%}"
+        )
+
+
+# -- loading ----------------------------------------------------------------------------------------------------
+
+
+def _bundled_dir() -> Any:
+    return resources.files("tropical_sched") / "data" / "profiles"
+
+
+def bundled_profile_names() -> list[str]:
+    """Names of the profiles shipped with the package, sorted."""
+    return sorted(p.name[: -len(".json")] for p in _bundled_dir().iterdir() if p.name.endswith(".json"))
+
+
+def _line_of(text: str, loc: Sequence[int | str]) -> int | None:
+    """1-based line where the JSON value at ``loc`` starts, found with YAML's position-keeping composer."""
+    import yaml
+
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for key in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode) and isinstance(key, str):
+            node = next((v for k, v in node.value if getattr(k, "value", None) == key), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            break
+    if node is not None:
+        line = node.start_mark.line + 1
+    return line
+
+
+def _parse_profile(text: str, path: str) -> ProfileFile:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProfileFormatError(path, exc.lineno, f"not valid JSON: {exc.msg} (column {exc.colno})") from None
+    if isinstance(raw, dict) and raw.get("schema_version") not in (None, PROFILE_SCHEMA_VERSION):
+        raise ProfileFormatError(
+            path,
+            _line_of(text, ["schema_version"]),
+            f"schema_version {raw.get('schema_version')!r} is not supported (this version reads "
+            f"{PROFILE_SCHEMA_VERSION}); re-create the profile with tropical-profile",
+        )
+    try:
+        return ProfileFile.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = [part for part in first["loc"] if isinstance(part, (str, int))]
+        field = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in loc).replace(".[", "[")
+        value = first.get("input")
+        shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+        more = f" (and {exc.error_count() - 1} more errors)" if exc.error_count() > 1 else ""
+        raise ProfileFormatError(
+            path, _line_of(text, loc), f"field {field or '<root>'} = {shown}: {first['msg']}{more}"
+        ) from None
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """Load a bundled profile by name, or a profile file by path.
+
+    Args:
+        name_or_path: a name from :func:`bundled_profile_names`, or a path to a profile JSON file.
+
+    Returns:
+        The loaded profile.
+
+    Raises:
+        ProfileFormatError: the file is not valid JSON or breaks the schema (message gives path and line).
+        UnknownNameError: neither a bundled name nor an existing file.
+    """
+    text_name = str(name_or_path)
+    if text_name in bundled_profile_names():
+        resource = _bundled_dir() / f"{text_name}.json"
+        return Profile(_parse_profile(resource.read_text(encoding="utf-8"), f"<bundled>/{text_name}.json"), text_name)
+    path = Path(name_or_path)
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ProfileFormatError(str(path), None, f"cannot read: {exc}") from None
+        return Profile(_parse_profile(text, str(path)), str(path))
+    if path.suffix or path.parent != Path("."):
+        raise UnknownNameError("profile", str(path), bundled_profile_names(), is_path=True)
+    raise UnknownNameError("profile", text_name, bundled_profile_names())
+
+
+def write_profile_file(profile: ProfileFile, path: str | Path) -> None:
+    """Write a profile as JSON with one sample per line (diff-friendly; errors point at the sample's line)."""
+    data = profile.model_dump(mode="json")
+    samples = data.pop("samples")
+    head = json.dumps(data, indent=2)
+    sample_lines = ",\n".join("    " + json.dumps(s, separators=(", ", ": ")) for s in samples)
+    text = head[:-2] + ',\n  "samples": [\n' + sample_lines + "\n  ]\n}\n"
+    Path(path).write_text(text, encoding="utf-8")

@@ -1,0 +1,474 @@
+"""A simulated engine instance: iteration-level continuous batching with chunked prefill and preemption.
+
+Unifying idea (as in vLLM v1): there are no prefill and decode phases inside the engine; each request has tokens
+computed and a target, and each step gives some requests new tokens within a token budget. A decode is a request
+whose prompt is computed; it gains one token per step it runs in.
+
+Decodes are kept with lazy counters so a decode step costs O(1) however large the batch: every decode runs in
+every decode step, so a request's generated tokens are ``gen_base + num_decode_steps`` and its context
+``context_base + num_decode_steps``; finishing steps sit in a heap keyed by the step count at which each request
+reaches its output length.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+from dataclasses import dataclass
+
+from tropical_sched.core.errors import SimulationError
+from tropical_sched.core.request import Request
+from tropical_sched.core.snapshot import DecodeBatch, PrefillState, WorkerRole, WorkerSnapshot
+from tropical_sched.policies.base import EngineSettings, LocalScheduler
+from tropical_sched.predictors.step_time import StepTimeModel
+
+__all__ = ["Job", "SimWorker", "StepOutcome"]
+
+
+class Job:
+    """One request inside the simulator (mutable; the policy only ever sees snapshots of it)."""
+
+    __slots__ = (
+        "context_base",
+        "decode_worker_id",
+        "epoch",
+        "finished_at_s",
+        "first_scheduled_at_s",
+        "first_token_at_s",
+        "gen_base",
+        "multiplexed",
+        "num_computed",
+        "num_generated",
+        "num_output_tokens",
+        "num_preemptions",
+        "prefill_state",
+        "prefill_target",
+        "prefill_worker_id",
+        "reject_reason",
+        "rejected",
+        "request",
+        "sort_key",
+    )
+
+    def __init__(self, request: Request, num_output_tokens: int) -> None:
+        self.request = request
+        self.num_output_tokens = num_output_tokens  # ground truth from the trace; the policy never sees it
+        self.prefill_target = request.num_prompt_tokens  # tokens to prefill (prompt + generated after a recompute)
+        self.num_computed = 0
+        self.num_generated = 0
+        self.first_token_at_s: float | None = None
+        self.first_scheduled_at_s: float | None = None
+        self.finished_at_s: float | None = None
+        self.prefill_worker_id: int | None = None
+        self.decode_worker_id: int | None = None
+        self.multiplexed = False
+        self.rejected = False
+        self.reject_reason = ""
+        self.num_preemptions = 0
+        self.gen_base = 0
+        self.context_base = 0
+        self.epoch = 0
+        self.sort_key = 0.0
+        self.prefill_state: PrefillState | None = None
+
+    def make_prefill_state(self) -> PrefillState:
+        """The job as a queued prefill (cached until its computed tokens change)."""
+        state = self.prefill_state
+        if (
+            state is None
+            or state.num_computed_tokens != self.num_computed
+            or state.num_prompt_tokens != self.prefill_target
+        ):
+            request = self.request
+            state = PrefillState(
+                request_id=request.request_id,
+                arrival_at_s=request.arrival_at_s,
+                num_prompt_tokens=self.prefill_target,
+                num_computed_tokens=self.num_computed,
+                ttft_slo_s=request.slo.ttft_s,
+            )
+            self.prefill_state = state
+        return state
+
+
+@dataclass(slots=True)
+class StepOutcome:
+    """What a finished step produced.
+
+    Attributes:
+        first_tokens: jobs that produced their first token in this step.
+        finished: jobs that produced their last token in this step.
+        handoffs: jobs whose prefill finished on a prefill worker and now need a decode worker.
+        changed: whether routing-relevant state changed (a prefill or a request finished).
+    """
+
+    first_tokens: list[Job]
+    finished: list[Job]
+    handoffs: list[Job]
+    changed: bool
+
+
+class SimWorker:
+    """One simulated worker.
+
+    Args:
+        worker_id: index in the cluster.
+        role: what the router sends it.
+        settings: engine settings (batching mode and budgets).
+        local: engine-local scheduler (prefill order and per-step cap).
+        step_time: latency predictor.
+        num_kv_cache_tokens: KV capacity, tokens.
+        max_num_seqs: most sequences per step (running decodes + prefills).
+    """
+
+    def __init__(
+        self,
+        *,
+        worker_id: int,
+        role: WorkerRole,
+        settings: EngineSettings,
+        local: LocalScheduler,
+        step_time: StepTimeModel,
+        num_kv_cache_tokens: int,
+        max_num_seqs: int,
+    ) -> None:
+        self.worker_id = worker_id
+        self.role = role
+        self.settings = settings
+        self.local = local
+        self.step_time = step_time
+        self.kv_capacity = num_kv_cache_tokens
+        self.max_num_seqs = max_num_seqs
+        self._keeps_decodes = role.runs_decodes
+        (self._c0, self._cn, self._cp, self._ca, self._cd, self._cc) = step_time.coefficients.as_tuple()
+        vr = step_time.valid_range
+        self._max_b, self._max_ctx, self._max_prompt = (
+            vr.max_num_decode_seqs,
+            vr.max_decode_context_tokens_per_seq,
+            vr.max_num_prompt_tokens,
+        )
+
+        self._sequence = itertools.count()
+        self.prefills: list[tuple[float, int, Job]] = []  # sorted by (local sort key, enqueue sequence)
+        self.num_partial_prefills = 0  # prefills that hold KV but are not complete
+        self.decodes: dict[str, Job] = {}  # request_id -> job, in admission order
+        self.ready: list[Job] = []  # KV arrived; join the decodes at the next step start
+        self.incoming: dict[str, Job] = {}  # request_id -> job whose KV is in flight to this worker
+        self.num_decode_steps = 0
+        self.decode_context_tokens = 0  # sum of the decodes' context tokens
+        self._finish_heap: list[tuple[int, int, Job, int]] = []  # (finish step, seq, job, epoch)
+        self.kv_used = 0  # tokens: decodes, partial prefills, KV held for transfer, reserved for incoming
+        self.max_kv_used = 0
+        self.busy = False
+        self.version = 0
+        self._snapshot: WorkerSnapshot | None = None
+        self._decode_set_version = 0  # changes when a decode joins or leaves (not at every step)
+        self._columns_version = -1
+        self._columns: tuple[tuple[str, ...], tuple[float, ...], tuple[float, ...], list[int], list[int]] = (
+            (),
+            (),
+            (),
+            [],
+            [],
+        )
+        self._snapshot_version = -1
+
+        # The step in flight.
+        self._step_decodes = 0
+        self._step_chunks: list[tuple[Job, int]] = []
+
+        self.num_steps = 0
+        self.num_preemptions = 0
+        self.busy_s = 0.0
+
+    # -- queue management ---------------------------------------------------------------------------------------
+
+    def enqueue_prefill(self, job: Job) -> None:
+        """Add a prefill to the queue (a routed request, or a preempted one to recompute)."""
+        job.sort_key = self.local.prefill_sort_key(job.make_prefill_state())
+        bisect.insort(self.prefills, (job.sort_key, next(self._sequence), job))
+        self.version += 1
+
+    def reserve_incoming(self, job: Job) -> None:
+        """Reserve KV for a decode whose KV cache is about to be transferred here."""
+        self.incoming[job.request.request_id] = job
+        self.kv_used += job.prefill_target
+        self._note_kv()
+        self.version += 1
+
+    def receive(self, job: Job) -> None:
+        """The KV cache of ``job`` arrived: it joins the decodes at the next step."""
+        del self.incoming[job.request.request_id]
+        self.ready.append(job)
+        self.version += 1
+
+    def release_held(self, job: Job) -> None:
+        """The KV cache held for ``job`` has been transferred away."""
+        self.kv_used -= job.prefill_target
+        self.version += 1
+
+    def _note_kv(self) -> None:
+        if self.kv_used > self.max_kv_used:
+            self.max_kv_used = self.kv_used
+            if self.kv_used > self.kv_capacity:
+                raise SimulationError(
+                    f"worker {self.worker_id}: KV usage {self.kv_used} exceeds capacity {self.kv_capacity}"
+                )
+
+    def has_work(self) -> bool:
+        """Whether a step could run now (the step itself may still find nothing schedulable)."""
+        return bool(self.decodes or self.ready or self.prefills)
+
+    # -- decodes ------------------------------------------------------------------------------------------------
+
+    def _join_decode(self, job: Job) -> None:
+        steps = self.num_decode_steps
+        job.gen_base = job.num_generated - steps
+        job.context_base = job.prefill_target - steps
+        job.decode_worker_id = self.worker_id
+        self.decodes[job.request.request_id] = job
+        self._decode_set_version += 1
+        self.decode_context_tokens += job.prefill_target
+        finish_step = steps + job.num_output_tokens - job.num_generated
+        heapq.heappush(self._finish_heap, (finish_step, next(self._sequence), job, job.epoch))
+
+    def _preempt_last_decode(self) -> None:
+        """Preempt the most recently admitted decode (vLLM's recompute preemption)."""
+        _request_id, job = self.decodes.popitem()
+        self._decode_set_version += 1
+        steps = self.num_decode_steps
+        context = job.context_base + steps
+        job.num_generated = job.gen_base + steps
+        self.decode_context_tokens -= context
+        self.kv_used -= context
+        job.epoch += 1
+        job.num_preemptions += 1
+        self.num_preemptions += 1
+        job.prefill_target = job.request.num_prompt_tokens + job.num_generated
+        job.num_computed = 0
+        self.enqueue_prefill(job)
+
+    # -- stepping -----------------------------------------------------------------------------------------------
+
+    def start_step(self, now_s: float) -> float | None:
+        """Plan the next step. Returns its duration in seconds, or ``None`` if nothing can run."""
+        self.version += 1
+        if self.ready:
+            room = self.max_num_seqs - len(self.decodes) - self.num_partial_prefills
+            joining, self.ready = self.ready[: max(room, 0)], self.ready[max(room, 0) :]
+            for job in joining:
+                self._join_decode(job)
+
+        settings = self.settings
+        chunks: list[tuple[Job, int]] = []
+        num_decodes = len(self.decodes)
+        if self.prefills and not settings.enable_chunked_prefill:
+            chunks = self._plan_whole_prefills()
+            if chunks:
+                num_decodes = 0  # prefill-prioritised: the decodes stall for this step
+        if num_decodes:
+            while self.kv_used + len(self.decodes) > self.kv_capacity and self.decodes:
+                self._preempt_last_decode()
+            num_decodes = len(self.decodes)
+        if settings.enable_chunked_prefill and self.prefills:
+            chunks = self._plan_chunks(now_s, num_decodes)
+        if not num_decodes and not chunks:
+            self._step_decodes = 0
+            self._step_chunks = []
+            return None
+
+        # Allocate KV for this step and price it with the step-time model.
+        duration_s = self._c0
+        if num_decodes:
+            context = self.decode_context_tokens
+            self.kv_used += num_decodes
+            duration_s += (self._cn + self._cd) * num_decodes + self._cc * context
+            if num_decodes > self._max_b or context > num_decodes * self._max_ctx:
+                self.step_time.check_decode_range(num_decodes, context)
+        if chunks:
+            num_tokens = 0
+            pairs = 0.0
+            for job, chunk in chunks:
+                prefix = job.num_computed
+                num_tokens += chunk
+                pairs += chunk * prefix + chunk * (chunk + 1) / 2
+                if prefix + chunk > self._max_prompt:
+                    self.step_time.warn_if_out_of_range("prompt length (tokens)", prefix + chunk, self._max_prompt)
+                if job.first_scheduled_at_s is None:
+                    job.first_scheduled_at_s = now_s
+                if prefix == 0:
+                    self.num_partial_prefills += 1
+                job.prefill_worker_id = self.worker_id
+            self.kv_used += num_tokens
+            duration_s += self._cn * num_tokens + self._cp * len(chunks) + self._ca * pairs
+        self._note_kv()
+        # The chunks are always a prefix of the queue (planning stops at the first prefill it cannot take); they
+        # leave the queue while they run and partial ones are re-queued with a fresh key when the step ends.
+        del self.prefills[: len(chunks)]
+        self._step_decodes = num_decodes
+        self._step_chunks = chunks
+        self.busy = True
+        self.num_steps += 1
+        self.busy_s += duration_s
+        return duration_s
+
+    def _seq_room(self) -> int:
+        return self.max_num_seqs - len(self.decodes) - self.num_partial_prefills
+
+    def _plan_whole_prefills(self) -> list[tuple[Job, int]]:
+        """Prefill-prioritised batching without chunking: whole remaining prompts, in queue order."""
+        budget = self.settings.max_num_batched_tokens
+        max_seqs = self.settings.max_num_prefill_seqs or self.max_num_seqs
+        seq_room = self._seq_room() if self._keeps_decodes else max_seqs
+        kv_free = self.kv_capacity - self.kv_used
+        chunks: list[tuple[Job, int]] = []
+        used = 0
+        for _, _, job in self.prefills:
+            tokens = job.prefill_target - job.num_computed
+            new_seq = job.num_computed == 0
+            if len(chunks) >= max_seqs or (new_seq and seq_room <= 0):
+                break
+            if (chunks and used + tokens > budget) or tokens > kv_free:
+                break
+            chunks.append((job, tokens))
+            used += tokens
+            kv_free -= tokens
+            if new_seq:
+                seq_room -= 1
+        return chunks
+
+    def _plan_chunks(self, now_s: float, num_decodes: int) -> list[tuple[Job, int]]:
+        """Stall-free batching: what the decodes leave of the token budget goes to prefill chunks in order."""
+        settings = self.settings
+        budget = settings.max_num_batched_tokens - num_decodes
+        if num_decodes and self.local.caps_prefill_tokens:
+            first = self.prefills[0][2]
+            cap = self.local.prefill_token_cap(
+                now_s=now_s, decodes=self._decode_batch(include_pending=False), num_prefix_tokens=first.num_computed
+            )
+            if cap is not None:
+                budget = min(budget, cap)
+        max_seqs = settings.max_num_prefill_seqs or self.max_num_seqs
+        seq_room = self._seq_room() if self._keeps_decodes else max_seqs
+        kv_free = self.kv_capacity - self.kv_used - num_decodes
+        chunks: list[tuple[Job, int]] = []
+        for _, _, job in self.prefills:
+            if budget <= 0 or len(chunks) >= max_seqs or kv_free <= 0:
+                break
+            new_seq = job.num_computed == 0
+            if new_seq and seq_room <= 0:
+                break
+            chunk = min(job.prefill_target - job.num_computed, budget, kv_free)
+            chunks.append((job, chunk))
+            budget -= chunk
+            kv_free -= chunk
+            if new_seq:
+                seq_room -= 1
+        return chunks
+
+    def finish_step(self, now_s: float) -> StepOutcome:
+        """Apply the step that just ended at ``now_s``."""
+        self.busy = False
+        self.version += 1
+        first_tokens: list[Job] = []
+        finished: list[Job] = []
+        handoffs: list[Job] = []
+        changed = False
+
+        num_decodes = self._step_decodes
+        if num_decodes:
+            self.num_decode_steps += 1
+            steps = self.num_decode_steps
+            self.decode_context_tokens += num_decodes
+            heap = self._finish_heap
+            while heap and heap[0][0] <= steps:
+                _, _, job, epoch = heapq.heappop(heap)
+                if epoch != job.epoch:
+                    continue  # stale entry of a preempted job
+                job.num_generated = job.gen_base + steps
+                context = job.context_base + steps
+                del self.decodes[job.request.request_id]
+                self._decode_set_version += 1
+                self.decode_context_tokens -= context
+                self.kv_used -= context
+                job.finished_at_s = now_s
+                finished.append(job)
+                changed = True
+
+        if self._step_chunks:
+            for job, chunk in self._step_chunks:
+                job.num_computed += chunk
+                if job.num_computed < job.prefill_target:
+                    self.enqueue_prefill(job)  # re-keyed: its remaining tokens changed
+                    continue
+                self.num_partial_prefills -= 1
+                changed = True
+                if job.first_token_at_s is None:
+                    job.first_token_at_s = now_s
+                    job.num_generated = 1
+                    first_tokens.append(job)
+                else:
+                    job.num_generated += 1  # a recompute ends by sampling the next token
+                if job.num_generated >= job.num_output_tokens:
+                    self.kv_used -= job.prefill_target
+                    job.decode_worker_id = self.worker_id
+                    job.finished_at_s = now_s
+                    finished.append(job)
+                elif self._keeps_decodes:
+                    self._join_decode(job)
+                else:
+                    handoffs.append(job)  # KV stays allocated here until it is transferred
+        self._step_decodes = 0
+        self._step_chunks = []
+        return StepOutcome(first_tokens, finished, handoffs, changed)
+
+    # -- snapshots ----------------------------------------------------------------------------------------------
+
+    def _decode_batch(self, *, include_pending: bool) -> DecodeBatch:
+        """The decodes as a batch; with ``include_pending``, also those whose KV is in flight or waiting to join
+        (a router counts them: they are committed to this worker)."""
+        if self._columns_version != self._decode_set_version:
+            jobs = list(self.decodes.values())
+            self._columns = (
+                tuple(self.decodes),
+                tuple([j.first_token_at_s for j in jobs]),  # type: ignore[misc]
+                tuple([j.request.slo.tpot_s for j in jobs]),
+                [j.gen_base for j in jobs],
+                [j.context_base for j in jobs],
+            )
+            self._columns_version = self._decode_set_version
+        ids, first_token_at_s, tpot_slo_s, gen_bases, context_bases = self._columns
+        steps = self.num_decode_steps
+        num_generated = tuple([g + steps for g in gen_bases])
+        num_context = tuple([c + steps for c in context_bases])
+        extra = list(self.incoming.values()) + self.ready if include_pending else []
+        if extra:
+            ids = ids + tuple(j.request.request_id for j in extra)
+            first_token_at_s = first_token_at_s + tuple(j.first_token_at_s for j in extra)  # type: ignore[misc]
+            tpot_slo_s = tpot_slo_s + tuple(j.request.slo.tpot_s for j in extra)
+            num_generated = num_generated + tuple(j.num_generated for j in extra)
+            num_context = num_context + tuple(j.prefill_target for j in extra)
+        return DecodeBatch(
+            request_ids=ids,
+            first_token_at_s=first_token_at_s,
+            num_generated_tokens=num_generated,
+            tpot_slo_s=tpot_slo_s,
+            num_context_tokens=num_context,
+        )
+
+    def snapshot(self) -> WorkerSnapshot:
+        """The worker as a policy sees it (cached until the worker changes)."""
+        if self._snapshot is None or self._snapshot_version != self.version:
+            self._snapshot = WorkerSnapshot(
+                worker_id=self.worker_id,
+                role=self.role,
+                prefills=tuple(job.make_prefill_state() for job, _ in self._step_chunks)
+                + tuple(job.make_prefill_state() for _, _, job in self.prefills),
+                decodes=self._decode_batch(include_pending=True),
+                num_kv_tokens_used=self.kv_used,
+                num_kv_tokens_capacity=self.kv_capacity,
+                max_num_seqs=self.max_num_seqs,
+            )
+            self._snapshot_version = self.version
+        return self._snapshot

@@ -1,0 +1,340 @@
+"""Policies: contract tests over the registry, Tropical's routing rule (table-driven), baselines, local schedulers."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from tests.conftest import make_cluster, make_decodes, make_model, make_prefill, make_request, make_worker
+from tropical_sched.core import (
+    ConfigError,
+    RouteAction,
+    Slo,
+    UnknownNameError,
+    WorkerRole,
+    min_tpot_slack_s,
+)
+from tropical_sched.policies import (
+    POLICIES,
+    LocalScheduler,
+    Policy,
+    PolicyContext,
+    SlackCappedScheduler,
+    TropicalConfig,
+    TropicalPolicy,
+    make_policy,
+    policy_names,
+)
+from tropical_sched.policies.toggle import ToggleConfig
+
+MODEL = make_model()  # 10 ms per step + 0.1 ms per token + 1 us per decode context token
+CONTEXT = PolicyContext(step_time=MODEL, max_model_len=4096)
+
+P = WorkerRole.PREFILL
+M = WorkerRole.MULTIPLEXING
+
+
+def tropical(**options: Any) -> TropicalPolicy:
+    return TropicalPolicy(CONTEXT, TropicalConfig(**options))
+
+
+# -- contract tests over every registered policy ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", policy_names())
+@pytest.mark.parametrize("num_workers", [2, 4])
+def test_every_policy_builds_a_deployment_and_routes_on_it(name: str, num_workers: int) -> None:
+    policy = make_policy(name, CONTEXT)
+    assert isinstance(policy, Policy)
+    assert policy.name == name
+    roles = policy.worker_roles(num_workers, None)
+    assert len(roles) == num_workers
+    assert any(role.runs_prefills for role in roles)
+    assert any(role.runs_decodes for role in roles)
+    for role in set(roles):
+        settings = policy.engine_settings(role)
+        assert settings.max_num_batched_tokens >= 1
+        assert isinstance(policy.local_scheduler(role), LocalScheduler)
+    cluster = make_cluster(*(make_worker(i, role) for i, role in enumerate(roles)))
+    decision = policy.route(make_request(), cluster)
+    assert decision.action.needs_worker
+    assert decision.reason
+    assert cluster.workers[decision.worker_id].role.runs_prefills
+
+
+@pytest.mark.parametrize("name", policy_names())
+def test_every_policy_rejects_unknown_options_naming_them(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"has no option\(s\) \['bogus'\]"):
+        make_policy(name, CONTEXT, {"bogus": 1})
+
+
+def test_registry_is_explicit_and_complete() -> None:
+    assert policy_names() == ["tropical", "vllm", "vllm-chunked", "distserve"]
+    assert all(entry.summary for entry in POLICIES.values())
+    with pytest.raises(UnknownNameError, match="unknown policy 'sarathi'"):
+        make_policy("sarathi", CONTEXT)
+
+
+# -- Tropical: routing rule -------------------------------------------------------------------------------------
+
+# A queued prefill due soon (30.6 ms of predicted work, deadline 35 ms): any request that SRPF puts ahead of it
+# breaks its deadline.
+URGENT = make_prefill(request_id="urgent", num_prompt_tokens=200, ttft_slo_s=0.035)
+RELAXED_DECODES = make_decodes(4, first_token_at_s=0.0, num_generated_tokens=100)  # 10 s of TPOT slack each
+LATE_DECODES = make_decodes(4, first_token_at_s=-10.0, num_generated_tokens=2)  # 9.8 s late
+
+
+@pytest.mark.parametrize(
+    ("case", "workers", "request_overrides", "options", "action", "worker_id"),
+    [
+        ("idle prefill worker takes it", [(P, {}), (M, {})], {}, {}, RouteAction.PREFILL, 0),
+        (
+            "busy prefill worker still meeting every deadline takes it",
+            [(P, {"prefills": (make_prefill(num_prompt_tokens=300),)}), (M, {})],
+            {},
+            {},
+            RouteAction.PREFILL,
+            0,
+        ),
+        (
+            "prefill worker whose queue would break overflows to multiplexing",
+            [(P, {"prefills": (URGENT,)}), (M, {"decodes": RELAXED_DECODES})],
+            {"num_prompt_tokens": 50},
+            {},
+            RouteAction.MULTIPLEX,
+            1,
+        ),
+        (
+            "short prompts are multiplexed too (prototype bug: <512 never)",
+            [(P, {"prefills": (URGENT,)}), (M, {"decodes": RELAXED_DECODES})],
+            {"num_prompt_tokens": 8},
+            {},
+            RouteAction.MULTIPLEX,
+            1,
+        ),
+        (
+            "multiplex-first prefers the multiplexing worker",
+            [(P, {}), (M, {"decodes": RELAXED_DECODES})],
+            {},
+            {"route_order": "multiplex-first"},
+            RouteAction.MULTIPLEX,
+            1,
+        ),
+        (
+            "a multiplexing worker with a prefill outstanding is not eligible",
+            [(P, {"prefills": (URGENT,)}), (M, {"decodes": RELAXED_DECODES, "prefills": (make_prefill(),)})],
+            {"num_prompt_tokens": 50},
+            {},
+            RouteAction.WAIT,
+            None,
+        ),
+        (
+            "prompts above max_multiplexed_prompt_tokens wait",
+            [(P, {"prefills": (URGENT,)}), (M, {"decodes": RELAXED_DECODES})],
+            {"num_prompt_tokens": 50},
+            {"max_multiplexed_prompt_tokens": 40},
+            RouteAction.WAIT,
+            None,
+        ),
+        (
+            "KV watermark",
+            [(P, {"prefills": (URGENT,)}), (M, {"decodes": RELAXED_DECODES, "num_kv_tokens_used": 89_990})],
+            {"num_prompt_tokens": 50},
+            {},
+            RouteAction.WAIT,
+            None,
+        ),
+        (
+            "late decodes cannot absorb a prefill with a tight TTFT SLO",
+            [(P, {"prefills": (URGENT,)}), (M, {"decodes": LATE_DECODES})],
+            {"num_prompt_tokens": 50, "slo": Slo(ttft_s=0.02, tpot_s=0.1)},
+            {},
+            RouteAction.WAIT,
+            None,
+        ),
+        (
+            "unattainable requests are rejected when asked",
+            [(P, {"prefills": (URGENT,)}), (M, {"decodes": LATE_DECODES})],
+            {"num_prompt_tokens": 50, "slo": Slo(ttft_s=0.01, tpot_s=0.1)},
+            {"reject_unattainable": True},
+            RouteAction.REJECT,
+            None,
+        ),
+    ],
+)
+def test_tropical_routing_rule(
+    case: str,
+    workers: list[tuple[WorkerRole, dict]],
+    request_overrides: dict,
+    options: dict,
+    action: RouteAction,
+    worker_id: int | None,
+) -> None:
+    cluster = make_cluster(*(make_worker(i, role, **kw) for i, (role, kw) in enumerate(workers)))
+    decision = tropical(**options).route(make_request(**request_overrides), cluster)
+    assert (decision.action, decision.worker_id) == (action, worker_id), decision.reason
+    assert decision.reason
+
+
+def test_tropical_compares_every_eligible_prefill_worker_before_choosing() -> None:
+    # Prototype bug: the first eligible worker won. Here the second one has fewer outstanding tokens.
+    cluster = make_cluster(
+        make_worker(0, P, prefills=(make_prefill(num_prompt_tokens=400),)),
+        make_worker(1, P, prefills=(make_prefill(num_prompt_tokens=100),)),
+        make_worker(2, M),
+    )
+    decision = tropical().route(make_request(num_prompt_tokens=1000, slo=Slo(ttft_s=5.0, tpot_s=0.1)), cluster)
+    assert (decision.action, decision.worker_id) == (RouteAction.PREFILL, 1)
+    assert decision.predicted["outstanding_prompt_tokens"] == 100
+
+
+def test_tropical_picks_the_multiplexing_worker_with_fewest_decode_context_tokens() -> None:
+    cluster = make_cluster(
+        make_worker(0, P, prefills=(URGENT,)),
+        make_worker(1, M, decodes=make_decodes(4, num_generated_tokens=100, num_context_tokens=500)),
+        make_worker(2, M, decodes=make_decodes(4, num_generated_tokens=100, num_context_tokens=300)),
+    )
+    decision = tropical().route(make_request(num_prompt_tokens=50), cluster)
+    assert (decision.action, decision.worker_id) == (RouteAction.MULTIPLEX, 2)
+    assert decision.predicted["decode_context_tokens"] == 1200
+    assert 0 < decision.predicted["predicted_ttft_s"] < 1.0
+
+
+def test_toggle_off_stops_multiplexing() -> None:
+    policy = tropical(toggle=ToggleConfig(min_samples=1, hold_s=0.0))
+    request = make_request(num_prompt_tokens=50)
+    policy.on_finished(request, tpot_s=1.0, now_s=0.0)  # a TPOT miss: attainment 0 < 0.9
+    assert not policy.toggle.multiplexing_on
+    cluster = make_cluster(make_worker(0, P, prefills=(URGENT,)), make_worker(1, M, decodes=RELAXED_DECODES))
+    decision = policy.route(request, cluster)
+    assert decision.action is RouteAction.WAIT
+    assert "switched off by the attainment toggle" in decision.reason
+
+
+def test_whole_prefill_slack_test_is_the_prototypes() -> None:
+    # T_pf(50) = 15 ms; decodes have slack 0.1 * 100 - 9.95 = 0.05 s; margin 0.1 * 0.1 s = 10 ms.
+    decodes = make_decodes(4, first_token_at_s=-9.95, num_generated_tokens=100)
+    cluster = make_cluster(make_worker(0, P, prefills=(URGENT,)), make_worker(1, M, decodes=decodes))
+    request = make_request(num_prompt_tokens=50)
+    assert tropical(slack_test="whole-prefill").route(request, cluster).action is RouteAction.MULTIPLEX
+    assert tropical(slack_test="whole-prefill", slack_margin_fraction=1.0).route(request, cluster).action is (
+        RouteAction.WAIT
+    )
+
+
+def test_multiplexed_prefill_time_grows_with_tighter_slack() -> None:
+    policy = tropical()
+    idle = make_worker(1, M)
+    relaxed = make_worker(1, M, decodes=RELAXED_DECODES)
+    late = make_worker(1, M, decodes=LATE_DECODES)
+    alone = policy.multiplexed_prefill_s(idle, 2000, 0.0)
+    assert alone == pytest.approx(MODEL.remaining_prefill_time_s(2000, 0, 8192))
+    assert alone < policy.multiplexed_prefill_s(relaxed, 2000, 0.0) < policy.multiplexed_prefill_s(late, 2000, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("case", "option", "value"),
+    [
+        ("bad order", "route_order", "random"),
+        ("negative margin", "slack_margin_fraction", -1.0),
+        ("safety below one", "queue_safety_factor", 0.5),
+    ],
+)
+def test_tropical_config_validation_names_the_field(case: str, option: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=f"TropicalConfig.{option}"):
+        TropicalConfig(**{option: value})
+
+
+def test_tropical_needs_both_roles() -> None:
+    with pytest.raises(ConfigError, match="at least one prefill and one multiplexing worker"):
+        tropical().worker_roles(2, 2)
+    assert tropical().worker_roles(4, 1) == (P, M, M, M)
+
+
+# -- Tropical: decode placement ---------------------------------------------------------------------------------
+
+
+def test_decode_goes_to_the_feasible_worker_with_fewest_context_tokens() -> None:
+    cluster = make_cluster(
+        make_worker(0, P),
+        make_worker(1, M, decodes=make_decodes(4, num_context_tokens=900)),
+        make_worker(2, M, decodes=make_decodes(4, num_context_tokens=100)),
+    )
+    placement = tropical().place_decode(make_request(), cluster)
+    assert placement.worker_id == 2
+    assert "TPOT-feasible" in placement.reason
+
+
+def test_decode_placement_falls_back_to_least_loaded_and_waits_without_room() -> None:
+    busy = make_decodes(200, num_context_tokens=1000)  # 10 + 20 + 200 ms per step: over the 90 ms watermark
+    cluster = make_cluster(make_worker(0, P), make_worker(1, M, decodes=busy))
+    placement = tropical().place_decode(make_request(), cluster)
+    assert placement.worker_id == 1
+    assert "no worker stays TPOT-feasible" in placement.reason
+    full = make_cluster(make_worker(0, P), make_worker(1, M, decodes=busy, max_num_seqs=200))
+    assert tropical().place_decode(make_request(), full).worker_id is None
+
+
+# -- local schedulers -------------------------------------------------------------------------------------------
+
+
+def test_slack_capped_chunk_keeps_the_step_within_the_smallest_slack() -> None:
+    scheduler = SlackCappedScheduler(MODEL, min_chunk_tokens=0, margin_fraction=0.0)
+    decodes = make_decodes(4, first_token_at_s=0.0, num_generated_tokens=5)  # slack 0.5 - now
+    cap = scheduler.prefill_token_cap(now_s=0.45, decodes=decodes, num_prefix_tokens=0)
+    assert cap is not None
+    assert cap > 0
+    step = lambda chunk: MODEL.step_time_s(  # noqa: E731
+        num_decode_seqs=4, num_decode_context_tokens=decodes.total_context_tokens, prefill_chunks=[(0, chunk)]
+    )
+    budget = min_tpot_slack_s(decodes, 0.45)  # 0.05 s, give or take rounding
+    assert budget == pytest.approx(0.05)
+    assert step(cap) <= budget < step(cap + 1)
+    assert scheduler.prefill_token_cap(now_s=0.45, decodes=make_decodes(0), num_prefix_tokens=0) is None
+    floor = SlackCappedScheduler(MODEL, min_chunk_tokens=32)
+    assert floor.prefill_token_cap(now_s=10.0, decodes=decodes, num_prefix_tokens=0) == 32
+
+
+def test_srpf_and_fcfs_orders() -> None:
+    policy = tropical()
+    srpf = policy.local_scheduler(P)
+    short, long = make_prefill(num_prompt_tokens=1000, num_computed_tokens=900), make_prefill(num_prompt_tokens=200)
+    assert srpf.prefill_sort_key(short) < srpf.prefill_sort_key(long)
+    fcfs = make_policy("vllm", CONTEXT).local_scheduler(WorkerRole.COLOCATED)
+    assert fcfs.prefill_sort_key(make_prefill(arrival_at_s=1.0)) < fcfs.prefill_sort_key(make_prefill(arrival_at_s=2.0))
+
+
+# -- baselines --------------------------------------------------------------------------------------------------
+
+
+def test_colocated_balances_by_fewest_executing_tokens() -> None:
+    cluster = make_cluster(
+        make_worker(0, WorkerRole.COLOCATED, decodes=make_decodes(3, num_context_tokens=100)),
+        make_worker(1, WorkerRole.COLOCATED, prefills=(make_prefill(num_prompt_tokens=250),)),
+    )
+    decision = make_policy("vllm", CONTEXT).route(make_request(), cluster)
+    assert (decision.action, decision.worker_id) == (RouteAction.COLOCATED, 1)
+
+
+@pytest.mark.parametrize(("name", "chunked", "budget"), [("vllm", False, 4096), ("vllm-chunked", True, 512)])
+def test_colocated_engine_settings(name: str, chunked: bool, budget: int) -> None:
+    settings = make_policy(name, CONTEXT).engine_settings(WorkerRole.COLOCATED)
+    assert (settings.enable_chunked_prefill, settings.max_num_batched_tokens) == (chunked, budget)
+    with pytest.raises(ConfigError, match="do not apply"):
+        make_policy(name, CONTEXT).worker_roles(2, 1)
+
+
+def test_distserve_places_decodes_on_the_least_loaded_decode_worker_with_room() -> None:
+    policy = make_policy("distserve", CONTEXT)
+    assert policy.worker_roles(4, None) == (P, P, WorkerRole.DECODE, WorkerRole.DECODE)
+    cluster = make_cluster(
+        make_worker(0, P),
+        make_worker(1, WorkerRole.DECODE, decodes=make_decodes(2, num_context_tokens=10)),
+        make_worker(2, WorkerRole.DECODE, decodes=make_decodes(2, num_context_tokens=1000)),
+    )
+    assert policy.place_decode(make_request(), cluster).worker_id == 1
+    no_room = make_cluster(make_worker(0, P), make_worker(1, WorkerRole.DECODE, num_kv_tokens_used=99_950))
+    assert policy.place_decode(make_request(), no_room).worker_id is None
+    assert math.isfinite(policy.waiting_sort_key(make_request()))
