@@ -185,7 +185,8 @@ def test_tropical_compares_every_eligible_prefill_worker_before_choosing() -> No
         make_worker(1, P, prefills=(make_prefill(num_prompt_tokens=100),)),
         make_worker(2, M),
     )
-    decision = tropical().route(make_request(num_prompt_tokens=1000, slo=Slo(ttft_s=5.0, tpot_s=0.1)), cluster)
+    request = make_request(num_prompt_tokens=1000, slo=Slo(ttft_s=5.0, tpot_s=0.1))
+    decision = tropical(route_order="prefill-first").route(request, cluster)
     assert (decision.action, decision.worker_id) == (RouteAction.PREFILL, 1)
     assert decision.predicted["outstanding_prompt_tokens"] == 100
 

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from tropical_sched._version import __version__
-from tropical_sched.cli import list_cmd, simulate
+from tropical_sched.cli import goodput, list_cmd, simulate
 from tropical_sched.cli._common import OneLineErrorParser
 from tropical_sched.core.errors import TropicalError
 
@@ -22,6 +22,7 @@ def build_parser() -> OneLineErrorParser:
     parser.add_argument("--version", action="version", version=f"tropical-sched {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=OneLineErrorParser)
     simulate.register(subparsers)
+    goodput.register(subparsers)
     list_cmd.register(subparsers)
     return parser
 

@@ -61,6 +61,8 @@ class PrefillState:
         num_prompt_tokens: tokens to prefill in total (prompt, plus generated tokens after a recompute).
         num_computed_tokens: tokens already prefilled, 0 <= value <= ``num_prompt_tokens``.
         ttft_slo_s: the request's TTFT target, seconds.
+        num_scheduled_tokens: tokens being computed in the engine step in flight (done when it ends, see
+            :attr:`WorkerSnapshot.busy_until_s`); still counted as remaining.
     """
 
     request_id: str
@@ -68,6 +70,7 @@ class PrefillState:
     num_prompt_tokens: int
     num_computed_tokens: int
     ttft_slo_s: float
+    num_scheduled_tokens: int = 0
 
     @property
     def ttft_deadline_at_s(self) -> float:
@@ -148,6 +151,8 @@ class WorkerSnapshot:
         num_kv_tokens_capacity: KV-cache capacity in tokens.
         max_num_seqs: the most sequences the engine batches in one step.
         is_available: False while the worker is marked down (router service) or draining.
+        busy_until_s: when the engine step in flight ends, if known; nothing can be reordered before then.
+            ``None``: idle, or unknown.
     """
 
     worker_id: int
@@ -158,6 +163,7 @@ class WorkerSnapshot:
     num_kv_tokens_capacity: int
     max_num_seqs: int
     is_available: bool = True
+    busy_until_s: float | None = None
     num_outstanding_prompt_tokens: int = field(init=False, default=0)
     """Prompt tokens still to prefill on this worker; derived from ``prefills``."""
 

@@ -12,7 +12,7 @@ from tropical_sched.policies.dispatcher import Dispatcher, DispatchStats
 from tropical_sched.policies.local import FcfsScheduler, ShortestRemainingPrefillFirst, SlackCappedScheduler
 from tropical_sched.policies.registry import POLICIES, PolicyEntry, make_policy, policy_names
 from tropical_sched.policies.toggle import AttainmentWindow, MultiplexingToggle, ToggleConfig
-from tropical_sched.policies.tropical import RouteOrder, SlackTest, TropicalConfig, TropicalPolicy
+from tropical_sched.policies.tropical import PrefillOrder, RouteOrder, SlackTest, TropicalConfig, TropicalPolicy
 
 __all__ = [
     "POLICIES",
@@ -30,6 +30,7 @@ __all__ = [
     "Policy",
     "PolicyContext",
     "PolicyEntry",
+    "PrefillOrder",
     "RouteOrder",
     "ShortestRemainingPrefillFirst",
     "SlackCappedScheduler",

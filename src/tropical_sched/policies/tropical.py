@@ -23,10 +23,10 @@ from tropical_sched.core.request import Request
 from tropical_sched.core.slack import min_tpot_slack_s
 from tropical_sched.core.snapshot import ClusterSnapshot, PrefillState, WorkerRole, WorkerSnapshot
 from tropical_sched.policies.base import EngineSettings, LocalScheduler, PolicyContext
-from tropical_sched.policies.local import ShortestRemainingPrefillFirst, SlackCappedScheduler
+from tropical_sched.policies.local import FcfsScheduler, ShortestRemainingPrefillFirst, SlackCappedScheduler
 from tropical_sched.policies.toggle import MultiplexingToggle, ToggleConfig
 
-__all__ = ["RouteOrder", "SlackTest", "TropicalConfig", "TropicalPolicy"]
+__all__ = ["PrefillOrder", "RouteOrder", "SlackTest", "TropicalConfig", "TropicalPolicy"]
 
 
 class SlackTest(str, enum.Enum):
@@ -41,6 +41,15 @@ class SlackTest(str, enum.Enum):
     absorbing the whole predicted prefill time at once."""
 
 
+class PrefillOrder(str, enum.Enum):
+    """How prefill workers order their queue (design doc section 7)."""
+
+    SHORTEST_REMAINING_FIRST = "srpf"
+    """Shortest remaining prefill first, re-keyed after every chunk (Tropical's)."""
+    FCFS = "fcfs"
+    """Arrival order (for ablations)."""
+
+
 class RouteOrder(str, enum.Enum):
     """Which path the router tries first (design doc section 5)."""
 
@@ -48,6 +57,8 @@ class RouteOrder(str, enum.Enum):
     """Prefill workers first; multiplex only what they cannot take in time (the paper README's order)."""
     MULTIPLEX_FIRST = "multiplex-first"
     """Multiplexing workers first (the prototype's order)."""
+    EARLIEST_FIRST_TOKEN = "earliest-first-token"
+    """Both paths; the eligible one with the earlier predicted first token wins (ties: the prefill worker)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,7 +66,8 @@ class TropicalConfig:
     """Settings of the Tropical policy (defaults: the prototype's values where it has them).
 
     Attributes:
-        route_order: which path to try first.
+        route_order: which path to try first; default both, choosing the earlier predicted first token.
+        prefill_order: how prefill workers order their queue.
         max_multiplexed_prompt_tokens: longer prompts are never multiplexed, tokens (prototype: 8192).
         slack_test: which slack test admits a prefill onto a multiplexing worker.
         slack_margin_fraction: every decode on a multiplexing worker keeps this fraction of its TPOT SLO as TPOT
@@ -72,7 +84,8 @@ class TropicalConfig:
         toggle: the attainment-driven toggle.
     """
 
-    route_order: RouteOrder = RouteOrder.PREFILL_FIRST
+    route_order: RouteOrder = RouteOrder.EARLIEST_FIRST_TOKEN
+    prefill_order: PrefillOrder = PrefillOrder.SHORTEST_REMAINING_FIRST
     max_multiplexed_prompt_tokens: int = 8192
     slack_test: SlackTest = SlackTest.CHUNKED
     slack_margin_fraction: float = 0.1
@@ -86,7 +99,11 @@ class TropicalConfig:
     toggle: ToggleConfig = field(default_factory=ToggleConfig)
 
     def __post_init__(self) -> None:
-        for name, enum_type in (("route_order", RouteOrder), ("slack_test", SlackTest)):
+        for name, enum_type in (
+            ("route_order", RouteOrder),
+            ("prefill_order", PrefillOrder),
+            ("slack_test", SlackTest),
+        ):
             try:
                 object.__setattr__(self, name, enum_type(getattr(self, name)))
             except ValueError:
@@ -108,8 +125,12 @@ class TropicalConfig:
                 raise ConfigError(f"TropicalConfig.{name} is out of range: {getattr(self, name)!r}")
 
 
-def _srpf_key(prefill: PrefillState) -> int:
-    return prefill.num_prompt_tokens - prefill.num_computed_tokens
+def _srpf_key(prefill: PrefillState) -> float:
+    return float(prefill.num_prompt_tokens - prefill.num_computed_tokens - prefill.num_scheduled_tokens)
+
+
+def _arrival_key(prefill: PrefillState) -> float:
+    return prefill.arrival_at_s
 
 
 class TropicalPolicy:
@@ -126,7 +147,9 @@ class TropicalPolicy:
         self.config = config or TropicalConfig()
         self._step_time = context.step_time
         self.toggle = MultiplexingToggle(self.config.toggle)
-        self._prefill_local = ShortestRemainingPrefillFirst()
+        srpf = self.config.prefill_order is PrefillOrder.SHORTEST_REMAINING_FIRST
+        self._prefill_local: LocalScheduler = ShortestRemainingPrefillFirst() if srpf else FcfsScheduler()
+        self._queue_key = _srpf_key if srpf else _arrival_key
         self._mux_local = SlackCappedScheduler(
             context.step_time,
             min_chunk_tokens=self.config.min_multiplexed_chunk_tokens,
@@ -164,18 +187,19 @@ class TropicalPolicy:
     # -- routing ------------------------------------------------------------------------------------------------
 
     def waiting_sort_key(self, request: Request) -> float:
-        """Shortest prompt first, like the prefill workers' own order."""
+        """The prefill workers' own order: shortest prompt first (or arrival, with ``prefill_order="fcfs"``)."""
+        if self.config.prefill_order is PrefillOrder.FCFS:
+            return request.arrival_at_s
         return float(request.num_prompt_tokens)
 
     def _remaining_s(self, prefill: PrefillState) -> float:
-        key = (prefill.num_prompt_tokens, prefill.num_computed_tokens)
+        """Predicted prefill time left after the step in flight (whose tokens count as done)."""
+        key = (prefill.num_prompt_tokens, prefill.num_computed_tokens + prefill.num_scheduled_tokens)
         remaining_s = self._remaining_cache.get(key)
         if remaining_s is None:
             if len(self._remaining_cache) > 1 << 16:
                 self._remaining_cache.clear()
-            remaining_s = self._step_time.remaining_prefill_time_s(
-                prefill.num_prompt_tokens, prefill.num_computed_tokens, self.config.prefill_chunk_tokens
-            )
+            remaining_s = self._step_time.remaining_prefill_time_s(*key, self.config.prefill_chunk_tokens)
             self._remaining_cache[key] = remaining_s
         return remaining_s
 
@@ -183,17 +207,18 @@ class TropicalPolicy:
         """Predicted first-token time of ``new`` if queued on ``worker``, and whether it breaks no other prefill.
 
         The queue is simulated in the worker's own order (the snapshot's, shortest remaining first) with the
-        safety factor. A queued prefill that was going to meet its deadline must still meet it with ``new`` ahead
-        of it; one that was already going to miss it does not block ``new``.
+        safety factor, from the end of the step in flight. A queued prefill that was going to meet its deadline
+        must still meet it with ``new`` ahead of it; one that was already going to miss it does not block ``new``.
         """
         factor = self.config.queue_safety_factor
-        key = _srpf_key(new)
-        ahead_s = 0.0
+        key = self._queue_key(new)
+        # Nothing overtakes the step in flight: the queue starts when it ends.
+        ahead_s = max(worker.busy_until_s - now_s, 0.0) if worker.busy_until_s is not None else 0.0
         new_finish_at_s = math.nan
         inserted = False
         new_s = self._remaining_s(new) * factor
         for queued in worker.prefills:
-            if not inserted and key < _srpf_key(queued):
+            if not inserted and key < self._queue_key(queued):
                 inserted = True
                 ahead_s += new_s
                 new_finish_at_s = now_s + ahead_s
@@ -239,7 +264,15 @@ class TropicalPolicy:
             earliest_at_s,
         )
 
-    def multiplexed_prefill_s(self, worker: WorkerSnapshot, num_prompt_tokens: int, now_s: float) -> float:
+    def multiplexed_prefill_s(
+        self,
+        worker: WorkerSnapshot,
+        num_prompt_tokens: int,
+        now_s: float,
+        *,
+        give_up_after_s: float = math.inf,
+        min_slack_s: float | None = None,
+    ) -> float:
         """Predicted time to prefill a prompt on a multiplexing worker under its slack-capped chunking.
 
         Mirrors :class:`~tropical_sched.policies.local.SlackCappedScheduler`: chunk ``k`` is the largest that keeps
@@ -252,9 +285,11 @@ class TropicalPolicy:
             worker: the multiplexing worker.
             num_prompt_tokens: the prompt to prefill, tokens.
             now_s: the current time, seconds.
+            give_up_after_s: stop and return ``inf`` once the prediction exceeds this, seconds.
+            min_slack_s: the decodes' smallest TPOT slack less the margin at ``now_s``, if already known.
 
         Returns:
-            Seconds until the first token; ``inf`` if it would take more than 1024 steps.
+            Seconds until the first token; ``inf`` if it would take more than 1024 steps or ``give_up_after_s``.
         """
         cfg = self.config
         model = self._step_time
@@ -264,8 +299,13 @@ class TropicalPolicy:
         token_budget = max(cfg.multiplexing_token_budget - num_decodes, 1)
         if not num_decodes:
             return model.remaining_prefill_time_s(num_prompt_tokens, 0, token_budget)
-        slack0_s = min_tpot_slack_s(decodes, now_s, margin_fraction=cfg.slack_margin_fraction)
+        if min_slack_s is None:
+            min_slack_s = min_tpot_slack_s(decodes, now_s, margin_fraction=cfg.slack_margin_fraction)
+        slack0_s = min_slack_s
         slo_min_s = min(decodes.tpot_slo_s)
+        c0, cn, cp, ca, cd, cc = model.coefficients.as_tuple()
+        decode_base_s = c0 + (cn + cd) * num_decodes  # the decode part of a step, less its context term
+        min_chunk = cfg.min_multiplexed_chunk_tokens
         elapsed_s = 0.0
         prefix = 0
         for step in range(1024):
@@ -276,16 +316,16 @@ class TropicalPolicy:
                 num_decode_context_tokens=context,
                 num_prefix_tokens=prefix,
             )
-            chunk = min(max(chunk, cfg.min_multiplexed_chunk_tokens), token_budget, num_prompt_tokens - prefix)
+            chunk = min(max(chunk, min_chunk), token_budget, num_prompt_tokens - prefix)
+            # The step-time model (predictors/step_time.py) inlined: this loop runs for every routing decision.
+            elapsed_s += decode_base_s + cc * context
             if chunk > 0:
-                elapsed_s += model.step_time_s(
-                    num_decode_seqs=num_decodes, num_decode_context_tokens=context, prefill_chunks=((prefix, chunk),)
-                )
-            else:
-                elapsed_s += model.decode_step_time_s(num_decodes, context)
+                elapsed_s += cn * chunk + cp + ca * (chunk * prefix + chunk * (chunk + 1) / 2)
             prefix += chunk
             if prefix >= num_prompt_tokens:
                 return elapsed_s
+            if elapsed_s > give_up_after_s:
+                break
         return math.inf
 
     def _try_multiplexing_workers(self, request: Request, cluster: ClusterSnapshot) -> tuple[RouteDecision | None, str]:
@@ -325,8 +365,9 @@ class TropicalPolicy:
                     continue
                 finish_at_s = now_s + prefill_s
             else:
-                finish_at_s = (
-                    now_s + self.multiplexed_prefill_s(worker, num_prompt_tokens, now_s) * cfg.queue_safety_factor
+                budget_s = (request.ttft_deadline_at_s - now_s) / cfg.queue_safety_factor
+                finish_at_s = now_s + cfg.queue_safety_factor * self.multiplexed_prefill_s(
+                    worker, num_prompt_tokens, now_s, give_up_after_s=budget_s, min_slack_s=slack_s
                 )
                 if finish_at_s > request.ttft_deadline_at_s:
                     why = "no multiplexing worker's decodes leave the slack to finish the prefill by its TTFT deadline"
@@ -364,15 +405,22 @@ class TropicalPolicy:
             num_computed_tokens=0,
             ttft_slo_s=request.slo.ttft_s,
         )
+        order = self.config.route_order
         mux_why = ""
-        if self.config.route_order is RouteOrder.MULTIPLEX_FIRST:
+        if order is RouteOrder.MULTIPLEX_FIRST:
             decision, mux_why = self._try_multiplexing_workers(request, cluster)
             if decision is not None:
                 return decision
         decision_p, earliest_at_s = self._try_prefill_workers(request, new, cluster)
+        if order is RouteOrder.EARLIEST_FIRST_TOKEN:
+            decision, mux_why = self._try_multiplexing_workers(request, cluster)
+            if decision is not None and (
+                decision_p is None or decision.predicted["predicted_ttft_s"] < decision_p.predicted["predicted_ttft_s"]
+            ):
+                return decision
         if decision_p is not None:
             return decision_p
-        if self.config.route_order is RouteOrder.PREFILL_FIRST:
+        if order is RouteOrder.PREFILL_FIRST:
             decision, mux_why = self._try_multiplexing_workers(request, cluster)
             if decision is not None:
                 return decision

@@ -16,10 +16,7 @@ __all__ = ["fit_step_time", "sample_features"]
 def sample_features(samples: Sequence[StepSample]) -> np.ndarray:
     """Feature matrix of samples, shape (n_samples, len(FEATURE_NAMES))."""
     return np.array(
-        [
-            step_features(s.num_decode_seqs, s.num_decode_context_tokens, s.prefill_chunks)
-            for s in samples
-        ],
+        [step_features(s.num_decode_seqs, s.num_decode_context_tokens, s.prefill_chunks) for s in samples],
         dtype=float,
     )
 

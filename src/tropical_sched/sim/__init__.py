@@ -1,6 +1,18 @@
-"""Discrete-event simulator of a GPU serving cluster driven by the latency profiles."""
+"""Discrete-event simulator of a GPU serving cluster driven by the latency profiles, and the evaluations on it."""
 
 from tropical_sched.sim.config import ClusterConfig
+from tropical_sched.sim.experiment import Experiment, ExperimentResult, PolicyOutcome, run_experiment
+from tropical_sched.sim.goodput import (
+    CurvePoint,
+    GoodputResult,
+    SearchRun,
+    SearchSettings,
+    SloScaleResult,
+    evaluate_point,
+    find_threshold,
+    run_goodput,
+    run_slo_scale,
+)
 from tropical_sched.sim.simulator import (
     SimEvent,
     SimulationResult,
@@ -12,10 +24,23 @@ from tropical_sched.sim.simulator import (
 
 __all__ = [
     "ClusterConfig",
+    "CurvePoint",
+    "Experiment",
+    "ExperimentResult",
+    "GoodputResult",
+    "PolicyOutcome",
+    "SearchRun",
+    "SearchSettings",
     "SimEvent",
     "SimulationResult",
     "SimulationStats",
+    "SloScaleResult",
     "WorkerStats",
     "build_requests",
+    "evaluate_point",
+    "find_threshold",
+    "run_experiment",
+    "run_goodput",
+    "run_slo_scale",
     "simulate",
 ]

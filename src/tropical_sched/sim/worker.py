@@ -161,6 +161,7 @@ class SimWorker:
         self.kv_used = 0  # tokens: decodes, partial prefills, KV held for transfer, reserved for incoming
         self.max_kv_used = 0
         self.busy = False
+        self.step_ends_at_s = 0.0
         self.version = 0
         self._snapshot: WorkerSnapshot | None = None
         self._decode_set_version = 0  # changes when a decode joins or leaves (not at every step)
@@ -309,6 +310,7 @@ class SimWorker:
         self._step_decodes = num_decodes
         self._step_chunks = chunks
         self.busy = True
+        self.step_ends_at_s = now_s + duration_s
         self.num_steps += 1
         self.busy_s += duration_s
         return duration_s
@@ -463,12 +465,26 @@ class SimWorker:
             self._snapshot = WorkerSnapshot(
                 worker_id=self.worker_id,
                 role=self.role,
-                prefills=tuple(job.make_prefill_state() for job, _ in self._step_chunks)
+                prefills=tuple(_after_step(job, chunk) for job, chunk in self._step_chunks)
                 + tuple(job.make_prefill_state() for _, _, job in self.prefills),
                 decodes=self._decode_batch(include_pending=True),
                 num_kv_tokens_used=self.kv_used,
                 num_kv_tokens_capacity=self.kv_capacity,
                 max_num_seqs=self.max_num_seqs,
+                busy_until_s=self.step_ends_at_s if self.busy else None,
             )
             self._snapshot_version = self.version
         return self._snapshot
+
+
+def _after_step(job: Job, chunk: int) -> PrefillState:
+    """A prefill in the step in flight: ``chunk`` of its tokens are being computed."""
+    state = job.make_prefill_state()
+    return PrefillState(
+        request_id=state.request_id,
+        arrival_at_s=state.arrival_at_s,
+        num_prompt_tokens=state.num_prompt_tokens,
+        num_computed_tokens=state.num_computed_tokens,
+        ttft_slo_s=state.ttft_slo_s,
+        num_scheduled_tokens=chunk,
+    )

@@ -105,6 +105,7 @@ def make_workload(
     burstiness_cv: float = 1.0,
     overlength: Overlength | str = Overlength.FILTER,
     seed: int = 0,
+    start_index: int = 0,
 ) -> Workload:
     """Build a run's requests from a trace.
 
@@ -124,6 +125,8 @@ def make_workload(
         burstiness_cv: coefficient of variation of Gamma inter-arrival times.
         overlength: ``filter`` or ``clip``.
         seed: seed of the generator used for sampling and arrivals.
+        start_index: with a timed trace, start at this request (after filtering; wraps around), so that runs with
+            different windows of the same trace can be compared.
 
     Returns:
         The workload and its report.
@@ -151,6 +154,8 @@ def make_workload(
         raise ConfigError(f"{arrival_process.value} arrivals need a rate (rate_per_s / --rate) for {trace.name}")
     if num_requests is not None and num_requests < 1:
         raise ConfigError(f"num_requests must be >= 1, got {num_requests!r}")
+    if start_index < 0:
+        raise ConfigError(f"start_index must be >= 0, got {start_index!r}")
 
     rng = np.random.default_rng(seed)
     prompt = trace.num_prompt_tokens.copy()
@@ -170,6 +175,12 @@ def make_workload(
     if len(prompt) == 0:
         raise ConfigError(f"no request of {trace.name} fits max_model_len={max_model_len}")
 
+    if trace.arrival_at_s is not None and start_index % len(prompt):
+        shift = start_index % len(prompt)
+        prompt, output = np.roll(prompt, -shift), np.roll(output, -shift)
+        if arrival is not None:  # the wrapped part follows the end at the trace's mean gap
+            gap = (arrival[-1] - arrival[0]) / max(len(arrival) - 1, 1)
+            arrival = np.concatenate([arrival[shift:], arrival[:shift] + arrival[-1] - arrival[0] + gap])
     if arrival_process is ArrivalProcess.TRACE:
         n = len(prompt) if num_requests is None else min(num_requests, len(prompt))
         prompt, output = prompt[:n], output[:n]
