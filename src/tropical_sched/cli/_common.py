@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-__all__ = ["OneLineErrorParser", "collect_warnings", "progress_bar", "stderr"]
+__all__ = ["OneLineErrorParser", "collect_warnings", "progress_bar", "report_notes_and_json", "stderr", "wide_console"]
 
 stderr = Console(stderr=True, highlight=False)
 
@@ -69,3 +71,20 @@ def progress_bar(enabled: bool) -> Iterator[tuple[Callable[[str, int], None], Ca
     finally:
         if current:
             progress.stop()
+
+
+def wide_console(min_width: int = 120) -> Console:
+    """A stdout console, at least ``min_width`` columns wide when not writing to a terminal (tables stay legible)."""
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, min_width)
+    return console
+
+
+def report_notes_and_json(notes: list[str], json_path: str | None, data: dict[str, Any]) -> None:
+    """Print collected warnings as notes on stderr and, if asked, write ``data`` as JSON to ``json_path``."""
+    for note in notes:
+        stderr.print(f"note: {note}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        stderr.print(f"wrote {json_path}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from tropical_sched.cli._common import collect_warnings, progress_bar, stderr
+from tropical_sched.cli._common import collect_warnings, progress_bar, report_notes_and_json, stderr, wide_console
 from tropical_sched.cli.simulate import _positive_float, _positive_int, add_experiment_arguments, build_experiment
 from tropical_sched.core.errors import ConfigError
 from tropical_sched.metrics.plots import plot_goodput
@@ -112,13 +111,6 @@ def render_slo_scale(result: SloScaleResult, console: Console) -> None:
     console.print(table)
 
 
-def _console() -> Console:
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console.width = max(console.width, 140)
-    return console
-
-
 def run_goodput_command(args: argparse.Namespace) -> int:
     """Run ``tropical goodput``."""
     experiment = _experiment(args)
@@ -133,12 +125,8 @@ def run_goodput_command(args: argparse.Namespace) -> int:
     with collect_warnings() as notes, progress_bar(not args.no_progress) as (start, advance):
         start("searches", len(experiment.policies) * len(args.seeds))
         result = run_goodput(experiment, seeds=args.seeds, settings=settings, jobs=args.jobs, progress=advance)
-    render_goodput(result, _console())
-    for note in notes:
-        stderr.print(f"note: {note}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
-        stderr.print(f"wrote {args.json}")
+    render_goodput(result, wide_console(140))
+    report_notes_and_json(notes, args.json, result.to_json())
     if args.plot:
         for path in plot_goodput(result, args.plot):
             stderr.print(f"wrote {path}")
@@ -156,12 +144,8 @@ def run_slo_scale_command(args: argparse.Namespace) -> int:
     with collect_warnings() as notes, progress_bar(not args.no_progress) as (start, advance):
         start("searches", len(experiment.policies) * len(args.seeds))
         result = run_slo_scale(experiment, seeds=args.seeds, settings=settings, jobs=args.jobs, progress=advance)
-    render_slo_scale(result, _console())
-    for note in notes:
-        stderr.print(f"note: {note}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
-        stderr.print(f"wrote {args.json}")
+    render_slo_scale(result, wide_console(140))
+    report_notes_and_json(notes, args.json, result.to_json())
     return 0
 
 

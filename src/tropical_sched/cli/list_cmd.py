@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
+from tropical_sched.cli._common import wide_console
 from tropical_sched.policies.registry import POLICIES
 from tropical_sched.predictors.profile import bundled_profile_names, load_profile
 from tropical_sched.workloads.traces import BUNDLED_TRACES, bundled_trace_names
@@ -17,9 +17,7 @@ __all__ = ["register"]
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tropical list``."""
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console.width = max(console.width, 160)
+    console = wide_console(160)
     profiles = Table(title="profiles (--profile)", title_justify="left")
     for column in ("name", "model", "GPUs", "engine", "KV tokens", "fit R^2", "max rel. err", "source"):
         profiles.add_column(column, no_wrap=column in ("name", "GPUs"))

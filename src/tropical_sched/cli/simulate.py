@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from tropical_sched.cli._common import collect_warnings, progress_bar, stderr
+from tropical_sched.cli._common import collect_warnings, progress_bar, report_notes_and_json, wide_console
 from tropical_sched.core.errors import ConfigError
 from tropical_sched.core.slo import SloSpec
 from tropical_sched.policies.registry import policy_names
@@ -249,15 +247,8 @@ def run(args: argparse.Namespace) -> int:
     experiment = build_experiment(args)
     with collect_warnings() as notes, progress_bar(not args.no_progress) as (start, advance):
         result = run_experiment(experiment, on_policy_start=start, progress=advance)
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console.width = max(console.width, 120)
-    render(result, console)
-    for note in notes:
-        stderr.print(f"note: {note}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
-        stderr.print(f"wrote {args.json}")
+    render(result, wide_console())
+    report_notes_and_json(notes, args.json, result.to_json())
     return 0
 
 

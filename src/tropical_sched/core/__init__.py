@@ -9,6 +9,7 @@ from tropical_sched.core.errors import (
     TraceFormatError,
     TropicalError,
     UnknownNameError,
+    check_fields,
 )
 from tropical_sched.core.request import Request, RequestRecord, Slo
 from tropical_sched.core.slack import (
@@ -50,6 +51,7 @@ __all__ = [
     "UnknownNameError",
     "WorkerRole",
     "WorkerSnapshot",
+    "check_fields",
     "min_tpot_slack_s",
     "predicted_prefill_finish_at_s",
     "tpot_slack_s",

@@ -25,6 +25,7 @@ __all__ = [
     "TraceFormatError",
     "TropicalError",
     "UnknownNameError",
+    "check_fields",
 ]
 
 
@@ -78,3 +79,18 @@ class UnknownNameError(TropicalError, KeyError, ValueError):
 
 class SimulationError(TropicalError, RuntimeError):
     """The simulator reached a state it cannot continue from (a bug or an impossible configuration)."""
+
+
+def check_fields(obj: object, checks: dict[str, bool]) -> None:
+    """Raise :class:`ConfigError` for the first field whose check failed, naming the class, field and value.
+
+    Args:
+        obj: the object being validated (its class name and field values go into the message).
+        checks: field name -> whether its value is valid.
+
+    Raises:
+        ConfigError: ``"<Class>.<field> is out of range: <value>"`` for the first failed check.
+    """
+    for name, ok in checks.items():
+        if not ok:
+            raise ConfigError(f"{type(obj).__name__}.{name} is out of range: {getattr(obj, name)!r}")

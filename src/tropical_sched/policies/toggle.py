@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from tropical_sched.core.errors import ConfigError
+from tropical_sched.core.errors import check_fields
 
 __all__ = ["AttainmentWindow", "MultiplexingToggle", "ToggleConfig"]
 
@@ -41,9 +41,7 @@ class ToggleConfig:
             "min_samples": self.min_samples >= 1,
             "hold_s": self.hold_s >= 0,
         }
-        for name, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"ToggleConfig.{name} is out of range: {getattr(self, name)!r}")
+        check_fields(self, checks)
 
 
 class AttainmentWindow:

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 
 from tropical_sched.core.decisions import DecodePlacement, RouteAction, RouteDecision
-from tropical_sched.core.errors import ConfigError
+from tropical_sched.core.errors import ConfigError, check_fields
 from tropical_sched.core.request import Request
 from tropical_sched.core.slack import min_tpot_slack_s
 from tropical_sched.core.snapshot import ClusterSnapshot, PrefillState, WorkerRole, WorkerSnapshot
@@ -120,9 +120,7 @@ class TropicalConfig:
             "multiplexing_token_budget": self.multiplexing_token_budget >= 1,
             "min_multiplexed_chunk_tokens": self.min_multiplexed_chunk_tokens >= 0,
         }
-        for name, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"TropicalConfig.{name} is out of range: {getattr(self, name)!r}")
+        check_fields(self, checks)
 
 
 def _srpf_key(prefill: PrefillState) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tropical_sched.core.errors import ConfigError
+from tropical_sched.core.errors import check_fields
 
 __all__ = ["ClusterConfig"]
 
@@ -41,6 +41,4 @@ class ClusterConfig:
             or self.kv_link_bandwidth_bytes_per_s > 0,
             "kv_transfer_latency_s": self.kv_transfer_latency_s >= 0,
         }
-        for name, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"ClusterConfig.{name} is out of range: {getattr(self, name)!r}")
+        check_fields(self, checks)

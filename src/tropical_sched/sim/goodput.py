@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
-from tropical_sched.core.errors import ConfigError
+from tropical_sched.core.errors import ConfigError, check_fields
 from tropical_sched.core.slo import SloSpec
 from tropical_sched.metrics.attainment import summarize
 from tropical_sched.predictors.profile import Profile, load_profile
@@ -72,9 +72,7 @@ class SearchSettings:
             "max_evaluations": self.max_evaluations >= 2,
             "initial_value": self.initial_value is None or self.initial_value > 0,
         }
-        for name, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"SearchSettings.{name} is out of range: {getattr(self, name)!r}")
+        check_fields(self, checks)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
