@@ -12,6 +12,7 @@ from rich.table import Table
 from tropical_sched.cli._common import collect_warnings, progress_bar, report_notes_and_json, wide_console
 from tropical_sched.core.errors import ConfigError
 from tropical_sched.core.slo import SloSpec
+from tropical_sched.metrics.attainment import AttainmentSummary
 from tropical_sched.policies.registry import policy_names
 from tropical_sched.sim.experiment import (
     DEFAULT_POLICIES,
@@ -91,6 +92,14 @@ def parse_policy_options(items: list[str]) -> dict[str, dict[str, Any]]:
 
 def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     """The options shared by ``simulate`` and the evaluation commands."""
+    add_workload_arguments(parser)
+    add_cluster_arguments(parser)
+    add_slo_arguments(parser)
+    add_policy_arguments(parser)
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """Trace, rate, arrivals, request count, context handling, seed."""
     workload = parser.add_argument_group("workload")
     workload.add_argument(
         "--trace", default=DEFAULT_TRACE, help=f"bundled trace name or file (default {DEFAULT_TRACE})"
@@ -129,6 +138,9 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=_non_negative_int, default=0, help="seed for sampling and arrivals (default 0)"
     )
 
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """Profile, workers, engine limits, KV link."""
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument(
         "--profile", default=DEFAULT_PROFILE, help=f"bundled profile name or file (default {DEFAULT_PROFILE})"
@@ -146,6 +158,9 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
         help="KV transfer bandwidth between workers, GB/s (default: NVLink from the profile)",
     )
 
+
+def add_slo_arguments(parser: argparse.ArgumentParser) -> None:
+    """TTFT and TPOT SLOs, absolute or scaled."""
     slo = parser.add_argument_group("SLOs")
     ttft = slo.add_mutually_exclusive_group()
     ttft.add_argument(
@@ -159,6 +174,9 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     )
     slo.add_argument("--slo-scale", type=_positive_float, default=1.0, help="multiply both SLOs (default 1)")
 
+
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    """Policies and their options."""
     policies = parser.add_argument_group("policies")
     policies.add_argument(
         "--policies",
@@ -174,19 +192,24 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_experiment(args: argparse.Namespace) -> Experiment:
-    """The :class:`Experiment` described by parsed arguments.
-
-    Raises:
-        TropicalError: a value is invalid (the message names it).
-    """
-    slo = SloSpec.make(
+def build_slo_spec(args: argparse.Namespace) -> SloSpec:
+    """The :class:`SloSpec` of parsed SLO arguments."""
+    return SloSpec.make(
         ttft_slo_s=args.ttft_slo_ms / 1e3 if args.ttft_slo_ms else None,
         ttft_slo_scale=args.ttft_slo_scale,
         tpot_slo_s=args.tpot_slo_ms / 1e3 if args.tpot_slo_ms else None,
         tpot_slo_scale=args.tpot_slo_scale,
         slo_scale=args.slo_scale,
     )
+
+
+def build_experiment(args: argparse.Namespace) -> Experiment:
+    """The :class:`Experiment` described by parsed arguments.
+
+    Raises:
+        TropicalError: a value is invalid (the message names it).
+    """
+    slo = build_slo_spec(args)
     names = tuple(name.strip() for name in args.policies.split(",") if name.strip())
     return Experiment(
         trace=args.trace,
@@ -211,6 +234,28 @@ def _ms(value: float) -> str:
     return "-" if math.isnan(value) else f"{value * 1e3:,.0f}"
 
 
+def render_summaries(title: str, summaries: dict[str, AttainmentSummary], console: Console) -> None:
+    """Print one row of attainments and latencies per run (policy, or replayed endpoint)."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("policy", no_wrap=True)
+    for header in ("SLO att.", "TTFT att.", "TPOT att.", "TTFT p50/p90 ms", "TPOT p50/p90 ms", "muxed", "rejected"):
+        table.add_column(header, justify="right", no_wrap=True)
+    best = max(s.slo_attainment for s in summaries.values())
+    for name, s in summaries.items():
+        attain = f"{s.slo_attainment:.1%}"
+        table.add_row(
+            name,
+            f"[bold]{attain}[/bold]" if s.slo_attainment == best and len(summaries) > 1 else attain,
+            f"{s.ttft_attainment:.1%}",
+            f"{s.tpot_attainment:.1%}",
+            f"{_ms(s.ttft_p50_s)} / {_ms(s.ttft_p90_s)}",
+            f"{_ms(s.tpot_p50_s)} / {_ms(s.tpot_p90_s)}",
+            f"{s.num_multiplexed / s.num_requests:.1%}" if s.num_requests else "-",
+            str(s.num_rejected),
+        )
+    console.print(table)
+
+
 def render(result: ExperimentResult, console: Console) -> None:
     """Print the comparison table."""
     exp = result.experiment
@@ -220,25 +265,7 @@ def render(result: ExperimentResult, console: Console) -> None:
         f"{profile.metadata.hardware.gpu_name} ({exp.num_workers * profile.tensor_parallel_size} GPUs); "
         f"{exp.slo.describe()}"
     )
-    table = Table(title=title, title_justify="left")
-    table.add_column("policy", no_wrap=True)
-    for header in ("SLO att.", "TTFT att.", "TPOT att.", "TTFT p50/p90 ms", "TPOT p50/p90 ms", "muxed", "rejected"):
-        table.add_column(header, justify="right", no_wrap=True)
-    best = max(outcome.summary.slo_attainment for outcome in result.outcomes.values())
-    for name, outcome in result.outcomes.items():
-        s = outcome.summary
-        attain = f"{s.slo_attainment:.1%}"
-        table.add_row(
-            name,
-            f"[bold]{attain}[/bold]" if s.slo_attainment == best else attain,
-            f"{s.ttft_attainment:.1%}",
-            f"{s.tpot_attainment:.1%}",
-            f"{_ms(s.ttft_p50_s)} / {_ms(s.ttft_p90_s)}",
-            f"{_ms(s.tpot_p50_s)} / {_ms(s.tpot_p90_s)}",
-            f"{s.num_multiplexed / s.num_requests:.1%}" if s.num_requests else "-",
-            str(s.num_rejected),
-        )
-    console.print(table)
+    render_summaries(title, {name: outcome.summary for name, outcome in result.outcomes.items()}, console)
     console.print(f"workload: {result.workload.report.describe()}")
 
 

@@ -77,6 +77,26 @@ class Dispatcher:
         """Queue a request whose prefill finished remotely; it is placed at the next :meth:`dispatch`."""
         self._pending_decodes.append(request)
 
+    def cancel(self, request_id: str) -> bool:
+        """Forget a request that is still waiting (for a prefill worker or a decode slot).
+
+        Returns:
+            Whether it was waiting.
+        """
+        for index, request in enumerate(self._new):
+            if request.request_id == request_id:
+                del self._new[index]
+                return True
+        for index, (_, _, request) in enumerate(self._waiting):
+            if request.request_id == request_id:
+                del self._waiting[index]
+                return True
+        for index, request in enumerate(self._pending_decodes):
+            if request.request_id == request_id:
+                del self._pending_decodes[index]
+                return True
+        return False
+
     def _count(self, action: str) -> None:
         self.stats.by_action[action] = self.stats.by_action.get(action, 0) + 1
 

@@ -240,7 +240,10 @@ class TropicalPolicy:
         for worker in cluster.with_role(WorkerRole.PREFILL):
             finish_at_s, breaks_none = self._prefill_finish_at_s(worker, new, now_s)
             earliest_at_s = min(earliest_at_s, finish_at_s)
-            eligible = worker.is_idle or (breaks_none and finish_at_s <= request.ttft_deadline_at_s)
+            meets_deadline = finish_at_s <= request.ttft_deadline_at_s
+            # An idle worker takes even a late request (best effort), unless late requests are to be rejected.
+            idle_takes_it = worker.is_idle and (meets_deadline or not self.config.reject_unattainable)
+            eligible = idle_takes_it or (breaks_none and meets_deadline)
             if eligible:
                 candidate = (worker.num_outstanding_prompt_tokens, worker.worker_id, finish_at_s)
                 if best is None or candidate < best:

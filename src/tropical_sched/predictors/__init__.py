@@ -15,6 +15,7 @@ from tropical_sched.predictors.profile import (
     ValidRangeInfo,
     bundled_profile_names,
     load_profile,
+    time_scaled,
     write_profile_file,
 )
 from tropical_sched.predictors.step_time import (
@@ -47,5 +48,6 @@ __all__ = [
     "bundled_profile_names",
     "load_profile",
     "step_features",
+    "time_scaled",
     "write_profile_file",
 ]

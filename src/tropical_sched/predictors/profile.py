@@ -11,7 +11,6 @@ File format: JSON, ``schema_version`` 1 (see :class:`ProfileFile`). Bundled prof
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tropical_sched.core.errors import ProfileFormatError, UnknownNameError
+from tropical_sched.core.locate import line_of, validation_message
 from tropical_sched.predictors.step_time import (
     FEATURE_NAMES,
     StepTimeCoefficients,
@@ -42,6 +42,7 @@ __all__ = [
     "ValidRangeInfo",
     "bundled_profile_names",
     "load_profile",
+    "time_scaled",
     "write_profile_file",
 ]
 
@@ -241,6 +242,22 @@ class ProfileFile(_Strict):
     samples: tuple[StepSample, ...] = Field(min_length=1)
 
 
+def time_scaled(profile: ProfileFile, factor: float) -> ProfileFile:
+    """The same profile on hardware ``1 / factor`` times as fast: every time (samples and coefficients) times
+    ``factor``, name suffixed. For running fake engines faster than real time (``FakeEngine(time_scale=...)``)
+    while the router predicts them correctly.
+
+    Raises:
+        ValueError: ``factor`` is not positive.
+    """
+    if not factor > 0:
+        raise ValueError(f"factor must be positive, got {factor!r}")
+    fit = profile.fit.model_copy(update={"coefficients": {k: v * factor for k, v in profile.fit.coefficients.items()}})
+    samples = tuple(s.model_copy(update={"step_time_s": s.step_time_s * factor}) for s in profile.samples)
+    metadata = profile.metadata.model_copy(update={"name": f"{profile.metadata.name}-x{factor:g}"})
+    return profile.model_copy(update={"fit": fit, "samples": samples, "metadata": metadata})
+
+
 class Profile:
     """A loaded profile: the file plus the step-time model built from its fitted coefficients.
 
@@ -327,30 +344,6 @@ def bundled_profile_names() -> list[str]:
     return sorted(p.name[: -len(".json")] for p in _bundled_dir().iterdir() if p.name.endswith(".json"))
 
 
-def _line_of(text: str, loc: Sequence[int | str]) -> int | None:
-    """1-based line where the JSON value at ``loc`` starts, found with YAML's position-keeping composer."""
-    import yaml
-
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return None
-    line = None
-    for key in loc:
-        if node is None:
-            break
-        line = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode) and isinstance(key, str):
-            node = next((v for k, v in node.value if getattr(k, "value", None) == key), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-        else:
-            break
-    if node is not None:
-        line = node.start_mark.line + 1
-    return line
-
-
 def _parse_profile(text: str, path: str) -> ProfileFile:
     try:
         raw = json.loads(text)
@@ -359,22 +352,15 @@ def _parse_profile(text: str, path: str) -> ProfileFile:
     if isinstance(raw, dict) and raw.get("schema_version") not in (None, PROFILE_SCHEMA_VERSION):
         raise ProfileFormatError(
             path,
-            _line_of(text, ["schema_version"]),
+            line_of(text, ["schema_version"]),
             f"schema_version {raw.get('schema_version')!r} is not supported (this version reads "
             f"{PROFILE_SCHEMA_VERSION}); re-create the profile with tropical-profile",
         )
     try:
         return ProfileFile.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = [part for part in first["loc"] if isinstance(part, (str, int))]
-        field = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in loc).replace(".[", "[")
-        value = first.get("input")
-        shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-        more = f" (and {exc.error_count() - 1} more errors)" if exc.error_count() > 1 else ""
-        raise ProfileFormatError(
-            path, _line_of(text, loc), f"field {field or '<root>'} = {shown}: {first['msg']}{more}"
-        ) from None
+        loc, message = validation_message(exc.errors(), exc.error_count())  # type: ignore[arg-type]
+        raise ProfileFormatError(path, line_of(text, loc), message) from None
 
 
 def load_profile(name_or_path: str | Path) -> Profile:

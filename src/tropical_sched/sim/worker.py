@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tropical_sched.core.errors import SimulationError
 from tropical_sched.core.request import Request
@@ -30,6 +30,7 @@ class Job:
     """One request inside the simulator (mutable; the policy only ever sees snapshots of it)."""
 
     __slots__ = (
+        "aborted",
         "context_base",
         "decode_worker_id",
         "epoch",
@@ -71,6 +72,7 @@ class Job:
         self.epoch = 0
         self.sort_key = 0.0
         self.prefill_state: PrefillState | None = None
+        self.aborted = False
 
     def make_prefill_state(self) -> PrefillState:
         """The job as a queued prefill (cached until its computed tokens change)."""
@@ -101,12 +103,15 @@ class StepOutcome:
         finished: jobs that produced their last token in this step.
         handoffs: jobs whose prefill finished on a prefill worker and now need a decode worker.
         changed: whether routing-relevant state changed (a prefill or a request finished).
+        tokens: every job that produced a token in this step; filled only by workers made with
+            ``report_tokens=True`` (a real-time engine needs it, the simulator does not).
     """
 
     first_tokens: list[Job]
     finished: list[Job]
     handoffs: list[Job]
     changed: bool
+    tokens: list[Job] = field(default_factory=list)
 
 
 class SimWorker:
@@ -120,6 +125,8 @@ class SimWorker:
         step_time: latency predictor.
         num_kv_cache_tokens: KV capacity, tokens.
         max_num_seqs: most sequences per step (running decodes + prefills).
+        report_tokens: list the jobs that produced a token in every :class:`StepOutcome` (costs O(batch) per
+            step; for real-time use such as the fake engine).
     """
 
     def __init__(
@@ -132,8 +139,12 @@ class SimWorker:
         step_time: StepTimeModel,
         num_kv_cache_tokens: int,
         max_num_seqs: int,
+        report_tokens: bool = False,
     ) -> None:
         self.worker_id = worker_id
+        self._report_tokens = report_tokens
+        self._step_decode_jobs: list[Job] = []
+        self._aborted: list[Job] = []
         self.role = role
         self.settings = settings
         self.local = local
@@ -217,6 +228,37 @@ class SimWorker:
                     f"worker {self.worker_id}: KV usage {self.kv_used} exceeds capacity {self.kv_capacity}"
                 )
 
+    def abort(self, job: Job) -> None:
+        """Stop ``job`` (a client went away): it produces no more tokens and its KV is freed at the next step."""
+        if not job.aborted:
+            job.aborted = True
+            self._aborted.append(job)
+            self.version += 1
+
+    def _purge_aborted(self) -> None:
+        steps = self.num_decode_steps
+        for job in self._aborted:
+            request_id = job.request.request_id
+            if self.decodes.get(request_id) is job:
+                context = job.context_base + steps
+                del self.decodes[request_id]
+                self._decode_set_version += 1
+                self.decode_context_tokens -= context
+                self.kv_used -= context
+                job.epoch += 1  # its finish-heap entry goes stale
+            elif job in self.ready:
+                self.ready.remove(job)
+                self.kv_used -= job.prefill_target
+            else:
+                for index, (_, _, queued) in enumerate(self.prefills):
+                    if queued is job:
+                        del self.prefills[index]
+                        self.kv_used -= job.num_computed
+                        if job.num_computed:
+                            self.num_partial_prefills -= 1
+                        break
+        self._aborted.clear()
+
     def has_work(self) -> bool:
         """Whether a step could run now (the step itself may still find nothing schedulable)."""
         return bool(self.decodes or self.ready or self.prefills)
@@ -255,6 +297,8 @@ class SimWorker:
     def start_step(self, now_s: float) -> float | None:
         """Plan the next step. Returns its duration in seconds, or ``None`` if nothing can run."""
         self.version += 1
+        if self._aborted:
+            self._purge_aborted()
         if self.ready:
             room = self.max_num_seqs - len(self.decodes) - self.num_partial_prefills
             joining, self.ready = self.ready[: max(room, 0)], self.ready[max(room, 0) :]
@@ -307,6 +351,8 @@ class SimWorker:
         # The chunks are always a prefix of the queue (planning stops at the first prefill it cannot take); they
         # leave the queue while they run and partial ones are re-queued with a fresh key when the step ends.
         del self.prefills[: len(chunks)]
+        if self._report_tokens:
+            self._step_decode_jobs = list(self.decodes.values()) if num_decodes else []
         self._step_decodes = num_decodes
         self._step_chunks = chunks
         self.busy = True
@@ -421,9 +467,14 @@ class SimWorker:
                     self._join_decode(job)
                 else:
                     handoffs.append(job)  # KV stays allocated here until it is transferred
+        tokens: list[Job] = []
+        if self._report_tokens:
+            completed = [job for job, _ in self._step_chunks if job.num_computed >= job.prefill_target]
+            tokens = self._step_decode_jobs + completed
+            self._step_decode_jobs = []
         self._step_decodes = 0
         self._step_chunks = []
-        return StepOutcome(first_tokens, finished, handoffs, changed)
+        return StepOutcome(first_tokens, finished, handoffs, changed, tokens)
 
     # -- snapshots ----------------------------------------------------------------------------------------------
 

@@ -1,0 +1,124 @@
+"""``tropical replay``: replay a trace against an OpenAI-compatible endpoint and report SLO attainment."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from tropical_sched.cli._common import collect_warnings, progress_bar, report_notes_and_json, wide_console
+from tropical_sched.cli.simulate import (
+    _positive_float,
+    _positive_int,
+    add_slo_arguments,
+    add_workload_arguments,
+    build_slo_spec,
+    render_summaries,
+)
+from tropical_sched.metrics.attainment import summarize
+from tropical_sched.predictors.profile import load_profile
+from tropical_sched.sim.experiment import DEFAULT_PROFILE
+from tropical_sched.sim.simulator import build_requests
+from tropical_sched.workloads.traces import load_trace
+from tropical_sched.workloads.workload import make_workload
+
+__all__ = ["register"]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``tropical replay``."""
+    from tropical_sched.serve.replay import ReplaySettings, replay_sync
+
+    profile = load_profile(args.profile)
+    max_model_len = args.max_model_len or profile.max_model_len
+    workload = make_workload(
+        load_trace(args.trace),
+        max_model_len=max_model_len,
+        num_requests=args.num_requests,
+        rate_per_s=None if args.native_rate else args.rate,
+        arrival_process=args.arrival,
+        burstiness_cv=args.burstiness,
+        overlength=args.overlength,
+        seed=args.seed,
+    )
+    slo = build_slo_spec(args)
+    requests = build_requests(workload, profile, slo)
+    settings = ReplaySettings(
+        url=args.url,
+        endpoint=args.endpoint,
+        model=args.model,
+        prompt_format=args.prompt_format,
+        vocab_size=args.vocab_size,
+        send_slo_headers=not args.no_slo_headers,
+        timeout_s=args.timeout,
+        seed=args.seed,
+    )
+    with collect_warnings() as notes, progress_bar(not args.no_progress) as (start, advance):
+        start(args.label, len(requests))
+        records = replay_sync(workload, requests, settings, progress=advance)
+    summary = summarize(records)
+    console = wide_console()
+    render_summaries(f"replay of {args.trace} against {args.url}; {slo.describe()}", {args.label: summary}, console)
+    console.print(f"workload: {workload.report.describe()}")
+    failures = [r.reject_reason for r in records if r.rejected]
+    if failures:
+        console.print(f"{len(failures)} requests failed or were rejected; first: {failures[0]}")
+    data = {
+        "schema_version": 1,
+        "trace": args.trace,
+        "profile": profile.name,
+        "url": args.url,
+        "num_requests": len(records),
+        "slo": slo.describe(),
+        "workload": workload.report.describe(),
+        "policies": {args.label: {k: v for k, v in summary.as_dict().items() if k != "num_requests"}},
+        "records": [
+            {
+                "request_id": r.request_id,
+                "arrival_at_s": r.arrival_at_s,
+                "num_prompt_tokens": r.num_prompt_tokens,
+                "num_output_tokens": r.num_output_tokens,
+                "ttft_s": None if r.rejected else r.ttft_s,
+                "tpot_s": None if r.rejected else r.tpot_s,
+                "failed": r.rejected,
+                "reason": r.reject_reason,
+            }
+            for r in records
+        ],
+    }
+    report_notes_and_json(notes, args.json, data)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``replay`` subcommand."""
+    parser = subparsers.add_parser(
+        "replay",
+        help="replay a trace against an OpenAI-compatible endpoint (the router or an engine) and report attainment",
+        description="Send each request of a trace at its arrival time with its SLOs as x-slo-*-ms headers, stream "
+        "the answers, and report SLO attainment and latencies as tropical simulate does.",
+    )
+    parser.add_argument("--url", required=True, help="base URL of the endpoint, e.g. http://127.0.0.1:8000")
+    add_workload_arguments(parser)
+    add_slo_arguments(parser)
+    target = parser.add_argument_group("target")
+    target.add_argument(
+        "--profile",
+        default=DEFAULT_PROFILE,
+        help="profile for SLOs given as multiples of the isolated prefill (default %(default)s)",
+    )
+    target.add_argument("--max-model-len", type=_positive_int, help="context limit (default: the profile's)")
+    target.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    target.add_argument("--model", help="model name to send")
+    target.add_argument(
+        "--prompt-format",
+        choices=["tokens", "text"],
+        default="tokens",
+        help="token ids (exact lengths) or text (default tokens)",
+    )
+    target.add_argument("--vocab-size", type=_positive_int, default=256, help="token ids are below this")
+    target.add_argument("--timeout", type=_positive_float, default=600.0, help="per-request timeout, s")
+    target.add_argument("--no-slo-headers", action="store_true", help="do not send x-slo-*-ms headers")
+    parser.add_argument("--label", default="replay", help="name of this run in the table and JSON")
+    parser.add_argument("--json", metavar="PATH", help="also write the results (and every request) as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run, prog=parser.prog)

@@ -1,0 +1,165 @@
+"""The router's cluster configuration (YAML), validated with pydantic; errors name the file, line and field.
+
+Example::
+
+    policy: tropical                  # a registered policy (tropical, vllm, vllm-chunked, distserve)
+    profile: a100-llama2-70b-tp4      # the latency profile the policy predicts with (name or file)
+    slo:
+      ttft_slo_scale: 5               # or ttft_slo_ms; per-request headers override both
+      tpot_slo_ms: 100
+    instances:
+      - url: http://10.0.0.1:8000
+        role: prefill
+      - url: http://10.0.0.2:8000
+        role: multiplexing
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tropical_sched.core.errors import ConfigError, DataFormatError
+from tropical_sched.core.locate import line_of, validation_message
+from tropical_sched.core.slo import SloSpec
+from tropical_sched.core.snapshot import WorkerRole
+
+__all__ = ["ClusterFileError", "Engine", "InstanceConfig", "RouterConfig", "SloDefaults", "load_router_config"]
+
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class ClusterFileError(DataFormatError):
+    """The router's configuration file is malformed."""
+
+
+class Engine(str, enum.Enum):
+    """Serving engine of an instance."""
+
+    VLLM = "vllm"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InstanceConfig(_Strict):
+    """One engine instance (one model replica, any number of GPUs).
+
+    Attributes:
+        url: base URL of its OpenAI-compatible server, e.g. ``http://127.0.0.1:8000``.
+        role: ``prefill``, ``multiplexing``, ``decode`` or ``colocated``.
+        engine: the engine serving it.
+        profile: latency profile for this instance (name or file); default the top-level one.
+        max_num_seqs: its engine's ``--max-num-seqs``.
+        num_kv_cache_tokens: its KV capacity in tokens; default the profile's.
+    """
+
+    url: str = Field(pattern=r"^https?://")
+    role: WorkerRole
+    engine: Engine = Engine.VLLM
+    profile: str | None = None
+    max_num_seqs: Annotated[int, Field(ge=1)] = 256
+    num_kv_cache_tokens: Annotated[int, Field(ge=1)] | None = None
+
+
+class SloDefaults(_Strict):
+    """SLOs for requests that carry no SLO headers (as :class:`~tropical_sched.core.slo.SloSpec`, in ms)."""
+
+    ttft_slo_ms: PositiveFloat | None = None
+    ttft_slo_scale: PositiveFloat | None = None
+    tpot_slo_ms: PositiveFloat | None = None
+    tpot_slo_scale: PositiveFloat | None = None
+
+    def spec(self) -> SloSpec:
+        """The equivalent :class:`SloSpec` (paper defaults where neither form is given)."""
+        return SloSpec.make(
+            ttft_slo_s=self.ttft_slo_ms / 1e3 if self.ttft_slo_ms else None,
+            ttft_slo_scale=self.ttft_slo_scale,
+            tpot_slo_s=self.tpot_slo_ms / 1e3 if self.tpot_slo_ms else None,
+            tpot_slo_scale=self.tpot_slo_scale,
+        )
+
+    @model_validator(mode="after")
+    def _one_form_each(self) -> SloDefaults:
+        try:
+            self.spec()
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class RouterConfig(_Strict):
+    """The router service's configuration.
+
+    Attributes:
+        policy: registered policy name.
+        policy_options: options of the policy's config.
+        profile: default latency profile (name or file).
+        slo: default SLOs.
+        instances: the engine instances, at least one.
+        model: model name to put in upstream requests that name none.
+        prompt_tokens: how the router counts a text prompt's tokens before routing: ``estimate`` (characters /
+            ``chars_per_token``; token-id prompts are always exact) or ``tokenize`` (ask an instance's
+            ``/tokenize``, one extra round trip).
+        chars_per_token: characters per token for ``estimate``.
+        health_interval_s: how often instances are probed on ``/health`` (down ones until they answer).
+        metrics_interval_s: how often engine ``/metrics`` are read to correct the router's view (0 to disable).
+        max_waiting_requests: requests held at the router beyond this get HTTP 503.
+        request_timeout_s: upstream read timeout, and the longest a request may wait at the router.
+        max_retries: times a request that produced no token is retried on another instance after a failure.
+        unavailable_grace_s: a request that can only wait for instances that are all down gets HTTP 503 after
+            this long (a restarting instance has this long to come back).
+    """
+
+    policy: str = "tropical"
+    policy_options: dict[str, Any] = Field(default_factory=dict)
+    profile: str = "a100-llama2-70b-tp4"
+    slo: SloDefaults = Field(default_factory=SloDefaults)
+    instances: list[InstanceConfig] = Field(min_length=1)
+    model: str | None = None
+    prompt_tokens: Literal["estimate", "tokenize"] = "estimate"
+    chars_per_token: PositiveFloat = 4.0
+    health_interval_s: PositiveFloat = 1.0
+    metrics_interval_s: Annotated[float, Field(ge=0)] = 2.0
+    max_waiting_requests: Annotated[int, Field(ge=1)] = 4096
+    request_timeout_s: PositiveFloat = 600.0
+    max_retries: Annotated[int, Field(ge=0)] = 2
+    unavailable_grace_s: PositiveFloat = 5.0
+
+    @model_validator(mode="after")
+    def _unique_urls(self) -> RouterConfig:
+        urls = [instance.url.rstrip("/") for instance in self.instances]
+        duplicates = sorted({u for u in urls if urls.count(u) > 1})
+        if duplicates:
+            raise ValueError(f"instance URLs must be unique, repeated: {duplicates}")
+        return self
+
+
+def load_router_config(path: str | Path) -> RouterConfig:
+    """Load and validate a YAML (or JSON) router configuration.
+
+    Raises:
+        ClusterFileError: the file cannot be read, is not YAML, or breaks the schema (path, line and field named).
+    """
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ClusterFileError(path, None, f"cannot read: {exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ClusterFileError(path, mark.line + 1 if mark else None, f"not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ClusterFileError(path, 1, "expected a mapping with at least 'instances'")
+    try:
+        return RouterConfig.model_validate(raw)
+    except ValidationError as exc:
+        loc, message = validation_message(exc.errors(), exc.error_count())  # type: ignore[arg-type]
+        raise ClusterFileError(path, line_of(text, loc), message) from None

@@ -1,0 +1,183 @@
+"""Replay a workload against any OpenAI-compatible endpoint and measure what clients see.
+
+Each request is sent at its arrival time with its SLOs as headers (``x-slo-ttft-ms``, ``x-slo-tpot-ms``), streams
+its answer, and is recorded exactly like a simulated one (:class:`~tropical_sched.core.request.RequestRecord`), so
+the same summaries, tables and JSON apply: this is how the router is compared with an existing set-up, and how the
+simulator is checked against a real engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+import numpy as np
+
+from tropical_sched.core.errors import ConfigError
+from tropical_sched.core.request import Request, RequestRecord
+from tropical_sched.serve.openai import chunk_delta, iter_sse
+from tropical_sched.workloads.workload import Workload
+
+__all__ = ["ReplaySettings", "replay", "replay_sync"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplaySettings:
+    """How to send the requests.
+
+    Attributes:
+        url: the endpoint's base URL (router or engine), e.g. ``http://127.0.0.1:8000``.
+        endpoint: ``completions`` (``/v1/completions``) or ``chat`` (``/v1/chat/completions``).
+        model: the ``model`` field; ``None`` leaves it out (the router fills it in; vLLM needs it).
+        prompt_format: ``tokens`` sends token ids (exact prompt lengths; completions only), ``text`` sends words
+            sized by ``chars_per_token``.
+        vocab_size: token ids are drawn from ``[10, vocab_size)``.
+        chars_per_token: characters per token for text prompts.
+        send_slo_headers: attach each request's SLOs as headers.
+        timeout_s: per-request timeout, seconds.
+        seed: seed of the prompt contents.
+    """
+
+    url: str
+    endpoint: Literal["completions", "chat"] = "completions"
+    model: str | None = None
+    prompt_format: Literal["tokens", "text"] = "tokens"
+    vocab_size: int = 256
+    chars_per_token: float = 4.0
+    send_slo_headers: bool = True
+    timeout_s: float = 600.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prompt_format == "tokens" and self.endpoint == "chat":
+            raise ConfigError("prompt_format='tokens' needs endpoint='completions' (chat takes text messages)")
+        if self.vocab_size <= 10:
+            raise ConfigError(f"vocab_size must be > 10, got {self.vocab_size!r}")
+
+
+def _prompt(settings: ReplaySettings, index: int, num_tokens: int) -> Any:
+    rng = np.random.default_rng([settings.seed, index])
+    if settings.prompt_format == "tokens":
+        return rng.integers(10, settings.vocab_size, size=num_tokens).tolist()
+    words = max(1, round(num_tokens * settings.chars_per_token / 4))
+    return " ".join(f"w{n:02d}" for n in rng.integers(0, 100, size=words))  # 4 characters per word with spaces
+
+
+async def _one(
+    client: httpx.AsyncClient,
+    settings: ReplaySettings,
+    request: Request,
+    num_output_tokens: int,
+    index: int,
+    start: float,
+) -> RequestRecord:
+    prompt = _prompt(settings, index, request.num_prompt_tokens)
+    body: dict[str, Any] = {
+        "max_tokens": num_output_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        "temperature": 0,
+    }
+    if settings.model:
+        body["model"] = settings.model
+    if settings.endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+        path = "/v1/chat/completions"
+    else:
+        body["prompt"] = prompt
+        path = "/v1/completions"
+    headers = {}
+    if settings.send_slo_headers:
+        headers = {
+            "x-slo-ttft-ms": f"{request.slo.ttft_s * 1e3:.3f}",
+            "x-slo-tpot-ms": f"{request.slo.tpot_s * 1e3:.3f}",
+        }
+    delay = start + request.arrival_at_s - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    sent_at = time.monotonic() - start
+    first_at = last_at = None
+    tokens = 0
+    reason = ""
+    try:
+        async with client.stream(
+            "POST", settings.url.rstrip("/") + path, json=body, headers=headers, timeout=settings.timeout_s
+        ) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")[:300]
+                reason = f"HTTP {response.status_code}: {text}"
+            else:
+                async for event in iter_sse(response):
+                    if "error" in event:
+                        reason = f"stream error: {event['error']}"
+                        break
+                    delta = chunk_delta(event, tokens)
+                    if delta.num_tokens:
+                        now = time.monotonic() - start
+                        first_at = first_at if first_at is not None else now
+                        last_at = now
+                        tokens += delta.num_tokens
+    except (httpx.HTTPError, ValueError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+    failed = bool(reason) or first_at is None
+    return RequestRecord(
+        request_id=request.request_id,
+        arrival_at_s=sent_at,
+        num_prompt_tokens=request.num_prompt_tokens,
+        num_output_tokens=0 if failed else tokens,
+        ttft_slo_s=request.slo.ttft_s,
+        tpot_slo_s=request.slo.tpot_s,
+        first_token_at_s=None if failed else first_at,
+        finished_at_s=None if failed else last_at,
+        rejected=failed,
+        reject_reason=reason or ("no token" if failed else ""),
+    )
+
+
+async def replay(
+    workload: Workload,
+    requests: Sequence[Request],
+    settings: ReplaySettings,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> list[RequestRecord]:
+    """Send every request at its arrival time and record what came back.
+
+    Failed requests (an HTTP error, a broken stream, no token) are recorded as rejected, with the reason, so they
+    count against attainment.
+
+    Args:
+        workload: output lengths come from here (sent as ``max_tokens`` with ``ignore_eos``).
+        requests: the requests with their SLOs (from :func:`~tropical_sched.sim.simulator.build_requests`).
+        settings: endpoint and prompt settings.
+        progress: called with 1 per finished request.
+
+    Returns:
+        One record per request, in request order; times are seconds since the replay started.
+    """
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
+    async with httpx.AsyncClient(limits=limits, timeout=settings.timeout_s) as client:
+        start = time.monotonic()
+
+        async def run(index: int, request: Request) -> RequestRecord:
+            record = await _one(client, settings, request, int(workload.num_output_tokens[index]), index, start)
+            if progress is not None:
+                progress(1)
+            return record
+
+        return list(await asyncio.gather(*(run(i, r) for i, r in enumerate(requests))))
+
+
+def replay_sync(
+    workload: Workload,
+    requests: Sequence[Request],
+    settings: ReplaySettings,
+    progress: Callable[[int], None] | None = None,
+) -> list[RequestRecord]:
+    """:func:`replay` from synchronous code."""
+    return asyncio.run(replay(workload, requests, settings, progress=progress))

@@ -1,0 +1,667 @@
+"""The Tropical router: an OpenAI-compatible HTTP front that routes every request with a scheduling policy.
+
+Unifying idea: the router is the simulator's cluster, live. It keeps one :class:`~tropical_sched.serve.state.Instance`
+per engine, counts what it dispatched and the tokens it streams back, turns that into the same frozen
+``ClusterSnapshot`` the simulator builds, and asks the same policy object through the same
+:class:`~tropical_sched.policies.dispatcher.Dispatcher`. A request takes one of two paths:
+
+* **P/D**: a prefill instance prefills it (``max_tokens=1``, ``kv_transfer_params={"do_remote_decode": true}``),
+  the policy places its decode, and the decoding instance streams the answer from the transferred KV cache;
+* **direct**: a multiplexing (or colocated) instance prefills and decodes it.
+
+Upstream, the router always streams (with per-chunk usage), so it sees every token; clients get a stream or one
+JSON body, as they asked. Failures: an instance that stops answering is marked down until its ``/health`` returns;
+a request that produced no token is retried elsewhere, one that did gets a clear error; a client that goes away
+aborts its upstream request. Nothing stays counted as in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import httpx
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tropical_sched.core.decisions import DecodePlacement, RouteAction, RouteDecision
+from tropical_sched.core.errors import ConfigError
+from tropical_sched.core.request import Request, Slo
+from tropical_sched.core.snapshot import ClusterSnapshot
+from tropical_sched.policies.base import PolicyContext
+from tropical_sched.policies.dispatcher import Dispatcher
+from tropical_sched.policies.registry import make_policy
+from tropical_sched.predictors.profile import Profile, load_profile
+from tropical_sched.serve.config import RouterConfig
+from tropical_sched.serve.engines import dialect_for
+from tropical_sched.serve.metrics import RouterMetrics
+from tropical_sched.serve.openai import DONE, BadRequest, chunk_delta, error_body, iter_sse, prompt_token_count, sse
+from tropical_sched.serve.state import Instance, Phase, Tracked
+
+__all__ = ["SLO_HEADERS", "Router", "parse_slo_headers"]
+
+SLO_HEADERS = {
+    "ttft": ("x-slo-ttft-ms", "x-llm-d-slo-ttft-ms"),
+    "tpot": ("x-slo-tpot-ms", "x-llm-d-slo-tpot-ms"),
+}
+"""Per-request SLO headers, in milliseconds (ours first, then llm-d's)."""
+
+_T = TypeVar("_T")
+_TICK_S = 0.02  # how often requests waiting at the router are retried while any wait
+
+
+class _HttpError(Exception):
+    """Ends a request with an HTTP error status and an OpenAI-style body."""
+
+    def __init__(self, status: int, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+class _UpstreamFailed(Exception):
+    """An instance failed in a way that justifies marking it down and retrying elsewhere."""
+
+
+def parse_slo_headers(headers: Headers | dict[str, str], default: Slo) -> Slo:
+    """The request's SLOs: its headers (``x-slo-ttft-ms``, ``x-slo-tpot-ms``, or llm-d's
+    ``x-llm-d-slo-*-ms``), else ``default``.
+
+    Raises:
+        BadRequest: a header is not a positive finite number of milliseconds (the message names it).
+    """
+    values = {"ttft": default.ttft_s, "tpot": default.tpot_s}
+    for key, names in SLO_HEADERS.items():
+        for name in names:
+            raw = headers.get(name)
+            if raw is None:
+                continue
+            try:
+                value_ms = float(raw)
+            except ValueError:
+                raise BadRequest(f"header {name} = {raw!r} is not a number of milliseconds") from None
+            if not (math.isfinite(value_ms) and value_ms > 0):
+                raise BadRequest(f"header {name} = {raw!r} must be a positive number of milliseconds")
+            values[key] = value_ms / 1e3
+            break
+    return Slo(ttft_s=values["ttft"], tpot_s=values["tpot"])
+
+
+class Router:
+    """The router service (see the module docstring). ``router.app`` is the ASGI application.
+
+    Args:
+        config: the cluster configuration.
+        transport: an httpx transport for upstream calls (tests); default real sockets.
+
+    Raises:
+        ConfigError: the policy cannot run on the configured roles, or a profile cannot be loaded.
+    """
+
+    def __init__(self, config: RouterConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.config = config
+        self.profile = load_profile(config.profile)
+        self._profiles: dict[str, Profile] = {config.profile: self.profile}
+        context = PolicyContext(step_time=self.profile.step_time, max_model_len=self.profile.max_model_len)
+        self.policy = make_policy(config.policy, context, config.policy_options)
+        self._check_roles()
+        self.instances = [
+            Instance(
+                index,
+                instance,
+                self.policy.local_scheduler(instance.role),
+                instance.num_kv_cache_tokens or self._profile(instance.profile).num_kv_cache_tokens,
+            )
+            for index, instance in enumerate(config.instances)
+        ]
+        self.dispatcher = Dispatcher(self.policy)
+        self.metrics = RouterMetrics()
+        self._slo_spec = config.slo.spec()
+        self._dialects = [dialect_for(instance.engine) for instance in config.instances]
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._started = time.monotonic()
+        self._tracked: dict[str, Tracked] = {}  # request id -> request not finished yet
+        self._route_waiters: dict[str, asyncio.Future[RouteDecision]] = {}
+        self._placement_waiters: dict[str, asyncio.Future[DecodePlacement]] = {}
+        self._next_id = 0
+        self._snapshot_key: tuple[float, ...] = ()
+        self._snapshot: ClusterSnapshot | None = None
+        for instance in self.instances:
+            self.metrics.instance_up.labels(instance.url, instance.role.value).set(1)
+            self.metrics.in_flight.labels(instance.url).set(0)
+        self.app = Starlette(
+            routes=[
+                Route("/v1/completions", self._completions, methods=["POST"]),
+                Route("/v1/chat/completions", self._chat_completions, methods=["POST"]),
+                Route("/health", self._health),
+                Route("/metrics", self._metrics),
+                Route("/v1/models", self._models),
+            ],
+            lifespan=self._lifespan,
+        )
+
+    # -- set-up -------------------------------------------------------------------------------------------------
+
+    def _profile(self, name: str | None) -> Profile:
+        key = name or self.config.profile
+        if key not in self._profiles:
+            self._profiles[key] = load_profile(key)
+        return self._profiles[key]
+
+    def _check_roles(self) -> None:
+        roles = [instance.role for instance in self.config.instances]
+        num_prefill = sum(role.value == "prefill" for role in roles)
+        try:
+            expected = set(self.policy.worker_roles(len(roles), num_prefill or None))
+        except ConfigError as exc:
+            raise ConfigError(f"instances: {exc}") from None
+        if set(roles) != expected:
+            raise ConfigError(
+                f"instances: policy {self.policy.name!r} needs roles {sorted(r.value for r in expected)}, "
+                f"the configuration has {sorted({r.value for r in roles})}"
+            )
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        timeout = httpx.Timeout(connect=5.0, read=self.config.request_timeout_s, write=30.0, pool=30.0)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=1024)
+        self._client = httpx.AsyncClient(transport=self._transport, timeout=timeout, limits=limits)
+        tasks = [asyncio.create_task(self._tick()), asyncio.create_task(self._watch_health())]
+        if self.config.metrics_interval_s > 0:
+            tasks.append(asyncio.create_task(self._watch_engine_metrics()))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await self._client.aclose()
+
+    # -- clock, snapshots, dispatch -----------------------------------------------------------------------------
+
+    def now_s(self) -> float:
+        """The router's clock: seconds since it started (monotonic)."""
+        return time.monotonic() - self._started
+
+    def snapshot(self) -> ClusterSnapshot:
+        """The cluster as the policy sees it now."""
+        now = self.now_s()
+        key = (now, *(instance.version for instance in self.instances))
+        if self._snapshot is None or key != self._snapshot_key:
+            self._snapshot = ClusterSnapshot(now_s=now, workers=tuple(i.snapshot() for i in self.instances))
+            self._snapshot_key = key
+        return self._snapshot
+
+    def _dispatch(self, *, retry_waiting: bool = True) -> None:
+        if self.dispatcher.num_waiting or self.dispatcher.num_pending_decodes:
+            self.dispatcher.dispatch(
+                self.snapshot, self._apply_route, self._apply_placement, retry_waiting=retry_waiting
+            )
+        self.metrics.waiting.set(self.dispatcher.num_waiting + self.dispatcher.num_pending_decodes)
+
+    def _apply_route(self, request: Request, decision: RouteDecision) -> None:
+        tracked = self._tracked[request.request_id]
+        if decision.worker_id is not None:
+            tracked.phase = Phase.PREFILL
+            tracked.route = decision.action.value
+            self.instances[decision.worker_id].add_prefill(tracked)
+            self._count_in_flight(decision.worker_id)
+        if "ttft_slack_s" in decision.predicted:
+            self.metrics.predicted_ttft_slack.observe(decision.predicted["ttft_slack_s"])
+        if "min_tpot_slack_s" in decision.predicted:
+            self.metrics.predicted_tpot_slack.observe(decision.predicted["min_tpot_slack_s"])
+        waiter = self._route_waiters.pop(request.request_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(decision)
+
+    def _apply_placement(self, request: Request, placement: DecodePlacement) -> None:
+        tracked = self._tracked[request.request_id]
+        assert placement.worker_id is not None
+        tracked.phase = Phase.AWAITING_DECODE
+        self.instances[placement.worker_id].add_decode(tracked)
+        self._count_in_flight(placement.worker_id)
+        waiter = self._placement_waiters.pop(request.request_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(placement)
+
+    def _count_in_flight(self, index: int) -> None:
+        instance = self.instances[index]
+        self.metrics.in_flight.labels(instance.url).set(instance.num_in_flight)
+
+    async def _tick(self) -> None:
+        """Retry waiting requests as time passes (slack changes with time, not only with events)."""
+        while True:
+            await asyncio.sleep(_TICK_S)
+            self._dispatch()
+            self.metrics.multiplexing.set(
+                1 if getattr(getattr(self.policy, "toggle", None), "multiplexing_on", True) else 0
+            )
+
+    # -- health and engine metrics ------------------------------------------------------------------------------
+
+    def _set_health(self, instance: Instance, healthy: bool) -> None:
+        if instance.healthy != healthy:
+            instance.healthy = healthy
+            instance.version += 1
+            self.metrics.instance_up.labels(instance.url, instance.role.value).set(1 if healthy else 0)
+            if healthy:
+                self._dispatch()
+
+    async def _probe(self, instance: Instance) -> None:
+        assert self._client is not None
+        try:
+            response = await self._client.get(instance.url + "/health", timeout=2.0)
+            self._set_health(instance, response.status_code == 200)
+        except httpx.HTTPError:
+            self._set_health(instance, False)
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.gather(*(self._probe(instance) for instance in self.instances))
+            await asyncio.sleep(self.config.health_interval_s)
+
+    async def _read_engine_metrics(self, instance: Instance) -> None:
+        assert self._client is not None
+        if not instance.healthy:
+            return
+        try:
+            response = await self._client.get(instance.url + "/metrics", timeout=2.0)
+            if response.status_code != 200:
+                return
+            values: dict[str, float] = {}
+            for family in text_string_to_metric_families(response.text):
+                for sample in family.samples:
+                    values[sample.name] = values.get(sample.name, 0.0) + sample.value
+        except (httpx.HTTPError, ValueError):
+            return
+        usage = values.get("vllm:kv_cache_usage_perc")
+        if usage is not None and usage != instance.engine_kv_usage_fraction:
+            instance.engine_kv_usage_fraction = usage
+            instance.version += 1
+            self.metrics.engine_kv_usage.labels(instance.url).set(usage)
+        running, waiting = values.get("vllm:num_requests_running"), values.get("vllm:num_requests_waiting")
+        if running is not None and waiting is not None:
+            instance.engine_num_requests = int(running + waiting)
+
+    async def _watch_engine_metrics(self) -> None:
+        while True:
+            await asyncio.gather(*(self._read_engine_metrics(instance) for instance in self.instances))
+            await asyncio.sleep(self.config.metrics_interval_s)
+
+    # -- endpoints ----------------------------------------------------------------------------------------------
+
+    async def _health(self, http: HttpRequest) -> Response:
+        instances = [
+            {"url": i.url, "role": i.role.value, "healthy": i.healthy, "in_flight": i.num_in_flight}
+            for i in self.instances
+        ]
+        ok = any(i.healthy for i in self.instances)
+        return JSONResponse(
+            {"status": "ok" if ok else "no healthy instance", "instances": instances}, status_code=200 if ok else 503
+        )
+
+    async def _metrics(self, http: HttpRequest) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def _models(self, http: HttpRequest) -> Response:
+        assert self._client is not None
+        for instance in self.instances:
+            if instance.healthy:
+                with contextlib.suppress(httpx.HTTPError):
+                    response = await self._client.get(instance.url + "/v1/models", timeout=5.0)
+                    return Response(response.content, status_code=response.status_code, media_type="application/json")
+        return JSONResponse(error_body("no healthy instance", "ServiceUnavailable", 503), status_code=503)
+
+    async def _completions(self, http: HttpRequest) -> Response:
+        return await self._serve(http, chat=False)
+
+    async def _chat_completions(self, http: HttpRequest) -> Response:
+        return await self._serve(http, chat=True)
+
+    def _new_request(self, http: HttpRequest, body: dict[str, Any], chat: bool) -> Request:
+        num_prompt_tokens, _ = prompt_token_count(body, chat=chat, chars_per_token=self.config.chars_per_token)
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        if max_tokens is not None and (
+            not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
+        ):
+            raise BadRequest(f"field 'max_tokens' = {max_tokens!r} must be a positive integer")
+        model = self.profile.step_time
+        default = self._slo_spec.slo_for(
+            num_prompt_tokens,
+            isolated_prefill_s=model.prefill_time_s,
+            isolated_decode_step_s=lambda context: model.decode_step_time_s(1, context),
+        )
+        slo = parse_slo_headers(http.headers, default)
+        self._next_id += 1
+        return Request(
+            request_id=f"trop-{self._next_id}",
+            arrival_at_s=self.now_s(),
+            num_prompt_tokens=num_prompt_tokens,
+            slo=slo,
+            max_output_tokens=max_tokens,
+        )
+
+    async def _serve(self, http: HttpRequest, *, chat: bool) -> Response:
+        try:
+            body = await http.json()
+            if not isinstance(body, dict):
+                raise BadRequest("the request body must be a JSON object")
+            request = self._new_request(http, body, chat)
+        except json.JSONDecodeError as exc:
+            return JSONResponse(
+                error_body(f"the request body is not JSON: {exc}", "BadRequestError", 400), status_code=400
+            )
+        except (BadRequest, ConfigError) as exc:
+            return JSONResponse(error_body(str(exc), "BadRequestError", 400), status_code=400)
+        if self.config.model and "model" not in body:
+            body["model"] = self.config.model
+        if self.dispatcher.num_waiting >= self.config.max_waiting_requests:
+            self.metrics.requests.labels("none", "rejected").inc()
+            return JSONResponse(
+                error_body("too many requests waiting at the router", "ServiceUnavailable", 503), status_code=503
+            )
+        tracked = Tracked(request=request)
+        self._tracked[request.request_id] = tracked
+        events = self._events(tracked, body, chat)
+        wants_stream = bool(body.get("stream"))
+        try:
+            primed = await self._until_disconnect(http, events.__anext__())
+        except _HttpError as exc:
+            await events.aclose()
+            return JSONResponse(error_body(str(exc), exc.kind, exc.status), status_code=exc.status)
+        except StopAsyncIteration:
+            primed = None
+        if primed is _DISCONNECTED:
+            await events.aclose()
+            return Response(status_code=499)
+        first = primed if isinstance(primed, dict) else None
+        options = body.get("stream_options") or {}
+        if wants_stream:
+            return StreamingResponse(self._relay(first, events, options), media_type="text/event-stream")
+        result = await self._until_disconnect(http, self._aggregate(first, events, chat))
+        if not isinstance(result, tuple):
+            await events.aclose()
+            return Response(status_code=499)
+        status, payload = result
+        return JSONResponse(payload, status_code=status)
+
+    async def _until_disconnect(self, http: HttpRequest, awaitable: Awaitable[_T]) -> _T | object:
+        """Await ``awaitable`` unless the client disconnects first (then cancel it and return a marker)."""
+        work = asyncio.ensure_future(awaitable)
+        watch = asyncio.ensure_future(_wait_disconnect(http))
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            watch.cancel()
+            return work.result()
+        work.cancel()
+        with contextlib.suppress(BaseException):
+            await work
+        return _DISCONNECTED
+
+    async def _relay(
+        self, first: dict[str, Any] | None, events: AsyncGenerator[dict[str, Any], None], options: dict[str, Any]
+    ) -> AsyncIterator[bytes]:
+        """Stream events to the client, shaped as it asked (usage only where requested)."""
+        continuous = bool(options.get("continuous_usage_stats"))
+        include_usage = bool(options.get("include_usage"))
+
+        def shaped(event: dict[str, Any]) -> bytes | None:
+            if "error" in event:
+                return sse(event)
+            if not event.get("choices"):
+                return sse(event) if include_usage else None
+            if not continuous and "usage" in event:
+                event = {k: v for k, v in event.items() if k != "usage"}
+            return sse(event)
+
+        try:
+            if first is not None:
+                data = shaped(first)
+                if data:
+                    yield data
+            async for event in events:
+                data = shaped(event)
+                if data:
+                    yield data
+            yield DONE
+        finally:
+            await events.aclose()  # on a client disconnect this aborts the upstream request
+
+    async def _aggregate(
+        self, first: dict[str, Any] | None, events: AsyncIterator[dict[str, Any]], chat: bool
+    ) -> tuple[int, dict[str, Any]]:
+        """Collect a stream into one completion body."""
+        parts: list[str] = []
+        finish = None
+        usage = None
+        head: dict[str, Any] = {}
+
+        async def consume() -> AsyncIterator[dict[str, Any]]:
+            if first is not None:
+                yield first
+            async for event in events:
+                yield event
+
+        async for event in consume():
+            if "error" in event:
+                return event["error"].get("code", 502), event
+            head = head or event
+            delta = chunk_delta(event, 0)
+            parts.append(delta.text)
+            finish = delta.finish_reason or finish
+            if isinstance(event.get("usage"), dict):
+                usage = event["usage"]
+        text = "".join(parts)
+        choice: dict[str, Any] = (
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            if chat
+            else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        )
+        return 200, {
+            "id": head.get("id", ""),
+            "object": "chat.completion" if chat else "text_completion",
+            "created": head.get("created", int(time.time())),
+            "model": head.get("model", ""),
+            "choices": [choice],
+            "usage": usage,
+        }
+
+    # -- one request through the cluster ------------------------------------------------------------------------
+
+    async def _await_decision(self, tracked: Tracked, placement: bool) -> Any:
+        """Queue the request at the dispatcher and wait for its route (or decode placement)."""
+        loop = asyncio.get_running_loop()
+        request = tracked.request
+        waiters: dict[str, asyncio.Future[Any]] = self._placement_waiters if placement else self._route_waiters
+        future: asyncio.Future[Any] = loop.create_future()
+        waiters[request.request_id] = future
+        tracked.phase = Phase.AWAITING_DECODE if placement else Phase.ROUTING
+        if placement:
+            self.dispatcher.submit_decode(request)
+            self._dispatch()
+        else:
+            self.dispatcher.submit(request)
+            self._dispatch(retry_waiting=False)
+        unavailable_since: float | None = None
+        try:
+            while True:
+                remaining = self.config.request_timeout_s - (self.now_s() - request.arrival_at_s)
+                if remaining <= 0:
+                    raise _HttpError(503, "timed out waiting for an instance", "ServiceUnavailable")
+                try:
+                    return await asyncio.wait_for(asyncio.shield(future), timeout=min(remaining, 0.25))
+                except asyncio.TimeoutError:
+                    pass
+                if self._can_serve(placement):
+                    unavailable_since = None
+                    continue
+                unavailable_since = unavailable_since if unavailable_since is not None else self.now_s()
+                if self.now_s() - unavailable_since >= self.config.unavailable_grace_s:
+                    step = "decode" if placement else "prefill"
+                    raise _HttpError(503, f"no healthy instance can {step} this request", "ServiceUnavailable")
+        finally:
+            waiters.pop(request.request_id, None)
+            self.dispatcher.cancel(request.request_id)
+
+    def _can_serve(self, placement: bool) -> bool:
+        """Whether some healthy instance could take a request's next step (its decode, or its prefill)."""
+        if placement:
+            return any(i.healthy and i.role.runs_decodes for i in self.instances)
+        return any(i.healthy and i.role.runs_prefills for i in self.instances)
+
+    async def _events(self, tracked: Tracked, body: dict[str, Any], chat: bool) -> AsyncGenerator[dict[str, Any], None]:
+        """Route the request and yield the upstream stream's events, retrying while it has produced no token.
+
+        Every exit (finished, failed, rejected, client gone) leaves the request counted nowhere.
+        """
+        assert self._client is not None
+        request = tracked.request
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        outcome = "aborted"
+        try:
+            while True:
+                tracked.attempts += 1
+                decision: RouteDecision = await self._await_decision(tracked, placement=False)
+                if decision.action is RouteAction.REJECT:
+                    outcome = "rejected"
+                    self.policy.on_first_token(request, math.inf, self.now_s())
+                    raise _HttpError(503, f"rejected: {decision.reason}", "SLOUnattainable")
+                assert decision.worker_id is not None
+                target = self.instances[decision.worker_id]
+                try:
+                    transfer = None
+                    if decision.action is RouteAction.PREFILL:
+                        transfer = await self._remote_prefill(tracked, target, body, path)
+                        placement: DecodePlacement = await self._await_decision(tracked, placement=True)
+                        assert placement.worker_id is not None
+                        target = self.instances[placement.worker_id]
+                    upstream = self._dialects[target.index].generation_body(body, request.slo, transfer)
+                    async with self._client.stream("POST", target.url + path, json=upstream) as response:
+                        if response.status_code != 200:
+                            await self._raise_for_status(target, response)
+                        async for event in iter_sse(response):
+                            delta = chunk_delta(event, tracked.num_generated_tokens)
+                            if delta.num_tokens:
+                                self._on_tokens(tracked, target, delta.num_tokens)
+                            yield event
+                    outcome = "ok"
+                    return
+                except _HttpError:
+                    outcome = "error"
+                    raise
+                except (httpx.TransportError, _UpstreamFailed, ValueError) as exc:
+                    if isinstance(exc, (httpx.TransportError, _UpstreamFailed)):
+                        self._set_health(target, False)
+                    self._untrack(tracked)
+                    tracked.first_token_at_s = None
+                    if tracked.num_generated_tokens == 0 and tracked.attempts <= self.config.max_retries:
+                        continue
+                    outcome = "error"
+                    message = f"instance {target.url} failed after {tracked.num_generated_tokens} tokens: {exc!r}"
+                    if tracked.num_generated_tokens == 0:
+                        raise _HttpError(502, message, "UpstreamError") from None
+                    yield error_body(message, "UpstreamError", 502)
+                    return
+        finally:
+            self._finish(tracked, outcome)
+
+    async def _raise_for_status(self, instance: Instance, response: httpx.Response) -> None:
+        content = await response.aread()
+        try:
+            message = json.loads(content).get("error", {}).get("message", content.decode(errors="replace"))
+        except (ValueError, AttributeError):
+            message = content.decode(errors="replace")
+        if 400 <= response.status_code < 500:
+            raise _HttpError(response.status_code, f"{instance.url}: {message}", "UpstreamBadRequest")
+        raise _UpstreamFailed(f"HTTP {response.status_code}: {message}")
+
+    async def _remote_prefill(
+        self, tracked: Tracked, instance: Instance, body: dict[str, Any], path: str
+    ) -> dict[str, Any]:
+        """Run the prefill half of P/D; returns the transfer parameters for the decoding instance."""
+        assert self._client is not None
+        upstream = self._dialects[instance.index].prefill_body(body, tracked.request.slo)
+        response = await self._client.post(instance.url + path, json=upstream)
+        if response.status_code != 200:
+            await self._raise_for_status(instance, response)
+        transfer = self._dialects[instance.index].transfer_params(response.json())
+        instance.remove(tracked)
+        self._count_in_flight(instance.index)
+        tracked.prefill_done_at_s = self.now_s()
+        self._dispatch()
+        return transfer
+
+    def _on_tokens(self, tracked: Tracked, instance: Instance, count: int) -> None:
+        now = self.now_s()
+        request = tracked.request
+        tracked.num_generated_tokens += count
+        tracked.last_token_at_s = now
+        instance.version += 1
+        if tracked.first_token_at_s is None:
+            tracked.first_token_at_s = now
+            tracked.phase = Phase.DECODE
+            instance.add_decode(tracked)
+            ttft_s = now - request.arrival_at_s
+            self.metrics.ttft.observe(ttft_s)
+            self.policy.on_first_token(request, ttft_s, now)
+            self._dispatch()
+
+    def _untrack(self, tracked: Tracked) -> None:
+        """Stop counting the request on any instance (before a retry, or at its end)."""
+        if tracked.instance is not None:
+            index = tracked.instance
+            self.instances[index].remove(tracked)
+            self._count_in_flight(index)
+        tracked.phase = Phase.ROUTING
+        tracked.prefill_done_at_s = None
+
+    def _finish(self, tracked: Tracked, outcome: str) -> None:
+        """The request is over: forget it everywhere, record its outcome, feed the policy."""
+        request = tracked.request
+        self._untrack(tracked)
+        self.dispatcher.cancel(request.request_id)
+        self._tracked.pop(request.request_id, None)
+        self.metrics.requests.labels(tracked.route or "none", outcome).inc()
+        met_ttft = met_tpot = False
+        if outcome == "ok" and tracked.first_token_at_s is not None:
+            ttft_s = tracked.first_token_at_s - request.arrival_at_s
+            n = tracked.num_generated_tokens
+            tpot_s = 0.0
+            if n > 1 and tracked.last_token_at_s is not None:
+                tpot_s = (tracked.last_token_at_s - tracked.first_token_at_s) / (n - 1)
+            self.metrics.tpot.observe(tpot_s)
+            self.policy.on_finished(request, tpot_s, self.now_s())
+            met_ttft, met_tpot = ttft_s <= request.slo.ttft_s, tpot_s <= request.slo.tpot_s
+        if outcome != "aborted":
+            self.metrics.observe_finished(met_ttft, met_tpot)
+        self._dispatch()
+
+    @property
+    def num_tracked(self) -> int:
+        """Requests not finished yet (waiting at the router or on an instance)."""
+        return len(self._tracked)
+
+    @property
+    def num_counted_on_instances(self) -> int:
+        """Requests counted on some instance."""
+        return sum(i.num_in_flight for i in self.instances)
+
+
+_DISCONNECTED = object()
+
+
+async def _wait_disconnect(http: HttpRequest) -> None:
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,66 @@
+"""Run ASGI apps (the router, fake engines) on 127.0.0.1 in background threads, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+
+__all__ = ["ServerThread", "free_port"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerThread:
+    """An ASGI app served by uvicorn on 127.0.0.1 in a daemon thread.
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`. ``url`` is set once started.
+
+    Args:
+        app: the ASGI application.
+        port: the port; default a free one.
+    """
+
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = uvicorn.Server(
+            uvicorn.Config(
+                app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", timeout_graceful_shutdown=1
+            )
+        )
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def start(self, timeout_s: float = 10.0) -> ServerThread:
+        """Start serving; returns once the server accepts connections.
+
+        Raises:
+            TimeoutError: it did not start in time.
+        """
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise TimeoutError(f"server on port {self.port} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (connections are closed; the port stops answering)."""
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+        self.stop()

@@ -1,0 +1,325 @@
+"""The router service against fake engines on 127.0.0.1: both paths, streaming, SLO headers, faults, the toggle."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tropical_sched.core import ConfigError, RouteAction, Slo
+from tropical_sched.predictors import Profile, load_profile, time_scaled, write_profile_file
+from tropical_sched.serve.config import ClusterFileError, RouterConfig, load_router_config
+from tropical_sched.serve.fake_engine import FakeEngine
+from tropical_sched.serve.openai import BadRequest
+from tropical_sched.serve.router import Router, parse_slo_headers
+from tropical_sched.serve.testing import ServerThread
+
+SCALE = 0.05  # fake engines run 20x faster than the profiled GPUs
+BASE = load_profile("a100-llama2-70b-tp4")
+
+
+@pytest.fixture(scope="module")
+def scaled_profile(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Profile]:
+    scaled = time_scaled(BASE.file, SCALE)
+    path = tmp_path_factory.mktemp("profile") / "scaled.json"
+    write_profile_file(scaled, path)
+    return str(path), Profile(scaled)
+
+
+class Cluster:
+    """A prefill and a multiplexing fake engine behind a router."""
+
+    def __init__(self, profile: tuple[str, Profile], **options: object) -> None:
+        path, scaled = profile
+        self.prefill = FakeEngine(scaled, engine_id="p", policy="tropical", role="prefill")  # type: ignore[arg-type]
+        self.mux = FakeEngine(scaled, engine_id="m", policy="tropical", role="multiplexing")  # type: ignore[arg-type]
+        self.p_server = ServerThread(self.prefill.app).start()
+        self.m_server = ServerThread(self.mux.app).start()
+        config = {
+            "profile": path,
+            "health_interval_s": 0.1,
+            "metrics_interval_s": 0.1,
+            "unavailable_grace_s": 0.3,
+            "instances": [
+                {"url": self.p_server.url, "role": "prefill"},
+                {"url": self.m_server.url, "role": "multiplexing"},
+            ],
+        }
+        config.update(options)
+        self.router = Router(RouterConfig.model_validate(config))
+        self.server = ServerThread(self.router.app).start()
+        self.url = self.server.url
+
+    def close(self) -> None:
+        for server in (self.server, self.p_server, self.m_server):
+            server.stop()
+
+    def wait_idle(self, timeout_s: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.router.num_tracked or self.router.num_counted_on_instances:
+            assert time.monotonic() < deadline, "requests left counted in flight"
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def prefill_first(scaled_profile: tuple[str, Profile]) -> Iterator[Cluster]:
+    cluster = Cluster(scaled_profile, policy_options={"route_order": "prefill-first"})
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def multiplex_first(scaled_profile: tuple[str, Profile]) -> Iterator[Cluster]:
+    cluster = Cluster(scaled_profile, policy_options={"route_order": "multiplex-first"})
+    yield cluster
+    cluster.close()
+
+
+PROMPT = list(range(10, 810))
+
+
+def _stream(url: str, body: dict, headers: dict | None = None, path: str = "/v1/completions") -> list[dict]:
+    events = []
+    with httpx.stream("POST", url + path, json={**body, "stream": True}, headers=headers or {}, timeout=30) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+    return events
+
+
+def _text(events: list[dict]) -> str:
+    return "".join(
+        e["choices"][0].get("text") or e["choices"][0].get("delta", {}).get("content") or ""
+        for e in events
+        if e.get("choices")
+    )
+
+
+def test_prefill_path_goes_through_pd_and_matches_the_engine_alone(prefill_first: Cluster) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 6}
+    via_router = httpx.post(prefill_first.url + "/v1/completions", json=body, timeout=30).json()
+    alone = httpx.post(prefill_first.m_server.url + "/v1/completions", json=body, timeout=30).json()
+    assert via_router["choices"][0]["text"] == alone["choices"][0]["text"]
+    assert via_router["usage"]["completion_tokens"] == 6
+    assert prefill_first.prefill.stats.num_remote_decodes == 1
+    assert prefill_first.mux.stats.num_remote_prefills == 1
+    prefill_first.wait_idle()
+
+
+def test_multiplexed_path_is_served_by_the_multiplexing_worker_alone(multiplex_first: Cluster) -> None:
+    events = _stream(multiplex_first.url, {"prompt": PROMPT, "max_tokens": 5})
+    assert len([e for e in events if e.get("choices") and e["choices"][0]["text"]]) == 5
+    assert multiplex_first.prefill.stats.num_requests == 0
+    assert multiplex_first.mux.stats.num_remote_prefills == 0
+    assert multiplex_first.mux.stats.num_requests == 1
+    metrics = httpx.get(multiplex_first.url + "/metrics").text
+    assert 'tropical_router_requests_total{outcome="ok",route="multiplex"} 1.0' in metrics
+    multiplex_first.wait_idle()
+
+
+def test_streaming_shapes_usage_as_the_client_asked(prefill_first: Cluster) -> None:
+    plain = _stream(prefill_first.url, {"prompt": PROMPT, "max_tokens": 3})
+    assert all("usage" not in e for e in plain)
+    with_usage = _stream(
+        prefill_first.url, {"prompt": PROMPT, "max_tokens": 3, "stream_options": {"include_usage": True}}
+    )
+    assert with_usage[-1]["choices"] == []
+    assert with_usage[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_chat_completions_stream_and_aggregate(prefill_first: Cluster) -> None:
+    body = {"messages": [{"role": "user", "content": "hello " * 200}], "max_tokens": 4}
+    events = _stream(prefill_first.url, body, path="/v1/chat/completions")
+    response = httpx.post(prefill_first.url + "/v1/chat/completions", json=body, timeout=30).json()
+    assert response["object"] == "chat.completion"
+    assert response["choices"][0]["message"]["content"] == _text(events)
+    assert response["choices"][0]["finish_reason"] == "length"
+
+
+def test_slo_headers_reach_the_engine_and_llm_d_names_work(prefill_first: Cluster) -> None:
+    _stream(
+        prefill_first.url,
+        {"prompt": PROMPT, "max_tokens": 2},
+        headers={"x-slo-ttft-ms": "1234", "x-llm-d-slo-tpot-ms": "56"},
+    )
+    xargs = prefill_first.mux.stats.xargs[-1]
+    assert xargs == {"tropical_ttft_slo_ms": 1234.0, "tropical_tpot_slo_ms": 56.0}
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "message"),
+    [
+        ({"x-slo-ttft-ms": "fast"}, {"prompt": "hi"}, "header x-slo-ttft-ms = 'fast' is not a number"),
+        ({"x-slo-tpot-ms": "-5"}, {"prompt": "hi"}, "header x-slo-tpot-ms = '-5' must be a positive number"),
+        ({}, {"prompt": ""}, "field 'prompt' is empty"),
+        ({}, {"prompt": "hi", "max_tokens": 0}, "field 'max_tokens' = 0 must be a positive integer"),
+        ({}, {"max_tokens": 3}, "field 'prompt' must be a non-empty string"),
+    ],
+)
+def test_bad_requests_get_400_naming_the_field_while_others_carry_on(
+    prefill_first: Cluster, headers: dict, body: dict, message: str
+) -> None:
+    response = httpx.post(prefill_first.url + "/v1/completions", json=body, headers=headers, timeout=30)
+    assert response.status_code == 400
+    assert message in response.json()["error"]["message"]
+    ok = httpx.post(prefill_first.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}, timeout=30)
+    assert ok.status_code == 200
+    prefill_first.wait_idle()
+
+
+def test_invalid_json_gets_400(prefill_first: Cluster) -> None:
+    response = httpx.post(prefill_first.url + "/v1/completions", content=b"{not json", timeout=30)
+    assert response.status_code == 400
+    assert "not JSON" in response.json()["error"]["message"]
+
+
+def test_an_instance_that_stops_answering_is_marked_down_and_requests_are_retried(multiplex_first: Cluster) -> None:
+    # Multiplex-first sends everything to the multiplexing worker; once it is gone, requests must go P/D... which
+    # also needs it as the decoder, so they fail cleanly; then it comes back.
+    multiplex_first.m_server.stop()
+    response = httpx.post(multiplex_first.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 3}, timeout=30)
+    assert response.status_code in (502, 503)
+    assert response.json()["error"]["message"]
+    health = httpx.get(multiplex_first.url + "/health").json()
+    assert [i["healthy"] for i in health["instances"]] == [True, False]
+    metrics = httpx.get(multiplex_first.url + "/metrics").text
+    assert (
+        f'tropical_router_instance_up{{instance="{multiplex_first.m_server.url}",role="multiplexing"}} 0.0' in metrics
+    )
+    multiplex_first.wait_idle()
+
+
+def test_a_request_without_tokens_is_retried_on_another_instance(scaled_profile: tuple[str, Profile]) -> None:
+    # Two multiplexing workers: kill the one the policy picks first; the request lands on the other.
+    path, scaled = scaled_profile
+    engines = [FakeEngine(scaled, engine_id=f"m{i}") for i in range(3)]
+    servers = [ServerThread(e.app).start() for e in engines]
+    config = RouterConfig.model_validate(
+        {
+            "profile": path,
+            "health_interval_s": 30,
+            "policy_options": {"route_order": "multiplex-first"},
+            "instances": [
+                {"url": servers[0].url, "role": "prefill"},
+                {"url": servers[1].url, "role": "multiplexing"},
+                {"url": servers[2].url, "role": "multiplexing"},
+            ],
+        }
+    )
+    router = Router(config)
+    with ServerThread(router.app) as server:
+        servers[1].stop()
+        response = httpx.post(server.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 3}, timeout=30)
+        assert response.status_code == 200
+        assert engines[2].stats.num_requests == 1
+        assert not router.instances[1].healthy
+        assert router.num_tracked == 0
+    for s in (servers[0], servers[2]):
+        s.stop()
+
+
+def test_a_stream_that_breaks_after_tokens_ends_with_a_clear_error(multiplex_first: Cluster) -> None:
+    multiplex_first.mux.fail_after_tokens = 2
+    events = _stream(multiplex_first.url, {"prompt": PROMPT, "max_tokens": 6})
+    assert len([e for e in events if e.get("choices")]) == 2
+    assert "failed after 2 tokens" in events[-1]["error"]["message"]
+    multiplex_first.mux.fail_after_tokens = None
+    multiplex_first.wait_idle()
+
+
+def test_a_client_that_disconnects_aborts_the_upstream_request(multiplex_first: Cluster) -> None:
+    with httpx.stream(
+        "POST",
+        multiplex_first.url + "/v1/completions",
+        json={"prompt": PROMPT, "max_tokens": 2000, "stream": True},
+        timeout=30,
+    ) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                break  # got a token; leave
+    deadline = time.monotonic() + 5
+    while multiplex_first.mux.stats.num_aborted == 0:
+        assert time.monotonic() < deadline, "upstream request was not aborted"
+        time.sleep(0.02)
+    multiplex_first.wait_idle()
+    metrics = httpx.get(multiplex_first.url + "/metrics").text
+    assert 'tropical_router_requests_total{outcome="aborted",route="multiplex"} 1.0' in metrics
+
+
+def test_unattainable_requests_are_rejected_with_503(scaled_profile: tuple[str, Profile]) -> None:
+    cluster = Cluster(scaled_profile, policy_options={"reject_unattainable": True})
+    try:
+        response = httpx.post(
+            cluster.url + "/v1/completions",
+            json={"prompt": PROMPT, "max_tokens": 2},
+            headers={"x-slo-ttft-ms": "0.001"},
+            timeout=30,
+        )
+        assert response.status_code == 503
+        assert response.json()["error"]["type"] == "SLOUnattainable"
+        assert cluster.prefill.stats.num_requests == cluster.mux.stats.num_requests == 0
+    finally:
+        cluster.close()
+
+
+def test_the_toggle_switches_multiplexing_off_on_observed_tpot_misses(scaled_profile: tuple[str, Profile]) -> None:
+    cluster = Cluster(
+        scaled_profile, policy_options={"route_order": "multiplex-first", "toggle": {"min_samples": 3, "hold_s": 0.0}}
+    )
+    try:
+        for _ in range(4):  # a 0.01 ms TPOT SLO cannot be met: TPOT attainment 0
+            _stream(cluster.url, {"prompt": PROMPT, "max_tokens": 3}, headers={"x-slo-tpot-ms": "0.01"})
+        assert not cluster.router.policy.toggle.multiplexing_on  # type: ignore[attr-defined]
+        time.sleep(0.1)
+        assert "tropical_router_multiplexing_enabled 0.0" in httpx.get(cluster.url + "/metrics").text
+        decision = cluster.router.policy.route(
+            cluster.router._tracked.get("x") or _request(), cluster.router.snapshot()
+        )
+        assert decision.action is not RouteAction.MULTIPLEX
+    finally:
+        cluster.close()
+
+
+def _request():  # type: ignore[no-untyped-def]
+    from tests.conftest import make_request
+
+    return make_request(num_prompt_tokens=100, arrival_at_s=0.0)
+
+
+def test_engine_metrics_correct_the_kv_view(prefill_first: Cluster) -> None:
+    prefill_first.mux._worker.kv_used = prefill_first.mux._worker.kv_capacity // 2  # another tenant's usage
+    deadline = time.monotonic() + 3
+    while prefill_first.router.instances[1].engine_kv_usage_fraction != pytest.approx(0.5, abs=0.01):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert prefill_first.router.snapshot().workers[1].kv_usage_fraction >= 0.49
+    prefill_first.mux._worker.kv_used = 0
+
+
+def test_slo_header_parsing_unit() -> None:
+    default = Slo(ttft_s=1.0, tpot_s=0.1)
+    assert parse_slo_headers({}, default) == default
+    assert parse_slo_headers({"x-slo-ttft-ms": "250"}, default) == Slo(ttft_s=0.25, tpot_s=0.1)
+    with pytest.raises(BadRequest, match="x-llm-d-slo-ttft-ms"):
+        parse_slo_headers({"x-llm-d-slo-ttft-ms": "inf"}, default)
+
+
+def test_config_errors_name_file_line_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(
+        "policy: tropical\ninstances:\n  - url: http://a:1\n    role: prefill\n  - url: ftp://b\n"
+        "    role: multiplexing\n"
+    )
+    with pytest.raises(ClusterFileError, match=r"cluster.yaml:5: field instances\[1\].url = 'ftp://b'"):
+        load_router_config(path)
+    path.write_text("instances: [\n")
+    with pytest.raises(ClusterFileError, match=r"cluster.yaml:\d+: not valid YAML"):
+        load_router_config(path)
+    path.write_text("instances:\n  - {url: 'http://a:1', role: prefill}\n  - {url: 'http://b:1', role: decode}\n")
+    with pytest.raises(ConfigError, match=r"policy 'tropical' needs roles \['multiplexing', 'prefill'\]"):
+        Router(load_router_config(path))
