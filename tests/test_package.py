@@ -58,7 +58,10 @@ def test_every_subpackage_exports_what_its_modules_export(sub: str) -> None:
 
 def test_the_core_never_imports_an_engine_or_torch() -> None:
     forbidden = {"vllm", "sglang", "torch"}
+    allowed = {SRC / "adapters", SRC / "profiling"}  # where an installed wheel puts the engine-facing packages
     for path in SRC.rglob("*.py"):
+        if any(folder in path.parents for folder in allowed):
+            continue
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
