@@ -1,23 +1,25 @@
 """Router overhead: latency the Tropical router adds per request, and the rate it sustains, on 127.0.0.1.
 
-Two fake engines (``tropical fake-engine``) with near-zero step times serve streaming completions. The same open
-loop of requests (Poisson arrivals, 100-token prompts, 8 output tokens) is sent
+Two instant fake engines (``benchmarks/instant_engine.py``: raw ASGI, answer at once with 8 streamed tokens) sit
+behind each target, and the same load is sent with ``hey`` (Go; ``-c`` workers each rate-limited to ``-q``
+requests per second, so ``c x q`` is the offered rate; workers are closed-loop, so a saturated target shows as an
+achieved rate below the offered one): directly to one engine (the baseline), through the Tropical
+router on its P/D path (policy tropical, prefill-first: a prefill call and a decode call per request) and with one
+upstream call per request (policy vllm over two colocated workers: the code path of a multiplexed request), and
+through sglang-router 0.3.2 (Rust, round robin) as the anchor.
+Because the engines answer at once, a request's total latency is its TTFT plus microseconds; added latency = the
+target's latency minus the baseline's, at P50 and P99, at each offered rate of ``--rates``. The router's own CPU
+time per request (user + system, from /proc) is the figure that carries to other machines: one core sustains about
+1 / that many requests per second. Every component is its own process; on a 2-core machine the load generator,
+the router and the engines share the cores, so the latencies bound from above what a router on its own cores adds.
 
-* directly to the engines (client-side round robin): the baseline;
-* through the Tropical router (``tropical serve``, policy tropical: it predicts, tracks and routes every request);
-* through sglang-router 0.3.2 (Rust, round robin), the anchor, if ``--sglang-router`` points at its executable.
-
-Every component runs in its own process. Added latency = the target's TTFT minus the baseline's, at P50 and P99.
-On a 2-core machine the client, the router and both engines share the cores, so the figures are an upper bound
-of what a router on its own cores adds.
-
-Usage: python benchmarks/router_overhead.py [--rate 500] [--duration 20] [--sglang-router /path/to/sglang-router]
+Needs ``hey`` (Debian: apt-get install hey). Usage:
+    python benchmarks/router_overhead.py [--rates 100 200 500] [--duration 10] [--sglang-router /path/to/sglang-router]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -28,80 +30,59 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 
-from tropical_sched.predictors import load_profile, time_scaled, write_profile_file
-from tropical_sched.serve.openai import chunk_delta, iter_sse
 from tropical_sched.serve.testing import free_port
 
-TIME_SCALE = 1e-4  # the fakes run 10,000x faster than the profiled GPU: a 1,000-token prefill takes ~20 us
+HERE = Path(__file__).resolve().parent
+BODY = {"model": "fake-model", "prompt": "word " * 80, "max_tokens": 8, "stream": True}  # ~100 tokens of text
 
 
-async def _load(urls: list[str], rate: float, duration_s: float, seed: int) -> dict[str, float]:
-    """Open-loop Poisson load; returns TTFT percentiles (ms), achieved rate and errors."""
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    rng = np.random.default_rng(seed)
-    gaps = rng.exponential(1 / rate, size=int(rate * duration_s))
-    arrivals = np.cumsum(gaps)
-    body = {"model": "fake-model", "prompt": list(range(10, 110)), "max_tokens": 8, "stream": True}
-    ttfts: list[float] = []
-    errors = 0
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=2048)
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
-        start = time.perf_counter()
-
-        async def one(index: int, at: float) -> None:
-            nonlocal errors
-            delay = start + at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            sent = time.perf_counter()
-            try:
-                async with client.stream("POST", urls[index % len(urls)] + "/v1/completions", json=body) as r:
-                    if r.status_code != 200:
-                        errors += 1
-                        await r.aread()
-                        return
-                    first = None
-                    async for event in iter_sse(r):
-                        if first is None and chunk_delta(event, 0).text:
-                            first = time.perf_counter() - sent
-                    if first is None:
-                        errors += 1
-                    else:
-                        ttfts.append(first)
-            except httpx.HTTPError:
-                errors += 1
-
-        await asyncio.gather(*(one(i, float(at)) for i, at in enumerate(arrivals)))
-        elapsed = time.perf_counter() - start
-    values = np.array(ttfts) * 1e3
-    return {
-        "requests": len(arrivals), "ok": len(ttfts), "errors": errors, "achieved_rate_per_s": len(ttfts) / elapsed,
-        "ttft_p50_ms": float(np.percentile(values, 50)) if len(values) else float("nan"),
-        "ttft_p99_ms": float(np.percentile(values, 99)) if len(values) else float("nan"),
-    }
+def _hey(url: str, rate: float, duration_s: float, workers: int) -> dict[str, float]:
+    """Run hey against ``url``; returns latency percentiles (ms), achieved rate and non-200 answers."""
+    body_file = Path(tempfile.mkstemp(suffix=".json")[1])
+    body_file.write_text(json.dumps(BODY))
+    command = ["hey", "-z", f"{duration_s}s", "-c", str(workers), "-q", f"{rate / workers:g}", "-m", "POST",
+               "-T", "application/json", "-D", str(body_file), url + "/v1/completions"]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    figures: dict[str, float] = {}
+    for line in output.splitlines():
+        line = line.strip()
+        if line.startswith("Requests/sec:"):
+            figures["achieved_rate_per_s"] = float(line.split()[1])
+        for pct in ("50", "90", "99"):
+            if line.startswith(f"{pct}% in"):
+                figures[f"latency_p{pct}_ms"] = float(line.split()[2]) * 1e3
+        if line.startswith("[") and "responses" in line:
+            status, count = line[1:].split("]")[0], int(line.split()[1])
+            key = "ok" if status == "200" else "errors"
+            figures[key] = figures.get(key, 0) + count
+        if line.startswith("Error distribution:"):
+            figures.setdefault("errors", 0)
+    figures.setdefault("errors", 0)
+    return figures
 
 
-def _wait(url: str, timeout_s: float = 30) -> None:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and its children that were waited for (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait(url: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
+            if httpx.post(url + "/v1/completions", json={**BODY, "stream": False}, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not come up")
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer a completion (logs in the benchmark's temporary folder)")
 
 
-def _start(command: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def _start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as handle:
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -114,65 +95,77 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", type=float, default=500.0, help="requests per second")
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds of load per target")
+    parser.add_argument("--rates", type=float, nargs="+", default=[100.0, 200.0, 500.0],
+                        help="offered requests per second, one run per rate and target")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per target and rate")
+    parser.add_argument("--workers-rate", type=float, default=50.0,
+                        help="requests per second per hey worker: -c is rate / this. hey's workers start together "
+                             "and tick in step, so c workers send bursts of c requests; few fast workers keep the "
+                             "bursts small")
     parser.add_argument("--sglang-router", help="path of the sglang-router executable (the anchor)")
     parser.add_argument("--json", help="write the figures as JSON")
     args = parser.parse_args()
 
-    tropical = [sys.executable, "-m", "tropical_sched.cli.main"]
+    python = sys.executable
     workdir = Path(tempfile.mkdtemp(prefix="router-overhead-"))
-    profile_path = workdir / "profile.json"
-    write_profile_file(time_scaled(load_profile("a100-llama2-70b-tp4").file, TIME_SCALE), profile_path)
     ports = [free_port(), free_port()]
-    engines = [
-        _start([*tropical, "fake-engine", "--port", str(port), "--time-scale", str(TIME_SCALE), "--engine-id", f"e{i}"])
-        for i, port in enumerate(ports)
-    ]
     engine_urls = [f"http://127.0.0.1:{port}" for port in ports]
-    processes = list(engines)
-    results: dict[str, dict[str, float]] = {}
+    processes = [_start([python, str(HERE / "instant_engine.py"), str(port)], workdir / f"engine-{port}.log")
+                 for port in ports]
+    targets: list[tuple[str, str, int | None]] = [("direct (one engine)", engine_urls[0], None)]
     try:
-        for url in engine_urls:
-            _wait(url)
-        targets: list[tuple[str, list[str], subprocess.Popen[bytes] | None]] = [("direct", engine_urls, None)]
-
-        router_port = free_port()
-        config = workdir / "cluster.yaml"
-        config.write_text(json.dumps({
-            "policy": "tropical", "profile": str(profile_path), "model": "fake-model",
-            "instances": [{"url": engine_urls[0], "role": "prefill"}, {"url": engine_urls[1], "role": "multiplexing"}],
-        }))
-        router = _start([*tropical, "serve", "--config", str(config), "--port", str(router_port),
-                         "--log-level", "warning"])
-        processes.append(router)
-        targets.append(("tropical router", [f"http://127.0.0.1:{router_port}"], router))
-
+        # P/D path: tropical with a prefill and a multiplexing worker, prefill-first (two upstream calls per
+        # request). One-call path: the router with the colocated vllm policy over both engines (one upstream call,
+        # the same code path as a multiplexed request; tropical itself needs a prefill worker).
+        for name, policy, options, roles, label in (
+            ("pd", "tropical", {"route_order": "prefill-first"}, ("prefill", "multiplexing"), "tropical, P/D path"),
+            ("one-call", "vllm", {}, ("colocated", "colocated"), "router, one call (vllm policy)"),
+        ):
+            port = free_port()
+            config = workdir / f"{name}.yaml"
+            config.write_text(json.dumps({
+                "policy": policy, "model": "fake-model", "policy_options": options, "metrics_interval_s": 0,
+                "instances": [{"url": url, "role": role} for url, role in zip(engine_urls, roles, strict=True)],
+            }))
+            processes.append(_start([python, "-m", "tropical_sched.cli.main", "serve", "--config", str(config),
+                                     "--port", str(port), "--log-level", "warning"], workdir / f"router-{name}.log"))
+            targets.append((label, f"http://127.0.0.1:{port}", processes[-1].pid))
         if args.sglang_router:
-            sgl_port = free_port()
-            sgl = _start([args.sglang_router, "launch", "--worker-urls", *engine_urls, "--policy", "round_robin",
-                          "--port", str(sgl_port), "--host", "127.0.0.1"])
-            processes.append(sgl)
-            targets.append(("sglang-router (round robin)", [f"http://127.0.0.1:{sgl_port}"], sgl))
-
-        for name, urls, _ in targets:
-            _wait(urls[0], timeout_s=60)
-            asyncio.run(_load(urls, min(args.rate, 50), 2, seed=1))  # warm-up: connections, caches
-            results[name] = asyncio.run(_load(urls, args.rate, args.duration, seed=0))
+            port = free_port()
+            processes.append(_start([args.sglang_router, "launch", "--worker-urls", *engine_urls, "--policy",
+                                     "round_robin", "--port", str(port), "--host", "127.0.0.1",
+                                     "--prometheus-port", str(free_port())],
+                                    workdir / "sglang-router.log"))
+            targets.append(("sglang-router, round robin", f"http://127.0.0.1:{port}", processes[-1].pid))
+        results: dict[str, dict[str, dict[str, float]]] = {}
+        print(f"logs: {workdir}")
+        for name, url, pid in targets:
+            _wait(url)
+            _hey(url, 50.0, 2, 10)  # warm-up
+            results[name] = {}
+            for rate in args.rates:
+                cpu_before_s = _cpu_s(pid) if pid else 0.0
+                figures = _hey(url, rate, args.duration, max(1, round(rate / args.workers_rate)))
+                if pid and figures.get("ok"):
+                    figures["cpu_ms_per_request"] = (_cpu_s(pid) - cpu_before_s) / figures["ok"] * 1e3
+                results[name][f"{rate:g}"] = figures
     finally:
         for process in processes:
             _stop(process)
 
-    base = results["direct"]
-    print(f"open-loop Poisson load at {args.rate:g} req/s for {args.duration:g} s per target; streaming, 100-token "
-          f"prompts, 8 output tokens; 2 fake engines (near-zero step times)")
-    print(f"{'target':30s} {'ok':>6s} {'errors':>7s} {'req/s':>7s} {'TTFT p50':>9s} {'TTFT p99':>9s} "
-          f"{'added p50':>10s} {'added p99':>10s}")
-    for name, r in results.items():
-        added50 = r["ttft_p50_ms"] - base["ttft_p50_ms"]
-        added99 = r["ttft_p99_ms"] - base["ttft_p99_ms"]
-        print(f"{name:30s} {r['ok']:6.0f} {r['errors']:7.0f} {r['achieved_rate_per_s']:7.1f} "
-              f"{r['ttft_p50_ms']:7.2f}ms {r['ttft_p99_ms']:7.2f}ms {added50:8.2f}ms {added99:8.2f}ms")
+    print(f"hey: rate / {args.workers_rate:g} workers, {args.duration:g} s per target and rate; "
+          f"streaming completions of 8 tokens; instant fake engines; {os.cpu_count()} cores shared by all processes")
+    print(f"{'target':34s} {'offered':>7s} {'ok':>6s} {'errors':>6s} {'req/s':>6s} {'p50 ms':>7s} {'p99 ms':>8s} "
+          f"{'added p50':>9s} {'added p99':>9s} {'CPU ms/req':>10s}")
+    for name, by_rate in results.items():
+        for rate, r in by_rate.items():
+            base = results["direct (one engine)"][rate]
+            cpu = f"{r['cpu_ms_per_request']:10.2f}" if "cpu_ms_per_request" in r else f"{'-':>10s}"
+            print(f"{name:34s} {rate:>7s} {r.get('ok', 0):6.0f} {r['errors']:6.0f} "
+                  f"{r.get('achieved_rate_per_s', 0):6.1f} "
+                  f"{r['latency_p50_ms']:7.2f} {r['latency_p99_ms']:8.2f} "
+                  f"{r['latency_p50_ms'] - base['latency_p50_ms']:9.2f} "
+                  f"{r['latency_p99_ms'] - base['latency_p99_ms']:9.2f} {cpu}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -131,15 +131,20 @@ def chunk_delta(chunk: dict[str, Any], tokens_so_far: int) -> StreamDelta:
 async def iter_sse(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
     """The JSON events of a server-sent-event stream, until ``[DONE]``.
 
+    The body is read to its end even after ``[DONE]``, so that the connection goes back to the pool (a response
+    closed before its end closes its connection: one new TCP connection per request).
+
     Raises:
         ValueError: an event is not JSON.
     """
+    done = False
     async for line in response.aiter_lines():
-        if not line.startswith("data:"):
+        if done or not line.startswith("data:"):
             continue
         payload = line[5:].strip()
         if payload == "[DONE]":
-            return
+            done = True
+            continue
         yield json.loads(payload)
 
 

@@ -58,6 +58,7 @@ SLO_HEADERS = {
 
 _T = TypeVar("_T")
 _TICK_S = 0.02  # how often requests waiting at the router are retried while any wait
+_SNAPSHOT_TTL_S = 0.01  # token counts in snapshots are at most this old
 
 
 class _HttpError(Exception):
@@ -137,6 +138,7 @@ class Router:
         self._next_id = 0
         self._snapshot_key: tuple[float, ...] = ()
         self._snapshot: ClusterSnapshot | None = None
+        self._snapshot_refreshed_at_s = 0.0
         for instance in self.instances:
             self.metrics.instance_up.labels(instance.url, instance.role.value).set(1)
             self.metrics.in_flight.labels(instance.url).set(0)
@@ -194,8 +196,13 @@ class Router:
         return time.monotonic() - self._started
 
     def snapshot(self) -> ClusterSnapshot:
-        """The cluster as the policy sees it now."""
+        """The cluster as the policy sees it now (instance snapshots are rebuilt when an instance's set of
+        requests changes, or once their token counts are older than ``_SNAPSHOT_TTL_S``)."""
         now = self.now_s()
+        if now - self._snapshot_refreshed_at_s > _SNAPSHOT_TTL_S:
+            for instance in self.instances:
+                instance.version += 1
+            self._snapshot_refreshed_at_s = now
         key = (now, *(instance.version for instance in self.instances))
         if self._snapshot is None or key != self._snapshot_key:
             self._snapshot = ClusterSnapshot(now_s=now, workers=tuple(i.snapshot() for i in self.instances))
@@ -494,6 +501,8 @@ class Router:
             self._dispatch(retry_waiting=False)
         unavailable_since: float | None = None
         try:
+            if future.done():  # the usual case: decided during the dispatch above
+                return future.result()
             while True:
                 remaining = self.config.request_timeout_s - (self.now_s() - request.arrival_at_s)
                 if remaining <= 0:
@@ -606,7 +615,8 @@ class Router:
         request = tracked.request
         tracked.num_generated_tokens += count
         tracked.last_token_at_s = now
-        instance.version += 1
+        # No version bump per token: snapshots refresh token counts at most every _SNAPSHOT_TTL_S (a count a few
+        # tokens stale understates TPOT slack, the safe side), instead of being rebuilt for every token.
         if tracked.first_token_at_s is None:
             tracked.first_token_at_s = now
             tracked.phase = Phase.DECODE
