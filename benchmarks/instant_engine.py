@@ -44,20 +44,29 @@ async def app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
     kv = body.get("kv_transfer_params") or {}
     n = 1 if kv.get("do_remote_decode") else int(body.get("max_tokens") or 8)
     if not body.get("stream"):
-        response = {"id": "x", "object": "text_completion", "model": "fake-model",
-                    "choices": [{"index": 0, "text": " w" * n, "finish_reason": "length"}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1},
-                    "kv_transfer_params": {"do_remote_prefill": True, "remote_engine_id": "x"} if n == 1 else None}
+        response = {
+            "id": "x",
+            "object": "text_completion",
+            "model": "fake-model",
+            "choices": [{"index": 0, "text": " w" * n, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1},
+            "kv_transfer_params": {"do_remote_prefill": True, "remote_engine_id": "x"} if n == 1 else None,
+        }
         await send({"type": "http.response.start", "status": 200, "headers": _HEADERS_JSON})
         await send({"type": "http.response.body", "body": json.dumps(response).encode()})
         return
     await send({"type": "http.response.start", "status": 200, "headers": _HEADERS_SSE})
     for i in range(n):
-        chunk = {"id": "x", "object": "text_completion", "model": "fake-model",
-                 "choices": [{"index": 0, "text": " w", "finish_reason": "length" if i == n - 1 else None}],
-                 "usage": {"prompt_tokens": 1, "completion_tokens": i + 1, "total_tokens": i + 2}}
-        await send({"type": "http.response.body", "body": b"data: " + json.dumps(chunk).encode() + b"\n\n",
-                    "more_body": True})
+        chunk = {
+            "id": "x",
+            "object": "text_completion",
+            "model": "fake-model",
+            "choices": [{"index": 0, "text": " w", "finish_reason": "length" if i == n - 1 else None}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": i + 1, "total_tokens": i + 2},
+        }
+        await send(
+            {"type": "http.response.body", "body": b"data: " + json.dumps(chunk).encode() + b"\n\n", "more_body": True}
+        )
     await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
 

@@ -41,8 +41,22 @@ def _hey(url: str, rate: float, duration_s: float, workers: int) -> dict[str, fl
     """Run hey against ``url``; returns latency percentiles (ms), achieved rate and non-200 answers."""
     body_file = Path(tempfile.mkstemp(suffix=".json")[1])
     body_file.write_text(json.dumps(BODY))
-    command = ["hey", "-z", f"{duration_s}s", "-c", str(workers), "-q", f"{rate / workers:g}", "-m", "POST",
-               "-T", "application/json", "-D", str(body_file), url + "/v1/completions"]
+    command = [
+        "hey",
+        "-z",
+        f"{duration_s}s",
+        "-c",
+        str(workers),
+        "-q",
+        f"{rate / workers:g}",
+        "-m",
+        "POST",
+        "-T",
+        "application/json",
+        "-D",
+        str(body_file),
+        url + "/v1/completions",
+    ]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     figures: dict[str, float] = {}
     for line in output.splitlines():
@@ -95,13 +109,22 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rates", type=float, nargs="+", default=[100.0, 200.0, 500.0],
-                        help="offered requests per second, one run per rate and target")
+    parser.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=[100.0, 200.0, 500.0],
+        help="offered requests per second, one run per rate and target",
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per target and rate")
-    parser.add_argument("--workers-rate", type=float, default=50.0,
-                        help="requests per second per hey worker: -c is rate / this. hey's workers start together "
-                             "and tick in step, so c workers send bursts of c requests; few fast workers keep the "
-                             "bursts small")
+    parser.add_argument(
+        "--workers-rate",
+        type=float,
+        default=50.0,
+        help="requests per second per hey worker: -c is rate / this. hey's workers start together "
+        "and tick in step, so c workers send bursts of c requests; few fast workers keep the "
+        "bursts small",
+    )
     parser.add_argument("--sglang-router", help="path of the sglang-router executable (the anchor)")
     parser.add_argument("--json", help="write the figures as JSON")
     args = parser.parse_args()
@@ -110,8 +133,9 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="router-overhead-"))
     ports = [free_port(), free_port()]
     engine_urls = [f"http://127.0.0.1:{port}" for port in ports]
-    processes = [_start([python, str(HERE / "instant_engine.py"), str(port)], workdir / f"engine-{port}.log")
-                 for port in ports]
+    processes = [
+        _start([python, str(HERE / "instant_engine.py"), str(port)], workdir / f"engine-{port}.log") for port in ports
+    ]
     targets: list[tuple[str, str, int | None]] = [("direct (one engine)", engine_urls[0], None)]
     try:
         # P/D path: tropical with a prefill and a multiplexing worker, prefill-first (two upstream calls per
@@ -123,19 +147,56 @@ def main() -> None:
         ):
             port = free_port()
             config = workdir / f"{name}.yaml"
-            config.write_text(json.dumps({
-                "policy": policy, "model": "fake-model", "policy_options": options, "metrics_interval_s": 0,
-                "instances": [{"url": url, "role": role} for url, role in zip(engine_urls, roles, strict=True)],
-            }))
-            processes.append(_start([python, "-m", "tropical_sched.cli.main", "serve", "--config", str(config),
-                                     "--port", str(port), "--log-level", "warning"], workdir / f"router-{name}.log"))
+            config.write_text(
+                json.dumps(
+                    {
+                        "policy": policy,
+                        "model": "fake-model",
+                        "policy_options": options,
+                        "metrics_interval_s": 0,
+                        "instances": [{"url": url, "role": role} for url, role in zip(engine_urls, roles, strict=True)],
+                    }
+                )
+            )
+            processes.append(
+                _start(
+                    [
+                        python,
+                        "-m",
+                        "tropical_sched.cli.main",
+                        "serve",
+                        "--config",
+                        str(config),
+                        "--port",
+                        str(port),
+                        "--log-level",
+                        "warning",
+                    ],
+                    workdir / f"router-{name}.log",
+                )
+            )
             targets.append((label, f"http://127.0.0.1:{port}", processes[-1].pid))
         if args.sglang_router:
             port = free_port()
-            processes.append(_start([args.sglang_router, "launch", "--worker-urls", *engine_urls, "--policy",
-                                     "round_robin", "--port", str(port), "--host", "127.0.0.1",
-                                     "--prometheus-port", str(free_port())],
-                                    workdir / "sglang-router.log"))
+            processes.append(
+                _start(
+                    [
+                        args.sglang_router,
+                        "launch",
+                        "--worker-urls",
+                        *engine_urls,
+                        "--policy",
+                        "round_robin",
+                        "--port",
+                        str(port),
+                        "--host",
+                        "127.0.0.1",
+                        "--prometheus-port",
+                        str(free_port()),
+                    ],
+                    workdir / "sglang-router.log",
+                )
+            )
             targets.append(("sglang-router, round robin", f"http://127.0.0.1:{port}", processes[-1].pid))
         results: dict[str, dict[str, dict[str, float]]] = {}
         print(f"logs: {workdir}")
@@ -153,19 +214,25 @@ def main() -> None:
         for process in processes:
             _stop(process)
 
-    print(f"hey: rate / {args.workers_rate:g} workers, {args.duration:g} s per target and rate; "
-          f"streaming completions of 8 tokens; instant fake engines; {os.cpu_count()} cores shared by all processes")
-    print(f"{'target':34s} {'offered':>7s} {'ok':>6s} {'errors':>6s} {'req/s':>6s} {'p50 ms':>7s} {'p99 ms':>8s} "
-          f"{'added p50':>9s} {'added p99':>9s} {'CPU ms/req':>10s}")
+    print(
+        f"hey: rate / {args.workers_rate:g} workers, {args.duration:g} s per target and rate; "
+        f"streaming completions of 8 tokens; instant fake engines; {os.cpu_count()} cores shared by all processes"
+    )
+    print(
+        f"{'target':34s} {'offered':>7s} {'ok':>6s} {'errors':>6s} {'req/s':>6s} {'p50 ms':>7s} {'p99 ms':>8s} "
+        f"{'added p50':>9s} {'added p99':>9s} {'CPU ms/req':>10s}"
+    )
     for name, by_rate in results.items():
         for rate, r in by_rate.items():
             base = results["direct (one engine)"][rate]
             cpu = f"{r['cpu_ms_per_request']:10.2f}" if "cpu_ms_per_request" in r else f"{'-':>10s}"
-            print(f"{name:34s} {rate:>7s} {r.get('ok', 0):6.0f} {r['errors']:6.0f} "
-                  f"{r.get('achieved_rate_per_s', 0):6.1f} "
-                  f"{r['latency_p50_ms']:7.2f} {r['latency_p99_ms']:8.2f} "
-                  f"{r['latency_p50_ms'] - base['latency_p50_ms']:9.2f} "
-                  f"{r['latency_p99_ms'] - base['latency_p99_ms']:9.2f} {cpu}")
+            print(
+                f"{name:34s} {rate:>7s} {r.get('ok', 0):6.0f} {r['errors']:6.0f} "
+                f"{r.get('achieved_rate_per_s', 0):6.1f} "
+                f"{r['latency_p50_ms']:7.2f} {r['latency_p99_ms']:8.2f} "
+                f"{r['latency_p50_ms'] - base['latency_p50_ms']:9.2f} "
+                f"{r['latency_p99_ms'] - base['latency_p99_ms']:9.2f} {cpu}"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -1,33 +1,208 @@
-"""Entry point of the ``tropical-profile`` command (GPU profiling of a real engine).
+"""The ``tropical-profile`` command: measure an engine, import published tables, show a profile.
 
-Measuring a live engine and importing published tables arrive with the profiling issue; until then the command
-exists, explains itself and exits with status 2.
+    tropical-profile vllm --model PATH [--tp N] [--dtype D] [--quick] --out profile.json      # in-process
+    tropical-profile vllm --endpoint URL --model PATH --served-model-name NAME --out ...      # from outside
+    tropical-profile sglang --endpoint URL --model PATH --served-model-name NAME --out ...
+    tropical-profile import {splitwise,distserve} FILE ... --out profile.json
+    tropical-profile show profile.json [--plot fit.png]
+
+Every command writes or reads the versioned profile file that ``tropical simulate`` and ``tropical serve`` load
+(``--profile PATH``). Errors in arguments or files exit with status 2 and a message naming the field.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from tropical_sched._version import __version__
+from tropical_sched.adapters.vllm.version import UnsupportedVllmError
+from tropical_sched.core.errors import ConfigError, TropicalError
+from tropical_sched.predictors.profile import ProfileFile, load_profile, write_profile_file
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
-_NOT_YET = (
-    "tropical-profile: not yet available in tropical-sched {version}: measuring an engine "
-    "(tropical-profile vllm ...) and importing published tables (tropical-profile import ...) are planned. "
-    "Bundled profiles: run `tropical list`."
-)
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for the docs and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="tropical-profile", description="Measure an engine, import published tables, or show a profile."
+    )
+    parser.add_argument("--version", action="version", version=f"tropical-profile (tropical-sched {__version__})")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def sweep_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", required=True, help="profile file to write (JSON)")
+        p.add_argument("--name", help="the profile's name (default: the file name without .json)")
+        p.add_argument("--quick", action="store_true", help="coarse grid: about a fifth of the steps")
+        p.add_argument("--repetitions", type=_positive_int, default=3, help="runs of each scenario (default 3)")
+        p.add_argument("--max-num-seqs", type=_positive_int, default=64, help="largest decode batch (default 64)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--endpoint", help="profile a running OpenAI-compatible server at this URL instead")
+        p.add_argument("--served-model-name", help="with --endpoint: the model name the server expects")
+        p.add_argument(
+            "--kv-cache-tokens",
+            type=_positive_int,
+            help="with --endpoint: KV-cache capacity, if the server does not report it",
+        )
+        p.add_argument(
+            "--interconnect-bandwidth-gbps",
+            type=float,
+            help="worker-to-worker KV bandwidth to record, GB/s (default by device type)",
+        )
+
+    vllm = commands.add_parser("vllm", help="profile vLLM in-process (or a vLLM server with --endpoint)")
+    vllm.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    vllm.add_argument("--tp", type=_positive_int, default=1, help="tensor parallel size")
+    vllm.add_argument("--dtype", default="auto", help="vLLM dtype (default auto)")
+    vllm.add_argument("--max-model-len", type=_positive_int, help="context length (default: the model's)")
+    vllm.add_argument(
+        "--kv-cache-memory-gib",
+        type=float,
+        help="KV-cache size in GiB (needed on CPU; default: --gpu-memory-utilization)",
+    )
+    vllm.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    vllm.add_argument("--load-format", default="auto", help="'dummy': random weights at the real architecture's size")
+    vllm.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (faster start, slower decode)")
+    sweep_options(vllm)
+
+    sglang = commands.add_parser("sglang", help="profile a running SGLang server (--endpoint is required)")
+    sglang.add_argument("--model", required=True, help="Hugging Face checkpoint directory (its config.json)")
+    sweep_options(sglang)
+
+    imp = commands.add_parser("import", help="turn a published table into a profile")
+    imp.add_argument("source", choices=["splitwise", "distserve"])
+    imp.add_argument("files", nargs="+", help="splitwise: perf_model.csv; distserve: profiler JSON, max_num_tokens.csv")
+    imp.add_argument("--model", required=True, help="model name as in the table, e.g. llama2-70b, opt-13b")
+    imp.add_argument("--hardware", default="a100-80gb", help="splitwise: a100-80gb or h100-80gb")
+    imp.add_argument("--tp", type=_positive_int, required=True, help="tensor parallel size")
+    imp.add_argument("--out", required=True)
+    imp.add_argument("--name")
+
+    show = commands.add_parser("show", help="the fit against the samples, by kind of step")
+    show.add_argument("profile", help="profile file or bundled name")
+    show.add_argument("--plot", help="write a figure of measured vs predicted step times (PNG)")
+    return parser
+
+
+def _name(args: argparse.Namespace) -> str:
+    return args.name or Path(args.out).name.removesuffix(".json")
+
+
+def _write(profile: ProfileFile, out: str) -> None:
+    write_profile_file(profile, out)
+    fit = profile.fit
+    print(
+        f"wrote {out}: {fit.num_samples_fitted} steps fitted ({fit.num_samples_excluded} excluded), R^2 {fit.r2:.4f}, "
+        f"median relative error {fit.median_relative_error:.1%}, max {fit.max_relative_error:.1%}; "
+        f"KV cache {profile.kv_cache.num_tokens} tokens"
+    )
+
+
+def _bandwidth(args: argparse.Namespace) -> float | None:
+    return args.interconnect_bandwidth_gbps * 1e9 if args.interconnect_bandwidth_gbps else None
+
+
+def _run_sweep(args: argparse.Namespace) -> None:
+    if args.endpoint:
+        from tropical_sched.profiling.endpoint import profile_endpoint
+
+        if not args.served_model_name:
+            raise ConfigError("--served-model-name is required with --endpoint")
+        profile = profile_endpoint(
+            args.endpoint,
+            model_dir=args.model,
+            served_model_name=args.served_model_name,
+            out_name=_name(args),
+            engine_name=args.command,
+            num_kv_cache_tokens=args.kv_cache_tokens,
+            max_num_seqs=args.max_num_seqs,
+            quick=args.quick,
+            repetitions=args.repetitions,
+            interconnect_bandwidth_bytes_per_s=_bandwidth(args) or 32e9,
+            progress=not args.no_progress,
+        )
+    elif args.command == "sglang":
+        raise ConfigError("tropical-profile sglang needs --endpoint URL (SGLang is profiled from outside)")
+    else:
+        from tropical_sched.profiling.vllm_inprocess import profile_vllm
+
+        profile = profile_vllm(
+            args.model,
+            out_name=_name(args),
+            tensor_parallel_size=args.tp,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            kv_cache_memory_bytes=int(args.kv_cache_memory_gib * (1 << 30)) if args.kv_cache_memory_gib else None,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            load_format=args.load_format,
+            enforce_eager=args.enforce_eager,
+            quick=args.quick,
+            repetitions=args.repetitions,
+            interconnect_bandwidth_bytes_per_s=_bandwidth(args),
+            progress=not args.no_progress,
+        )
+    _write(profile, args.out)
+
+
+def _import(args: argparse.Namespace) -> None:
+    from tropical_sched.predictors.importers import import_distserve, import_splitwise
+
+    if args.source == "splitwise":
+        if len(args.files) != 1:
+            raise ConfigError(f"import splitwise takes one file (perf_model.csv), got {len(args.files)}")
+        profile = import_splitwise(
+            args.files[0], model=args.model, hardware=args.hardware, tensor_parallel_size=args.tp, name=args.name
+        )
+    else:
+        if len(args.files) != 2:
+            raise ConfigError(
+                f"import distserve takes two files (profiler JSON, max_num_tokens.csv), got {len(args.files)}"
+            )
+        profile = import_distserve(
+            args.files[0], args.files[1], model=args.model, tensor_parallel_size=args.tp, name=args.name
+        )
+    _write(profile, args.out)
+
+
+def _show(args: argparse.Namespace) -> None:
+    from tropical_sched.profiling.show import fit_table, plot_fit
+
+    profile = load_profile(args.profile)
+    print(profile.describe())
+    environment = profile.file.metadata.environment
+    if environment:
+        print("environment: " + ", ".join(f"{k}={v}" for k, v in environment.items()))
+    print(fit_table(profile))
+    if args.plot:
+        plot_fit(profile, args.plot)
+        print(f"wrote {args.plot}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print what is available and exit with status 2 (``--version`` and ``--help`` exit 0)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] in (["--version"], ["-V"]):
-        print(f"tropical-profile (tropical-sched {__version__})")
-        return 0
-    print(_NOT_YET.format(version=__version__), file=sys.stderr if args[:1] not in (["--help"], ["-h"]) else sys.stdout)
-    return 0 if args[:1] in (["--help"], ["-h"]) else 2
+    """Run ``tropical-profile``; returns the exit status (2 on bad arguments or files)."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("vllm", "sglang"):
+            _run_sweep(args)
+        elif args.command == "import":
+            _import(args)
+        else:
+            _show(args)
+    except (TropicalError, UnsupportedVllmError) as exc:
+        print(f"tropical-profile: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -128,10 +128,15 @@ def test_list_shows_profiles_traces_and_policies(capsys: pytest.CaptureFixture[s
         assert name in out
 
 
-def test_tropical_profile_entry_point_runs_and_says_not_yet(capsys: pytest.CaptureFixture[str]) -> None:
-    assert profile_main([]) == 2
-    assert "not yet available" in capsys.readouterr().err
-    assert profile_main(["--version"]) == 0
+def test_tropical_profile_without_a_command_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        profile_main([])
+    assert exc.value.code == 2
+    assert "{vllm,sglang,import,show}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        profile_main(["--version"])
+    assert exc.value.code == 0
+    assert "tropical-profile (tropical-sched " in capsys.readouterr().out
 
 
 def test_console_scripts_are_installed() -> None:

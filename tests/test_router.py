@@ -323,3 +323,55 @@ def test_config_errors_name_file_line_and_field(tmp_path: Path) -> None:
     path.write_text("instances:\n  - {url: 'http://a:1', role: prefill}\n  - {url: 'http://b:1', role: decode}\n")
     with pytest.raises(ConfigError, match=r"policy 'tropical' needs roles \['multiplexing', 'prefill'\]"):
         Router(load_router_config(path))
+
+
+def test_sse_events_with_unicode_line_separators_in_the_text_stay_whole() -> None:
+    """Engines send generated text unescaped in JSON; U+2028, U+0085 and U+001C are line breaks for str.splitlines
+    (and httpx's aiter_lines) but not for SSE. Such an event must reach the router whole, and the connection must be
+    read to its end."""
+    import asyncio
+
+    from tropical_sched.serve.openai import iter_sse
+
+    texts = ["a\u2028b", "c\x85d", "e\x1cf", "plain"]
+    body = (
+        "".join(
+            "data: " + json.dumps({"choices": [{"index": 0, "text": t}]}, ensure_ascii=False) + "\n\n" for t in texts
+        )
+        + "data: [DONE]\n\n: trailing comment\n\n"
+    )
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body.encode())
+
+    async def read() -> tuple[list[str], bool]:
+        async with (
+            httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client,
+            client.stream("POST", "http://engine/v1/completions") as response,
+        ):
+            events = [event["choices"][0]["text"] async for event in iter_sse(response)]
+            return events, response.is_stream_consumed
+
+    events, consumed = asyncio.run(read())
+    assert events == texts
+    assert consumed
+
+
+def test_a_non_sse_answer_to_a_stream_is_a_value_error_not_a_transport_failure() -> None:
+    import asyncio
+
+    from tropical_sched.serve.openai import iter_sse
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "application/json"}, content=b"{}")
+
+    async def read() -> None:
+        async with (
+            httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client,
+            client.stream("POST", "http://engine/v1/completions") as response,
+        ):
+            async for _ in iter_sse(response):
+                pass
+
+    with pytest.raises(ValueError, match="text/event-stream"):
+        asyncio.run(read())

@@ -331,3 +331,67 @@ def test_replay_through_the_router_produces_the_report(servers: tuple[VllmServer
     assert data["num_requests"] == 24
     assert not any(r["failed"] for r in data["records"]), [r["reason"] for r in data["records"] if r["failed"]]
     assert 0 <= data["policies"]["replay"]["slo_attainment"] <= 1
+
+
+# -- tropical-profile vllm ----------------------------------------------------------------------------------------
+
+
+def test_tropical_profile_measures_the_engine_and_writes_a_loadable_profile(
+    tiny_model: Path, cache_root: Path, tmp_path: Path
+) -> None:
+    from tropical_sched.predictors import load_profile
+    from tropical_sched.profiling.show import step_kind
+
+    out = tmp_path / "tiny.json"
+    env = {**os.environ, **ENV, "VLLM_CACHE_ROOT": str(cache_root)}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tropical_sched.profiling.cli",
+            "vllm",
+            "--model",
+            str(tiny_model),
+            "--max-model-len",
+            "2048",
+            "--kv-cache-memory-gib",
+            "0.25",
+            "--enforce-eager",
+            "--max-num-seqs",
+            "8",
+            "--quick",
+            "--repetitions",
+            "1",
+            "--no-progress",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "estimated" in done.stderr  # the duration estimate comes before the sweep
+    profile = load_profile(out)
+    kinds = {step_kind(s) for s in profile.file.samples}
+    assert {"prefill", "chunk", "decode", "mixed"} <= kinds
+    assert profile.file.fit.r2 > 0.9
+    assert profile.num_kv_cache_tokens % 128 == 0  # whole CPU KV blocks, as vLLM allocated them
+    assert profile.metadata.environment["engine"].startswith("vllm")
+    assert profile.metadata.model.num_layers == 2
+    assert profile.file.valid_range.max_num_decode_seqs == 8
+
+
+def test_connector_stores_only_prompts_whose_first_step_covers_them() -> None:
+    """ExampleConnector stores a prompt's KV in its first step; a chunked first step must not be stored (the
+    decoder's load of a partial file kills its engine), so the decoder recomputes instead."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.example_connector import ReqMeta
+
+    from tropical_sched.adapters.vllm.connector import covers_prompt
+
+    prompt = list(range(3, 3 + 1280))
+    whole = ReqMeta.make_meta(prompt, list(range(10)), 128, True, [])
+    first_chunk = ReqMeta.make_meta(prompt, list(range(5)), 128, True, [])
+    assert covers_prompt(whole)
+    assert not covers_prompt(first_chunk)

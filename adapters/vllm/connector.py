@@ -16,13 +16,23 @@ it unchanged (``kv_role: kv_both``).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.example_connector import ExampleConnector
 
 from tropical_sched.adapters.vllm.version import check_vllm_version
 
-__all__ = ["TropicalConnector"]
+__all__ = ["TropicalConnector", "covers_prompt"]
+
+logger = logging.getLogger("vllm.tropical_sched")
+
+
+def covers_prompt(entry: Any) -> bool:
+    """Whether an ExampleConnector store entry covers its whole (block-aligned) prompt: its slot mapping, built
+    from the blocks allocated in the request's first step, is as long as its token ids. It is shorter when the
+    first step prefilled only a chunk."""
+    return int(entry.slot_mapping.numel()) >= int(entry.token_ids.numel())
 
 
 def _params(request: Any) -> dict[str, Any]:
@@ -39,6 +49,7 @@ class TropicalConnector(ExampleConnector):
         self._store_prompts: dict[str, tuple[int, ...]] = {}  # request id -> its prompt, for filtering stores
         self.num_stored = 0
         self.num_loaded = 0
+        self.num_store_skipped = 0  # stores dropped because the prompt was chunked (see covers_prompt)
 
     # -- scheduler side -----------------------------------------------------------------------------------------
 
@@ -68,6 +79,17 @@ class TropicalConnector(ExampleConnector):
                 stored = tuple(int(t) for t in entry.token_ids.tolist())
                 if not any(prompt[: len(stored)] == stored for prompt in allowed):
                     continue  # a plain or loading request: ExampleConnector would store it; we do not
+                if not covers_prompt(entry):
+                    # ExampleConnector stores a prompt once, in its first step; a chunked first step would store
+                    # a part under the whole prompt's key, and the decoder's load would fail on the shape (the
+                    # engine dies). Without a store the decoder finds nothing and recomputes the prompt.
+                    self.num_store_skipped += 1
+                    logger.warning(
+                        "prompt of %d tokens was chunked on a prefill worker: its KV is not stored, the decoding "
+                        "instance recomputes it (run prefill instances with --no-enable-chunked-prefill)",
+                        len(stored),
+                    )
+                    continue
                 self.num_stored += 1
             kept.append(entry)
         meta.requests = kept

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from tropical_sched._version import __version__
-from tropical_sched.cli import fake_engine, goodput, list_cmd, replay, serve, simulate
+from tropical_sched.cli import fake_engine, goodput, list_cmd, replay, serve, simulate, validate
 from tropical_sched.cli._common import OneLineErrorParser
 from tropical_sched.core.errors import TropicalError
 
@@ -25,6 +25,7 @@ def build_parser() -> OneLineErrorParser:
     goodput.register(subparsers)
     serve.register(subparsers)
     replay.register(subparsers)
+    validate.register(subparsers)
     fake_engine.register(subparsers)
     list_cmd.register(subparsers)
     return parser

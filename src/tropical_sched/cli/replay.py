@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     slo = build_slo_spec(args)
     requests = build_requests(workload, profile, slo)
     settings = ReplaySettings(
-        url=args.url,
+        url=args.url[0],
+        extra_urls=tuple(args.url[1:]),
         endpoint=args.endpoint,
         model=args.model,
         prompt_format=args.prompt_format,
@@ -57,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
         records = replay_sync(workload, requests, settings, progress=advance)
     summary = summarize(records)
     console = wide_console()
-    render_summaries(f"replay of {args.trace} against {args.url}; {slo.describe()}", {args.label: summary}, console)
+    render_summaries(
+        f"replay of {args.trace} against {', '.join(args.url)}; {slo.describe()}", {args.label: summary}, console
+    )
     console.print(f"workload: {workload.report.describe()}")
     failures = [r.reject_reason for r in records if r.rejected]
     if failures:
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         "schema_version": 1,
         "trace": args.trace,
         "profile": profile.name,
-        "url": args.url,
+        "url": args.url if len(args.url) > 1 else args.url[0],
         "num_requests": len(records),
         "slo": slo.describe(),
         "workload": workload.report.describe(),
@@ -97,7 +100,13 @@ def register(subparsers: Any) -> None:
         description="Send each request of a trace at its arrival time with its SLOs as x-slo-*-ms headers, stream "
         "the answers, and report SLO attainment and latencies as tropical simulate does.",
     )
-    parser.add_argument("--url", required=True, help="base URL of the endpoint, e.g. http://127.0.0.1:8000")
+    parser.add_argument(
+        "--url",
+        required=True,
+        action="append",
+        help="base URL of the endpoint, e.g. http://127.0.0.1:8000; give it several times to spread the requests "
+        "round-robin over several engines (a plain colocated deployment)",
+    )
     add_workload_arguments(parser)
     add_slo_arguments(parser)
     target = parser.add_argument_group("target")

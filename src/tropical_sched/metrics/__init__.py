@@ -1,6 +1,7 @@
-"""Metrics: SLO attainment, latency percentiles."""
+"""Metrics: SLO attainment, latency percentiles, simulator fidelity."""
 
 from tropical_sched.metrics.attainment import AttainmentSummary, summarize
+from tropical_sched.metrics.fidelity import FIDELITY_METRICS, FidelityRow, fidelity_rows
 from tropical_sched.metrics.plots import plot_goodput
 
-__all__ = ["AttainmentSummary", "plot_goodput", "summarize"]
+__all__ = ["FIDELITY_METRICS", "AttainmentSummary", "FidelityRow", "fidelity_rows", "plot_goodput", "summarize"]

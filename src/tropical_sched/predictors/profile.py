@@ -135,6 +135,8 @@ class ProfileMetadata(_Strict):
         engine: engine and version.
         source: where the samples come from, with licence and citation.
         created_with: the tool and version that wrote the file.
+        environment: what else shaped the measurement, for profiles measured by ``tropical-profile`` (device name
+            and count, torch version, dtype, engine settings); empty for imported tables.
     """
 
     name: str
@@ -144,6 +146,7 @@ class ProfileMetadata(_Strict):
     engine: EngineInfo
     source: SourceInfo
     created_with: str
+    environment: dict[str, str] = Field(default_factory=dict)
 
 
 class StepSample(_Strict):
@@ -395,6 +398,8 @@ def load_profile(name_or_path: str | Path) -> Profile:
 def write_profile_file(profile: ProfileFile, path: str | Path) -> None:
     """Write a profile as JSON with one sample per line (diff-friendly; errors point at the sample's line)."""
     data = profile.model_dump(mode="json")
+    if not data["metadata"]["environment"]:
+        del data["metadata"]["environment"]  # imported tables have none; keeps their files as they were
     samples = data.pop("samples")
     head = json.dumps(data, indent=2)
     sample_lines = ",\n".join("    " + json.dumps(s, separators=(", ", ": ")) for s in samples)

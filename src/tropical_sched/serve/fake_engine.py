@@ -92,6 +92,7 @@ class FakeEngine:
         self.engine_id = engine_id
         self.model = model
         self.chars_per_token = chars_per_token
+        self._max_model_len = profile.max_model_len
         self.stats = FakeEngineStats()
         self.fail_after_tokens: int | None = None
         """Fault injection: drop every stream after this many tokens (``None``: never)."""
@@ -169,7 +170,8 @@ class FakeEngine:
         return PlainTextResponse("")
 
     async def _models(self, request: HttpRequest) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": self.model, "object": "model"}]})
+        model = {"id": self.model, "object": "model", "max_model_len": self._max_model_len}
+        return JSONResponse({"object": "list", "data": [model]})
 
     async def _metrics(self, request: HttpRequest) -> Response:
         worker = self._worker

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from httpx_sse import EventSource, SSEError
 
 from tropical_sched.core.errors import ConfigError
 
@@ -131,21 +132,25 @@ def chunk_delta(chunk: dict[str, Any], tokens_so_far: int) -> StreamDelta:
 async def iter_sse(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
     """The JSON events of a server-sent-event stream, until ``[DONE]``.
 
-    The body is read to its end even after ``[DONE]``, so that the connection goes back to the pool (a response
-    closed before its end closes its connection: one new TCP connection per request).
+    Lines are split as the SSE specification says (CR, LF or CRLF only, by ``httpx-sse``): httpx's own
+    ``aiter_lines`` also splits on U+2028, U+0085 and other Unicode line breaks, which engines send unescaped
+    inside generated text, and would cut such an event in two. The body is read to its end even after ``[DONE]``,
+    so that the connection goes back to the pool (a response closed before its end closes its connection).
 
     Raises:
-        ValueError: an event is not JSON.
+        ValueError: the response is not an event stream, or an event is not JSON.
     """
     done = False
-    async for line in response.aiter_lines():
-        if done or not line.startswith("data:"):
-            continue
-        payload = line[5:].strip()
-        if payload == "[DONE]":
-            done = True
-            continue
-        yield json.loads(payload)
+    try:
+        async for event in EventSource(response).aiter_sse():
+            if done or not event.data:
+                continue
+            if event.data == "[DONE]":
+                done = True
+                continue
+            yield json.loads(event.data)
+    except SSEError as exc:  # a wrong content type: the engine answered, so not a transport failure
+        raise ValueError(str(exc)) from None
 
 
 def now_unix_s() -> int:

@@ -31,6 +31,8 @@ class ReplaySettings:
 
     Attributes:
         url: the endpoint's base URL (router or engine), e.g. ``http://127.0.0.1:8000``.
+        extra_urls: more endpoints; request ``i`` goes to ``(url, *extra_urls)[i % n]``: client-side round robin,
+            for comparing a router with the same engines served plainly.
         endpoint: ``completions`` (``/v1/completions``) or ``chat`` (``/v1/chat/completions``).
         model: the ``model`` field; ``None`` leaves it out (the router fills it in; vLLM needs it).
         prompt_format: ``tokens`` sends token ids (exact prompt lengths; completions only), ``text`` sends words
@@ -43,6 +45,7 @@ class ReplaySettings:
     """
 
     url: str
+    extra_urls: tuple[str, ...] = ()
     endpoint: Literal["completions", "chat"] = "completions"
     model: str | None = None
     prompt_format: Literal["tokens", "text"] = "tokens"
@@ -57,6 +60,12 @@ class ReplaySettings:
             raise ConfigError("prompt_format='tokens' needs endpoint='completions' (chat takes text messages)")
         if self.vocab_size <= 10:
             raise ConfigError(f"vocab_size must be > 10, got {self.vocab_size!r}")
+
+
+def _url(settings: ReplaySettings, index: int) -> str:
+    if not settings.extra_urls:
+        return settings.url
+    return (settings.url, *settings.extra_urls)[index % (1 + len(settings.extra_urls))]
 
 
 def _prompt(settings: ReplaySettings, index: int, num_tokens: int) -> Any:
@@ -106,7 +115,7 @@ async def _one(
     reason = ""
     try:
         async with client.stream(
-            "POST", settings.url.rstrip("/") + path, json=body, headers=headers, timeout=settings.timeout_s
+            "POST", _url(settings, index).rstrip("/") + path, json=body, headers=headers, timeout=settings.timeout_s
         ) as response:
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")[:300]

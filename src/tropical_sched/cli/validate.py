@@ -1,0 +1,112 @@
+"""``tropical validate``: replay a trace against a real endpoint, simulate the same requests on the same profile
+and configuration, and report per metric the measured value, the simulated value and the relative error."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+from rich.table import Table
+
+from tropical_sched.cli._common import collect_warnings, progress_bar, report_notes_and_json, wide_console
+from tropical_sched.cli.simulate import _positive_float, _positive_int, add_experiment_arguments, build_experiment
+from tropical_sched.metrics.attainment import summarize
+from tropical_sched.metrics.fidelity import fidelity_rows
+from tropical_sched.predictors.profile import load_profile
+from tropical_sched.sim.simulator import build_requests, simulate
+
+__all__ = ["register"]
+
+
+def _value(metric: str, value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    return f"{value:.1%}" if metric == "slo_attainment" else f"{value * 1e3:,.1f} ms"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``tropical validate``."""
+    from tropical_sched.serve.replay import ReplaySettings, replay_sync
+
+    experiment = build_experiment(args)
+    profile = load_profile(experiment.profile)
+    workload = experiment.make_workload(profile)
+    requests = build_requests(workload, profile, experiment.slo)
+    settings = ReplaySettings(
+        url=args.url,
+        model=args.model,
+        vocab_size=args.vocab_size,
+        send_slo_headers=not args.no_slo_headers,
+        timeout_s=args.timeout,
+        seed=args.seed,
+    )
+    with collect_warnings() as notes, progress_bar(not args.no_progress) as (start, advance):
+        start("replay", len(requests))
+        measured = summarize(replay_sync(workload, requests, settings, progress=advance))
+        simulated = {}
+        for name in experiment.policies:
+            start(f"simulate {name}", len(requests))
+            result = simulate(
+                workload,
+                profile,
+                name,
+                cluster=experiment.cluster,
+                slo=experiment.slo,
+                policy_options=experiment.policy_options.get(name),
+                progress=advance,
+            )
+            simulated[name] = summarize(result.records)
+    console = wide_console()
+    data: dict[str, Any] = {
+        "schema_version": 1,
+        "url": args.url,
+        "trace": experiment.trace,
+        "profile": profile.name,
+        "rate_per_s": experiment.rate_per_s,
+        "num_requests": len(requests),
+        "slo": experiment.slo.describe(),
+        "measured": measured.as_dict(),
+        "simulated": {},
+        "relative_error": {},
+    }
+    for name, summary in simulated.items():
+        table = Table(
+            title=f"{args.url} against the simulator ({name}, {experiment.num_workers} worker(s), "
+            f"{profile.name}); {len(requests)} requests at {experiment.rate_per_s} req/s"
+        )
+        for column in ("metric", "measured", "simulated", "relative error"):
+            table.add_column(column, justify="left" if column == "metric" else "right")
+        rows = fidelity_rows(measured, summary)
+        for row in rows:
+            error = "-" if math.isnan(row.relative_error) else f"{row.relative_error:.1%}"
+            table.add_row(row.metric, _value(row.metric, row.measured), _value(row.metric, row.simulated), error)
+        console.print(table)
+        data["simulated"][name] = summary.as_dict()
+        data["relative_error"][name] = {row.metric: row.relative_error for row in rows}
+    console.print(f"workload: {workload.report.describe()}")
+    report_notes_and_json(notes, args.json, data)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``validate`` subcommand."""
+    parser = subparsers.add_parser(
+        "validate",
+        help="replay a trace against a real endpoint and simulate the same requests: the simulator's error",
+        description="Fidelity check: replay the trace against the endpoint (an engine or the router), simulate the "
+        "same requests with the same profile and configuration, and report measured and simulated TTFT and TPOT "
+        "(P50, P90) and joint SLO attainment with their relative errors.",
+    )
+    parser.add_argument("--url", required=True, help="base URL of the endpoint, e.g. http://127.0.0.1:8000")
+    add_experiment_arguments(parser)
+    target = parser.add_argument_group("target")
+    target.add_argument("--model", help="model name to send")
+    target.add_argument("--vocab-size", type=_positive_int, default=256, help="prompt token ids are below this")
+    target.add_argument("--timeout", type=_positive_float, default=600.0, help="per-request timeout, s")
+    target.add_argument("--no-slo-headers", action="store_true", help="do not send x-slo-*-ms headers")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # What a single colocated vLLM engine does by default (chunked prefill); --policies tropical --workers 2 for a
+    # prefill + multiplexing pair behind the router.
+    parser.set_defaults(func=run, prog=parser.prog, policies="vllm-chunked", workers=1)
