@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -174,6 +175,12 @@ def main() -> None:
     )
     parser.add_argument("--skip-pair", action="store_true", help="only the single-engine part")
     parser.add_argument("--reuse", action="store_true", help="skip single-engine runs whose JSON already exists")
+    parser.add_argument("--skip-plain", action="store_true", help="no plain round-robin pair")
+    parser.add_argument(
+        "--measure-pd-overhead",
+        action="store_true",
+        help="time the P/D hop on the idle pair and give it to the policy (pd_overhead_s); results get a suffix",
+    )
     args = parser.parse_args()
     model, profile, out = Path(args.model), Path(args.profile), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -264,6 +271,45 @@ def main() -> None:
         return
 
     # 3. plain pair, round robin
+    if not args.skip_plain:
+        plain_pair(args, model, workdir, profile, out)
+    tropical_pair(args, model, workdir, profile, out)
+
+
+def measure_pd_overhead_s(prefill_url: str, mux_url: str, num_prompt_tokens: int = 1000, repeats: int = 5) -> float:
+    """Median first-token time of the P/D path minus that of serving locally on the multiplexing instance, for
+    the same prompt length, on idle engines: what the hop costs beyond the prefill itself."""
+    import random
+    import statistics
+
+    rng = random.Random(0)
+
+    def first_token_s(url: str, body: dict[str, Any]) -> float:
+        started = time.perf_counter()
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    break
+        return time.perf_counter() - started
+
+    pd, local = [], []
+    for _ in range(repeats):
+        prompt = [rng.randrange(10, 300) for _ in range(num_prompt_tokens)]
+        base = {"model": "tiny", "prompt": prompt, "max_tokens": 2, "ignore_eos": True}
+        started = time.perf_counter()
+        answer = httpx.post(
+            prefill_url + "/v1/completions",
+            json={**base, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}},
+            timeout=60,
+        ).json()
+        prefill_s = time.perf_counter() - started
+        pd.append(prefill_s + first_token_s(mux_url, {**base, "kv_transfer_params": answer["kv_transfer_params"]}))
+        prompt = [rng.randrange(10, 300) for _ in range(num_prompt_tokens)]
+        local.append(first_token_s(mux_url, {**base, "prompt": prompt}))
+    return max(0.0, statistics.median(pd) - statistics.median(local))
+
+
+def plain_pair(args: argparse.Namespace, model: Path, workdir: Path, profile: Path, out: Path) -> None:
     plain = [engine(model, workdir, f"plain-{i}", None, workdir / "kv", profile, i) for i in range(2)]
     try:
         for process, url in plain:
@@ -285,11 +331,21 @@ def main() -> None:
         for process, _ in plain:
             process.stop()
 
+
+def tropical_pair(args: argparse.Namespace, model: Path, workdir: Path, profile: Path, out: Path) -> None:
     # 4. tropical pair behind the router
     kv_dir = workdir / "kv"
     pair = [
         engine(model, workdir, role, role, kv_dir, profile, i) for i, role in enumerate(("prefill", "multiplexing"))
     ]
+    for process, url in pair:
+        process.wait_healthy(url)
+    options: dict[str, Any] = {}
+    suffix = ""
+    if args.measure_pd_overhead:
+        options["pd_overhead_s"] = round(measure_pd_overhead_s(pair[0][1], pair[1][1]), 3)
+        suffix = "-pd-overhead"
+        print(f"measured P/D hop overhead: {options['pd_overhead_s']} s", flush=True)
     router_port = free_port()
     router_url = f"http://127.0.0.1:{router_port}"
     config = workdir / "cluster.yaml"
@@ -297,6 +353,7 @@ def main() -> None:
         json.dumps(
             {
                 "policy": "tropical",
+                "policy_options": options,
                 "model": "tiny",
                 "profile": str(profile),
                 "instances": [
@@ -325,7 +382,7 @@ def main() -> None:
         for process, url in pair:
             process.wait_healthy(url)
         router.wait_healthy(router_url)
-        path = out / f"replay-tropical-router-{args.pair_rate:g}.json"
+        path = out / f"replay-tropical-router{suffix}-{args.pair_rate:g}.json"
         tropical(
             "replay",
             "--url",
@@ -337,7 +394,7 @@ def main() -> None:
             str(path),
         )
         for rate in args.pair_rates:
-            path = out / f"validate-pair-{rate:g}.json"
+            path = out / f"validate-pair{suffix}-{rate:g}.json"
             tropical(
                 "validate",
                 "--url",
@@ -348,6 +405,7 @@ def main() -> None:
                 "1",
                 "--policies",
                 "tropical",
+                *([f"--policy-option=tropical.pd_overhead_s={options['pd_overhead_s']}"] if options else []),
                 "--max-num-seqs",
                 "32",
                 *workload_args(args, profile, rate),

@@ -115,6 +115,22 @@ LATE_DECODES = make_decodes(4, first_token_at_s=-10.0, num_generated_tokens=2)  
             1,
         ),
         (
+            "a slow P/D hop makes the multiplexed path the earlier first token",
+            [(P, {}), (M, {"decodes": RELAXED_DECODES})],
+            {},
+            {"pd_overhead_s": 0.5},
+            RouteAction.MULTIPLEX,
+            1,
+        ),
+        (
+            "a P/D hop that breaks the TTFT SLO leaves only the multiplexing worker",
+            [(P, {}), (M, {"decodes": RELAXED_DECODES})],
+            {"slo": Slo(ttft_s=0.2, tpot_s=0.1)},
+            {"pd_overhead_s": 0.3, "route_order": "prefill-first", "reject_unattainable": True},
+            RouteAction.MULTIPLEX,
+            1,
+        ),
+        (
             "multiplex-first prefers the multiplexing worker",
             [(P, {}), (M, {"decodes": RELAXED_DECODES})],
             {},

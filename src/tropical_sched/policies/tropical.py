@@ -81,6 +81,10 @@ class TropicalConfig:
         prefill_chunk_tokens: chunk size on prefill workers, tokens; SRPF preempts at chunk boundaries.
         multiplexing_token_budget: token budget of a multiplexing worker's steps, tokens.
         min_multiplexed_chunk_tokens: smallest chunk a multiplexing worker runs whatever the slack, tokens.
+        pd_overhead_s: fixed time the P/D path adds to a request's first token beyond its prefill, seconds: the KV
+            transfer's set-up, the extra HTTP hop, the decoding instance's first step. Milliseconds on NVLink or
+            RDMA (0, the paper's assumption); measure it where the hop is slow (e.g. KV through a disk, as
+            ExampleConnector does) so the router weighs the two paths by what they really cost.
         toggle: the attainment-driven toggle.
     """
 
@@ -96,6 +100,7 @@ class TropicalConfig:
     prefill_chunk_tokens: int = 8192
     multiplexing_token_budget: int = 8192
     min_multiplexed_chunk_tokens: int = 32
+    pd_overhead_s: float = 0.0
     toggle: ToggleConfig = field(default_factory=ToggleConfig)
 
     def __post_init__(self) -> None:
@@ -119,6 +124,7 @@ class TropicalConfig:
             "prefill_chunk_tokens": self.prefill_chunk_tokens >= 1,
             "multiplexing_token_budget": self.multiplexing_token_budget >= 1,
             "min_multiplexed_chunk_tokens": self.min_multiplexed_chunk_tokens >= 0,
+            "pd_overhead_s": math.isfinite(self.pd_overhead_s) and self.pd_overhead_s >= 0,
         }
         check_fields(self, checks)
 
@@ -239,6 +245,7 @@ class TropicalPolicy:
         earliest_at_s = math.inf
         for worker in cluster.with_role(WorkerRole.PREFILL):
             finish_at_s, breaks_none = self._prefill_finish_at_s(worker, new, now_s)
+            finish_at_s += self.config.pd_overhead_s  # the client's first token comes after the hop
             earliest_at_s = min(earliest_at_s, finish_at_s)
             meets_deadline = finish_at_s <= request.ttft_deadline_at_s
             # An idle worker takes even a late request (best effort), unless late requests are to be rejected.
