@@ -13,8 +13,8 @@ from tropical_sched.cli._common import collect_warnings, progress_bar, report_no
 from tropical_sched.cli.simulate import _positive_float, _positive_int, add_experiment_arguments, build_experiment
 from tropical_sched.metrics.attainment import summarize
 from tropical_sched.metrics.fidelity import fidelity_rows
-from tropical_sched.predictors.profile import load_profile
-from tropical_sched.sim.simulator import build_requests, simulate
+from tropical_sched.sim.experiment import run_experiment
+from tropical_sched.sim.simulator import build_requests
 
 __all__ = ["register"]
 
@@ -30,9 +30,6 @@ def run(args: argparse.Namespace) -> int:
     from tropical_sched.serve.replay import ReplaySettings, replay_sync
 
     experiment = build_experiment(args)
-    profile = load_profile(experiment.profile)
-    workload = experiment.make_workload(profile)
-    requests = build_requests(workload, profile, experiment.slo)
     settings = ReplaySettings(
         url=args.url,
         model=args.model,
@@ -42,21 +39,15 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     with collect_warnings() as notes, progress_bar(not args.no_progress) as (start, advance):
+        # Simulate first (fast; fails early on a bad setting), then replay the very same workload.
+        result = run_experiment(
+            experiment, on_policy_start=lambda name, n: start(f"simulate {name}", n), progress=advance
+        )
+        profile, workload = result.profile, result.workload
+        requests = build_requests(workload, profile, experiment.slo)
         start("replay", len(requests))
         measured = summarize(replay_sync(workload, requests, settings, progress=advance))
-        simulated = {}
-        for name in experiment.policies:
-            start(f"simulate {name}", len(requests))
-            result = simulate(
-                workload,
-                profile,
-                name,
-                cluster=experiment.cluster,
-                slo=experiment.slo,
-                policy_options=experiment.policy_options.get(name),
-                progress=advance,
-            )
-            simulated[name] = summarize(result.records)
+    simulated = {name: outcome.summary for name, outcome in result.outcomes.items()}
     console = wide_console()
     data: dict[str, Any] = {
         "schema_version": 1,
