@@ -21,7 +21,7 @@ from tropical_sched.sim.simulator import build_requests
 from tropical_sched.workloads.traces import load_trace
 from tropical_sched.workloads.workload import make_workload
 
-__all__ = ["register"]
+__all__ = ["add_request_arguments", "register"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,6 +92,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_request_arguments(group: Any) -> None:
+    """What every replayed request carries: model name, prompt token range, timeout, SLO headers."""
+    group.add_argument("--model", help="model name to send")
+    group.add_argument("--vocab-size", type=_positive_int, default=256, help="prompt token ids are below this")
+    group.add_argument("--timeout", type=_positive_float, default=600.0, help="per-request timeout, s")
+    group.add_argument("--no-slo-headers", action="store_true", help="do not send x-slo-*-ms headers")
+
+
 def register(subparsers: Any) -> None:
     """Add the ``replay`` subcommand."""
     parser = subparsers.add_parser(
@@ -117,16 +125,13 @@ def register(subparsers: Any) -> None:
     )
     target.add_argument("--max-model-len", type=_positive_int, help="context limit (default: the profile's)")
     target.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
-    target.add_argument("--model", help="model name to send")
     target.add_argument(
         "--prompt-format",
         choices=["tokens", "text"],
         default="tokens",
         help="token ids (exact lengths) or text (default tokens)",
     )
-    target.add_argument("--vocab-size", type=_positive_int, default=256, help="token ids are below this")
-    target.add_argument("--timeout", type=_positive_float, default=600.0, help="per-request timeout, s")
-    target.add_argument("--no-slo-headers", action="store_true", help="do not send x-slo-*-ms headers")
+    add_request_arguments(target)
     parser.add_argument("--label", default="replay", help="name of this run in the table and JSON")
     parser.add_argument("--json", metavar="PATH", help="also write the results (and every request) as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -10,7 +10,8 @@ from typing import Any
 from rich.table import Table
 
 from tropical_sched.cli._common import collect_warnings, progress_bar, report_notes_and_json, wide_console
-from tropical_sched.cli.simulate import _positive_float, _positive_int, add_experiment_arguments, build_experiment
+from tropical_sched.cli.replay import add_request_arguments
+from tropical_sched.cli.simulate import add_experiment_arguments, build_experiment
 from tropical_sched.metrics.attainment import summarize
 from tropical_sched.metrics.fidelity import fidelity_rows
 from tropical_sched.sim.experiment import run_experiment
@@ -92,10 +93,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--url", required=True, help="base URL of the endpoint, e.g. http://127.0.0.1:8000")
     add_experiment_arguments(parser)
     target = parser.add_argument_group("target")
-    target.add_argument("--model", help="model name to send")
-    target.add_argument("--vocab-size", type=_positive_int, default=256, help="prompt token ids are below this")
-    target.add_argument("--timeout", type=_positive_float, default=600.0, help="per-request timeout, s")
-    target.add_argument("--no-slo-headers", action="store_true", help="do not send x-slo-*-ms headers")
+    add_request_arguments(target)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     # What a single colocated vLLM engine does by default (chunked prefill); --policies tropical --workers 2 for a
