@@ -110,6 +110,10 @@ def _synthetic_records(profile: Profile, num: int, seed: int = 0) -> list[StepRe
     return records
 
 
+def _fake_hardware() -> HardwareInfo:
+    return HardwareInfo(gpu_name="X", gpu_memory_bytes=1, interconnect="x", interconnect_bandwidth_bytes_per_s=1e9)
+
+
 def _fake_model_info() -> ModelInfo:
     return ModelInfo(name="m", num_layers=2, num_kv_heads=2, head_dim=32, num_params=1e6, max_model_len=2048)
 
@@ -123,9 +127,7 @@ def test_fitting_measured_steps_recovers_the_model_and_sets_stalls_aside(tmp_pat
         records,
         name="synthetic",
         model=_fake_model_info(),
-        hardware=HardwareInfo(
-            gpu_name="X", gpu_memory_bytes=1, interconnect="x", interconnect_bandwidth_bytes_per_s=1e9
-        ),
+        hardware=_fake_hardware(),
         tensor_parallel_size=1,
         engine=EngineInfo(name="vllm", version="0.32.0"),
         num_kv_cache_tokens=10_000,
@@ -161,9 +163,7 @@ def test_build_profile_needs_enough_steps() -> None:
             [StepRecord(0.01, (), (5,)), StepRecord(0.02, ((0, 5),), ())],
             name="x",
             model=_fake_model_info(),
-            hardware=HardwareInfo(
-                gpu_name="X", gpu_memory_bytes=1, interconnect="x", interconnect_bandwidth_bytes_per_s=1e9
-            ),
+            hardware=_fake_hardware(),
             tensor_parallel_size=1,
             engine=EngineInfo(name="vllm", version="0"),
             num_kv_cache_tokens=100,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tropical_sched.cli._common import collect_warnings, progress_bar, report_notes_and_json, wide_console
 from tropical_sched.cli.simulate import (
@@ -21,12 +21,15 @@ from tropical_sched.sim.simulator import build_requests
 from tropical_sched.workloads.traces import load_trace
 from tropical_sched.workloads.workload import make_workload
 
-__all__ = ["add_request_arguments", "register"]
+if TYPE_CHECKING:
+    from tropical_sched.serve.replay import ReplaySettings
+
+__all__ = ["add_request_arguments", "register", "replay_settings"]
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tropical replay``."""
-    from tropical_sched.serve.replay import ReplaySettings, replay_sync
+    from tropical_sched.serve.replay import replay_sync
 
     profile = load_profile(args.profile)
     max_model_len = args.max_model_len or profile.max_model_len
@@ -42,17 +45,7 @@ def run(args: argparse.Namespace) -> int:
     )
     slo = build_slo_spec(args)
     requests = build_requests(workload, profile, slo)
-    settings = ReplaySettings(
-        url=args.url[0],
-        extra_urls=tuple(args.url[1:]),
-        endpoint=args.endpoint,
-        model=args.model,
-        prompt_format=args.prompt_format,
-        vocab_size=args.vocab_size,
-        send_slo_headers=not args.no_slo_headers,
-        timeout_s=args.timeout,
-        seed=args.seed,
-    )
+    settings = replay_settings(args, args.url, endpoint=args.endpoint, prompt_format=args.prompt_format)
     with collect_warnings() as notes, progress_bar(not args.no_progress) as (start, advance):
         start(args.label, len(requests))
         records = replay_sync(workload, requests, settings, progress=advance)
@@ -98,6 +91,23 @@ def add_request_arguments(group: Any) -> None:
     group.add_argument("--vocab-size", type=_positive_int, default=256, help="prompt token ids are below this")
     group.add_argument("--timeout", type=_positive_float, default=600.0, help="per-request timeout, s")
     group.add_argument("--no-slo-headers", action="store_true", help="do not send x-slo-*-ms headers")
+
+
+def replay_settings(args: argparse.Namespace, urls: list[str], **options: Any) -> ReplaySettings:
+    """The :class:`ReplaySettings` of the arguments :func:`add_request_arguments` added (and ``--seed``), sent to
+    ``urls`` round-robin; ``options`` sets the other fields."""
+    from tropical_sched.serve.replay import ReplaySettings
+
+    return ReplaySettings(
+        url=urls[0],
+        extra_urls=tuple(urls[1:]),
+        model=args.model,
+        vocab_size=args.vocab_size,
+        send_slo_headers=not args.no_slo_headers,
+        timeout_s=args.timeout,
+        seed=args.seed,
+        **options,
+    )
 
 
 def register(subparsers: Any) -> None:

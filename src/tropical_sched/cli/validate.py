@@ -10,7 +10,7 @@ from typing import Any
 from rich.table import Table
 
 from tropical_sched.cli._common import collect_warnings, progress_bar, report_notes_and_json, wide_console
-from tropical_sched.cli.replay import add_request_arguments
+from tropical_sched.cli.replay import add_request_arguments, replay_settings
 from tropical_sched.cli.simulate import add_experiment_arguments, build_experiment
 from tropical_sched.metrics.attainment import summarize
 from tropical_sched.metrics.fidelity import fidelity_rows
@@ -28,17 +28,10 @@ def _value(metric: str, value: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tropical validate``."""
-    from tropical_sched.serve.replay import ReplaySettings, replay_sync
+    from tropical_sched.serve.replay import replay_sync
 
     experiment = build_experiment(args)
-    settings = ReplaySettings(
-        url=args.url,
-        model=args.model,
-        vocab_size=args.vocab_size,
-        send_slo_headers=not args.no_slo_headers,
-        timeout_s=args.timeout,
-        seed=args.seed,
-    )
+    settings = replay_settings(args, [args.url])
     with collect_warnings() as notes, progress_bar(not args.no_progress) as (start, advance):
         # Simulate first (fast; fails early on a bad setting), then replay the very same workload.
         result = run_experiment(
