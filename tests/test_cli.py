@@ -83,7 +83,10 @@ def test_simulate_options_reach_the_experiment(tmp_path: Path) -> None:
     [
         (["simulate", "--rate", "abc"], "tropical simulate: error: argument --rate: 'abc' is not a number"),
         (["simulate", "--workers", "0"], "argument --workers: '0' must be >= 1"),
-        (["simulate", "--policies", "tropical,foo"], "unknown policy 'foo'; known: distserve, tropical"),
+        (
+            ["simulate", "--policies", "tropical,foo"],
+            "unknown policy 'foo'; known: distserve, scorpio, slos-serve, tempo, tropical",
+        ),
         (["simulate", "--trace", "missing.csv"], "no such trace file: missing.csv"),
         (["simulate", "--profile", "b200"], "unknown profile 'b200'"),
         (["simulate", "--workers", "1", "--policies", "tropical"], "at least one prefill and one multiplexing worker"),

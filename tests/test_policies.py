@@ -28,9 +28,14 @@ from tropical_sched.policies import (
     policy_names,
 )
 from tropical_sched.policies.toggle import ToggleConfig
+from tropical_sched.predictors.output_length import LengthSamples
 
 MODEL = make_model()  # 10 ms per step + 0.1 ms per token + 1 us per decode context token
-CONTEXT = PolicyContext(step_time=MODEL, max_model_len=4096)
+CONTEXT = PolicyContext(
+    step_time=MODEL,
+    max_model_len=4096,
+    length_samples=LengthSamples(list(range(100, 4100, 10)), [1 + (i * 37) % 500 for i in range(400)]),
+)
 
 P = WorkerRole.PREFILL
 M = WorkerRole.MULTIPLEXING
@@ -71,7 +76,7 @@ def test_every_policy_rejects_unknown_options_naming_them(name: str) -> None:
 
 
 def test_registry_is_explicit_and_complete() -> None:
-    assert policy_names() == ["tropical", "vllm", "vllm-chunked", "distserve"]
+    assert policy_names() == ["tropical", "vllm", "vllm-chunked", "distserve", "scorpio", "slos-serve", "tempo"]
     assert all(entry.summary for entry in POLICIES.values())
     with pytest.raises(UnknownNameError, match="unknown policy 'sarathi'"):
         make_policy("sarathi", CONTEXT)

@@ -146,6 +146,28 @@ def test_multiplexing_worker_caps_prefill_tokens_next_to_decodes(tiny_model: Pat
     assert scheduler.tropical.num_capped_steps == 0
 
 
+def test_scorpio_credit_batching_runs_inside_vllm_and_keeps_greedy_outputs(tiny_model: Path, cache_root: Path) -> None:
+    from vllm import SamplingParams
+
+    prompts = [{"prompt_token_ids": tokens(40, 1)}, {"prompt_token_ids": tokens(60, 2)}]
+    params = [  # a 50 ms and a 200 ms TPOT SLO: the loose decode runs one step in four
+        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, extra_args={"tropical_tpot_slo_ms": slo})
+        for slo in (50, 200)
+    ]
+
+    def run(policy: str) -> tuple[list[list[int]], Any]:
+        llm = _llm(tiny_model, cache_root, "colocated", policy)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outputs], _scheduler(llm)
+
+    credit_outputs, scheduler = run("scorpio")
+    assert scheduler.tropical.num_decode_skips > 0
+    assert all(len(o) == 24 for o in credit_outputs)
+    plain_outputs, plain = run("vllm-chunked")
+    assert plain.tropical.num_decode_skips == 0
+    assert credit_outputs == plain_outputs
+
+
 # -- two servers behind the router ------------------------------------------------------------------------------
 
 

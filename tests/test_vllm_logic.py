@@ -136,3 +136,30 @@ def test_a_role_the_policy_does_not_have_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"tropical.role = 'colocated': policy 'tropical' has the roles"):
         side("colocated")
     assert side("colocated", policy="vllm-chunked")[0].local.caps_prefill_tokens is False
+
+
+def test_scorpio_engines_leave_loose_decodes_out_of_some_steps_and_order_by_deadline() -> None:
+    engine, _ = side("colocated", policy="scorpio")
+    running = [
+        vllm_request("tight", 10, computed=10, outputs=1, tropical_tpot_slo_ms=50),
+        vllm_request("loose", 10, computed=10, outputs=1, tropical_tpot_slo_ms=100),
+        vllm_request("prefilling", 500, computed=100, tropical_tpot_slo_ms=100),
+    ]
+    engine.observe_outputs(running)
+    skipped = [[r.request_id for r in engine.decodes_to_skip(running, num_waiting=0)] for _ in range(4)]
+    assert skipped == [[], ["loose"], [], ["loose"]]
+    assert engine.num_decode_skips == 2
+    waiting = [
+        vllm_request("late", 100, arrival=0, tropical_ttft_slo_ms=5000),
+        vllm_request("soon", 100, arrival=1, tropical_ttft_slo_ms=500),
+    ]
+    assert [r.request_id for r in sorted(waiting, key=engine.sort_key)] == ["soon", "late"]
+    plain, _ = side("colocated", policy="vllm-chunked")
+    assert plain.decodes_to_skip(running, num_waiting=3) == []
+
+
+def test_tempo_engines_need_a_length_trace() -> None:
+    with pytest.raises(ConfigError, match="length_trace"):
+        side("colocated", policy="tempo")
+    engine, _ = side("colocated", policy="tempo", policy_options={"length_trace": "azure-conv-2023"})
+    assert engine.local.selects_decodes

@@ -53,6 +53,7 @@ class EngineSide:
         self._first_token_at: dict[str, float] = {}  # request id -> when its first output token was seen (s)
         self.num_capped_steps = 0
         self.num_requests_seen = 0
+        self.num_decode_skips = 0
 
     def slo_ms(self, request: Any) -> tuple[float, float]:
         """(TTFT, TPOT) SLO of a request in ms: from the router's ``vllm_xargs``, else the defaults."""
@@ -65,13 +66,14 @@ class EngineSide:
     def sort_key(self, request: Any) -> float:
         """The waiting-queue key of a request (lower runs first), from the local scheduler."""
         self.num_requests_seen += 1
-        ttft_ms, _ = self.slo_ms(request)
+        ttft_ms, tpot_ms = self.slo_ms(request)
         state = PrefillState(
             request_id=request.request_id,
             arrival_at_s=float(request.arrival_time),
             num_prompt_tokens=int(request.num_prompt_tokens),
             num_computed_tokens=min(int(request.num_computed_tokens), int(request.num_prompt_tokens)),
             ttft_slo_s=ttft_ms / 1e3,
+            tpot_slo_s=tpot_ms / 1e3,
         )
         return float(self.local.prefill_sort_key(state))
 
@@ -121,3 +123,25 @@ class EngineSide:
             return None
         self.num_capped_steps += 1
         return len(decodes), cap
+
+    def decodes_to_skip(self, running: list[Any], num_waiting: int) -> list[Any]:
+        """The running decodes that sit this step out (SCORPIO's credit-based batching, Tempo's pacing).
+
+        Args:
+            running: vLLM's running requests.
+            num_waiting: requests in the waiting queue.
+
+        Returns:
+            The requests to leave out of this step; empty when the policy runs every decode.
+        """
+        if not self.local.selects_decodes:
+            return []
+        decodes = [r for r in running if r.num_computed_tokens >= r.num_prompt_tokens]
+        if not decodes:
+            return []
+        flags = self.local.select_decodes(
+            now_s=self._clock(), decodes=self.decode_batch(decodes), num_waiting_prefills=num_waiting
+        )
+        skipped = [request for request, runs in zip(decodes, flags, strict=True) if not runs]
+        self.num_decode_skips += len(skipped)
+        return skipped

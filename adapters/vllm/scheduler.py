@@ -6,6 +6,8 @@
   the smallest TPOT slack of the running decodes (design doc section 7): for the duration of ``schedule()`` the
   token budget becomes ``decodes + cap`` and ``long_prefill_token_threshold`` becomes ``cap``, so a partial
   prefill listed before the decodes cannot take their tokens.
+* Policies that select decodes (``scorpio``'s credit-based batching, ``tempo``'s pacing) leave the decodes that
+  sit a step out off the running list for that ``schedule()`` call; they keep their KV cache and rejoin after.
 
 ``make_scheduler`` picks ``AsyncScheduler`` as the base when vLLM runs with async scheduling (its default on GPUs)
 and ``Scheduler`` otherwise (the CPU platform forces synchronous scheduling).
@@ -84,7 +86,8 @@ class KeyedRequestQueue(RequestQueue):
 
 
 class _TropicalMixin:
-    """Adds Tropical's ordering and per-step prefill cap to a vLLM scheduler."""
+    """Adds a policy's engine-local half to a vLLM scheduler: the waiting-queue order, the per-step prefill cap,
+    and (for policies that select decodes) which running decodes join each step."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_vllm_version()
@@ -103,6 +106,20 @@ class _TropicalMixin:
         )
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        running = self.running  # type: ignore[has-type]
+        skipped = self.tropical.decodes_to_skip(running, len(self.waiting))
+        if not skipped:
+            return self._schedule_capped(*args, **kwargs)
+        # Decodes that sit this step out leave the running list for the call and go back after it, keeping their
+        # KV cache; vLLM schedules what it sees.
+        left_out = {id(r) for r in skipped}
+        self.running = [r for r in running if id(r) not in left_out]
+        try:
+            return self._schedule_capped(*args, **kwargs)
+        finally:
+            self.running.extend(skipped)
+
+    def _schedule_capped(self, *args: Any, **kwargs: Any) -> Any:
         waiting_head = self.waiting.peek_request() if self.waiting else None
         capped = self.tropical.prefill_token_cap(self.running, waiting_head)  # type: ignore[attr-defined]
         if capped is None:

@@ -11,8 +11,8 @@ from rich.table import Table
 
 from tropical_sched.cli._common import collect_warnings, progress_bar, report_notes_and_json, wide_console
 from tropical_sched.core.errors import ConfigError
-from tropical_sched.core.slo import SloSpec
-from tropical_sched.metrics.attainment import AttainmentSummary
+from tropical_sched.core.slo import SLO_CLASS_PRESETS, SloSpec, parse_slo_classes
+from tropical_sched.metrics.attainment import AttainmentSummary, summarize_by_class
 from tropical_sched.policies.registry import policy_names
 from tropical_sched.sim.experiment import (
     DEFAULT_POLICIES,
@@ -173,6 +173,13 @@ def add_slo_arguments(parser: argparse.ArgumentParser) -> None:
         "--tpot-slo-scale", type=_positive_float, help="TPOT SLO as a multiple of the isolated decode step"
     )
     slo.add_argument("--slo-scale", type=_positive_float, default=1.0, help="multiply both SLOs (default 1)")
+    slo.add_argument(
+        "--slo-classes",
+        metavar="PRESET|JSON",
+        help=f"heterogeneous SLOs: a preset ({', '.join(SLO_CLASS_PRESETS)}) or a JSON list of "
+        '{"name", "weight", "ttft_factor", "tpot_factor"} multiplying the SLOs above; attainment is also '
+        "reported per class",
+    )
 
 
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
@@ -200,6 +207,7 @@ def build_slo_spec(args: argparse.Namespace) -> SloSpec:
         tpot_slo_s=args.tpot_slo_ms / 1e3 if args.tpot_slo_ms else None,
         tpot_slo_scale=args.tpot_slo_scale,
         slo_scale=args.slo_scale,
+        classes=parse_slo_classes(args.slo_classes) if getattr(args, "slo_classes", None) else (),
     )
 
 
@@ -266,7 +274,32 @@ def render(result: ExperimentResult, console: Console) -> None:
         f"{exp.slo.describe()}"
     )
     render_summaries(title, {name: outcome.summary for name, outcome in result.outcomes.items()}, console)
+    if exp.slo.classes:
+        render_class_attainment(
+            {name: summarize_by_class(outcome.result.records) for name, outcome in result.outcomes.items()},
+            [c.name for c in exp.slo.classes],
+            console,
+        )
     console.print(f"workload: {result.workload.report.describe()}")
+
+
+def render_class_attainment(
+    by_policy: dict[str, dict[str, AttainmentSummary]], class_names: list[str], console: Console
+) -> None:
+    """Print joint SLO attainment per SLO class (rows) and policy (columns)."""
+    table = Table(title="SLO attainment per SLO class", title_justify="left")
+    table.add_column("SLO class", no_wrap=True)
+    table.add_column("requests", justify="right")
+    for policy in by_policy:
+        table.add_column(policy, justify="right", no_wrap=True)
+    for name in class_names:
+        counts = [classes[name].num_requests for classes in by_policy.values() if name in classes]
+        table.add_row(
+            name,
+            str(counts[0] if counts else 0),
+            *(f"{classes[name].slo_attainment:.1%}" if name in classes else "-" for classes in by_policy.values()),
+        )
+    console.print(table)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,7 +18,14 @@ from tropical_sched.core.slack import (
     tpot_slack_s,
     ttft_slack_s,
 )
-from tropical_sched.core.slo import DEFAULT_TPOT_SLO_S, DEFAULT_TTFT_SLO_SCALE, SloSpec
+from tropical_sched.core.slo import (
+    DEFAULT_TPOT_SLO_S,
+    DEFAULT_TTFT_SLO_SCALE,
+    SLO_CLASS_PRESETS,
+    SloClass,
+    SloSpec,
+    parse_slo_classes,
+)
 from tropical_sched.core.snapshot import (
     ClusterSnapshot,
     DecodeBatch,
@@ -31,6 +38,7 @@ from tropical_sched.core.snapshot import (
 __all__ = [
     "DEFAULT_TPOT_SLO_S",
     "DEFAULT_TTFT_SLO_SCALE",
+    "SLO_CLASS_PRESETS",
     "ClusterSnapshot",
     "ConfigError",
     "DataFormatError",
@@ -45,6 +53,7 @@ __all__ = [
     "RouteDecision",
     "SimulationError",
     "Slo",
+    "SloClass",
     "SloSpec",
     "TraceFormatError",
     "TropicalError",
@@ -53,6 +62,7 @@ __all__ = [
     "WorkerSnapshot",
     "check_fields",
     "min_tpot_slack_s",
+    "parse_slo_classes",
     "predicted_prefill_finish_at_s",
     "tpot_slack_s",
     "ttft_slack_s",

@@ -48,6 +48,7 @@ class Request:
         num_prompt_tokens: prompt length in tokens, >= 1.
         slo: the request's TTFT and TPOT targets.
         max_output_tokens: the client's cap on output tokens, if it gave one (>= 1).
+        slo_class: the name of the request's SLO class in a workload with heterogeneous SLOs; ``""`` if none.
 
     Raises:
         ConfigError: a field is out of range.
@@ -58,6 +59,7 @@ class Request:
     num_prompt_tokens: int
     slo: Slo
     max_output_tokens: int | None = None
+    slo_class: str = ""
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 1:
@@ -96,6 +98,7 @@ class RequestRecord:
         rejected: the scheduler declined the request; it counts as missing both SLOs.
         reject_reason: why, when rejected.
         num_preemptions: times the request was preempted and recomputed.
+        slo_class: the request's SLO class name; ``""`` if the workload has none.
     """
 
     request_id: str
@@ -113,6 +116,7 @@ class RequestRecord:
     rejected: bool = False
     reject_reason: str = ""
     num_preemptions: int = 0
+    slo_class: str = ""
 
     @property
     def ttft_s(self) -> float:

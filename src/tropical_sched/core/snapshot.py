@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from tropical_sched.core.errors import ConfigError
+from tropical_sched.core.request import Request
 
 __all__ = [
     "ClusterSnapshot",
@@ -63,6 +64,7 @@ class PrefillState:
         ttft_slo_s: the request's TTFT target, seconds.
         num_scheduled_tokens: tokens being computed in the engine step in flight (done when it ends, see
             :attr:`WorkerSnapshot.busy_until_s`); still counted as remaining.
+        tpot_slo_s: the request's TPOT target once it decodes, seconds; ``None`` if the caller does not know it.
     """
 
     request_id: str
@@ -71,6 +73,19 @@ class PrefillState:
     num_computed_tokens: int
     ttft_slo_s: float
     num_scheduled_tokens: int = 0
+    tpot_slo_s: float | None = None
+
+    @classmethod
+    def from_request(cls, request: Request) -> PrefillState:
+        """A request whose prefill has not started."""
+        return cls(
+            request_id=request.request_id,
+            arrival_at_s=request.arrival_at_s,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_computed_tokens=0,
+            ttft_slo_s=request.slo.ttft_s,
+            tpot_slo_s=request.slo.tpot_s,
+        )
 
     @property
     def ttft_deadline_at_s(self) -> float:

@@ -10,7 +10,7 @@ import numpy as np
 
 from tropical_sched.core.request import RequestRecord
 
-__all__ = ["AttainmentSummary", "summarize"]
+__all__ = ["AttainmentSummary", "summarize", "summarize_by_class"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,3 +82,16 @@ def summarize(records: Sequence[RequestRecord]) -> AttainmentSummary:
         num_multiplexed=sum(r.multiplexed for r in records),
         num_preempted=sum(r.num_preemptions > 0 for r in records),
     )
+
+
+def summarize_by_class(records: Sequence[RequestRecord]) -> dict[str, AttainmentSummary]:
+    """Summaries per SLO class (:attr:`RequestRecord.slo_class`), classes in order of first appearance.
+
+    Returns:
+        ``{class name: summary}``; empty when no record has a class (a workload with uniform SLOs).
+    """
+    groups: dict[str, list[RequestRecord]] = {}
+    for record in records:
+        if record.slo_class:
+            groups.setdefault(record.slo_class, []).append(record)
+    return {name: summarize(group) for name, group in groups.items()}

@@ -14,6 +14,7 @@ standing in for it; a policy only chooses their settings per role (:class:`Engin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -21,6 +22,7 @@ from tropical_sched.core.decisions import DecodePlacement, RouteDecision
 from tropical_sched.core.errors import ConfigError
 from tropical_sched.core.request import Request
 from tropical_sched.core.snapshot import ClusterSnapshot, DecodeBatch, PrefillState, WorkerRole
+from tropical_sched.predictors.output_length import LengthSamples
 from tropical_sched.predictors.step_time import StepTimeModel
 
 __all__ = ["EngineSettings", "LocalScheduler", "Policy", "PolicyContext"]
@@ -56,10 +58,13 @@ class PolicyContext:
     Attributes:
         step_time: the latency predictor of the (homogeneous) workers.
         max_model_len: the model's context, tokens.
+        length_samples: prompt and output lengths of the workload's trace, for policies that fit an output-length
+            predictor from them (Tempo); ``None`` when unknown (such a policy then needs its own source).
     """
 
     step_time: StepTimeModel
     max_model_len: int
+    length_samples: LengthSamples | None = None
 
 
 @runtime_checkable
@@ -68,9 +73,12 @@ class LocalScheduler(Protocol):
 
     Callers (a simulated worker, the vLLM scheduler adapter, the SGLang plug-in) call it from their step loop.
     Implementations must be cheap: ``prefill_token_cap`` runs once per engine step that has waiting prefills
-    next to running decodes. A prefill's sort key is evaluated when it joins the queue and again whenever its
-    computed tokens change (as an engine's priority queue does), not at every step.
+    next to running decodes, ``select_decodes`` once per decode step when ``selects_decodes``. A prefill's sort
+    key is evaluated when it joins the queue and again whenever its computed tokens change (as an engine's
+    priority queue does), not at every step.
 
+    A local scheduler may keep per-request state (such as SCORPIO's batching credits); callers ask the policy
+    for one local scheduler per worker.
     """
 
     @property
@@ -90,6 +98,26 @@ class LocalScheduler(Protocol):
             now_s: the step's start, seconds.
             decodes: the decodes running in this step.
             num_prefix_tokens: tokens already prefilled of the first prefill in line.
+        """
+        ...
+
+    @property
+    def selects_decodes(self) -> bool:
+        """``False`` promises that every running decode runs in every step (continuous batching as engines
+        ship it), so callers may skip ``select_decodes``."""
+        ...
+
+    def select_decodes(self, *, now_s: float, decodes: DecodeBatch, num_waiting_prefills: int) -> Sequence[bool]:
+        """Which running decodes get a token in this step (SCORPIO's credit-based batching, Tempo's
+        just-enough bandwidth); the others sit the step out and keep their KV cache.
+
+        Args:
+            now_s: the step's start, seconds.
+            decodes: the running decodes, shape (B,).
+            num_waiting_prefills: prefills queued on the worker.
+
+        Returns:
+            One flag per decode, in ``decodes`` order, shape (B,).
         """
         ...
 

@@ -16,7 +16,7 @@ from tropical_sched.core.snapshot import ClusterSnapshot, WorkerRole, WorkerSnap
 from tropical_sched.policies.base import EngineSettings, LocalScheduler, PolicyContext
 from tropical_sched.policies.local import FcfsScheduler
 
-__all__ = ["ColocatedConfig", "ColocatedPolicy", "DistServeConfig", "DistServePolicy", "least_loaded"]
+__all__ = ["ColocatedBase", "ColocatedConfig", "ColocatedPolicy", "DistServeConfig", "DistServePolicy", "least_loaded"]
 
 
 def least_loaded(workers: Iterable[WorkerSnapshot]) -> WorkerSnapshot | None:
@@ -51,7 +51,31 @@ class ColocatedConfig:
     max_num_batched_tokens: int | None = None
 
 
-class ColocatedPolicy(_NoFeedback):
+class ColocatedBase(_NoFeedback):
+    """What every colocated policy shares: all workers colocated, every request decodes where it prefilled.
+
+    Subclasses set ``name`` and ``_settings`` and implement ``route`` and ``local_scheduler``.
+    """
+
+    name: str
+    _settings: EngineSettings
+
+    def worker_roles(self, num_workers: int, num_prefill_workers: int | None) -> tuple[WorkerRole, ...]:
+        """All workers colocated."""
+        if num_prefill_workers:
+            raise ConfigError(f"{self.name} is colocated: prefill workers ({num_prefill_workers}) do not apply")
+        return (WorkerRole.COLOCATED,) * num_workers
+
+    def engine_settings(self, role: WorkerRole) -> EngineSettings:
+        """The same settings on every worker."""
+        return self._settings
+
+    def place_decode(self, request: Request, cluster: ClusterSnapshot) -> DecodePlacement:
+        """Colocated requests decode where they prefilled; nothing to place."""
+        raise ConfigError(f"{self.name} never prefills remotely, so it has no decodes to place")
+
+
+class ColocatedPolicy(ColocatedBase):
     """Colocated serving: every worker prefills and decodes its own requests.
 
     ``vllm``: prefill-prioritised FCFS without chunking: a step runs waiting prefills whole (stalling the
@@ -78,16 +102,6 @@ class ColocatedPolicy(_NoFeedback):
         self._settings = EngineSettings(enable_chunked_prefill=chunked, max_num_batched_tokens=budget)
         self._local = FcfsScheduler()
 
-    def worker_roles(self, num_workers: int, num_prefill_workers: int | None) -> tuple[WorkerRole, ...]:
-        """All workers colocated."""
-        if num_prefill_workers:
-            raise ConfigError(f"{self.name} is colocated: prefill workers ({num_prefill_workers}) do not apply")
-        return (WorkerRole.COLOCATED,) * num_workers
-
-    def engine_settings(self, role: WorkerRole) -> EngineSettings:
-        """The same settings on every worker."""
-        return self._settings
-
     def local_scheduler(self, role: WorkerRole) -> LocalScheduler:
         """FCFS."""
         return self._local
@@ -103,10 +117,6 @@ class ColocatedPolicy(_NoFeedback):
             reason="fewest executing tokens",
             predicted={"num_executing_tokens": float(worker.num_executing_tokens)},
         )
-
-    def place_decode(self, request: Request, cluster: ClusterSnapshot) -> DecodePlacement:
-        """Colocated requests decode where they prefilled; nothing to place."""
-        raise ConfigError(f"{self.name} never prefills remotely, so it has no decodes to place")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

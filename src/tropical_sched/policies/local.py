@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -9,10 +10,21 @@ from tropical_sched.core.slack import min_tpot_slack_s
 from tropical_sched.core.snapshot import DecodeBatch, PrefillState
 from tropical_sched.predictors.step_time import StepTimeModel
 
-__all__ = ["FcfsScheduler", "ShortestRemainingPrefillFirst", "SlackCappedScheduler"]
+__all__ = ["FcfsScheduler", "RunsEveryDecode", "ShortestRemainingPrefillFirst", "SlackCappedScheduler"]
 
 
-class FcfsScheduler:
+class RunsEveryDecode:
+    """Mix-in: every running decode runs in every step (continuous batching as vLLM and SGLang ship it)."""
+
+    __slots__ = ()
+    selects_decodes: ClassVar[bool] = False
+
+    def select_decodes(self, *, now_s: float, decodes: DecodeBatch, num_waiting_prefills: int) -> Sequence[bool]:
+        """All of them."""
+        return [True] * len(decodes)
+
+
+class FcfsScheduler(RunsEveryDecode):
     """First come, first served, no cap (vLLM's default policy)."""
 
     caps_prefill_tokens = False
@@ -26,7 +38,7 @@ class FcfsScheduler:
         return None
 
 
-class ShortestRemainingPrefillFirst:
+class ShortestRemainingPrefillFirst(RunsEveryDecode):
     """Shortest remaining prefill first, no cap: Tropical's prefill workers (design doc section 7).
 
     Keys are re-evaluated after every chunk, so a short prompt overtakes a long one at the next chunk boundary.
@@ -44,7 +56,7 @@ class ShortestRemainingPrefillFirst:
 
 
 @dataclass(frozen=True, slots=True)
-class SlackCappedScheduler:
+class SlackCappedScheduler(RunsEveryDecode):
     """FCFS prefills whose chunk is sized by the decodes' TPOT slack: Tropical's multiplexing workers.
 
     The cap keeps the predicted time of the mixed step within the smallest TPOT slack of the running decodes,

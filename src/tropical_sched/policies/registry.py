@@ -10,6 +10,9 @@ from typing import Any
 from tropical_sched.core.errors import ConfigError, UnknownNameError
 from tropical_sched.policies.base import Policy, PolicyContext
 from tropical_sched.policies.baselines import ColocatedConfig, ColocatedPolicy, DistServeConfig, DistServePolicy
+from tropical_sched.policies.scorpio import ScorpioConfig, ScorpioPolicy
+from tropical_sched.policies.slos_serve import SlosServeConfig, SlosServePolicy
+from tropical_sched.policies.tempo import TempoConfig, TempoPolicy
 from tropical_sched.policies.toggle import ToggleConfig
 from tropical_sched.policies.tropical import TropicalConfig, TropicalPolicy
 
@@ -59,6 +62,24 @@ POLICIES: dict[str, PolicyEntry] = {
             "disaggregated prefill pool + decode pool with KV transfer, FCFS (DistServe)",
             DistServeConfig,
             lambda ctx, cfg: DistServePolicy(ctx, cfg),
+        ),
+        PolicyEntry(
+            "scorpio",
+            "colocated; TTFT guard (deadline order, rejection) + TPOT guard (VBS admission, credit batching)",
+            ScorpioConfig,
+            lambda ctx, cfg: ScorpioPolicy(ctx, cfg),
+        ),
+        PolicyEntry(
+            "slos-serve",
+            "colocated; decode planner sets prefill budgets, admission DP over deadlines, best-effort rest",
+            SlosServeConfig,
+            lambda ctx, cfg: SlosServePolicy(ctx, cfg),
+        ),
+        PolicyEntry(
+            "tempo",
+            "colocated; service gain, quantile output-length bound, gain-density priority, decode pacing",
+            TempoConfig,
+            lambda ctx, cfg: TempoPolicy(ctx, cfg),
         ),
     )
 }

@@ -406,13 +406,7 @@ class TropicalPolicy:
     def route(self, request: Request, cluster: ClusterSnapshot) -> RouteDecision:
         """Design doc section 5: prefill worker or multiplexing worker in the configured order; else wait, or
         reject when ``reject_unattainable`` and no prefill worker can meet the deadline any more."""
-        new = PrefillState(
-            request_id=request.request_id,
-            arrival_at_s=request.arrival_at_s,
-            num_prompt_tokens=request.num_prompt_tokens,
-            num_computed_tokens=0,
-            ttft_slo_s=request.slo.ttft_s,
-        )
+        new = PrefillState.from_request(request)
         order = self.config.route_order
         mux_why = ""
         if order is RouteOrder.MULTIPLEX_FIRST:

@@ -1,5 +1,6 @@
 """Latency predictors: the step-time model, the profile file, fitting and importers of published tables."""
 
+from tropical_sched.predictors.output_length import LengthSamples, OutputLengthBound
 from tropical_sched.predictors.profile import (
     PROFILE_SCHEMA_VERSION,
     EngineInfo,
@@ -34,7 +35,9 @@ __all__ = [
     "FitReport",
     "HardwareInfo",
     "KvCacheInfo",
+    "LengthSamples",
     "ModelInfo",
+    "OutputLengthBound",
     "Profile",
     "ProfileFile",
     "ProfileMetadata",

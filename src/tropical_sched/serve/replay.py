@@ -145,6 +145,7 @@ async def _one(
         finished_at_s=None if failed else last_at,
         rejected=failed,
         reject_reason=reason or ("no token" if failed else ""),
+        slo_class=request.slo_class,
     )
 
 

@@ -117,16 +117,7 @@ class Instance:
         if self._snapshot is not None and self._snapshot_version == self.version:
             return self._snapshot
         prefills = sorted(
-            (
-                PrefillState(
-                    request_id=t.request.request_id,
-                    arrival_at_s=t.request.arrival_at_s,
-                    num_prompt_tokens=t.request.num_prompt_tokens,
-                    num_computed_tokens=0,
-                    ttft_slo_s=t.request.slo.ttft_s,
-                )
-                for t in self.prefills.values()
-            ),
+            (PrefillState.from_request(t.request) for t in self.prefills.values()),
             key=self.local.prefill_sort_key,
         )
         decodes = list(self.decodes.values())

@@ -19,6 +19,7 @@ from tropical_sched.sim.simulator import (
     SimulationStats,
     WorkerStats,
     build_requests,
+    policy_context,
     simulate,
 )
 
@@ -39,6 +40,7 @@ __all__ = [
     "build_requests",
     "evaluate_point",
     "find_threshold",
+    "policy_context",
     "run_experiment",
     "run_goodput",
     "run_slo_scale",

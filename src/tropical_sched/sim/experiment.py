@@ -9,12 +9,11 @@ from typing import Any
 
 from tropical_sched.core.errors import ConfigError, UnknownNameError
 from tropical_sched.core.slo import SloSpec
-from tropical_sched.metrics.attainment import AttainmentSummary, summarize
-from tropical_sched.policies.base import PolicyContext
+from tropical_sched.metrics.attainment import AttainmentSummary, summarize, summarize_by_class
 from tropical_sched.policies.registry import make_policy, policy_names
 from tropical_sched.predictors.profile import Profile, load_profile
 from tropical_sched.sim.config import ClusterConfig
-from tropical_sched.sim.simulator import SimulationResult, simulate
+from tropical_sched.sim.simulator import SimulationResult, policy_context, simulate
 from tropical_sched.workloads.traces import load_trace
 from tropical_sched.workloads.workload import ArrivalProcess, Overlength, Workload, make_workload
 
@@ -157,8 +156,21 @@ class ExperimentResult:
                     for key, value in outcome.summary.as_dict().items()
                     if key not in ("num_requests",)
                 }
+                | self._class_json(outcome, clean)
                 for name, outcome in self.outcomes.items()
             },
+        }
+
+    @staticmethod
+    def _class_json(outcome: PolicyOutcome, clean: Callable[[float | int], float | int | None]) -> dict[str, Any]:
+        by_class = summarize_by_class(outcome.result.records)
+        if not by_class:
+            return {}
+        return {
+            "by_slo_class": {
+                name: {key: clean(value) for key, value in summary.as_dict().items()}
+                for name, summary in by_class.items()
+            }
         }
 
 
@@ -183,7 +195,7 @@ def run_experiment(
     """
     profile = load_profile(experiment.profile)
     workload = experiment.make_workload(profile)
-    context = PolicyContext(step_time=profile.step_time, max_model_len=profile.max_model_len)
+    context = policy_context(profile, workload)
     for name in experiment.policies:  # fail on a bad setting before any policy runs
         make_policy(name, context, experiment.policy_options.get(name)).worker_roles(
             experiment.num_workers, experiment.num_prefill_workers

@@ -25,12 +25,21 @@ from tropical_sched.core.snapshot import ClusterSnapshot, WorkerRole
 from tropical_sched.policies.base import Policy, PolicyContext
 from tropical_sched.policies.dispatcher import Dispatcher, DispatchStats
 from tropical_sched.policies.registry import make_policy
+from tropical_sched.predictors.output_length import LengthSamples
 from tropical_sched.predictors.profile import Profile
 from tropical_sched.sim.config import ClusterConfig
 from tropical_sched.sim.worker import Job, SimWorker
 from tropical_sched.workloads.workload import Workload
 
-__all__ = ["SimEvent", "SimulationResult", "SimulationStats", "WorkerStats", "build_requests", "simulate"]
+__all__ = [
+    "SimEvent",
+    "SimulationResult",
+    "SimulationStats",
+    "WorkerStats",
+    "build_requests",
+    "policy_context",
+    "simulate",
+]
 
 _ARRIVAL = -1
 _STEP_END = 0
@@ -111,12 +120,24 @@ class SimulationResult:
     stats: SimulationStats = field(repr=False)
 
 
+def policy_context(profile: Profile, workload: Workload | None = None) -> PolicyContext:
+    """What a policy is built with for a run of ``workload`` on ``profile`` (the workload's lengths included, for
+    policies that fit an output-length predictor from the trace)."""
+    samples = (
+        LengthSamples(workload.num_prompt_tokens.tolist(), workload.num_output_tokens.tolist())
+        if workload is not None
+        else None
+    )
+    return PolicyContext(step_time=profile.step_time, max_model_len=profile.max_model_len, length_samples=samples)
+
+
 def build_requests(workload: Workload, profile: Profile, slo: SloSpec) -> list[Request]:
-    """The workload's requests with their SLOs (ids ``"0"``, ``"1"``, ...)."""
+    """The workload's requests with their SLOs and SLO classes (ids ``"0"``, ``"1"``, ...)."""
     model = profile.step_time
     requests = []
-    for index, (arrival, prompt) in enumerate(
-        zip(workload.arrival_at_s.tolist(), workload.num_prompt_tokens.tolist(), strict=True)
+    classes = slo.draw_classes(len(workload))
+    for index, (arrival, prompt, slo_class) in enumerate(
+        zip(workload.arrival_at_s.tolist(), workload.num_prompt_tokens.tolist(), classes, strict=True)
     ):
         requests.append(
             Request(
@@ -127,7 +148,9 @@ def build_requests(workload: Workload, profile: Profile, slo: SloSpec) -> list[R
                     prompt,
                     isolated_prefill_s=model.prefill_time_s,
                     isolated_decode_step_s=lambda context: model.decode_step_time_s(1, context),
+                    slo_class=slo_class,
                 ),
+                slo_class=slo_class.name if slo_class is not None else "",
             )
         )
     return requests
@@ -331,9 +354,7 @@ def simulate(
     cluster = cluster or ClusterConfig()
     slo = slo or SloSpec.make()
     if isinstance(policy, str):
-        policy = make_policy(
-            policy, PolicyContext(step_time=profile.step_time, max_model_len=profile.max_model_len), policy_options
-        )
+        policy = make_policy(policy, policy_context(profile, workload), policy_options)
     requests = build_requests(workload, profile, slo)
     started = time.process_time()
     simulation = _Simulation(
@@ -358,6 +379,7 @@ def simulate(
             rejected=job.rejected,
             reject_reason=job.reject_reason,
             num_preemptions=job.num_preemptions,
+            slo_class=job.request.slo_class,
         )
         for job in simulation.jobs
     )

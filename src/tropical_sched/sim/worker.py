@@ -7,7 +7,9 @@ whose prompt is computed; it gains one token per step it runs in.
 Decodes are kept with lazy counters so a decode step costs O(1) however large the batch: every decode runs in
 every decode step, so a request's generated tokens are ``gen_base + num_decode_steps`` and its context
 ``context_base + num_decode_steps``; finishing steps sit in a heap keyed by the step count at which each request
-reaches its output length.
+reaches its output length. A local scheduler that selects decodes (SCORPIO's credit-based batching) makes a step
+cost O(B): a decode that sits a step out has its bases moved back by one and its finish entry pushed one step
+later.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class Job:
                 num_prompt_tokens=self.prefill_target,
                 num_computed_tokens=self.num_computed,
                 ttft_slo_s=request.slo.ttft_s,
+                tpot_slo_s=request.slo.tpot_s,
             )
             self.prefill_state = state
         return state
@@ -189,6 +192,8 @@ class SimWorker:
         # The step in flight.
         self._step_decodes = 0
         self._step_chunks: list[tuple[Job, int]] = []
+        self._step_skipped: list[Job] = []  # decodes sitting this step out (local.selects_decodes)
+        self.num_decode_skips = 0
 
         self.num_steps = 0
         self.num_preemptions = 0
@@ -292,6 +297,21 @@ class SimWorker:
         job.num_computed = 0
         self.enqueue_prefill(job)
 
+    def _preempt_last_partial_prefill(self) -> bool:
+        """Free the KV of the last started prefill in the queue behind its head; returns whether one was found."""
+        for index in range(len(self.prefills) - 1, 0, -1):
+            job = self.prefills[index][2]
+            if job.num_computed:
+                del self.prefills[index]
+                self.kv_used -= job.num_computed
+                self.num_partial_prefills -= 1
+                job.num_computed = 0
+                job.num_preemptions += 1
+                self.num_preemptions += 1
+                self.enqueue_prefill(job)
+                return True
+        return False
+
     # -- stepping -----------------------------------------------------------------------------------------------
 
     def start_step(self, now_s: float) -> float | None:
@@ -316,8 +336,20 @@ class SimWorker:
             while self.kv_used + len(self.decodes) > self.kv_capacity and self.decodes:
                 self._preempt_last_decode()
             num_decodes = len(self.decodes)
+        skipped_context = 0
+        if num_decodes and self.local.selects_decodes:
+            skipped_context = self._select_decodes(now_s)
+            num_decodes -= len(self._step_skipped)
         if settings.enable_chunked_prefill and self.prefills:
             chunks = self._plan_chunks(now_s, num_decodes)
+            # Partial prefills can fill the KV cache with no decode left to preempt (a queue order that lets
+            # newcomers overtake started prefills): preempt the lowest-priority partial ones, as vLLM does.
+            while not chunks and not num_decodes and self._preempt_last_partial_prefill():
+                chunks = self._plan_chunks(now_s, 0)
+        if not num_decodes and not chunks and self._step_skipped:
+            # Nothing else would run: a step with every decode beats an idle engine.
+            self._step_skipped = []
+            num_decodes, skipped_context = len(self.decodes), 0
         if not num_decodes and not chunks:
             self._step_decodes = 0
             self._step_chunks = []
@@ -326,7 +358,7 @@ class SimWorker:
         # Allocate KV for this step and price it with the step-time model.
         duration_s = self._c0
         if num_decodes:
-            context = self.decode_context_tokens
+            context = self.decode_context_tokens - skipped_context
             self.kv_used += num_decodes
             duration_s += (self._cn + self._cd) * num_decodes + self._cc * context
             if num_decodes > self._max_b or context > num_decodes * self._max_ctx:
@@ -352,7 +384,8 @@ class SimWorker:
         # leave the queue while they run and partial ones are re-queued with a fresh key when the step ends.
         del self.prefills[: len(chunks)]
         if self._report_tokens:
-            self._step_decode_jobs = list(self.decodes.values()) if num_decodes else []
+            skipped = set(map(id, self._step_skipped))
+            self._step_decode_jobs = [j for j in self.decodes.values() if id(j) not in skipped] if num_decodes else []
         self._step_decodes = num_decodes
         self._step_chunks = chunks
         self.busy = True
@@ -360,6 +393,20 @@ class SimWorker:
         self.num_steps += 1
         self.busy_s += duration_s
         return duration_s
+
+    def _select_decodes(self, now_s: float) -> int:
+        """Ask the local scheduler which decodes run; keep the others in ``_step_skipped``.
+
+        Returns:
+            The skipped decodes' context tokens.
+        """
+        flags = self.local.select_decodes(
+            now_s=now_s, decodes=self._decode_batch(include_pending=False), num_waiting_prefills=len(self.prefills)
+        )
+        steps = self.num_decode_steps
+        skipped = [job for job, runs in zip(self.decodes.values(), flags, strict=True) if not runs]
+        self._step_skipped = skipped
+        return sum(job.context_base + steps for job in skipped)
 
     def _seq_room(self) -> int:
         return self.max_num_seqs - len(self.decodes) - self.num_partial_prefills
@@ -425,6 +472,19 @@ class SimWorker:
         changed = False
 
         num_decodes = self._step_decodes
+        if self._step_skipped and num_decodes:
+            # A skipped decode neither generates nor grows while the step count advances: move its bases back
+            # by one and its finish one step later (the old heap entry goes stale).
+            self.num_decode_skips += len(self._step_skipped)
+            for job in self._step_skipped:
+                job.gen_base -= 1
+                job.context_base -= 1
+                job.epoch += 1
+                heapq.heappush(
+                    self._finish_heap, (job.num_output_tokens - job.gen_base, next(self._sequence), job, job.epoch)
+                )
+            self._decode_set_version += 1
+        self._step_skipped = []
         if num_decodes:
             self.num_decode_steps += 1
             steps = self.num_decode_steps
@@ -538,4 +598,5 @@ def _after_step(job: Job, chunk: int) -> PrefillState:
         num_computed_tokens=state.num_computed_tokens,
         ttft_slo_s=state.ttft_slo_s,
         num_scheduled_tokens=chunk,
+        tpot_slo_s=state.tpot_slo_s,
     )
