@@ -54,7 +54,8 @@ class ColocatedConfig:
 class ColocatedBase(_NoFeedback):
     """What every colocated policy shares: all workers colocated, every request decodes where it prefilled.
 
-    Subclasses set ``name`` and ``_settings`` and implement ``route`` and ``local_scheduler``.
+    Subclasses set ``name`` and ``_settings`` and implement ``local_scheduler``; ``route`` defaults to the
+    least loaded colocated worker.
     """
 
     name: str
@@ -69,6 +70,18 @@ class ColocatedBase(_NoFeedback):
     def engine_settings(self, role: WorkerRole) -> EngineSettings:
         """The same settings on every worker."""
         return self._settings
+
+    def route(self, request: Request, cluster: ClusterSnapshot) -> RouteDecision:
+        """The colocated worker with the fewest executing tokens."""
+        worker = least_loaded(cluster.with_role(WorkerRole.COLOCATED))
+        if worker is None:
+            return RouteDecision(action=RouteAction.WAIT, worker_id=None, reason="no colocated worker available")
+        return RouteDecision(
+            action=RouteAction.COLOCATED,
+            worker_id=worker.worker_id,
+            reason="fewest executing tokens",
+            predicted={"num_executing_tokens": float(worker.num_executing_tokens)},
+        )
 
     def place_decode(self, request: Request, cluster: ClusterSnapshot) -> DecodePlacement:
         """Colocated requests decode where they prefilled; nothing to place."""
@@ -105,18 +118,6 @@ class ColocatedPolicy(ColocatedBase):
     def local_scheduler(self, role: WorkerRole) -> LocalScheduler:
         """FCFS."""
         return self._local
-
-    def route(self, request: Request, cluster: ClusterSnapshot) -> RouteDecision:
-        """The colocated worker with the fewest executing tokens."""
-        worker = least_loaded(cluster.with_role(WorkerRole.COLOCATED))
-        if worker is None:
-            return RouteDecision(action=RouteAction.WAIT, worker_id=None, reason="no colocated worker available")
-        return RouteDecision(
-            action=RouteAction.COLOCATED,
-            worker_id=worker.worker_id,
-            reason="fewest executing tokens",
-            predicted={"num_executing_tokens": float(worker.num_executing_tokens)},
-        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -23,12 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from tropical_sched.core.decisions import RouteAction, RouteDecision
 from tropical_sched.core.errors import ConfigError
-from tropical_sched.core.request import Request
-from tropical_sched.core.snapshot import ClusterSnapshot, DecodeBatch, PrefillState, WorkerRole
+from tropical_sched.core.snapshot import DecodeBatch, PrefillState, WorkerRole
 from tropical_sched.policies.base import EngineSettings, LocalScheduler, PolicyContext
-from tropical_sched.policies.baselines import ColocatedBase, least_loaded
+from tropical_sched.policies.baselines import ColocatedBase
 from tropical_sched.predictors.output_length import LengthSamples, OutputLengthBound
 from tropical_sched.predictors.step_time import StepTimeModel
 from tropical_sched.workloads.traces import load_trace
@@ -127,7 +125,8 @@ class GainDensityScheduler:
 
 
 class TempoPolicy(ColocatedBase):
-    """Tempo as a cluster policy: colocated workers, least-loaded routing, gain-density scheduling inside.
+    """Tempo as a cluster policy: colocated workers, least-loaded routing (the inherited ``route``), gain-density
+    scheduling inside.
 
     Args:
         context: predictor and model limits (its ``length_samples`` fit the output-length bound unless
@@ -166,18 +165,3 @@ class TempoPolicy(ColocatedBase):
     def local_scheduler(self, role: WorkerRole) -> LocalScheduler:
         """Gain density and decode pacing (stateless: shared)."""
         return self._local
-
-    def route(self, request: Request, cluster: ClusterSnapshot) -> RouteDecision:
-        """The colocated worker with the fewest executing tokens."""
-        worker = least_loaded(cluster.with_role(WorkerRole.COLOCATED))
-        if worker is None:
-            return RouteDecision(action=RouteAction.WAIT, worker_id=None, reason="no colocated worker available")
-        return RouteDecision(
-            action=RouteAction.COLOCATED,
-            worker_id=worker.worker_id,
-            reason="fewest executing tokens",
-            predicted={
-                "num_executing_tokens": float(worker.num_executing_tokens),
-                "output_tokens_upper_bound": float(self.bound.upper_bound(request.num_prompt_tokens)),
-            },
-        )
