@@ -16,6 +16,7 @@ Usage: python benchmarks/policy_decision_cost.py [--num-running 256] [--num-queu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 import warnings
@@ -37,10 +38,8 @@ TPOT_CLASSES_S = (0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
 def _cluster(policy_name: str, num_running: int, num_queued: int, now_s: float, rng: np.random.Generator) -> tuple:
     profile = load_profile("a100-llama2-70b-tp4")
     trace = load_trace("azure-conv-2023")
-    context = policy_context(profile)
-    context = type(context)(
-        step_time=context.step_time,
-        max_model_len=context.max_model_len,
+    context = dataclasses.replace(
+        policy_context(profile),
         length_samples=LengthSamples(trace.num_prompt_tokens.tolist(), trace.num_output_tokens.tolist()),
     )
     policy = make_policy(policy_name, context)

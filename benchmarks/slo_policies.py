@@ -13,6 +13,7 @@ Usage: python benchmarks/slo_policies.py [--num-requests 2000] [--seeds 0,1,2] [
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -59,7 +60,7 @@ def main() -> None:
     for setting in SETTINGS:
         if setting.key in MIXED:
             base = next(e for label, e in runs if label.startswith(setting.key))
-            runs.append((f"{setting.key}, scorpio6 SLO mix", _replace_slo(base, mixed_slo)))
+            runs.append((f"{setting.key}, scorpio6 SLO mix", dataclasses.replace(base, slo=mixed_slo)))
 
     out: dict[str, Any] = {"num_requests_per_point": args.num_requests, "seeds": list(seeds), "settings": {}}
     lines = ["| setting | " + " | ".join(policies) + " | best |", "|---" * (len(policies) + 2) + "|"]
@@ -94,18 +95,10 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(out, indent=1))
 
 
-def _replace_slo(experiment: Experiment, slo: SloSpec) -> Experiment:
-    fields = {f: getattr(experiment, f) for f in experiment.__dataclass_fields__}
-    fields["slo"] = slo
-    return Experiment(**fields)
-
-
 def _class_rows(
     label: str, experiment: Experiment, rate_per_s: float, policies: tuple[str, ...], entry: dict[str, Any]
 ) -> list[str]:
-    fields = {f: getattr(experiment, f) for f in experiment.__dataclass_fields__}
-    fields["rate_per_s"] = rate_per_s
-    point = Experiment(**fields)
+    point = dataclasses.replace(experiment, rate_per_s=rate_per_s)
     profile = load_profile(point.profile)
     workload = point.make_workload(profile)
     by_policy = {

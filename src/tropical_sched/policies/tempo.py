@@ -79,10 +79,12 @@ class GainDensityScheduler:
     pacing_lead: float = 2.0
     caps_prefill_tokens: ClassVar[bool] = False
     _per_token_s: float = field(init=False, default=0.0)
+    _per_context_token_s: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         c = self.step_time.coefficients.as_tuple()
         self._per_token_s = c[1] + c[4]  # a decode's marginal share of a step, before its context
+        self._per_context_token_s = c[5]
 
     @property
     def selects_decodes(self) -> bool:
@@ -94,9 +96,8 @@ class GainDensityScheduler:
         seconds."""
         prefill_s = self.step_time.remaining_prefill_time_s(prefill.num_prompt_tokens, prefill.num_computed_tokens)
         num_output = self.bound.upper_bound(prefill.num_prompt_tokens)
-        c_context = self.step_time.coefficients.as_tuple()[5]
         mean_context = prefill.num_prompt_tokens + num_output / 2
-        return prefill_s + num_output * (self._per_token_s + c_context * mean_context)
+        return prefill_s + num_output * (self._per_token_s + self._per_context_token_s * mean_context)
 
     def prefill_sort_key(self, prefill: PrefillState) -> float:
         """Negative gain density (higher density first); requests whose TTFT SLO is below their own isolated
