@@ -412,3 +412,17 @@ def test_replay_round_robin_and_validate_against_fake_engines(tmp_path: Path) ->
     # TTFT: the simulator has no HTTP; the replay's round trip adds a few ms here, on steps 20x shorter than a GPU's
     simulated = data["simulated"]["vllm-chunked"]
     assert 0 <= data["measured"]["ttft_p50_s"] - simulated["ttft_p50_s"] < 0.02
+
+
+def test_text_prompts_follow_the_tokenizers_characters_per_token() -> None:
+    from tropical_sched.cli.main import build_parser
+    from tropical_sched.serve.replay import ReplaySettings, _prompt
+
+    default = _prompt(ReplaySettings(url="http://x", prompt_format="text"), 0, 400)
+    byte_level = _prompt(ReplaySettings(url="http://x", prompt_format="text", chars_per_token=1.0), 0, 400)
+    assert len(default) == pytest.approx(1600, abs=4)  # 400 tokens x 4 characters
+    assert len(byte_level) == pytest.approx(400, abs=4)
+    args = build_parser().parse_args(
+        ["replay", "--url", "http://x", "--prompt-format", "text", "--chars-per-token", "1"]
+    )
+    assert args.chars_per_token == 1.0

@@ -13,7 +13,7 @@ from tropical_sched.core import ConfigError, SimulationError, SloSpec
 from tropical_sched.metrics import summarize
 from tropical_sched.policies import policy_names
 from tropical_sched.predictors import load_profile
-from tropical_sched.sim import ClusterConfig, SimEvent, simulate
+from tropical_sched.sim import ClusterConfig, DecodePlacementTime, SimEvent, simulate
 from tropical_sched.workloads import load_trace
 from tropical_sched.workloads import make_workload as make_trace_workload
 
@@ -78,6 +78,38 @@ def test_disaggregated_request_pays_the_kv_transfer() -> None:
         transfer_s + MODEL.decode_step_time_s(1, 2000) + MODEL.decode_step_time_s(1, 2001)
     )
     assert (record.prefill_worker_id, record.decode_worker_id) == (0, 1)
+
+
+def test_at_route_placement_reserves_decode_kv_before_the_prefill_and_keeps_the_latencies() -> None:
+    """SGLang's P/D: the decode worker is chosen and its KV reserved when the request is routed."""
+    workload = make_workload([0.0], [2000], [3])
+    by_placement = {}
+    for placement in DecodePlacementTime:
+        events: list[SimEvent] = []
+        cluster = ClusterConfig(decode_placement=placement)
+        by_placement[placement] = simulate(workload, PROFILE, "distserve", cluster=cluster, on_event=events.append)
+        arrival = events[0]
+        assert arrival.kind == "arrival"
+        expected_reserved = 2000 if placement is DecodePlacementTime.AT_ROUTE else 0
+        assert arrival.kv_tokens_used[1] == expected_reserved  # the decode worker, before any step ran
+    records = [result.records[0] for result in by_placement.values()]
+    assert records[0].ttft_s == pytest.approx(records[1].ttft_s)  # one request: nothing else changes
+    assert records[0].finished_at_s == pytest.approx(records[1].finished_at_s)
+    assert records[1].decode_worker_id == 1
+
+
+@pytest.mark.parametrize("policy", ["tropical", "distserve"])
+def test_at_route_placement_finishes_every_request_under_load(policy: str) -> None:
+    cluster = ClusterConfig(num_kv_cache_tokens=60_000, max_num_seqs=64, decode_placement=DecodePlacementTime.AT_ROUTE)
+    events: list[SimEvent] = []
+    result = simulate(AZURE, PROFILE, policy, cluster=cluster, on_event=events.append)
+    assert len(result.records) == len(AZURE)
+    for record in result.records:
+        assert record.rejected != (record.finished_at_s is not None)
+        if not record.rejected:
+            assert record.num_output_tokens == AZURE.num_output_tokens[int(record.request_id)]
+    assert all(used <= 60_000 for e in events for used in e.kv_tokens_used)
+    assert events[-1].kv_tokens_used == (0,) * len(result.stats.workers)  # nothing left reserved
 
 
 def test_prefill_prioritised_vllm_stalls_decodes_and_chunked_does_not_run_whole_prompts() -> None:

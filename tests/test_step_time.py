@@ -109,6 +109,24 @@ def test_max_chunk_is_the_largest_that_fits_the_budget(budget: float, decodes: i
     assert step(chunk + 1) > budget - 1e-12
 
 
+def test_max_chunk_of_a_profile_whose_prefill_tokens_cost_nothing_is_unbounded_not_a_hang() -> None:
+    """A noisy fit (seen on an endpoint profile of a tiny CPU model) can give prefill tokens no cost at all; the
+    chunk search once looped forever on it."""
+    free_tokens = make_model(
+        StepTimeCoefficients(
+            const_s=0.014,
+            per_batched_token_s=0.0,
+            per_prefill_seq_s=0.038,
+            per_prefill_attention_pair_s=0.0,
+            per_decode_seq_s=0.0028,
+            per_decode_context_token_s=2.6e-6,
+        )
+    )
+    kwargs = {"num_decode_seqs": 2, "num_decode_context_tokens": 800, "num_prefix_tokens": 100}
+    assert free_tokens.max_chunk_tokens_within(1.0, **kwargs) == 2**31 - 1
+    assert free_tokens.max_chunk_tokens_within(0.01, **kwargs) == 0  # the fixed step costs exceed the budget
+
+
 def test_out_of_range_prediction_warns_once_and_says_by_how_much() -> None:
     model = make_model(
         valid_range=ValidRange(

@@ -6,9 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from tropical_sched.adapters.engine_side import EngineSide
 from tropical_sched.adapters.vllm import UnsupportedVllmError, check_vllm_version
 from tropical_sched.adapters.vllm.config import parse_engine_side_config
-from tropical_sched.adapters.vllm.logic import EngineSide
+from tropical_sched.adapters.vllm.logic import make_engine_side
 from tropical_sched.core import ConfigError, WorkerRole
 
 
@@ -36,7 +37,7 @@ def vllm_request(
 
 def side(role: str, **extra: object) -> tuple[EngineSide, Clock]:
     clock = Clock()
-    return EngineSide(parse_engine_side_config({"tropical": {"role": role, **extra}}), clock=clock), clock
+    return make_engine_side(parse_engine_side_config({"tropical": {"role": role, **extra}}), clock=clock), clock
 
 
 def test_prefill_workers_order_by_shortest_remaining_prefill() -> None:

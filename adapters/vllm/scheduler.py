@@ -27,7 +27,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from tropical_sched.adapters.vllm.config import parse_engine_side_config
-from tropical_sched.adapters.vllm.logic import EngineSide
+from tropical_sched.adapters.vllm.logic import make_engine_side
 from tropical_sched.adapters.vllm.version import check_vllm_version
 
 __all__ = ["KeyedRequestQueue", "TropicalAsyncScheduler", "TropicalScheduler", "make_scheduler"]
@@ -93,7 +93,7 @@ class _TropicalMixin:
         check_vllm_version()
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         config = parse_engine_side_config(self.vllm_config.additional_config)  # type: ignore[attr-defined]
-        self.tropical = EngineSide(config)
+        self.tropical = make_engine_side(config)
         if self.waiting:  # type: ignore[has-type]
             raise RuntimeError("the waiting queue must be empty when the Tropical scheduler starts")
         self.waiting = KeyedRequestQueue(self.tropical.sort_key)

@@ -45,7 +45,13 @@ def run(args: argparse.Namespace) -> int:
     )
     slo = build_slo_spec(args)
     requests = build_requests(workload, profile, slo)
-    settings = replay_settings(args, args.url, endpoint=args.endpoint, prompt_format=args.prompt_format)
+    settings = replay_settings(
+        args,
+        args.url,
+        endpoint=args.endpoint,
+        prompt_format=args.prompt_format,
+        chars_per_token=args.chars_per_token,
+    )
     with collect_warnings() as notes, progress_bar(not args.no_progress) as (start, advance):
         start(args.label, len(requests))
         records = replay_sync(workload, requests, settings, progress=advance)
@@ -140,6 +146,13 @@ def register(subparsers: Any) -> None:
         choices=["tokens", "text"],
         default="tokens",
         help="token ids (exact lengths) or text (default tokens)",
+    )
+    target.add_argument(
+        "--chars-per-token",
+        type=_positive_float,
+        default=4.0,
+        help="text prompts: characters per token of the served model's tokenizer, so that a prompt of N tokens is "
+        "about N tokens there (default 4; the tests' tiny byte-level tokenizer: 1)",
     )
     add_request_arguments(target)
     parser.add_argument("--label", default="replay", help="name of this run in the table and JSON")

@@ -14,6 +14,7 @@ from tropical_sched.core.errors import ConfigError
 from tropical_sched.core.slo import SLO_CLASS_PRESETS, SloSpec, parse_slo_classes
 from tropical_sched.metrics.attainment import AttainmentSummary, summarize_by_class
 from tropical_sched.policies.registry import policy_names
+from tropical_sched.sim.config import DecodePlacementTime
 from tropical_sched.sim.experiment import (
     DEFAULT_POLICIES,
     DEFAULT_PROFILE,
@@ -157,6 +158,13 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_float,
         help="KV transfer bandwidth between workers, GB/s (default: NVLink from the profile)",
     )
+    cluster.add_argument(
+        "--decode-placement",
+        choices=[p.value for p in DecodePlacementTime],
+        default=DecodePlacementTime.AFTER_PREFILL.value,
+        help="when a P/D request's decode worker is chosen: after its prefill (vLLM) or when it is routed, "
+        "reserving KV there during the prefill (SGLang) (default after-prefill)",
+    )
 
 
 def add_slo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -235,6 +243,7 @@ def build_experiment(args: argparse.Namespace) -> Experiment:
         policy_options=parse_policy_options(args.policy_option),
         max_num_seqs=args.max_num_seqs,
         kv_link_bandwidth_bytes_per_s=args.kv_link_gbps * 1e9 if args.kv_link_gbps else None,
+        decode_placement=args.decode_placement,
     )
 
 

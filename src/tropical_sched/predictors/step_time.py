@@ -34,6 +34,8 @@ from dataclasses import dataclass, fields
 
 from tropical_sched.core.errors import ConfigError
 
+_UNBOUNDED_CHUNK_TOKENS = 2**31 - 1  # "no limit" for chunk sizes (prefill tokens that cost no time)
+
 __all__ = [
     "FEATURE_NAMES",
     "ProfileRangeWarning",
@@ -306,10 +308,14 @@ class StepTimeModel:
         if room < quad + lin:
             return 0
         if quad == 0:
-            tokens = room / lin if lin > 0 else float(2**31)
+            if lin <= 0:  # a profile whose prefill tokens cost nothing: any chunk fits
+                return _UNBOUNDED_CHUNK_TOKENS
+            tokens = room / lin
         else:
             tokens = (-lin + math.sqrt(lin * lin + 4 * quad * room)) / (2 * quad)
-        chunk = int(min(tokens, 2**31))
+        if tokens >= _UNBOUNDED_CHUNK_TOKENS:
+            return _UNBOUNDED_CHUNK_TOKENS
+        chunk = int(tokens)
         # The closed form can land one token off under rounding; settle on the exact boundary.
         while quad * (chunk + 1) ** 2 + lin * (chunk + 1) <= room:
             chunk += 1

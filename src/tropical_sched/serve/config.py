@@ -12,6 +12,7 @@ Example::
         role: prefill
       - url: http://10.0.0.2:8000
         role: multiplexing
+      # SGLang instances: engine: sglang (prefill ones with bootstrap_port, default 8998)
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Engine(str, enum.Enum):
     """Serving engine of an instance."""
 
     VLLM = "vllm"
+    SGLANG = "sglang"
 
 
 class _Strict(BaseModel):
@@ -55,8 +57,10 @@ class InstanceConfig(_Strict):
         role: ``prefill``, ``multiplexing``, ``decode`` or ``colocated``.
         engine: the engine serving it.
         profile: latency profile for this instance (name or file); default the top-level one.
-        max_num_seqs: its engine's ``--max-num-seqs``.
+        max_num_seqs: its engine's ``--max-num-seqs`` (SGLang: ``--max-running-requests``).
         num_kv_cache_tokens: its KV capacity in tokens; default the profile's.
+        bootstrap_port: SGLang prefill instances: their ``--disaggregation-bootstrap-port`` (SGLang's default
+            8998), sent to the decoding instance with the host of ``url`` as ``bootstrap_host``.
     """
 
     url: str = Field(pattern=r"^https?://")
@@ -65,6 +69,7 @@ class InstanceConfig(_Strict):
     profile: str | None = None
     max_num_seqs: Annotated[int, Field(ge=1)] = 256
     num_kv_cache_tokens: Annotated[int, Field(ge=1)] | None = None
+    bootstrap_port: Annotated[int, Field(ge=1, le=65535)] = 8998
 
 
 class SloDefaults(_Strict):

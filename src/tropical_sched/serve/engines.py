@@ -1,17 +1,36 @@
-"""How the router shapes upstream requests for each engine (P/D parameters, SLOs, streaming)."""
+"""How the router shapes upstream requests for each engine (P/D parameters, SLOs, streaming).
+
+Two P/D protocols:
+
+* **vLLM** (sequential): the prefill instance runs with ``kv_transfer_params={"do_remote_decode": true}`` and
+  answers with the parameters the decoding instance needs; the router places the decode after the prefill.
+* **SGLang** (concurrent): the router picks the decoding instance first and sends the same request, with the
+  prefill instance's ``bootstrap_host`` / ``bootstrap_port`` and a fresh ``bootstrap_room``, to both at once; the
+  two engines meet at the prefill's bootstrap server, and the prefill waits until the decode side has reserved
+  KV space. The decode half's stream is the answer.
+"""
 
 from __future__ import annotations
 
+import random
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from tropical_sched.core.request import Slo
-from tropical_sched.serve.config import Engine
+from tropical_sched.serve.config import Engine, InstanceConfig
 
-__all__ = ["EngineDialect", "VllmDialect", "dialect_for"]
+__all__ = ["EngineDialect", "SglangDialect", "VllmDialect", "dialect_for"]
+
+_STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True}
 
 
 class EngineDialect(Protocol):
     """Engine-specific parts of the requests the router sends."""
+
+    def handoff(self, prefill_instance: InstanceConfig) -> dict[str, Any] | None:
+        """For concurrent P/D engines, the parameters that pair a prefill with its decode (sent to both before
+        either answers); ``None`` for sequential ones (their decode half needs the prefill's response)."""
+        ...
 
     def generation_body(self, body: dict[str, Any], slo: Slo, transfer: dict[str, Any] | None) -> dict[str, Any]:
         """The body of the request that streams tokens back (multiplexed, colocated, or the decode half of P/D).
@@ -19,16 +38,16 @@ class EngineDialect(Protocol):
         Args:
             body: the client's body.
             slo: the request's SLOs (they travel to the engine-side scheduler).
-            transfer: what the prefill instance returned for the KV transfer, for the decode half of P/D.
+            transfer: what pairs the decode half with its prefill (the prefill's response or the handoff).
         """
         ...
 
-    def prefill_body(self, body: dict[str, Any], slo: Slo) -> dict[str, Any]:
+    def prefill_body(self, body: dict[str, Any], slo: Slo, handoff: dict[str, Any] | None) -> dict[str, Any]:
         """The body of the prefill half of P/D (prefill only, keep the KV cache for a remote decoder)."""
         ...
 
     def transfer_params(self, response: dict[str, Any]) -> dict[str, Any]:
-        """What the decode half needs from the prefill half's response."""
+        """What the decode half needs from the prefill half's response (sequential engines)."""
         ...
 
 
@@ -44,17 +63,21 @@ class VllmDialect:
         xargs["tropical_tpot_slo_ms"] = round(slo.tpot_s * 1e3, 3)
         return xargs
 
+    def handoff(self, prefill_instance: InstanceConfig) -> dict[str, Any] | None:
+        """See :class:`EngineDialect` (vLLM's P/D is sequential: ``None``)."""
+        return None
+
     def generation_body(self, body: dict[str, Any], slo: Slo, transfer: dict[str, Any] | None) -> dict[str, Any]:
         """See :class:`EngineDialect`."""
         upstream = dict(body)
         upstream["stream"] = True
-        upstream["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+        upstream["stream_options"] = _STREAM_OPTIONS
         upstream["vllm_xargs"] = self._slo_xargs(body, slo)
         if transfer is not None:
             upstream["kv_transfer_params"] = transfer
         return upstream
 
-    def prefill_body(self, body: dict[str, Any], slo: Slo) -> dict[str, Any]:
+    def prefill_body(self, body: dict[str, Any], slo: Slo, handoff: dict[str, Any] | None) -> dict[str, Any]:
         """See :class:`EngineDialect` (vLLM's P/D proxy protocol: one token, no streaming)."""
         upstream = {k: v for k, v in body.items() if k not in ("stream_options", "min_tokens", "n")}
         upstream["stream"] = False
@@ -72,6 +95,62 @@ class VllmDialect:
         return params
 
 
+class SglangDialect:
+    """SGLang: ``bootstrap_host`` / ``bootstrap_port`` / ``bootstrap_room`` for P/D (any transfer backend:
+    Mooncake, NIXL, ``mooncake_tcp``), SLOs in ``custom_params`` (read by the Tropical plug-in as
+    ``tropical_ttft_slo_ms`` / ``tropical_tpot_slo_ms``), continuous usage statistics in the stream.
+
+    Args:
+        rng: source of bootstrap rooms (tests pass a seeded one).
+    """
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.SystemRandom()
+
+    @staticmethod
+    def _with_slo(body: dict[str, Any], slo: Slo) -> dict[str, Any]:
+        upstream = dict(body)
+        custom = dict(body.get("custom_params") or {})
+        custom["tropical_ttft_slo_ms"] = round(slo.ttft_s * 1e3, 3)
+        custom["tropical_tpot_slo_ms"] = round(slo.tpot_s * 1e3, 3)
+        upstream["custom_params"] = custom
+        return upstream
+
+    def handoff(self, prefill_instance: InstanceConfig) -> dict[str, Any] | None:
+        """See :class:`EngineDialect`: the prefill's bootstrap address and a fresh room (0 <= room < 2**63)."""
+        return {
+            "bootstrap_host": urlsplit(prefill_instance.url).hostname,
+            "bootstrap_port": prefill_instance.bootstrap_port,
+            "bootstrap_room": self._rng.randrange(2**63),
+        }
+
+    def generation_body(self, body: dict[str, Any], slo: Slo, transfer: dict[str, Any] | None) -> dict[str, Any]:
+        """See :class:`EngineDialect`."""
+        upstream = self._with_slo(body, slo)
+        upstream["stream"] = True
+        upstream["stream_options"] = _STREAM_OPTIONS
+        if transfer is not None:
+            upstream.update(transfer)
+        return upstream
+
+    def prefill_body(self, body: dict[str, Any], slo: Slo, handoff: dict[str, Any] | None) -> dict[str, Any]:
+        """See :class:`EngineDialect`: the same request with the handoff, not streamed (SGLang's prefill server
+        generates one token whatever ``max_tokens`` says)."""
+        if handoff is None:
+            raise ValueError("SGLang's prefill half needs the bootstrap handoff")
+        upstream = self._with_slo(body, slo)
+        upstream["stream"] = False
+        upstream.pop("stream_options", None)
+        upstream.update(handoff)
+        return upstream
+
+    def transfer_params(self, response: dict[str, Any]) -> dict[str, Any]:
+        """Not used: SGLang's decode half is paired by the handoff, not by the prefill's response."""
+        raise ValueError("SGLang's P/D is concurrent: the decode half is paired by the handoff")
+
+
 def dialect_for(engine: Engine) -> EngineDialect:
     """The dialect of an engine."""
+    if engine is Engine.SGLANG:
+        return SglangDialect()
     return VllmDialect()

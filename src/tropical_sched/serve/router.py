@@ -42,7 +42,7 @@ from tropical_sched.policies.base import PolicyContext
 from tropical_sched.policies.dispatcher import Dispatcher
 from tropical_sched.policies.registry import make_policy
 from tropical_sched.predictors.profile import Profile, load_profile
-from tropical_sched.serve.config import RouterConfig
+from tropical_sched.serve.config import Engine, RouterConfig
 from tropical_sched.serve.engines import dialect_for
 from tropical_sched.serve.metrics import RouterMetrics
 from tropical_sched.serve.openai import DONE, BadRequest, chunk_delta, error_body, iter_sse, prompt_token_count, sse
@@ -278,27 +278,35 @@ class Router:
             await asyncio.sleep(self.config.health_interval_s)
 
     async def _read_engine_metrics(self, instance: Instance) -> None:
+        """Read an instance's own view of its load: KV-cache usage and requests running + waiting.
+
+        vLLM: ``/metrics`` (``vllm:kv_cache_usage_perc``, ``vllm:num_requests_running`` / ``_waiting``).
+        SGLang: ``/v1/loads`` (0.5.9+; summed over data-parallel ranks), else ``/metrics`` (``sglang:token_usage``,
+        ``sglang:num_running_reqs``, ``sglang:num_queue_reqs``; needs ``--enable-metrics``).
+        """
         assert self._client is not None
         if not instance.healthy:
             return
+        reading: tuple[float | None, float | None] | None = None
         try:
-            response = await self._client.get(instance.url + "/metrics", timeout=2.0)
-            if response.status_code != 200:
-                return
-            values: dict[str, float] = {}
-            for family in text_string_to_metric_families(response.text):
-                for sample in family.samples:
-                    values[sample.name] = values.get(sample.name, 0.0) + sample.value
+            if instance.config.engine is Engine.SGLANG:
+                response = await self._client.get(instance.url + "/v1/loads", timeout=2.0)
+                if response.status_code == 200:
+                    reading = sglang_loads(response.json())
+            if reading is None:
+                response = await self._client.get(instance.url + "/metrics", timeout=2.0)
+                if response.status_code != 200:
+                    return
+                reading = prometheus_load(response.text)
         except (httpx.HTTPError, ValueError):
             return
-        usage = values.get("vllm:kv_cache_usage_perc")
+        usage, num_requests = reading
         if usage is not None and usage != instance.engine_kv_usage_fraction:
             instance.engine_kv_usage_fraction = usage
             instance.version += 1
             self.metrics.engine_kv_usage.labels(instance.url).set(usage)
-        running, waiting = values.get("vllm:num_requests_running"), values.get("vllm:num_requests_waiting")
-        if running is not None and waiting is not None:
-            instance.engine_num_requests = int(running + waiting)
+        if num_requests is not None:
+            instance.engine_num_requests = int(num_requests)
 
     async def _watch_engine_metrics(self) -> None:
         while True:
@@ -547,18 +555,27 @@ class Router:
                     raise _HttpError(503, f"rejected: {decision.reason}", "SLOUnattainable")
                 assert decision.worker_id is not None
                 target = self.instances[decision.worker_id]
+                prefill: _ConcurrentPrefill | None = None
                 try:
                     transfer = None
                     if decision.action is RouteAction.PREFILL:
-                        transfer = await self._remote_prefill(tracked, target, body, path)
+                        handoff = self._dialects[target.index].handoff(target.config)
+                        if handoff is None:  # sequential P/D (vLLM): the decode is placed after the prefill
+                            transfer = await self._remote_prefill(tracked, target, body, path, None)
                         placement: DecodePlacement = await self._await_decision(tracked, placement=True)
                         assert placement.worker_id is not None
+                        if handoff is not None:  # concurrent P/D (SGLang): both halves start now
+                            tracked.prefill_done_at_s = self.now_s()
+                            transfer = handoff
+                            prefill = _ConcurrentPrefill(
+                                target, asyncio.create_task(self._remote_prefill(tracked, target, body, path, handoff))
+                            )
                         target = self.instances[placement.worker_id]
                     upstream = self._dialects[target.index].generation_body(body, request.slo, transfer)
                     async with self._client.stream("POST", target.url + path, json=upstream) as response:
                         if response.status_code != 200:
                             await self._raise_for_status(target, response)
-                        async for event in iter_sse(response):
+                        async for event in _until_failed(iter_sse(response), prefill):
                             delta = chunk_delta(event, tracked.num_generated_tokens)
                             if delta.num_tokens:
                                 self._on_tokens(tracked, target, delta.num_tokens)
@@ -569,6 +586,8 @@ class Router:
                     outcome = "error"
                     raise
                 except (httpx.TransportError, _UpstreamFailed, ValueError) as exc:
+                    if prefill is not None and prefill.failed:
+                        target = prefill.instance
                     if isinstance(exc, (httpx.TransportError, _UpstreamFailed)):
                         self._set_health(target, False)
                     self._untrack(tracked)
@@ -581,6 +600,10 @@ class Router:
                         raise _HttpError(502, message, "UpstreamError") from None
                     yield error_body(message, "UpstreamError", 502)
                     return
+                finally:
+                    if prefill is not None:
+                        await prefill.close(tracked)
+                        self._count_in_flight(prefill.instance.index)
         finally:
             self._finish(tracked, outcome)
 
@@ -595,15 +618,17 @@ class Router:
         raise _UpstreamFailed(f"HTTP {response.status_code}: {message}")
 
     async def _remote_prefill(
-        self, tracked: Tracked, instance: Instance, body: dict[str, Any], path: str
+        self, tracked: Tracked, instance: Instance, body: dict[str, Any], path: str, handoff: dict[str, Any] | None
     ) -> dict[str, Any]:
-        """Run the prefill half of P/D; returns the transfer parameters for the decoding instance."""
+        """Run the prefill half of P/D; returns the transfer parameters for the decoding instance (the handoff
+        itself for concurrent engines)."""
         assert self._client is not None
-        upstream = self._dialects[instance.index].prefill_body(body, tracked.request.slo)
+        dialect = self._dialects[instance.index]
+        upstream = dialect.prefill_body(body, tracked.request.slo, handoff)
         response = await self._client.post(instance.url + path, json=upstream)
         if response.status_code != 200:
             await self._raise_for_status(instance, response)
-        transfer = self._dialects[instance.index].transfer_params(response.json())
+        transfer = handoff if handoff is not None else dialect.transfer_params(response.json())
         instance.remove(tracked)
         self._count_in_flight(instance.index)
         tracked.prefill_done_at_s = self.now_s()
@@ -668,6 +693,103 @@ class Router:
 
 
 _DISCONNECTED = object()
+
+
+def prometheus_load(text: str) -> tuple[float | None, float | None]:
+    """(KV-cache usage fraction, requests running + waiting) from an engine's Prometheus ``/metrics`` text
+    (vLLM's or SGLang's names; samples of one name are summed over their labels).
+
+    Raises:
+        ValueError: the text is not in the Prometheus exposition format.
+    """
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    for usage_name, running_name, waiting_name in (
+        ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting"),
+        ("sglang:token_usage", "sglang:num_running_reqs", "sglang:num_queue_reqs"),
+    ):
+        running, waiting = values.get(running_name), values.get(waiting_name)
+        usage = values.get(usage_name)
+        if usage is not None or running is not None:
+            total = running + waiting if running is not None and waiting is not None else None
+            return usage, total
+    return None, None
+
+
+def sglang_loads(payload: Any) -> tuple[float | None, float | None]:
+    """(KV-cache usage fraction, requests running + waiting) from SGLang's ``GET /v1/loads`` body, summed over
+    its data-parallel ranks (``loads[].num_used_tokens`` / ``max_total_num_tokens``, ``num_running_reqs``,
+    ``num_waiting_reqs``, and on a decode instance the requests whose KV cache is being received).
+
+    Raises:
+        ValueError: the body is not shaped like ``/v1/loads``.
+    """
+    loads = payload.get("loads") if isinstance(payload, dict) else None
+    if not isinstance(loads, list) or not loads:
+        raise ValueError("GET /v1/loads: expected a non-empty 'loads' list")
+    used = capacity = requests = 0.0
+    for rank in loads:
+        if not isinstance(rank, dict):
+            raise ValueError("GET /v1/loads: every entry of 'loads' must be an object")
+        used += float(rank.get("num_used_tokens", 0))
+        capacity += float(rank.get("max_total_num_tokens", 0))
+        requests += float(rank.get("num_running_reqs", 0)) + float(rank.get("num_waiting_reqs", 0))
+        disaggregation = rank.get("disaggregation")
+        if isinstance(disaggregation, dict):
+            requests += sum(
+                float(disaggregation.get(key, 0) or 0)
+                for key in ("decode_prealloc_queue_reqs", "decode_transfer_queue_reqs")
+            )
+    return (used / capacity if capacity > 0 else None), requests
+
+
+class _ConcurrentPrefill:
+    """The prefill half of a concurrent P/D request (SGLang), running while the decode half streams."""
+
+    def __init__(self, instance: Instance, task: asyncio.Task[dict[str, Any]]) -> None:
+        self.instance = instance
+        self.task = task
+
+    @property
+    def failed(self) -> bool:
+        """Whether the prefill half ended with an error."""
+        return self.task.done() and not self.task.cancelled() and self.task.exception() is not None
+
+    async def close(self, tracked: Tracked) -> None:
+        """Stop the prefill half if it still runs, and stop counting the request on its instance."""
+        if not self.task.done():
+            self.task.cancel()
+        with contextlib.suppress(BaseException):
+            await self.task
+        self.instance.remove(tracked)
+
+
+async def _until_failed(
+    events: AsyncIterator[dict[str, Any]], prefill: _ConcurrentPrefill | None
+) -> AsyncIterator[dict[str, Any]]:
+    """The decode half's events; raises the prefill half's error as soon as it fails (the decode half would
+    otherwise wait for KV that never comes)."""
+    if prefill is None:
+        async for event in events:
+            yield event
+        return
+    iterator = events.__aiter__()
+    while True:
+        following = asyncio.ensure_future(iterator.__anext__())
+        if not prefill.task.done():
+            await asyncio.wait({following, prefill.task}, return_when=asyncio.FIRST_COMPLETED)
+        if prefill.failed and not following.done():
+            following.cancel()
+            with contextlib.suppress(BaseException):
+                await following
+            raise prefill.task.exception()  # type: ignore[misc]
+        try:
+            event = await following
+        except StopAsyncIteration:
+            return
+        yield event
 
 
 async def _wait_disconnect(http: HttpRequest) -> None:

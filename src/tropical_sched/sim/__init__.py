@@ -1,6 +1,6 @@
 """Discrete-event simulator of a GPU serving cluster driven by the latency profiles, and the evaluations on it."""
 
-from tropical_sched.sim.config import ClusterConfig
+from tropical_sched.sim.config import ClusterConfig, DecodePlacementTime
 from tropical_sched.sim.experiment import Experiment, ExperimentResult, PolicyOutcome, run_experiment
 from tropical_sched.sim.goodput import (
     CurvePoint,
@@ -26,6 +26,7 @@ from tropical_sched.sim.simulator import (
 __all__ = [
     "ClusterConfig",
     "CurvePoint",
+    "DecodePlacementTime",
     "Experiment",
     "ExperimentResult",
     "GoodputResult",

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from tropical_sched.core.errors import check_fields
 
-__all__ = ["ClusterConfig"]
+__all__ = ["ClusterConfig", "DecodePlacementTime"]
+
+
+class DecodePlacementTime(str, enum.Enum):
+    """When a P/D request's decode worker is chosen (and its KV space reserved there)."""
+
+    AFTER_PREFILL = "after-prefill"
+    """When the prefill finishes (vLLM's P/D protocol: the decode half is sent with the prefill's answer)."""
+    AT_ROUTE = "at-route"
+    """When the request is routed, before its prefill starts (SGLang's protocol: both halves are sent at once,
+    the decode side pre-allocates KV and the prefill waits for that handshake). The prefill is queued only once a
+    decode worker takes it, and the reserved KV is held during the prefill."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -22,6 +34,7 @@ class ClusterConfig:
         kv_link_bandwidth_bytes_per_s: bandwidth of a worker-to-worker KV transfer; ``None`` for the profile's
             (NVLink within a node: TP x per-GPU link bandwidth).
         kv_transfer_latency_s: fixed cost added to every KV transfer (connector handshake), seconds.
+        decode_placement: when a P/D request's decode worker is chosen (:class:`DecodePlacementTime`).
     """
 
     num_workers: int = 2
@@ -30,6 +43,7 @@ class ClusterConfig:
     num_kv_cache_tokens: int | None = None
     kv_link_bandwidth_bytes_per_s: float | None = None
     kv_transfer_latency_s: float = 0.0
+    decode_placement: DecodePlacementTime = DecodePlacementTime.AFTER_PREFILL
 
     def __post_init__(self) -> None:
         checks = {

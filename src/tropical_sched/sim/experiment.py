@@ -12,7 +12,7 @@ from tropical_sched.core.slo import SloSpec
 from tropical_sched.metrics.attainment import AttainmentSummary, summarize, summarize_by_class
 from tropical_sched.policies.registry import make_policy, policy_names
 from tropical_sched.predictors.profile import Profile, load_profile
-from tropical_sched.sim.config import ClusterConfig
+from tropical_sched.sim.config import ClusterConfig, DecodePlacementTime
 from tropical_sched.sim.simulator import SimulationResult, policy_context, simulate
 from tropical_sched.workloads.traces import load_trace
 from tropical_sched.workloads.workload import ArrivalProcess, Overlength, Workload, make_workload
@@ -56,6 +56,8 @@ class Experiment:
         policy_options: per policy name, options for its config.
         max_num_seqs: engine batch limit per worker.
         kv_link_bandwidth_bytes_per_s: KV transfer bandwidth; ``None`` for the profile's NVLink.
+        decode_placement: when P/D requests get their decode worker: ``after-prefill`` (vLLM's protocol) or
+            ``at-route`` (SGLang's), see :class:`~tropical_sched.sim.config.DecodePlacementTime`.
     """
 
     trace: str = DEFAULT_TRACE
@@ -73,6 +75,7 @@ class Experiment:
     policy_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     max_num_seqs: int = 256
     kv_link_bandwidth_bytes_per_s: float | None = None
+    decode_placement: DecodePlacementTime | str = DecodePlacementTime.AFTER_PREFILL
 
     def __post_init__(self) -> None:
         if not self.policies:
@@ -92,6 +95,7 @@ class Experiment:
             num_prefill_workers=self.num_prefill_workers,
             max_num_seqs=self.max_num_seqs,
             kv_link_bandwidth_bytes_per_s=self.kv_link_bandwidth_bytes_per_s,
+            decode_placement=DecodePlacementTime(self.decode_placement),
         )
 
     def make_workload(self, profile: Profile) -> Workload:

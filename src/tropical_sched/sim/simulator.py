@@ -27,7 +27,7 @@ from tropical_sched.policies.dispatcher import Dispatcher, DispatchStats
 from tropical_sched.policies.registry import make_policy
 from tropical_sched.predictors.output_length import LengthSamples
 from tropical_sched.predictors.profile import Profile
-from tropical_sched.sim.config import ClusterConfig
+from tropical_sched.sim.config import ClusterConfig, DecodePlacementTime
 from tropical_sched.sim.worker import Job, SimWorker
 from tropical_sched.workloads.workload import Workload
 
@@ -192,6 +192,8 @@ class _Simulation:
         self.transfer_latency_s = cluster.kv_transfer_latency_s
         self.jobs = [Job(r, n) for r, n in zip(requests, num_output_tokens, strict=True)]
         self.dispatcher = Dispatcher(policy)
+        self.place_at_route = cluster.decode_placement is DecodePlacementTime.AT_ROUTE
+        self._awaiting_placement: dict[str, SimWorker] = {}  # request id -> its prefill worker (at-route)
         self.heap: list[tuple[float, int, int, Any]] = []
         self.sequence = itertools.count()
         self.now_s = 0.0
@@ -220,14 +222,28 @@ class _Simulation:
         worker = self.workers[decision.worker_id]
         if decision.action is RouteAction.MULTIPLEX:
             job.multiplexed = True
+        if decision.action is RouteAction.PREFILL and self.place_at_route:
+            # SGLang's P/D: the decode worker is chosen first; the prefill is queued once one takes it.
+            self._awaiting_placement[request.request_id] = worker
+            self.dispatcher.submit_decode(request)
+            return
         worker.enqueue_prefill(job)
 
     def apply_placement(self, request: Request, placement: DecodePlacement) -> None:
         job = self._jobs_by_id[request.request_id]
         assert placement.worker_id is not None
-        assert job.prefill_worker_id is not None
         destination = self.workers[placement.worker_id]
+        job.placed_at_s = self.now_s
         destination.reserve_incoming(job)
+        prefill_worker = self._awaiting_placement.pop(request.request_id, None)
+        if prefill_worker is not None:
+            job.decode_destination = destination
+            prefill_worker.enqueue_prefill(job)
+            return
+        assert job.prefill_worker_id is not None
+        self._start_transfer(job, destination)
+
+    def _start_transfer(self, job: Job, destination: SimWorker) -> None:
         duration_s = self.transfer_latency_s + job.prefill_target * self.transfer_s_per_token
         heapq.heappush(self.heap, (self.now_s + duration_s, next(self.sequence), _TRANSFER_DONE, (job, destination)))
 
@@ -286,7 +302,10 @@ class _Simulation:
                 if outcome.finished:
                     self.done(len(outcome.finished))
                 for job in outcome.handoffs:
-                    dispatcher.submit_decode(job.request)
+                    if job.decode_destination is not None:
+                        self._start_transfer(job, job.decode_destination)
+                    else:
+                        dispatcher.submit_decode(job.request)
             elif kind == _TRANSFER_DONE:
                 job, destination = payload
                 self.workers[job.prefill_worker_id].release_held(job)
@@ -302,6 +321,9 @@ class _Simulation:
                 dispatcher.dispatch(
                     self.snapshot, self.apply_route, self.apply_placement, retry_waiting=kind != _ARRIVAL
                 )
+                if self._awaiting_placement and dispatcher.num_pending_decodes:
+                    # At-route placement: requests routed in this round wait for their decode worker now.
+                    dispatcher.dispatch(self.snapshot, self.apply_route, self.apply_placement, retry_waiting=False)
             self.start_idle_workers()
             if on_event is not None:
                 on_event(SimEvent(at_s, _KIND_NAMES[kind], tuple(w.kv_used for w in self.workers)))

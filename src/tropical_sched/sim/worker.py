@@ -34,6 +34,7 @@ class Job:
     __slots__ = (
         "aborted",
         "context_base",
+        "decode_destination",
         "decode_worker_id",
         "epoch",
         "finished_at_s",
@@ -45,6 +46,7 @@ class Job:
         "num_generated",
         "num_output_tokens",
         "num_preemptions",
+        "placed_at_s",
         "prefill_state",
         "prefill_target",
         "prefill_worker_id",
@@ -65,6 +67,8 @@ class Job:
         self.finished_at_s: float | None = None
         self.prefill_worker_id: int | None = None
         self.decode_worker_id: int | None = None
+        self.decode_destination: SimWorker | None = None  # chosen before the prefill (at-route placement)
+        self.placed_at_s = 0.0  # when its decode worker was chosen
         self.multiplexed = False
         self.rejected = False
         self.reject_reason = ""
@@ -558,9 +562,13 @@ class SimWorker:
         extra = list(self.incoming.values()) + self.ready if include_pending else []
         if extra:
             ids = ids + tuple(j.request.request_id for j in extra)
-            first_token_at_s = first_token_at_s + tuple(j.first_token_at_s for j in extra)  # type: ignore[misc]
+            # A decode placed before its prefill (at-route placement) has no first token yet: its TPOT clock is
+            # counted from when it was placed, as the router does.
+            first_token_at_s = first_token_at_s + tuple(
+                j.first_token_at_s if j.first_token_at_s is not None else j.placed_at_s for j in extra
+            )
             tpot_slo_s = tpot_slo_s + tuple(j.request.slo.tpot_s for j in extra)
-            num_generated = num_generated + tuple(j.num_generated for j in extra)
+            num_generated = num_generated + tuple(max(j.num_generated, 1) for j in extra)
             num_context = num_context + tuple(j.prefill_target for j in extra)
         return DecodeBatch(
             request_ids=ids,

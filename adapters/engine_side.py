@@ -1,0 +1,247 @@
+"""The engine-side half of a policy, on duck-typed engine requests (no engine import: tested without one).
+
+Both adapters run the same code. A request provides ``request_id``, ``arrival_time`` (seconds on the ``clock``
+the :class:`EngineSide` is given), ``num_prompt_tokens``, ``num_computed_tokens``, ``num_output_tokens`` and
+``num_tokens``: vLLM's ``Request`` has them as they are; the SGLang adapter wraps its ``Req`` in a view. Each
+adapter says where the router's SLOs arrive (``tropical_ttft_slo_ms`` / ``tropical_tpot_slo_ms``): vLLM's
+``sampling_params.extra_args``, SGLang's ``sampling_params.custom_params``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tropical_sched.core.errors import ConfigError
+from tropical_sched.core.locate import validation_message
+from tropical_sched.core.snapshot import DecodeBatch, PrefillState, WorkerRole
+from tropical_sched.policies.base import LocalScheduler, PolicyContext
+from tropical_sched.policies.registry import make_policy
+from tropical_sched.predictors.profile import load_profile
+
+__all__ = ["EngineSide", "EngineSideConfig", "parse_engine_side_section"]
+
+
+class EngineSideConfig(BaseModel):
+    """What the engine-side half needs to know about its engine.
+
+    Attributes:
+        role: the instance's role in the deployment (as in the router's cluster file).
+        policy: the registered policy whose engine-local half runs here.
+        policy_options: options of that policy.
+        profile: latency profile for the slack-based prefill cap and the attainability check (name or file).
+        default_ttft_slo_ms: TTFT SLO of requests that carry none (``tropical_ttft_slo_ms``).
+        default_tpot_slo_ms: TPOT SLO of requests that carry none (``tropical_tpot_slo_ms``).
+        reject_unattainable: reject, with an error to the client, a request whose predicted TTFT (the prefills
+            queued ahead of it in the policy's order, then its own, on ``profile``) exceeds its TTFT SLO when it
+            arrives. Off by default: the router already rejects by the same rule before sending.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: WorkerRole = WorkerRole.COLOCATED
+    policy: str = "tropical"
+    policy_options: dict[str, Any] = Field(default_factory=dict)
+    profile: str = "a100-llama2-70b-tp4"
+    default_ttft_slo_ms: Annotated[float, Field(gt=0)] = 10_000.0
+    default_tpot_slo_ms: Annotated[float, Field(gt=0)] = 100.0
+    reject_unattainable: bool = False
+
+
+def parse_engine_side_section(section: Any, source: str) -> EngineSideConfig:
+    """Validate the ``tropical`` configuration section of an engine (``None``: defaults).
+
+    Args:
+        section: the parsed section (a mapping).
+        source: where it came from, for messages (``--additional-config tropical``, ``$TROPICAL_SGLANG_CONFIG``).
+
+    Raises:
+        ConfigError: the section is malformed (the message names the source, the field and the value).
+    """
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: must be an object, got {type(section).__name__}")
+    try:
+        return EngineSideConfig.model_validate(section)
+    except ValidationError as exc:
+        _, message = validation_message(exc.errors(), exc.error_count())  # type: ignore[arg-type]
+        raise ConfigError(f"{source}.{message.removeprefix('field ')}") from None
+
+
+class EngineSide:
+    """The policy's engine-local half, applied to an engine's request objects.
+
+    Args:
+        config: the engine-side configuration.
+        slo_args: where a request carries the router's SLOs: returns a mapping with (optionally)
+            ``tropical_ttft_slo_ms`` and ``tropical_tpot_slo_ms``.
+        source: where ``config`` came from, for error messages.
+        clock: seconds, monotonic; tests pass a fake one.
+
+    Raises:
+        ConfigError: the role is not one of the policy's, or the profile cannot be loaded.
+    """
+
+    def __init__(
+        self,
+        config: EngineSideConfig,
+        slo_args: Callable[[Any], Mapping[str, Any]],
+        *,
+        source: str = "tropical",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._slo_args = slo_args
+        self.profile = load_profile(config.profile)
+        policy = make_policy(
+            config.policy,
+            PolicyContext(step_time=self.profile.step_time, max_model_len=self.profile.max_model_len),
+            config.policy_options,
+        )
+        roles = set(policy.worker_roles(4, None))
+        if config.role not in roles:
+            raise ConfigError(
+                f"{source}.role = {config.role.value!r}: policy {config.policy!r} has the roles "
+                f"{sorted(r.value for r in roles)}"
+            )
+        self.local: LocalScheduler = policy.local_scheduler(config.role)
+        self._clock = clock
+        self._first_token_at: dict[str, float] = {}  # request id -> when its first output token was seen (s)
+        self.num_capped_steps = 0
+        self.num_requests_seen = 0
+        self.num_decode_skips = 0
+        self.num_rejected = 0
+
+    def now_s(self) -> float:
+        """The engine side's clock (seconds)."""
+        return self._clock()
+
+    def slo_ms(self, request: Any) -> tuple[float, float]:
+        """(TTFT, TPOT) SLO of a request in ms: what the router sent with it, else the defaults."""
+        extra = self._slo_args(request) or {}
+        return (
+            float(extra.get("tropical_ttft_slo_ms", self.config.default_ttft_slo_ms)),
+            float(extra.get("tropical_tpot_slo_ms", self.config.default_tpot_slo_ms)),
+        )
+
+    def prefill_state(self, request: Any) -> PrefillState:
+        """A request waiting for (or in) its prefill, as the policy sees it."""
+        ttft_ms, tpot_ms = self.slo_ms(request)
+        return PrefillState(
+            request_id=request.request_id,
+            arrival_at_s=float(request.arrival_time),
+            num_prompt_tokens=int(request.num_prompt_tokens),
+            num_computed_tokens=min(int(request.num_computed_tokens), int(request.num_prompt_tokens)),
+            ttft_slo_s=ttft_ms / 1e3,
+            tpot_slo_s=tpot_ms / 1e3,
+        )
+
+    def sort_key(self, request: Any) -> float:
+        """The waiting-queue key of a request (lower runs first), from the local scheduler."""
+        self.num_requests_seen += 1
+        return float(self.local.prefill_sort_key(self.prefill_state(request)))
+
+    def unattainable_reason(self, request: Any, queued: Iterable[Any]) -> str | None:
+        """Why a newly arrived request cannot meet its TTFT SLO here, or ``None`` (also when
+        ``reject_unattainable`` is off).
+
+        The predicted TTFT is the time already waited, plus the isolated prefill time of every queued prefill
+        that the policy's order puts ahead of it, plus its own (remaining) prefill time, all from the profile's
+        step-time model (the router's rule, Tropical design section "Routing").
+
+        Args:
+            request: the arriving request.
+            queued: the requests already waiting for their prefill on this engine.
+        """
+        if not self.config.reject_unattainable:
+            return None
+        state = self.prefill_state(request)
+        key = self.local.prefill_sort_key(state)
+        model = self.profile.step_time
+        ahead_s = 0.0
+        for other in queued:
+            other_state = self.prefill_state(other)
+            if self.local.prefill_sort_key(other_state) <= key:
+                ahead_s += model.prefill_time_s(other_state.num_remaining_tokens)
+        waited_s = max(0.0, self._clock() - state.arrival_at_s)
+        predicted_s = waited_s + ahead_s + model.prefill_time_s(state.num_remaining_tokens)
+        if predicted_s <= state.ttft_slo_s:
+            return None
+        self.num_rejected += 1
+        return (
+            f"SLO unattainable: predicted TTFT {predicted_s * 1e3:.1f} ms (waited {waited_s * 1e3:.1f} ms, "
+            f"{ahead_s * 1e3:.1f} ms of prefills ahead) exceeds the TTFT SLO {state.ttft_slo_s * 1e3:.1f} ms"
+        )
+
+    def observe_outputs(self, requests: Iterable[Any]) -> None:
+        """After a step: note when each request's first output token appeared (its TPOT clock starts there)."""
+        now = self._clock()
+        for request in requests:
+            if request.num_output_tokens > 0 and request.request_id not in self._first_token_at:
+                self._first_token_at[request.request_id] = now
+
+    def forget(self, request_ids: Iterable[str]) -> None:
+        """Drop finished requests."""
+        for request_id in request_ids:
+            self._first_token_at.pop(request_id, None)
+
+    def decode_batch(self, running: Iterable[Any]) -> DecodeBatch:
+        """The running requests that are decoding (prompt fully computed), as a :class:`DecodeBatch`."""
+        now = self._clock()
+        decodes = [r for r in running if r.num_computed_tokens >= r.num_prompt_tokens]
+        return DecodeBatch(
+            request_ids=tuple(r.request_id for r in decodes),
+            first_token_at_s=tuple(self._first_token_at.get(r.request_id, now) for r in decodes),
+            num_generated_tokens=tuple(max(int(r.num_output_tokens), 1) for r in decodes),
+            tpot_slo_s=tuple(self.slo_ms(r)[1] / 1e3 for r in decodes),
+            num_context_tokens=tuple(int(r.num_tokens) for r in decodes),
+        )
+
+    def prefill_token_cap(self, running: list[Any], waiting_head: Any | None) -> tuple[int, int] | None:
+        """The per-step prefill cap on a multiplexing worker, or ``None`` when there is nothing to cap.
+
+        Returns:
+            ``(number of running decodes, most prefill tokens this step)``.
+        """
+        if not self.local.caps_prefill_tokens:
+            return None
+        partial = next((r for r in running if r.num_computed_tokens < r.num_prompt_tokens), None)
+        first_prefill = partial if partial is not None else waiting_head
+        if first_prefill is None:
+            return None
+        decodes = self.decode_batch(running)
+        if not len(decodes):
+            return None
+        cap = self.local.prefill_token_cap(
+            now_s=self._clock(), decodes=decodes, num_prefix_tokens=int(first_prefill.num_computed_tokens)
+        )
+        if cap is None:
+            return None
+        self.num_capped_steps += 1
+        return len(decodes), cap
+
+    def decodes_to_skip(self, running: list[Any], num_waiting: int) -> list[Any]:
+        """The running decodes that sit this step out (SCORPIO's credit-based batching, Tempo's pacing).
+
+        Args:
+            running: vLLM's running requests.
+            num_waiting: requests in the waiting queue.
+
+        Returns:
+            The requests to leave out of this step; empty when the policy runs every decode.
+        """
+        if not self.local.selects_decodes:
+            return []
+        decodes = [r for r in running if r.num_computed_tokens >= r.num_prompt_tokens]
+        if not decodes:
+            return []
+        flags = self.local.select_decodes(
+            now_s=self._clock(), decodes=self.decode_batch(decodes), num_waiting_prefills=num_waiting
+        )
+        skipped = [request for request, runs in zip(decodes, flags, strict=True) if not runs]
+        self.num_decode_skips += len(skipped)
+        return skipped
