@@ -31,12 +31,9 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
-
-from tropical_sched.serve.testing import free_port
+from tropical_sched.serve.testing import free_port, wait_until_healthy
 
 SHIM = Path(__file__).resolve().parent.parent / "tests" / "engines" / "sglang_cpu_shim"
 ENV = {
@@ -64,17 +61,7 @@ class Process:
         )  # fmt: skip
 
     def wait_healthy(self, url: str, timeout_s: float = 900) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"exited {self.process.returncode}; see {self.log}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"{url} did not start; see {self.log}")
+        wait_until_healthy(url, self.process, self.log, timeout_s)
 
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):

@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from tropical_sched.serve.testing import free_port
+from tropical_sched.serve.testing import free_port, wait_until_healthy
 
 SCHEDULER = "tropical_sched.adapters.vllm.scheduler.make_scheduler"
 ENGINE_FLAGS = [
@@ -68,17 +68,7 @@ class Process:
         )
 
     def wait_healthy(self, url: str, timeout_s: float = 600) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"exited {self.process.returncode}; see {self.log}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"{url} did not start; see {self.log}")
+        wait_until_healthy(url, self.process, self.log, timeout_s)
 
     def stop(self) -> None:
         os.killpg(self.process.pid, 15)

@@ -24,7 +24,7 @@ import pytest
 
 from tropical_sched.serve.config import RouterConfig
 from tropical_sched.serve.router import Router
-from tropical_sched.serve.testing import ServerThread, free_port
+from tropical_sched.serve.testing import ServerThread, free_port, wait_until_healthy
 
 pytestmark = [
     pytest.mark.sglang,
@@ -67,16 +67,7 @@ class SglangServer:
             self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def wait_ready(self, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"SGLang exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"SGLang did not start:\n{self.log.read_text()[-3000:]}")
+        wait_until_healthy(self.url, self.process, self.log, max(1.0, deadline - time.monotonic()))
 
     def stop(self) -> None:
         self.process.terminate()

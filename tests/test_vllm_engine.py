@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import pytest
 
 from tropical_sched.serve.config import RouterConfig
 from tropical_sched.serve.router import Router
-from tropical_sched.serve.testing import ServerThread, free_port
+from tropical_sched.serve.testing import ServerThread, free_port, wait_until_healthy
 
 pytestmark = [
     pytest.mark.vllm,
@@ -217,17 +216,7 @@ class VllmServer:
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def wait_healthy(self, timeout_s: float = 600) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.process.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"vLLM on {self.url} did not start:\n{self.log()[-3000:]}")
+        wait_until_healthy(self.url, self.process, self.log_path, timeout_s)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -3,14 +3,38 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import httpx
 import uvicorn
 
-__all__ = ["ServerThread", "free_port"]
+__all__ = ["ServerThread", "free_port", "wait_until_healthy"]
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen[Any], log: Path, timeout_s: float = 600) -> None:
+    """Wait until a server process answers ``GET {url}/health`` with 200 (engines started by tests and benchmarks).
+
+    Raises:
+        RuntimeError: the process exited first (the message ends with its log's last 3,000 characters).
+        TimeoutError: it did not answer within ``timeout_s`` (same message tail).
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{url}: the server exited with {process.returncode}; {log}:\n{tail}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not start in {timeout_s:g} s; {log}:\n{log.read_text(errors='replace')[-3000:]}")
 
 
 def free_port() -> int:
