@@ -24,16 +24,14 @@ docs/sglang.md, "SGLang on a CPU"), and sglang-router 0.3.2 installed anywhere:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import shlex
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from tropical_sched.serve.testing import free_port, wait_until_healthy
+from tropical_sched.serve.testing import ServerProcess, free_port
 
 SHIM = Path(__file__).resolve().parent.parent / "tests" / "engines" / "sglang_cpu_shim"
 ENV = {
@@ -44,6 +42,7 @@ ENV = {
     "TROPICAL_SGLANG_CPU_PD_FIX": "1",
     "PYTHONPATH": str(SHIM),
 }
+START_TIMEOUT_S = 900  # an engine start on 2 busy cores
 ENGINE_FLAGS = [
     "--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
     "--disable-cuda-graph", "--max-total-tokens", "16384", "--mem-fraction-static", "0.1",
@@ -51,39 +50,21 @@ ENGINE_FLAGS = [
 ]  # fmt: skip
 
 
-class Process:
-    def __init__(self, command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.log = log
-        self._handle = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            command, stdout=self._handle, stderr=subprocess.STDOUT, env={**os.environ, **ENV, **(env or {})},
-            start_new_session=True,
-        )  # fmt: skip
-
-    def wait_healthy(self, url: str, timeout_s: float = 900) -> None:
-        wait_until_healthy(url, self.process, self.log, timeout_s)
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, 15)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, 9)
-        self._handle.close()
+def server_process(command: list[str], log: Path, env: dict[str, str] | None = None) -> ServerProcess:
+    return ServerProcess(command, log, {**ENV, **(env or {})})
 
 
-def sglang(model: Path, workdir: Path, name: str, flags: list[str], tropical: dict | None) -> tuple[Process, str]:
+def sglang(model: Path, workdir: Path, name: str, flags: list[str], tropical: dict | None) -> tuple[ServerProcess, str]:
     port = free_port()
     command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--host", "127.0.0.1"]
     command += ["--port", str(port), *ENGINE_FLAGS, *flags]
     env = {"TROPICAL_SGLANG_CONFIG": json.dumps(tropical)} if tropical else {"TROPICAL_SGLANG_CONFIG": ""}
-    return Process(command, workdir / f"{name}.log", env), f"http://127.0.0.1:{port}"
+    return server_process(command, workdir / f"{name}.log", env), f"http://127.0.0.1:{port}"
 
 
 def pd_pair(
     model: Path, workdir: Path, label: str, bootstrap_port: int, profile: Path | None
-) -> list[tuple[Process, str]]:
+) -> list[tuple[ServerProcess, str]]:
     prefill_flags = ["--disaggregation-mode", "prefill", "--disaggregation-transfer-backend", "mooncake_tcp"]
     prefill_flags += ["--disaggregation-bootstrap-port", str(bootstrap_port), "--disable-radix-cache"]
     decode_flags = ["--disaggregation-mode", "decode", "--disaggregation-transfer-backend", "mooncake_tcp"]
@@ -132,7 +113,7 @@ def main() -> None:
     if not profile.exists():
         process, url = sglang(model, workdir, "profiled", [], None)
         try:
-            process.wait_healthy(url)
+            process.wait_healthy(url, START_TIMEOUT_S)
             subprocess.run(
                 [sys.executable, "-m", "tropical_sched.profiling.cli", "sglang", "--endpoint", url, "--model",
                  str(model), "--served-model-name", "tiny", "--quick", "--out", str(profile), "--no-progress"],
@@ -145,15 +126,15 @@ def main() -> None:
     bootstrap_port = free_port()
     pair = pd_pair(model, workdir, "stock", bootstrap_port, None)
     router_port = free_port()
-    router = Process(
+    router = server_process(
         [*shlex.split(args.sglang_router), "--pd-disaggregation", "--prefill", pair[0][1], str(bootstrap_port),
          "--decode", pair[1][1], "--host", "127.0.0.1", "--port", str(router_port), "--policy", "round_robin"],
         workdir / "sglang-router.log",
     )  # fmt: skip
     try:
         for process, url in pair:
-            process.wait_healthy(url)
-        router.wait_healthy(f"http://127.0.0.1:{router_port}")
+            process.wait_healthy(url, START_TIMEOUT_S)
+        router.wait_healthy(f"http://127.0.0.1:{router_port}", START_TIMEOUT_S)
         label = "sglang-router PD (stock P + D)"
         results[label] = replay(args, f"http://127.0.0.1:{router_port}", profile, label, out / "sglang-router-pd.json")
     finally:
@@ -179,15 +160,15 @@ def main() -> None:
             }
         )
     )
-    router = Process(
+    router = server_process(
         [sys.executable, "-m", "tropical_sched.cli.main", "serve", "--config", str(config), "--port",
          str(router_port), "--log-level", "warning"],
         workdir / "tropical-router.log",
     )  # fmt: skip
     try:
         for process, url in pair:
-            process.wait_healthy(url)
-        router.wait_healthy(f"http://127.0.0.1:{router_port}")
+            process.wait_healthy(url, START_TIMEOUT_S)
+        router.wait_healthy(f"http://127.0.0.1:{router_port}", START_TIMEOUT_S)
         label = "tropical router (P + M)"
         results[label] = replay(args, f"http://127.0.0.1:{router_port}", profile, label, out / "tropical-router.json")
     finally:

@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from tropical_sched.serve.testing import free_port, wait_until_healthy
+from tropical_sched.serve.testing import ServerProcess, free_port
 
 SCHEDULER = "tropical_sched.adapters.vllm.scheduler.make_scheduler"
 ENGINE_FLAGS = [
@@ -55,33 +55,13 @@ ENGINE_FLAGS = [
 ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-class Process:
-    def __init__(self, command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.log = log
-        self._handle = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            command,
-            stdout=self._handle,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **ENV, **(env or {})},
-            start_new_session=True,
-        )
-
-    def wait_healthy(self, url: str, timeout_s: float = 600) -> None:
-        wait_until_healthy(url, self.process, self.log, timeout_s)
-
-    def stop(self) -> None:
-        os.killpg(self.process.pid, 15)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, 9)
-        self._handle.close()
+def server_process(command: list[str], log: Path, env: dict[str, str] | None = None) -> ServerProcess:
+    return ServerProcess(command, log, {**ENV, **(env or {})})
 
 
 def engine(
     model: Path, workdir: Path, name: str, role: str | None, kv_dir: Path, profile: Path, core: int | None = None
-) -> tuple[Process, str]:
+) -> tuple[ServerProcess, str]:
     """A vLLM OpenAI server; ``core`` pins its compute threads (vLLM's auto binding puts every engine on core 0
     and reserves the rest, so two engines on one machine would share one core)."""
     port = free_port()
@@ -116,7 +96,7 @@ def engine(
     env = {"VLLM_CACHE_ROOT": str(workdir / "cache")}
     if core is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = str(core % (os.cpu_count() or 1))
-    process = Process(command, workdir / f"{name}.log", env)
+    process = server_process(command, workdir / f"{name}.log", env)
     return process, f"http://127.0.0.1:{port}"
 
 
@@ -353,7 +333,7 @@ def tropical_pair(args: argparse.Namespace, model: Path, workdir: Path, profile:
             }
         )
     )
-    router = Process(
+    router = server_process(
         [
             sys.executable,
             "-m",

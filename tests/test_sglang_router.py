@@ -247,3 +247,15 @@ def test_dialects() -> None:
     assert body["stream"] is False
     assert "stream_options" not in body
     assert body["custom_params"] == {"tropical_ttft_slo_ms": 500.0, "tropical_tpot_slo_ms": 50.0}
+
+
+def test_server_process_reports_an_early_exit_with_its_log_and_stops_cleanly(tmp_path: Any) -> None:
+    import sys
+
+    from tropical_sched.serve.testing import ServerProcess
+
+    command = [sys.executable, "-c", "print('engine failed: no GPU'); raise SystemExit(3)"]
+    server = ServerProcess(command, tmp_path / "x.log")
+    with pytest.raises(RuntimeError, match=r"exited with 3(.|\n)*engine failed: no GPU"):
+        server.wait_healthy("http://127.0.0.1:9", timeout_s=30)
+    server.stop()  # already gone: no error

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -13,7 +17,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-__all__ = ["ServerThread", "free_port", "wait_until_healthy"]
+__all__ = ["ServerProcess", "ServerThread", "free_port", "wait_until_healthy"]
 
 
 def wait_until_healthy(url: str, process: subprocess.Popen[Any], log: Path, timeout_s: float = 600) -> None:
@@ -88,3 +92,38 @@ class ServerThread:
 
     def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
         self.stop()
+
+
+class ServerProcess:
+    """A server command (an engine, a router) run in a session of its own, its output in a log file.
+
+    Args:
+        command: the command line.
+        log: file that receives its stdout and stderr.
+        env: variables set over this process's environment.
+    """
+
+    def __init__(self, command: Sequence[str], log: Path, env: Mapping[str, str] | None = None) -> None:
+        self.log = log
+        self._handle = open(log, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            list(command),
+            stdout=self._handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+
+    def wait_healthy(self, url: str, timeout_s: float = 600) -> None:
+        """Wait until it answers ``GET {url}/health`` (see :func:`wait_until_healthy`)."""
+        wait_until_healthy(url, self.process, self.log, timeout_s)
+
+    def stop(self) -> None:
+        """SIGTERM to its whole process group, SIGKILL after 30 s; a process already gone is fine."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self._handle.close()
