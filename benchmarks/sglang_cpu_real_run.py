@@ -91,6 +91,27 @@ def replay(args: argparse.Namespace, url: str, profile: Path, label: str, path: 
     return json.loads(path.read_text())
 
 
+def replay_behind(
+    args: argparse.Namespace,
+    pair: list[tuple[ServerProcess, str]],
+    router: ServerProcess,
+    router_port: int,
+    profile: Path,
+    label: str,
+    path: Path,
+) -> dict:
+    """Wait for the engines and their router, replay the trace through the router, then stop them all."""
+    try:
+        for process, url in pair:
+            process.wait_healthy(url, START_TIMEOUT_S)
+        router.wait_healthy(f"http://127.0.0.1:{router_port}", START_TIMEOUT_S)
+        return replay(args, f"http://127.0.0.1:{router_port}", profile, label, path)
+    finally:
+        router.stop()
+        for process, _ in pair:
+            process.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="/tmp/tiny-llama", help="tiny model directory (built if missing)")
@@ -131,16 +152,8 @@ def main() -> None:
          "--decode", pair[1][1], "--host", "127.0.0.1", "--port", str(router_port), "--policy", "round_robin"],
         workdir / "sglang-router.log",
     )  # fmt: skip
-    try:
-        for process, url in pair:
-            process.wait_healthy(url, START_TIMEOUT_S)
-        router.wait_healthy(f"http://127.0.0.1:{router_port}", START_TIMEOUT_S)
-        label = "sglang-router PD (stock P + D)"
-        results[label] = replay(args, f"http://127.0.0.1:{router_port}", profile, label, out / "sglang-router-pd.json")
-    finally:
-        router.stop()
-        for process, _ in pair:
-            process.stop()
+    label = "sglang-router PD (stock P + D)"
+    results[label] = replay_behind(args, pair, router, router_port, profile, label, out / "sglang-router-pd.json")
 
     bootstrap_port = free_port()
     pair = pd_pair(model, workdir, "tropical", bootstrap_port, profile)
@@ -165,16 +178,8 @@ def main() -> None:
          str(router_port), "--log-level", "warning"],
         workdir / "tropical-router.log",
     )  # fmt: skip
-    try:
-        for process, url in pair:
-            process.wait_healthy(url, START_TIMEOUT_S)
-        router.wait_healthy(f"http://127.0.0.1:{router_port}", START_TIMEOUT_S)
-        label = "tropical router (P + M)"
-        results[label] = replay(args, f"http://127.0.0.1:{router_port}", profile, label, out / "tropical-router.json")
-    finally:
-        router.stop()
-        for process, _ in pair:
-            process.stop()
+    label = "tropical router (P + M)"
+    results[label] = replay_behind(args, pair, router, router_port, profile, label, out / "tropical-router.json")
     header = f"{'run':<32} {'joint':>6} {'TTFT ok':>7} {'TPOT ok':>7} {'TTFT P50/P90 s':>15} {'TPOT P50/P90 ms':>16}"
     print("\n" + header)
     for label, result in results.items():
