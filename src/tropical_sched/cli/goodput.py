@@ -10,8 +10,18 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from tropical_sched.cli._common import collect_warnings, progress_bar, report_notes_and_json, stderr, wide_console
-from tropical_sched.cli.simulate import _positive_float, _positive_int, add_experiment_arguments, build_experiment
+from tropical_sched.cli._common import (
+    collect_warnings,
+    fraction,
+    positive_float,
+    positive_int,
+    progress_bar,
+    report_notes_and_json,
+    stderr,
+    wide_console,
+    write_output,
+)
+from tropical_sched.cli.simulate import add_experiment_arguments, build_experiment
 from tropical_sched.core.errors import ConfigError
 from tropical_sched.metrics.plots import plot_goodput
 from tropical_sched.sim.goodput import GoodputResult, SearchSettings, SloScaleResult, run_goodput, run_slo_scale
@@ -31,25 +41,18 @@ def _seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def _fraction(text: str) -> float:
-    value = _positive_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]")
-    return value
-
-
 def _search_arguments(parser: argparse.ArgumentParser) -> None:
     search = parser.add_argument_group("search")
     search.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="seeds, comma-separated (default 0,1,2)")
-    search.add_argument("--target", type=_fraction, default=0.9, help="SLO attainment to reach (default 0.9)")
+    search.add_argument("--target", type=fraction, default=0.9, help="SLO attainment to reach (default 0.9)")
     search.add_argument(
         "--tolerance",
-        type=_positive_float,
+        type=positive_float,
         default=0.03,
         help="stop when the bracket is within this fraction (default 0.03)",
     )
-    search.add_argument("--max-evaluations", type=_positive_int, default=16, help="simulations per search (default 16)")
-    search.add_argument("--jobs", type=_positive_int, help="worker processes (default: CPU count, at most 8)")
+    search.add_argument("--max-evaluations", type=positive_int, default=16, help="simulations per search (default 16)")
+    search.add_argument("--jobs", type=positive_int, help="worker processes (default: CPU count, at most 8)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -120,15 +123,15 @@ def run_goodput_command(args: argparse.Namespace) -> int:
         max_evaluations=args.max_evaluations,
         initial_value=args.rate,
     )
-    if args.plot:
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
     with collect_warnings() as notes, progress_bar(not args.no_progress) as (start, advance):
         start("searches", len(experiment.policies) * len(args.seeds))
         result = run_goodput(experiment, seeds=args.seeds, settings=settings, jobs=args.jobs, progress=advance)
     render_goodput(result, wide_console(140))
     report_notes_and_json(notes, args.json, result.to_json())
     if args.plot:
-        for path in plot_goodput(result, args.plot):
+        written: list[Path] = []
+        write_output("--plot", args.plot, lambda: written.extend(plot_goodput(result, args.plot)))
+        for path in written:
             stderr.print(f"wrote {path}")
     return 0
 

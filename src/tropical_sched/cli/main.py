@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from tropical_sched._version import __version__
 from tropical_sched.cli import fake_engine, goodput, list_cmd, replay, serve, simulate, validate
-from tropical_sched.cli._common import OneLineErrorParser
+from tropical_sched.cli._common import OneLineErrorParser, check_outputs
 from tropical_sched.core.errors import TropicalError
 
 __all__ = ["build_parser", "main"]
@@ -39,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        check_outputs(args)  # before the work: a long simulation must not end in an unwritable --json path
         return int(args.func(args))
     except TropicalError as exc:
         print(f"{args.prog}: error: {exc}", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from tropical_sched.cli._common import collect_warnings, progress_bar, report_notes_and_json, wide_console
+from tropical_sched.cli._common import collect_warnings, http_url, progress_bar, report_notes_and_json, wide_console
 from tropical_sched.cli.simulate import (
     _positive_float,
     _positive_int,
@@ -15,7 +15,7 @@ from tropical_sched.cli.simulate import (
     render_summaries,
 )
 from tropical_sched.metrics.attainment import summarize
-from tropical_sched.predictors.profile import load_profile
+from tropical_sched.predictors.profile import load_profile, profile_from_json
 from tropical_sched.sim.experiment import DEFAULT_PROFILE
 from tropical_sched.sim.simulator import build_requests
 from tropical_sched.workloads.traces import load_trace
@@ -29,10 +29,25 @@ __all__ = ["add_request_arguments", "register", "replay_settings"]
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tropical replay``."""
-    from tropical_sched.serve.replay import replay_sync
+    from tropical_sched.serve.replay import probe_endpoint, replay_sync
 
-    profile = load_profile(args.profile)
-    max_model_len = args.max_model_len or profile.max_model_len
+    endpoint = probe_endpoint(args.url)
+    notes_before: list[str] = []
+    if args.profile is not None:
+        profile = load_profile(args.profile)
+    elif endpoint.router_profile is not None:
+        profile = profile_from_json(endpoint.router_profile, f"{args.url[0]}/v1/tropical/profile")
+        notes_before.append(f"SLOs from the router's profile {profile.name} (--profile to override)")
+    else:
+        profile = load_profile(DEFAULT_PROFILE)
+        notes_before.append(f"the endpoint is not a Tropical router: SLOs from the profile {DEFAULT_PROFILE}")
+    if args.max_model_len:
+        max_model_len = args.max_model_len
+    elif endpoint.max_model_len is not None:
+        max_model_len = endpoint.max_model_len
+        notes_before.append(f"context of {max_model_len} tokens from the endpoint's /v1/models")
+    else:
+        max_model_len = profile.max_model_len
     workload = make_workload(
         load_trace(args.trace),
         max_model_len=max_model_len,
@@ -61,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         f"replay of {args.trace} against {', '.join(args.url)}; {slo.describe()}", {args.label: summary}, console
     )
     console.print(f"workload: {workload.report.describe()}")
+    for note in notes_before:
+        console.print(f"note: {note}")
     failures = [r.reject_reason for r in records if r.rejected]
     if failures:
         console.print(f"{len(failures)} requests failed or were rejected; first: {failures[0]}")
@@ -128,6 +145,7 @@ def register(subparsers: Any) -> None:
         "--url",
         required=True,
         action="append",
+        type=http_url,
         help="base URL of the endpoint, e.g. http://127.0.0.1:8000; give it several times to spread the requests "
         "round-robin over several engines (a plain colocated deployment)",
     )
@@ -136,10 +154,15 @@ def register(subparsers: Any) -> None:
     target = parser.add_argument_group("target")
     target.add_argument(
         "--profile",
-        default=DEFAULT_PROFILE,
-        help="profile for SLOs given as multiples of the isolated prefill (default %(default)s)",
+        help="profile for SLOs given as multiples of the isolated prefill (default: the router's own, read from "
+        f"GET /v1/tropical/profile; {DEFAULT_PROFILE} against plain engines)",
     )
-    target.add_argument("--max-model-len", type=_positive_int, help="context limit (default: the profile's)")
+    target.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        help="context limit: longer requests are filtered or clipped (default: what the endpoint's /v1/models "
+        "reports, else the profile's)",
+    )
     target.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     target.add_argument(
         "--prompt-format",

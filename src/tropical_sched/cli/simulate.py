@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
 import math
+import types
+import typing
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from tropical_sched.cli._common import collect_warnings, progress_bar, report_notes_and_json, wide_console
+from tropical_sched.cli._common import (
+    collect_warnings,
+    positive_float,
+    positive_int,
+    progress_bar,
+    report_notes_and_json,
+    wide_console,
+)
 from tropical_sched.core.errors import ConfigError
 from tropical_sched.core.slo import SLO_CLASS_PRESETS, SloSpec, parse_slo_classes
 from tropical_sched.metrics.attainment import AttainmentSummary, summarize_by_class
-from tropical_sched.policies.registry import policy_names
+from tropical_sched.policies.registry import POLICIES, policy_names
 from tropical_sched.sim.config import DecodePlacementTime
 from tropical_sched.sim.experiment import (
     DEFAULT_POLICIES,
@@ -28,24 +39,9 @@ from tropical_sched.sim.experiment import (
 __all__ = ["add_experiment_arguments", "build_experiment", "register"]
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return value
+# The argument types live in _common; these names stay for the commands that import them from here.
+_positive_float = positive_float
+_positive_int = positive_int
 
 
 def _non_negative_int(text: str) -> int:
@@ -70,11 +66,54 @@ def _option_value(text: str) -> Any:
     return text
 
 
+def _option_type(policy: str, path: list[str]) -> Any:
+    """The annotated type of the option at ``path`` of ``policy``'s config dataclass (nested through dataclass
+    fields such as ``toggle``), or ``None`` if there is no such option (the policy registry then names it)."""
+    entry = POLICIES.get(policy)
+    kind: Any = entry.config_type if entry else None
+    for name in path:
+        if kind is None or not dataclasses.is_dataclass(kind):
+            return None
+        try:
+            kind = typing.get_type_hints(kind).get(name)
+        except (NameError, TypeError):  # an annotation only importable for type checkers: leave it to the policy
+            return None
+    return kind
+
+
+def _typed_option_value(item: str, text: str, kind: Any) -> Any:
+    """``text`` converted to the option's type ``kind``, so that a wrong value is refused here by name instead of
+    failing deep inside a policy (a string compared with a number)."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        members = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+        if len(members) < len(typing.get_args(kind)) and text.lower() == "none":
+            return None
+        kind = members[0] if len(members) == 1 else None
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise ConfigError(f"--policy-option {item!r}: the value must be true or false, got {text!r}")
+        return text.lower() == "true"
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"--policy-option {item!r}: the value must be an integer, got {text!r}") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--policy-option {item!r}: the value must be a number, got {text!r}") from None
+    if kind is str or (isinstance(kind, type) and issubclass(kind, enum.Enum)):
+        return text  # the config checks the choices and names them
+    return _option_value(text)
+
+
 def parse_policy_options(items: list[str]) -> dict[str, dict[str, Any]]:
-    """``POLICY.KEY=VALUE`` items (``tropical.toggle.enabled=false`` for nested toggle options) to a mapping.
+    """``POLICY.KEY=VALUE`` items (``tropical.toggle.enabled=false`` for nested toggle options) to a mapping, each
+    value converted to the type of its option.
 
     Raises:
-        ConfigError: an item is not of that form.
+        ConfigError: an item is not of that form, or its value does not fit the option's type.
     """
     options: dict[str, dict[str, Any]] = {}
     for item in items:
@@ -84,10 +123,19 @@ def parse_policy_options(items: list[str]) -> dict[str, dict[str, Any]]:
             raise ConfigError(
                 f"--policy-option {item!r} is not POLICY.KEY=VALUE (e.g. tropical.route_order=multiplex-first)"
             )
+        parent, kind = _option_type(parts[0], parts[1:-1]), _option_type(parts[0], parts[1:])
+        if parent is not None and not dataclasses.is_dataclass(parent):
+            raise ConfigError(f"--policy-option {item!r}: {'.'.join(parts[1:-1])} is an option, not a group of them")
+        if dataclasses.is_dataclass(kind):
+            example = dataclasses.fields(kind)[0].name
+            raise ConfigError(
+                f"--policy-option {item!r}: {'.'.join(parts[1:])} is a group of options; set them one by one, "
+                f"e.g. {key}.{example}=..."
+            )
         target = options.setdefault(parts[0], {})
         for part in parts[1:-1]:
             target = target.setdefault(part, {})
-        target[parts[-1]] = _option_value(value)
+        target[parts[-1]] = _typed_option_value(item, value, kind)
     return options
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
-from tropical_sched.cli._common import collect_warnings, progress_bar, report_notes_and_json, wide_console
+from tropical_sched.cli._common import collect_warnings, http_url, progress_bar, report_notes_and_json, wide_console
 from tropical_sched.cli.replay import add_request_arguments, replay_settings
 from tropical_sched.cli.simulate import add_experiment_arguments, build_experiment
 from tropical_sched.metrics.attainment import summarize
@@ -83,7 +83,9 @@ def register(subparsers: Any) -> None:
         "same requests with the same profile and configuration, and report measured and simulated TTFT and TPOT "
         "(P50, P90) and joint SLO attainment with their relative errors.",
     )
-    parser.add_argument("--url", required=True, help="base URL of the endpoint, e.g. http://127.0.0.1:8000")
+    parser.add_argument(
+        "--url", required=True, type=http_url, help="base URL of the endpoint, e.g. http://127.0.0.1:8000"
+    )
     add_experiment_arguments(parser)
     target = parser.add_argument_group("target")
     add_request_arguments(target)

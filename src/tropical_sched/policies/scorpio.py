@@ -199,7 +199,9 @@ class ScorpioPolicy(ColocatedBase):
             if len(worker.decodes) + len(worker.prefills) >= worker.max_num_seqs:
                 continue
             tpot_s, tightest_s = self.predicted_tpot_s(worker, request.slo.tpot_s, request.num_prompt_tokens)
-            if tpot_s > fraction * tightest_s:
+            # An idle worker admits it whatever the prediction: with nothing there to finish, the prediction can
+            # never improve, and waiting for it would leave the request waiting forever.
+            if tpot_s > fraction * tightest_s and (worker.decodes or worker.prefills):
                 continue
             if best is None or (worker.num_executing_tokens, worker.worker_id) < (
                 best.num_executing_tokens,

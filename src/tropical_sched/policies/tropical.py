@@ -434,11 +434,49 @@ class TropicalPolicy:
                 reason=f"TTFT SLO unattainable: no prefill worker can finish it in time and {mux_why}",
                 predicted=predicted,
             )
+        best_effort = self._best_effort_multiplexing(request, cluster)
+        if best_effort is not None:
+            return best_effort
         return RouteDecision(
             action=RouteAction.WAIT,
             worker_id=None,
             reason=f"no prefill worker can take it without breaking a TTFT deadline and {mux_why}",
             predicted=predicted,
+        )
+
+    def _best_effort_multiplexing(self, request: Request, cluster: ClusterSnapshot) -> RouteDecision | None:
+        """A request no path can serve within its SLO still must not wait while a worker that can run it idles.
+
+        Takes it to a multiplexing worker with nothing to run (no decodes and no prefill), or, when no prefill
+        worker is available at all (all down), to the multiplexing worker without a prefill outstanding whose
+        slack-capped chunks finish it first: the chunk cap still protects the decodes there. Ignores the toggle and
+        ``max_multiplexed_prompt_tokens``, which protect decodes that are not there, or guard a path that is gone.
+        Returns ``None`` if no such worker exists (the request waits, and the next state change retries it).
+        """
+        no_prefill_worker = not cluster.with_role(WorkerRole.PREFILL)
+        now_s = cluster.now_s
+        best: tuple[float, int] | None = None  # (predicted first token at, worker_id)
+        for worker in cluster.with_role(WorkerRole.MULTIPLEXING):
+            decodes = worker.decodes
+            if worker.prefills or (len(decodes) and not no_prefill_worker):
+                continue
+            if len(decodes) >= worker.max_num_seqs or worker.num_free_kv_tokens < request.num_prompt_tokens + 1:
+                continue
+            finish_at_s = now_s + self.config.queue_safety_factor * self.multiplexed_prefill_s(
+                worker, request.num_prompt_tokens, now_s
+            )
+            candidate = (finish_at_s, worker.worker_id)
+            if best is None or candidate < best:
+                best = candidate
+        if best is None:
+            return None
+        finish_at_s, worker_id = best
+        where = "no prefill worker is available" if no_prefill_worker else "an idle multiplexing worker takes it"
+        return RouteDecision(
+            action=RouteAction.MULTIPLEX,
+            worker_id=worker_id,
+            reason=f"best effort: no path meets the TTFT SLO and {where}",
+            predicted={"predicted_ttft_s": finish_at_s - request.arrival_at_s} if math.isfinite(finish_at_s) else {},
         )
 
     def place_decode(self, request: Request, cluster: ClusterSnapshot) -> DecodePlacement:

@@ -16,6 +16,7 @@ from tropical_sched.predictors.profile import (
     ValidRangeInfo,
     bundled_profile_names,
     load_profile,
+    profile_from_json,
     time_scaled,
     write_profile_file,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "ValidRangeInfo",
     "bundled_profile_names",
     "load_profile",
+    "profile_from_json",
     "step_features",
     "time_scaled",
     "write_profile_file",

@@ -42,6 +42,7 @@ __all__ = [
     "ValidRangeInfo",
     "bundled_profile_names",
     "load_profile",
+    "profile_from_json",
     "time_scaled",
     "write_profile_file",
 ]
@@ -360,10 +361,38 @@ def _parse_profile(text: str, path: str) -> ProfileFile:
             f"{PROFILE_SCHEMA_VERSION}); re-create the profile with tropical-profile",
         )
     try:
-        return ProfileFile.model_validate(raw)
+        profile = ProfileFile.model_validate(raw)
     except ValidationError as exc:
         loc, message = validation_message(exc.errors(), exc.error_count())  # type: ignore[arg-type]
         raise ProfileFormatError(path, line_of(text, loc), message) from None
+    problem = _physical_problem(profile)
+    if problem is not None:
+        loc, message = problem
+        raise ProfileFormatError(path, line_of(text, loc), message)
+    return profile
+
+
+# The coefficients that price the smallest step of each kind: a 1-token prefill alone, one decode of a 1-token context.
+_PREFILL_STEP_TERMS = ("const_s", "per_batched_token_s", "per_prefill_seq_s", "per_prefill_attention_pair_s")
+_DECODE_STEP_TERMS = ("const_s", "per_batched_token_s", "per_decode_seq_s", "per_decode_context_token_s")
+
+
+def _physical_problem(profile: ProfileFile) -> tuple[list[str | int], str] | None:
+    """What makes a schema-valid profile describe no real engine, as ``(loc, message)``; ``None`` if nothing.
+
+    The schema already refuses negative coefficients, a zero KV capacity and non-positive sample times. Left: a fit
+    in which some step costs nothing. With non-negative coefficients the smallest step of each kind is the cheapest,
+    so it is enough that it takes time; otherwise SLOs given as multiples of the isolated prefill or decode step
+    come out as 0 s and fail far from the file.
+    """
+    coefficients = profile.fit.coefficients
+    for kind, terms in (("prefill", _PREFILL_STEP_TERMS), ("decode", _DECODE_STEP_TERMS)):
+        if sum(coefficients[name] for name in terms) <= 0:
+            return ["fit", "coefficients"], (
+                f"field fit.coefficients: {', '.join(terms)} are all 0, so a {kind} step would take no time; "
+                "re-fit the profile from its samples (tropical-profile)"
+            )
+    return None
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
@@ -405,3 +434,17 @@ def write_profile_file(profile: ProfileFile, path: str | Path) -> None:
     sample_lines = ",\n".join("    " + json.dumps(s, separators=(", ", ": ")) for s in samples)
     text = head[:-2] + ',\n  "samples": [\n' + sample_lines + "\n  ]\n}\n"
     Path(path).write_text(text, encoding="utf-8")
+
+
+def profile_from_json(text: str, source: str) -> Profile:
+    """A profile from the text of a profile file that did not come from disk (e.g. a router's
+    ``GET /v1/tropical/profile``).
+
+    Args:
+        text: the profile file's JSON.
+        source: where it came from (a URL), named in errors.
+
+    Raises:
+        ProfileFormatError: the text is not a valid profile (``source`` and line named).
+    """
+    return Profile(_parse_profile(text, source), path=source)

@@ -7,15 +7,30 @@ from tropical_sched.serve.config import (
     InstanceConfig,
     RouterConfig,
     SloDefaults,
+    check_base_url,
+    engine_address,
     load_router_config,
 )
 from tropical_sched.serve.fake_engine import FakeEngine, FakeEngineStats
-from tropical_sched.serve.replay import ReplaySettings, replay, replay_sync
-from tropical_sched.serve.router import SLO_HEADERS, Router, parse_slo_headers
+from tropical_sched.serve.replay import EndpointInfo, ReplaySettings, probe_endpoint, replay, replay_sync
+from tropical_sched.serve.router import (
+    MAX_REQUEST_BODY_BYTES,
+    MAX_REQUEST_HEADER_BYTES,
+    ROUTE_HEADER,
+    SLO_HEADER_RANGE_MS,
+    SLO_HEADERS,
+    Router,
+    parse_slo_headers,
+)
 
 __all__ = [
+    "MAX_REQUEST_BODY_BYTES",
+    "MAX_REQUEST_HEADER_BYTES",
+    "ROUTE_HEADER",
     "SLO_HEADERS",
+    "SLO_HEADER_RANGE_MS",
     "ClusterFileError",
+    "EndpointInfo",
     "Engine",
     "FakeEngine",
     "FakeEngineStats",
@@ -24,8 +39,11 @@ __all__ = [
     "Router",
     "RouterConfig",
     "SloDefaults",
+    "check_base_url",
+    "engine_address",
     "load_router_config",
     "parse_slo_headers",
+    "probe_endpoint",
     "replay",
     "replay_sync",
 ]

@@ -18,18 +18,31 @@ Example::
 from __future__ import annotations
 
 import enum
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tropical_sched.core.errors import ConfigError, DataFormatError
-from tropical_sched.core.locate import line_of, validation_message
+from tropical_sched.core.locate import LocatedValueError, line_of, validation_message
 from tropical_sched.core.slo import SloSpec
 from tropical_sched.core.snapshot import WorkerRole
 
-__all__ = ["ClusterFileError", "Engine", "InstanceConfig", "RouterConfig", "SloDefaults", "load_router_config"]
+# check_base_url and engine_address are public helpers (the CLI checks --url with the first) but stay out of
+# __all__, which tropical_sched.serve re-exports whole.
+__all__ = [
+    "ClusterFileError",
+    "Engine",
+    "InstanceConfig",
+    "RouterConfig",
+    "SloDefaults",
+    "check_base_url",
+    "engine_address",
+    "load_router_config",
+]
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
@@ -49,6 +62,55 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def check_base_url(url: str) -> str:
+    """Check an engine's base URL: ``http`` or ``https``, a host, a port in 1-65535 if given, no query or fragment
+    (the router appends paths such as ``/v1/completions`` to it).
+
+    Returns:
+        ``url``, unchanged.
+
+    Raises:
+        ValueError: what is wrong, e.g. ``"has no host (expected e.g. http://10.0.0.1:8000)"``.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        raise ValueError(f"is not a URL ({exc})") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValueError("must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError("has no host (expected e.g. http://10.0.0.1:8000)")
+    try:
+        port = parts.port
+    except ValueError:  # out of range or not a number; urllib would otherwise pass it on to the socket layer
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"has port {parts.netloc.rpartition(':')[2]!r}, which is not a port number in 1-65535")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query or fragment (the router appends paths to it)")
+    return url
+
+
+def engine_address(url: str) -> tuple[str, int, str]:
+    """Where a base URL really points: ``(host, port, path)``, with the loopback and wildcard names of this machine
+    (``localhost``, ``127.x.x.x``, ``::1``, ``0.0.0.0``, ``::``) as one host and the scheme's default port filled
+    in, so that two spellings of one engine compare equal."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").rstrip(".").lower()
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if host == "localhost" or host.endswith(".localhost") or (ip is not None and (ip.is_loopback or ip.is_unspecified)):
+        host = "<this machine>"
+    elif ip is not None:
+        host = ip.compressed
+    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    return host, port, parts.path.rstrip("/")
+
+
 class InstanceConfig(_Strict):
     """One engine instance (one model replica, any number of GPUs).
 
@@ -63,13 +125,18 @@ class InstanceConfig(_Strict):
             8998), sent to the decoding instance with the host of ``url`` as ``bootstrap_host``.
     """
 
-    url: str = Field(pattern=r"^https?://")
+    url: str
     role: WorkerRole
     engine: Engine = Engine.VLLM
     profile: str | None = None
     max_num_seqs: Annotated[int, Field(ge=1)] = 256
     num_kv_cache_tokens: Annotated[int, Field(ge=1)] | None = None
     bootstrap_port: Annotated[int, Field(ge=1, le=65535)] = 8998
+
+    @field_validator("url")
+    @classmethod
+    def _base_url(cls, url: str) -> str:
+        return check_base_url(url)
 
 
 class SloDefaults(_Strict):
@@ -137,11 +204,18 @@ class RouterConfig(_Strict):
     unavailable_grace_s: PositiveFloat = 5.0
 
     @model_validator(mode="after")
-    def _unique_urls(self) -> RouterConfig:
-        urls = [instance.url.rstrip("/") for instance in self.instances]
-        duplicates = sorted({u for u in urls if urls.count(u) > 1})
-        if duplicates:
-            raise ValueError(f"instance URLs must be unique, repeated: {duplicates}")
+    def _unique_engines(self) -> RouterConfig:
+        # One engine listed twice would get twice its share of the requests and be counted as two workers.
+        first_at: dict[tuple[str, int, str], int] = {}
+        for index, instance in enumerate(self.instances):
+            earlier = first_at.setdefault(engine_address(instance.url), index)
+            if earlier != index:
+                raise LocatedValueError(
+                    ("instances", index, "url"),
+                    instance.url,
+                    f"the same engine as instances[{earlier}].url = {self.instances[earlier].url!r} (localhost, "
+                    "127.0.0.1, ::1 and 0.0.0.0 are all this machine; a missing port is the scheme's default)",
+                )
         return self
 
 
@@ -159,8 +233,8 @@ def load_router_config(path: str | Path) -> RouterConfig:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ClusterFileError(path, mark.line + 1 if mark else None, f"not valid YAML: {exc}") from None
+        line, message = _yaml_problem(exc)
+        raise ClusterFileError(path, line, f"not valid YAML: {message}") from None
     if not isinstance(raw, dict):
         raise ClusterFileError(path, 1, "expected a mapping with at least 'instances'")
     try:
@@ -168,3 +242,17 @@ def load_router_config(path: str | Path) -> RouterConfig:
     except ValidationError as exc:
         loc, message = validation_message(exc.errors(), exc.error_count())  # type: ignore[arg-type]
         raise ClusterFileError(path, line_of(text, loc), message) from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> tuple[int | None, str]:
+    """The line and a one-line description of a YAML error (PyYAML's own text quotes the source over 5-8 lines)."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return None, " ".join(str(exc).split())
+    mark = exc.problem_mark or exc.context_mark
+    problem = exc.problem or "malformed"
+    where = f" (column {mark.column + 1})" if mark else ""
+    context = ""
+    if exc.context:
+        context_line = f" at line {exc.context_mark.line + 1}" if exc.context_mark else ""
+        context = f", {exc.context}{context_line}"
+    return (mark.line + 1 if mark else None), f"{problem}{where}{context}"

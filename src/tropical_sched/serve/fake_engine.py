@@ -72,6 +72,7 @@ class FakeEngine:
             engine runs for ``role``, as the Tropical vLLM scheduler class does; ``None``: vLLM's default (FCFS,
             chunked prefill with ``max_num_batched_tokens``).
         role: the engine's role under ``policy``.
+        max_model_len: the context limit it reports on ``/v1/models`` and enforces, tokens; default the profile's.
     """
 
     def __init__(
@@ -87,15 +88,18 @@ class FakeEngine:
         chars_per_token: float = 4.0,
         policy: str | None = None,
         role: WorkerRole = WorkerRole.COLOCATED,
+        max_model_len: int | None = None,
     ) -> None:
         self.time_scale = time_scale
         self.engine_id = engine_id
         self.model = model
         self.chars_per_token = chars_per_token
-        self._max_model_len = profile.max_model_len
+        self._max_model_len = max_model_len or profile.max_model_len
         self.stats = FakeEngineStats()
         self.fail_after_tokens: int | None = None
         """Fault injection: drop every stream after this many tokens (``None``: never)."""
+        self.fail_with_status: int | None = None
+        """Fault injection: answer every generation request with this HTTP status (``None``: never)."""
         settings = EngineSettings(enable_chunked_prefill=True, max_num_batched_tokens=max_num_batched_tokens)
         local: LocalScheduler = FcfsScheduler()
         if policy is not None:
@@ -125,6 +129,7 @@ class FakeEngine:
                 Route("/health", self._health),
                 Route("/metrics", self._metrics),
                 Route("/v1/models", self._models),
+                Route("/tokenize", self._tokenize, methods=["POST"]),
             ],
             lifespan=self._lifespan,
         )
@@ -173,6 +178,15 @@ class FakeEngine:
         model = {"id": self.model, "object": "model", "max_model_len": self._max_model_len}
         return JSONResponse({"object": "list", "data": [model]})
 
+    async def _tokenize(self, http: HttpRequest) -> Response:
+        """vLLM's ``POST /tokenize``: the prompt's (or messages') token count, as this engine counts it."""
+        try:
+            body = await http.json()
+            count, _ = prompt_token_count(body, chat="messages" in body, chars_per_token=self.chars_per_token)
+        except (ValueError, BadRequest, AttributeError) as exc:
+            return JSONResponse(error_body(str(exc), "BadRequestError", 400), status_code=400)
+        return JSONResponse({"count": count, "max_model_len": self._max_model_len, "tokens": []})
+
     async def _metrics(self, request: HttpRequest) -> Response:
         worker = self._worker
         waiting = sum(1 for _, _, job in worker.prefills if job.num_computed == 0)
@@ -191,12 +205,19 @@ class FakeEngine:
         return await self._serve(request, chat=True)
 
     async def _serve(self, http: HttpRequest, *, chat: bool) -> Response:
+        if self.fail_with_status is not None:
+            message = f"fake engine fault injection: HTTP {self.fail_with_status}"
+            return JSONResponse(
+                error_body(message, "InternalServerError", self.fail_with_status), self.fail_with_status
+            )
         try:
             body = await http.json()
             if not isinstance(body, dict):
                 raise BadRequest("the request body must be a JSON object")
             num_prompt_tokens, _ = prompt_token_count(body, chat=chat, chars_per_token=self.chars_per_token)
-            max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+            asked = body.get("max_tokens") or body.get("max_completion_tokens")
+            # vLLM's default: whatever the context leaves (capped at 16 here, to keep fake answers short).
+            max_tokens = int(asked) if asked is not None else max(min(16, self._max_model_len - num_prompt_tokens), 1)
             if max_tokens < 1:
                 raise BadRequest(f"field 'max_tokens' must be >= 1, got {max_tokens}")
         except (ValueError, BadRequest) as exc:
@@ -207,6 +228,13 @@ class FakeEngine:
         if remote_decode:
             max_tokens = 1
         worker = self._worker
+        if num_prompt_tokens + max_tokens > self._max_model_len:
+            message = (
+                f"This model's maximum context length is {self._max_model_len} tokens. However, you requested "
+                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} in the "
+                "completion)."
+            )
+            return JSONResponse(error_body(message, "BadRequestError", 400), status_code=400)
         if num_prompt_tokens + max_tokens > worker.kv_capacity:
             message = f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceed the KV cache"
             return JSONResponse(error_body(message, "BadRequestError", 400), status_code=400)

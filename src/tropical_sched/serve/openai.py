@@ -11,29 +11,169 @@ import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import httpx
 from httpx_sse import EventSource, SSEError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from tropical_sched.core.errors import ConfigError
+from tropical_sched.core.locate import validation_message
 
 __all__ = [
     "DONE",
     "BadRequest",
+    "ChatCompletionBody",
+    "CompletionBody",
+    "GenerationBody",
+    "PayloadTooLarge",
     "StreamDelta",
+    "UnknownModel",
     "chunk_delta",
     "error_body",
     "iter_sse",
+    "parse_json_body",
     "prompt_token_count",
     "sse",
+    "validate_body",
 ]
 
 DONE = b"data: [DONE]\n\n"
 
 
 class BadRequest(ConfigError):
-    """A client request is malformed; the message names the field and the value (sent back with HTTP 400)."""
+    """A client request is malformed; the message names the field and the value (sent back with HTTP 400).
+
+    Subclasses answer with another 4xx status (``status``) and OpenAI error type (``kind``).
+    """
+
+    status: ClassVar[int] = 400
+    kind: ClassVar[str] = "BadRequestError"
+
+
+class PayloadTooLarge(BadRequest):
+    """The body (413) or the headers (431) exceed the router's limits."""
+
+    status: ClassVar[int] = 413
+
+    def __init__(self, message: str, status: int = 413) -> None:
+        super().__init__(message)
+        self.status = status  # type: ignore[misc]
+
+
+class UnknownModel(BadRequest):
+    """The request names a model no instance serves (404, as vLLM answers)."""
+
+    status: ClassVar[int] = 404
+    kind: ClassVar[str] = "NotFoundError"
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """Decode a request body: strict UTF-8, then JSON, which must be an object.
+
+    Raises:
+        BadRequest: the bytes are not UTF-8 (the offset is named), not JSON, nested too deeply for the parser,
+            or not an object.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"the request body is not valid UTF-8 (byte {exc.start}: {exc.reason})") from None
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"the request body is not JSON: {exc}") from None
+    except RecursionError:  # CPython's decoder recurses once per nesting level
+        raise BadRequest("the request body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+_XargValue = StrictStr | StrictInt | StrictFloat | StrictBool | list[StrictStr | StrictInt | StrictFloat]
+_ROUTER_FIELDS = ("kv_transfer_params", "bootstrap_host", "bootstrap_port", "bootstrap_room")
+
+
+class StreamOptions(BaseModel):
+    """``stream_options`` (OpenAI, plus vLLM's ``continuous_usage_stats``); other keys are ignored (the router sets
+    the upstream stream's options itself)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: StrictBool | None = None
+    continuous_usage_stats: StrictBool | None = None
+
+
+class GenerationBody(BaseModel):
+    """The fields of a completion or chat request that the router reads or rewrites, typed; other fields (sampling
+    parameters) pass through to the engine, which validates them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: Annotated[StrictStr, Field(min_length=1, max_length=1024)] | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    min_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=1)] | None = None
+    best_of: Annotated[StrictInt, Field(ge=1, le=1)] | None = None
+    vllm_xargs: dict[str, _XargValue] | None = None
+    custom_params: dict[str, Any] | None = None
+
+    @property
+    def num_max_tokens(self) -> int | None:
+        """``max_tokens`` or, failing that, ``max_completion_tokens``."""
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+
+class CompletionBody(GenerationBody):
+    """``POST /v1/completions``: ``prompt`` is text or token ids (validated by :func:`prompt_token_count`)."""
+
+    prompt: Any = None
+
+
+class ChatMessage(BaseModel):
+    """One chat message: a role and text (or content parts)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    content: StrictStr | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionBody(GenerationBody):
+    """``POST /v1/chat/completions``."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+
+
+def validate_body(body: dict[str, Any], *, chat: bool) -> GenerationBody:
+    """Check a client's request body against the typed subset of the OpenAI protocol the router accepts.
+
+    Returns:
+        The typed body (the router still forwards the client's own dict, with the fields it does not read).
+
+    Raises:
+        BadRequest: a field has the wrong type or value, a feature the router does not serve is asked for
+            (``n`` or ``best_of`` above 1), a router-owned field is set (``kv_transfer_params``, SGLang's
+            ``bootstrap_*``), or ``stream_options`` comes without ``stream``; the message names the field and
+            the value.
+    """
+    for name in _ROUTER_FIELDS:
+        if name in body:
+            raise BadRequest(f"field '{name}' is set by the router (P/D disaggregation); clients must not send it")
+    model = ChatCompletionBody if chat else CompletionBody
+    try:
+        typed = model.model_validate(body)
+    except ValidationError as exc:
+        _, message = validation_message(exc.errors(), exc.error_count())  # type: ignore[arg-type]
+        if any(e["loc"][:1] in (("n",), ("best_of",)) for e in exc.errors()):
+            message += " (the router serves one choice per request: n=1, best_of=1)"
+        raise BadRequest(message) from None
+    if typed.stream_options is not None and not typed.stream:
+        raise BadRequest("field stream_options is only allowed with stream=true")
+    return typed
 
 
 def sse(data: dict[str, Any]) -> bytes:
@@ -79,6 +219,9 @@ def prompt_token_count(body: dict[str, Any], *, chat: bool, chars_per_token: flo
             raise BadRequest("field 'prompt' is empty")
         return max(1, math.ceil(len(prompt) / chars_per_token)), False
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        negative = next((i for i, t in enumerate(prompt) if t < 0), None)
+        if negative is not None:
+            raise BadRequest(f"field 'prompt[{negative}]' = {prompt[negative]}: token ids must be >= 0")
         return len(prompt), True
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str) and prompt[0]:
         return max(1, math.ceil(len(prompt[0]) / chars_per_token)), False

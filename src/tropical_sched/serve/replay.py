@@ -22,7 +22,9 @@ from tropical_sched.core.request import Request, RequestRecord
 from tropical_sched.serve.openai import chunk_delta, iter_sse
 from tropical_sched.workloads.workload import Workload
 
-__all__ = ["ReplaySettings", "replay", "replay_sync"]
+__all__ = ["EndpointInfo", "ReplaySettings", "probe_endpoint", "replay", "replay_sync"]
+
+ROUTE_HEADER = "x-tropical-route"  # the router names each request's route (tropical_sched.serve.router)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,6 +62,54 @@ class ReplaySettings:
             raise ConfigError("prompt_format='tokens' needs endpoint='completions' (chat takes text messages)")
         if self.vocab_size <= 10:
             raise ConfigError(f"vocab_size must be > 10, got {self.vocab_size!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EndpointInfo:
+    """What the endpoints say about themselves before a replay.
+
+    Attributes:
+        max_model_len: the smallest context limit their ``/v1/models`` report (vLLM and SGLang list
+            ``max_model_len``), tokens; ``None`` if none reports one.
+        model: the first model id listed, if any.
+        router_profile: the profile file (JSON) a Tropical router predicts with
+            (``GET /v1/tropical/profile``); ``None`` for plain engines.
+    """
+
+    max_model_len: int | None
+    model: str | None
+    router_profile: str | None
+
+
+def probe_endpoint(urls: Sequence[str], timeout_s: float = 10.0) -> EndpointInfo:
+    """Ask each endpoint for its models and context limit, and the first for the router's profile.
+
+    Endpoints that do not answer are skipped (the replay reports their failures).
+    """
+    limits: list[int] = []
+    model = None
+    router_profile = None
+    with httpx.Client(timeout=timeout_s) as client:
+        for url in urls:
+            base = url.rstrip("/")
+            try:
+                response = client.get(base + "/v1/models")
+                data = response.json().get("data") if response.status_code == 200 else None
+            except (httpx.HTTPError, ValueError, AttributeError):
+                data = None
+            for entry in data if isinstance(data, list) else []:
+                if isinstance(entry, dict):
+                    if model is None and isinstance(entry.get("id"), str):
+                        model = entry["id"]
+                    if isinstance(entry.get("max_model_len"), int):
+                        limits.append(entry["max_model_len"])
+        try:
+            response = client.get(urls[0].rstrip("/") + "/v1/tropical/profile")
+            if response.status_code == 200 and response.headers.get("content-type", "").startswith("application/json"):
+                router_profile = response.text
+        except httpx.HTTPError:
+            pass
+    return EndpointInfo(max_model_len=min(limits) if limits else None, model=model, router_profile=router_profile)
 
 
 def _url(settings: ReplaySettings, index: int) -> str:
@@ -113,10 +163,12 @@ async def _one(
     first_at = last_at = None
     tokens = 0
     reason = ""
+    route = ""
     try:
         async with client.stream(
             "POST", _url(settings, index).rstrip("/") + path, json=body, headers=headers, timeout=settings.timeout_s
         ) as response:
+            route = response.headers.get(ROUTE_HEADER, "")
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")[:300]
                 reason = f"HTTP {response.status_code}: {text}"
@@ -134,6 +186,7 @@ async def _one(
     except (httpx.HTTPError, ValueError) as exc:
         reason = f"{type(exc).__name__}: {exc}"
     failed = bool(reason) or first_at is None
+    multiplexed = route == "multiplex"
     return RequestRecord(
         request_id=request.request_id,
         arrival_at_s=sent_at,
@@ -143,6 +196,7 @@ async def _one(
         tpot_slo_s=request.slo.tpot_s,
         first_token_at_s=None if failed else first_at,
         finished_at_s=None if failed else last_at,
+        multiplexed=multiplexed and not failed,
         rejected=failed,
         reject_reason=reason or ("no token" if failed else ""),
         slo_class=request.slo_class,

@@ -45,16 +45,50 @@ from tropical_sched.predictors.profile import Profile, load_profile
 from tropical_sched.serve.config import Engine, RouterConfig
 from tropical_sched.serve.engines import dialect_for
 from tropical_sched.serve.metrics import RouterMetrics
-from tropical_sched.serve.openai import DONE, BadRequest, chunk_delta, error_body, iter_sse, prompt_token_count, sse
+from tropical_sched.serve.openai import (
+    DONE,
+    BadRequest,
+    GenerationBody,
+    PayloadTooLarge,
+    UnknownModel,
+    chunk_delta,
+    error_body,
+    iter_sse,
+    parse_json_body,
+    prompt_token_count,
+    sse,
+    validate_body,
+)
 from tropical_sched.serve.state import Instance, Phase, Tracked
 
-__all__ = ["SLO_HEADERS", "Router", "parse_slo_headers"]
+__all__ = [
+    "MAX_REQUEST_BODY_BYTES",
+    "MAX_REQUEST_HEADER_BYTES",
+    "ROUTE_HEADER",
+    "SLO_HEADERS",
+    "SLO_HEADER_RANGE_MS",
+    "Router",
+    "parse_slo_headers",
+]
 
 SLO_HEADERS = {
     "ttft": ("x-slo-ttft-ms", "x-llm-d-slo-ttft-ms"),
     "tpot": ("x-slo-tpot-ms", "x-llm-d-slo-tpot-ms"),
 }
 """Per-request SLO headers, in milliseconds (ours first, then llm-d's)."""
+
+SLO_HEADER_RANGE_MS = {"ttft": (1.0, 3_600_000.0), "tpot": (1.0, 600_000.0)}
+"""Accepted SLO header values, ms (inclusive): a TTFT SLO from 1 ms to 1 h, a TPOT SLO from 1 ms to 10 min.
+Outside that range a value is a client's mistake (or an attack on the engines' arithmetic), not an SLO."""
+
+ROUTE_HEADER = "x-tropical-route"
+"""Response header naming the path a request's prefill took: ``prefill`` (P/D), ``multiplex``, ``colocated``."""
+
+MAX_REQUEST_BODY_BYTES = 32 << 20
+"""Largest request body accepted (413 beyond): a 128k-token prompt as token ids is about 1 MB."""
+
+MAX_REQUEST_HEADER_BYTES = 64 << 10
+"""Largest total size of a request's headers (431 beyond)."""
 
 _T = TypeVar("_T")
 _TICK_S = 0.02  # how often requests waiting at the router are retried while any wait
@@ -71,7 +105,8 @@ class _HttpError(Exception):
 
 
 class _UpstreamFailed(Exception):
-    """An instance failed in a way that justifies marking it down and retrying elsewhere."""
+    """An instance answered a request with a server error (5xx): the attempt failed and may be retried
+    (elsewhere, if the policy so decides); the instance stays in routing."""
 
 
 def parse_slo_headers(headers: Headers | dict[str, str], default: Slo) -> Slo:
@@ -79,20 +114,23 @@ def parse_slo_headers(headers: Headers | dict[str, str], default: Slo) -> Slo:
     ``x-llm-d-slo-*-ms``), else ``default``.
 
     Raises:
-        BadRequest: a header is not a positive finite number of milliseconds (the message names it).
+        BadRequest: a header is not a number of milliseconds within :data:`SLO_HEADER_RANGE_MS` (the message
+            names it and the value).
     """
     values = {"ttft": default.ttft_s, "tpot": default.tpot_s}
     for key, names in SLO_HEADERS.items():
+        low_ms, high_ms = SLO_HEADER_RANGE_MS[key]
         for name in names:
             raw = headers.get(name)
             if raw is None:
                 continue
+            shown = raw if len(raw) <= 40 else raw[:40] + "..."
             try:
                 value_ms = float(raw)
             except ValueError:
-                raise BadRequest(f"header {name} = {raw!r} is not a number of milliseconds") from None
-            if not (math.isfinite(value_ms) and value_ms > 0):
-                raise BadRequest(f"header {name} = {raw!r} must be a positive number of milliseconds")
+                raise BadRequest(f"header {name} = {shown!r} is not a number of milliseconds") from None
+            if not (math.isfinite(value_ms) and low_ms <= value_ms <= high_ms):
+                raise BadRequest(f"header {name} = {shown!r} must be between {low_ms:g} and {high_ms:g} milliseconds")
             values[key] = value_ms / 1e3
             break
     return Slo(ttft_s=values["ttft"], tpot_s=values["tpot"])
@@ -139,6 +177,7 @@ class Router:
         self._snapshot_key: tuple[float, ...] = ()
         self._snapshot: ClusterSnapshot | None = None
         self._snapshot_refreshed_at_s = 0.0
+        self._background_tasks: set[asyncio.Future[None]] = set()
         for instance in self.instances:
             self.metrics.instance_up.labels(instance.url, instance.role.value).set(1)
             self.metrics.in_flight.labels(instance.url).set(0)
@@ -149,6 +188,7 @@ class Router:
                 Route("/health", self._health),
                 Route("/metrics", self._metrics),
                 Route("/v1/models", self._models),
+                Route("/v1/tropical/profile", self._profile_endpoint),
             ],
             lifespan=self._lifespan,
         )
@@ -177,7 +217,10 @@ class Router:
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         timeout = httpx.Timeout(connect=5.0, read=self.config.request_timeout_s, write=30.0, pool=30.0)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=1024)
+        # Idle upstream connections are dropped after 2 s, before the engines' servers drop them (uvicorn's
+        # keep-alive timeout, which vLLM and SGLang keep at 5 s): reusing a connection the server is closing at
+        # that moment fails the request with a connection error before any response.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=1024, keepalive_expiry=2.0)
         self._client = httpx.AsyncClient(transport=self._transport, timeout=timeout, limits=limits)
         tasks = [asyncio.create_task(self._tick()), asyncio.create_task(self._watch_health())]
         if self.config.metrics_interval_s > 0:
@@ -185,7 +228,7 @@ class Router:
         try:
             yield
         finally:
-            for task in tasks:
+            for task in (*tasks, *self._background_tasks):
                 task.cancel()
             await self._client.aclose()
 
@@ -265,12 +308,46 @@ class Router:
                 self._dispatch()
 
     async def _probe(self, instance: Instance) -> None:
+        """``GET /health``; on a healthy instance whose models are not known yet, also ``GET /v1/models``."""
         assert self._client is not None
         try:
             response = await self._client.get(instance.url + "/health", timeout=2.0)
             self._set_health(instance, response.status_code == 200)
         except httpx.HTTPError:
             self._set_health(instance, False)
+        if instance.healthy and not instance.served_models:
+            await self._read_models(instance)
+
+    async def _read_models(self, instance: Instance) -> None:
+        """Learn an instance's model names and context limit from its ``/v1/models`` (vLLM and SGLang list
+        ``data[].id`` and ``data[].max_model_len``); an instance that does not answer is asked again later."""
+        assert self._client is not None
+        try:
+            response = await self._client.get(instance.url + "/v1/models", timeout=2.0)
+            data = response.json().get("data") if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return
+        if not isinstance(data, list):
+            return
+        names = tuple(str(m["id"]) for m in data if isinstance(m, dict) and isinstance(m.get("id"), str))
+        limits = [m["max_model_len"] for m in data if isinstance(m, dict) and isinstance(m.get("max_model_len"), int)]
+        instance.served_models = names
+        if limits:
+            instance.max_model_len = min(limits)
+
+    def _on_transport_error(self, instance: Instance, exc: Exception) -> None:
+        """An upstream call to ``instance`` failed below HTTP. A refused or timed-out connection means the
+        instance is down; other failures (a connection closed under a request, which a keep-alive race also
+        causes) trigger a health probe at once, which decides."""
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+            self._set_health(instance, False)
+        elif not isinstance(exc, httpx.PoolTimeout):  # the router's own pool, not the instance
+            self._background(self._probe(instance))
+
+    def _background(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background_tasks.add(task)
+        task.add_done_callback(self._background_tasks.discard)
 
     async def _watch_health(self) -> None:
         while True:
@@ -337,19 +414,115 @@ class Router:
                     return Response(response.content, status_code=response.status_code, media_type="application/json")
         return JSONResponse(error_body("no healthy instance", "ServiceUnavailable", 503), status_code=503)
 
+    async def _profile_endpoint(self, http: HttpRequest) -> Response:
+        """``GET /v1/tropical/profile[?instance=URL]``: the latency profile the router predicts with for that
+        instance (default: the router's own), in the profile-file schema, so that ``tropical simulate --profile``
+        and ``tropical replay`` can load it. 404 names an unknown instance."""
+        url = http.query_params.get("instance")
+        if url is None:
+            profile = self.profile
+        else:
+            instance = next((i for i in self.instances if i.url == url.rstrip("/")), None)
+            if instance is None:
+                message = f"query instance = {url!r} is not one of {[i.url for i in self.instances]}"
+                return JSONResponse(error_body(message, "NotFoundError", 404), status_code=404)
+            profile = self._profile(instance.config.profile)
+        return JSONResponse(profile.file.model_dump(mode="json"))
+
     async def _completions(self, http: HttpRequest) -> Response:
         return await self._serve(http, chat=False)
 
     async def _chat_completions(self, http: HttpRequest) -> Response:
         return await self._serve(http, chat=True)
 
-    def _new_request(self, http: HttpRequest, body: dict[str, Any], chat: bool) -> Request:
-        num_prompt_tokens, _ = prompt_token_count(body, chat=chat, chars_per_token=self.config.chars_per_token)
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-        if max_tokens is not None and (
-            not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
-        ):
-            raise BadRequest(f"field 'max_tokens' = {max_tokens!r} must be a positive integer")
+    async def _read_body(self, http: HttpRequest) -> dict[str, Any]:
+        """The request's JSON body, read up to :data:`MAX_REQUEST_BODY_BYTES` (headers checked first).
+
+        Raises:
+            BadRequest: the headers or body are too large, or the body is not a UTF-8 JSON object.
+        """
+        header_bytes = sum(len(name) + len(value) for name, value in http.headers.raw)
+        if header_bytes > MAX_REQUEST_HEADER_BYTES:
+            raise PayloadTooLarge(
+                f"request headers of {header_bytes} bytes exceed the limit of {MAX_REQUEST_HEADER_BYTES}", status=431
+            )
+        declared = http.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_REQUEST_BODY_BYTES:
+            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {MAX_REQUEST_BODY_BYTES}")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in http.stream():
+            size += len(chunk)
+            if size > MAX_REQUEST_BODY_BYTES:
+                raise PayloadTooLarge(f"request body exceeds the limit of {MAX_REQUEST_BODY_BYTES} bytes")
+            chunks.append(chunk)
+        return parse_json_body(b"".join(chunks))
+
+    async def _tokenize(self, body: dict[str, Any], chat: bool) -> int | None:
+        """The exact prompt length from a healthy instance's ``POST /tokenize`` (``prompt_tokens: tokenize``;
+        vLLM and SGLang answer ``{"count": N, ...}``), or ``None`` (token-id prompt, estimate configured, or no
+        instance answered: the router then estimates)."""
+        assert self._client is not None
+        if self.config.prompt_tokens != "tokenize" or (not chat and isinstance(body.get("prompt"), list)):
+            return None
+        payload = {key: body[key] for key in ("model", "messages" if chat else "prompt") if key in body}
+        if "model" not in payload and self.config.model:
+            payload["model"] = self.config.model
+        for instance in self.instances:
+            if not instance.healthy:
+                continue
+            try:
+                response = await self._client.post(instance.url + "/tokenize", json=payload, timeout=5.0)
+                count = response.json().get("count") if response.status_code == 200 else None
+            except (httpx.HTTPError, ValueError, AttributeError):
+                continue
+            if isinstance(count, int) and count >= 0:
+                return max(count, 1)
+        return None
+
+    def _new_request(
+        self,
+        http: HttpRequest,
+        body: dict[str, Any],
+        typed: GenerationBody,
+        chat: bool,
+        num_prompt_tokens: int | None = None,
+    ) -> Request:
+        """Check a client's request against the served models and context and build the request the policy sees.
+
+        Args:
+            http: the HTTP request (its SLO headers).
+            body: the client's body.
+            typed: the same body, validated (:func:`~tropical_sched.serve.openai.validate_body`).
+            chat: chat completions rather than completions.
+            num_prompt_tokens: the exact prompt length if it was tokenized; else it is counted from the body.
+
+        Raises:
+            BadRequest: a field or header is malformed or out of range, the model is unknown, or the prompt and
+                ``max_tokens`` cannot fit the served model's context (the message names the field and value).
+        """
+        served = self._served_models()
+        if typed.model is not None and served and typed.model not in served:
+            raise UnknownModel(
+                f"field model = {typed.model!r}: the model does not exist here (served: {sorted(served)})"
+            )
+        counted, exact = prompt_token_count(body, chat=chat, chars_per_token=self.config.chars_per_token)
+        if num_prompt_tokens is None:
+            num_prompt_tokens = counted
+        else:
+            exact = True
+        max_tokens = typed.num_max_tokens
+        max_model_len = self._max_model_len()
+        if max_tokens is not None and max_tokens >= max_model_len:
+            raise BadRequest(
+                f"field max_tokens = {max_tokens}: leaves no room for the prompt in the model's context of "
+                f"{max_model_len} tokens"
+            )
+        if exact and num_prompt_tokens + (max_tokens or 1) > max_model_len:
+            raise BadRequest(
+                f"field prompt: {num_prompt_tokens} prompt tokens + max_tokens {max_tokens or 1} exceed the model's "
+                f"context of {max_model_len} tokens"
+            )
         model = self.profile.step_time
         default = self._slo_spec.slo_for(
             num_prompt_tokens,
@@ -366,18 +539,28 @@ class Router:
             max_output_tokens=max_tokens,
         )
 
+    def _served_models(self) -> set[str]:
+        """Model names the instances serve (their ``/v1/models``, and the configured ``model``); empty while
+        unknown, in which case any name is passed on to the engine to judge."""
+        names = {name for instance in self.instances for name in instance.served_models}
+        if self.config.model:
+            names.add(self.config.model)
+        return names
+
+    def _max_model_len(self) -> int:
+        """The context limit requests are checked against: the smallest one an instance reports
+        (``/v1/models`` ``max_model_len``), else the profile's."""
+        reported = [i.max_model_len for i in self.instances if i.max_model_len is not None]
+        return min(reported) if reported else self.profile.max_model_len
+
     async def _serve(self, http: HttpRequest, *, chat: bool) -> Response:
         try:
-            body = await http.json()
-            if not isinstance(body, dict):
-                raise BadRequest("the request body must be a JSON object")
-            request = self._new_request(http, body, chat)
-        except json.JSONDecodeError as exc:
-            return JSONResponse(
-                error_body(f"the request body is not JSON: {exc}", "BadRequestError", 400), status_code=400
-            )
-        except (BadRequest, ConfigError) as exc:
-            return JSONResponse(error_body(str(exc), "BadRequestError", 400), status_code=400)
+            body = await self._read_body(http)
+            typed = validate_body(body, chat=chat)  # before a tokenizer sees it
+            request = self._new_request(http, body, typed, chat, await self._tokenize(body, chat))
+        except BadRequest as exc:
+            self.metrics.requests.labels("none", "invalid").inc()
+            return JSONResponse(error_body(str(exc), exc.kind, exc.status), status_code=exc.status)
         if self.config.model and "model" not in body:
             body["model"] = self.config.model
         if self.dispatcher.num_waiting >= self.config.max_waiting_requests:
@@ -400,15 +583,18 @@ class Router:
             await events.aclose()
             return Response(status_code=499)
         first = primed if isinstance(primed, dict) else None
+        headers = {ROUTE_HEADER: tracked.route or "none"}
         options = body.get("stream_options") or {}
         if wants_stream:
-            return StreamingResponse(self._relay(first, events, options), media_type="text/event-stream")
+            return StreamingResponse(
+                self._relay(first, events, options), media_type="text/event-stream", headers=headers
+            )
         result = await self._until_disconnect(http, self._aggregate(first, events, chat))
         if not isinstance(result, tuple):
             await events.aclose()
             return Response(status_code=499)
         status, payload = result
-        return JSONResponse(payload, status_code=status)
+        return JSONResponse(payload, status_code=status, headers=headers)
 
     async def _until_disconnect(self, http: HttpRequest, awaitable: Awaitable[_T]) -> _T | object:
         """Await ``awaitable`` unless the client disconnects first (then cancel it and return a marker)."""
@@ -588,8 +774,10 @@ class Router:
                 except (httpx.TransportError, _UpstreamFailed, ValueError) as exc:
                     if prefill is not None and prefill.failed:
                         target = prefill.instance
-                    if isinstance(exc, (httpx.TransportError, _UpstreamFailed)):
-                        self._set_health(target, False)
+                    # A 5xx (_UpstreamFailed) fails this attempt only: one client's request must never take an
+                    # instance out of routing. Only failures below HTTP, or the health probe, mark it down.
+                    if isinstance(exc, httpx.TransportError):
+                        self._on_transport_error(target, exc)
                     self._untrack(tracked)
                     tracked.first_token_at_s = None
                     if tracked.num_generated_tokens == 0 and tracked.attempts <= self.config.max_retries:

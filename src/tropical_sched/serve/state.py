@@ -76,6 +76,8 @@ class Instance:
         self.decodes: dict[str, Tracked] = {}  # request id -> request producing (or about to produce) tokens
         self.engine_kv_usage_fraction: float | None = None  # last value read from the engine's /metrics
         self.engine_num_requests: int | None = None  # running + waiting, as the engine reports
+        self.served_models: tuple[str, ...] = ()  # model ids its /v1/models lists (empty until read)
+        self.max_model_len: int | None = None  # context limit its /v1/models reports, tokens
         self.version = 0
         self._snapshot: WorkerSnapshot | None = None
         self._snapshot_version = -1

@@ -298,12 +298,18 @@ class _Simulation:
                 for job in outcome.first_tokens:
                     policy.on_first_token(job.request, at_s - job.request.arrival_at_s, at_s)
                 for job in outcome.finished:
+                    if job.decode_destination is not None:
+                        # Placed at route but done at its prefill (one output token): nothing will be transferred,
+                        # so the decode slot and KV reserved for it must be given back, or they leak for good.
+                        job.decode_destination.cancel_incoming(job)
+                        job.decode_destination = None
                     policy.on_finished(job.request, _tpot_s(job), at_s)
                 if outcome.finished:
                     self.done(len(outcome.finished))
                 for job in outcome.handoffs:
                     if job.decode_destination is not None:
                         self._start_transfer(job, job.decode_destination)
+                        job.decode_destination = None  # the reservation is the transfer's now
                     else:
                         dispatcher.submit_decode(job.request)
             elif kind == _TRANSFER_DONE:

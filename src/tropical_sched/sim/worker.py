@@ -50,6 +50,7 @@ class Job:
         "prefill_state",
         "prefill_target",
         "prefill_worker_id",
+        "queue_sequence",
         "reject_reason",
         "rejected",
         "request",
@@ -77,6 +78,7 @@ class Job:
         self.context_base = 0
         self.epoch = 0
         self.sort_key = 0.0
+        self.queue_sequence = 0  # tie-break among equal sort keys in its worker's prefill queue (enqueue order)
         self.prefill_state: PrefillState | None = None
         self.aborted = False
 
@@ -205,10 +207,20 @@ class SimWorker:
 
     # -- queue management ---------------------------------------------------------------------------------------
 
-    def enqueue_prefill(self, job: Job) -> None:
-        """Add a prefill to the queue (a routed request, or a preempted one to recompute)."""
+    def enqueue_prefill(self, job: Job, *, keep_place: bool = False) -> None:
+        """Add a prefill to the queue (a routed request, or a preempted one to recompute).
+
+        Args:
+            job: the prefill.
+            keep_place: re-queue a prefill that just ran a chunk here ahead of the prefills whose key equals its
+                fresh one, as before its chunk. A started prefill that fell behind an equal one would be preempted
+                to let it start (when sequence slots are short), which would then fall behind in turn: the two
+                would take turns forever, each losing its progress.
+        """
         job.sort_key = self.local.prefill_sort_key(job.make_prefill_state())
-        bisect.insort(self.prefills, (job.sort_key, next(self._sequence), job))
+        if not keep_place:
+            job.queue_sequence = next(self._sequence)
+        bisect.insort(self.prefills, (job.sort_key, job.queue_sequence, job))
         self.version += 1
 
     def reserve_incoming(self, job: Job) -> None:
@@ -222,6 +234,13 @@ class SimWorker:
         """The KV cache of ``job`` arrived: it joins the decodes at the next step."""
         del self.incoming[job.request.request_id]
         self.ready.append(job)
+        self.version += 1
+
+    def cancel_incoming(self, job: Job) -> None:
+        """Drop the KV reserved for ``job``, whose KV cache will never be transferred here (it finished on its
+        prefill worker: its first token was its last)."""
+        del self.incoming[job.request.request_id]
+        self.kv_used -= job.prefill_target
         self.version += 1
 
     def release_held(self, job: Job) -> None:
@@ -301,9 +320,10 @@ class SimWorker:
         job.num_computed = 0
         self.enqueue_prefill(job)
 
-    def _preempt_last_partial_prefill(self) -> bool:
-        """Free the KV of the last started prefill in the queue behind its head; returns whether one was found."""
-        for index in range(len(self.prefills) - 1, 0, -1):
+    def _preempt_last_partial_prefill(self, *, include_head: bool = False) -> bool:
+        """Free the KV of the last started prefill in the queue, behind its head unless ``include_head``; returns
+        whether one was found."""
+        for index in range(len(self.prefills) - 1, -1 if include_head else 0, -1):
             job = self.prefills[index][2]
             if job.num_computed:
                 del self.prefills[index]
@@ -354,6 +374,17 @@ class SimWorker:
             # Nothing else would run: a step with every decode beats an idle engine.
             self._step_skipped = []
             num_decodes, skipped_context = len(self.decodes), 0
+        # Decodes whose KV arrived hold KV but no sequence slot, while the started prefills filling the slots wait
+        # for KV: neither can move, and no event would wake the worker. The ready decodes go first (their KV was
+        # transferred here; a started prefill is recomputed from scratch): join them if a slot is free (the
+        # preemptions above may have freed one), else free one by preempting a started prefill, the head too.
+        if (
+            not num_decodes
+            and not chunks
+            and self.ready
+            and (self._seq_room() > 0 or self._preempt_last_partial_prefill(include_head=True))
+        ):
+            return self.start_step(now_s)  # bounded: each retry joins a ready decode or preempts a prefill
         if not num_decodes and not chunks:
             self._step_decodes = 0
             self._step_chunks = []
@@ -512,7 +543,7 @@ class SimWorker:
             for job, chunk in self._step_chunks:
                 job.num_computed += chunk
                 if job.num_computed < job.prefill_target:
-                    self.enqueue_prefill(job)  # re-keyed: its remaining tokens changed
+                    self.enqueue_prefill(job, keep_place=True)  # re-keyed: its remaining tokens changed
                     continue
                 self.num_partial_prefills -= 1
                 changed = True

@@ -13,7 +13,8 @@ tropical               ``[arrival_at_s,] num_prompt_tokens, num_output_tokens`` 
 mooncake (JSON lines)  ``{"timestamp": ms, "input_length": n, "output_length": m}``       yes (ms)
 =====================  =================================================================  ==============
 
-Errors name the file and the line (:class:`~tropical_sched.core.errors.TraceFormatError`).
+Arrival times must not go backwards from one row to the next. Errors name the file and the line
+(:class:`~tropical_sched.core.errors.TraceFormatError`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import csv
 import gzip
 import io
 import json
+import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 from typing import IO
@@ -130,9 +132,42 @@ def _positive_int(value: str | int | None, path: str, line: int, field: str) -> 
 
 def _float(value: str | float | None, path: str, line: int, field: str) -> float:
     try:
-        return float(value)  # type: ignore[arg-type]
+        number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise TraceFormatError(path, line, f"field {field!r} = {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise TraceFormatError(path, line, f"field {field!r} = {value!r} is not a finite number")
+    return number
+
+
+class _ArrivalOrder:
+    """Refuses a trace whose arrival times go backwards, at the first row that does.
+
+    Rows out of order mean a file shuffled or concatenated by mistake; sorting it silently would simulate a workload
+    nobody recorded.
+    """
+
+    def __init__(self, path: str, field: str) -> None:
+        self.path = path
+        self.field = field
+        self.previous: tuple[float, object, int] | None = None  # (time, value as written, line)
+
+    def check(self, at_s: float, value: object, line: int) -> float:
+        """Return ``at_s`` if it is not before the previous row's arrival.
+
+        Raises:
+            TraceFormatError: it is (names the line, both values and the previous row's line).
+        """
+        if self.previous is not None and at_s < self.previous[0]:
+            _, before, before_line = self.previous
+            raise TraceFormatError(
+                self.path,
+                line,
+                f"field {self.field!r} = {value!r} is earlier than {before!r} on line {before_line}: arrival times "
+                f"must not go backwards (sort the file by {self.field})",
+            )
+        self.previous = (at_s, value, line)
+        return at_s
 
 
 _CSV_FORMATS = (
@@ -167,6 +202,7 @@ def _read_csv(handle: IO[str], path: str) -> tuple[list[float] | None, list[int]
     i_prompt, i_output = header.index(prompt_col), header.index(output_col)
     i_arrival = header.index(arrival_col) if arrival_col else None
     arrivals: list[float] | None = [] if i_arrival is not None else None
+    order = _ArrivalOrder(path, arrival_col or "")
     prompts: list[int] = []
     outputs: list[int] = []
     for row in reader:
@@ -181,16 +217,21 @@ def _read_csv(handle: IO[str], path: str) -> tuple[list[float] | None, list[int]
             cell = row[i_arrival]
             if fmt == "azure":
                 try:
-                    arrivals.append(datetime.fromisoformat(cell.strip()).timestamp())
+                    at = datetime.fromisoformat(cell.strip())
                 except ValueError:
                     raise TraceFormatError(path, line, f"field 'TIMESTAMP' = {cell!r} is not a date-time") from None
+                # Naive times read as UTC: the machine's time zone, and its daylight-saving jumps, must not change
+                # the gaps (nor make a sorted file look unsorted).
+                at_s = (at if at.tzinfo else at.replace(tzinfo=timezone.utc)).timestamp()
             else:
-                arrivals.append(_float(cell, path, line, arrival_col or ""))
+                at_s = _float(cell, path, line, arrival_col or "")
+            arrivals.append(order.check(at_s, cell, line))
     return arrivals, prompts, outputs
 
 
 def _read_jsonl(handle: IO[str], path: str) -> tuple[list[float] | None, list[int], list[int]]:
     arrivals: list[float] = []
+    order = _ArrivalOrder(path, "timestamp")
     prompts: list[int] = []
     outputs: list[int] = []
     for line_number, line in enumerate(handle, start=1):
@@ -205,7 +246,8 @@ def _read_jsonl(handle: IO[str], path: str) -> tuple[list[float] | None, list[in
         for field in ("timestamp", "input_length", "output_length"):
             if field not in record:
                 raise TraceFormatError(path, line_number, f"missing field {field!r} (Mooncake format)")
-        arrivals.append(_float(record["timestamp"], path, line_number, "timestamp") / 1e3)
+        at_s = _float(record["timestamp"], path, line_number, "timestamp") / 1e3
+        arrivals.append(order.check(at_s, record["timestamp"], line_number))
         prompts.append(_positive_int(record["input_length"], path, line_number, "input_length"))
         outputs.append(_positive_int(record["output_length"], path, line_number, "output_length"))
     return arrivals, prompts, outputs
@@ -232,10 +274,7 @@ def _load_file(path: str, name: str, source: str) -> Trace:
     output = np.asarray(outputs, dtype=np.int64)
     arrival = None
     if arrivals is not None:
-        arrival = np.asarray(arrivals, dtype=np.float64)
-        order = np.argsort(arrival, kind="stable")
-        if not np.all(order == np.arange(len(order))):
-            arrival, prompt, output = arrival[order], prompt[order], output[order]
+        arrival = np.asarray(arrivals, dtype=np.float64)  # in order: the readers refuse a step backwards
         arrival = arrival - arrival[0]
     return Trace(name=name, num_prompt_tokens=prompt, num_output_tokens=output, arrival_at_s=arrival, source=source)
 
@@ -248,10 +287,10 @@ def load_trace(name_or_path: str | Path) -> Trace:
             gzip-compressed) in one of the formats in the module docstring.
 
     Returns:
-        The trace, with arrivals sorted and shifted to start at 0.
+        The trace, with arrivals shifted to start at 0.
 
     Raises:
-        TraceFormatError: the file is malformed (message gives path and line).
+        TraceFormatError: the file is malformed, or its arrival times go backwards (message gives path and line).
         UnknownNameError: neither a bundled name nor an existing file.
     """
     key = str(name_or_path)

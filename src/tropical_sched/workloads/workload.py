@@ -13,6 +13,11 @@ from tropical_sched.workloads.traces import Trace
 
 __all__ = ["ArrivalProcess", "Overlength", "Workload", "WorkloadReport", "make_workload"]
 
+# Gamma burstiness beyond these draws degenerate gaps: shape 1 / cv^2 overflows or underflows (a division by zero
+# deep in numpy), and well before that every gap is equal (cv -> 0) or all but one are 0 (cv -> inf).
+_MIN_BURSTINESS_CV = 0.01
+_MAX_BURSTINESS_CV = 100.0
+
 
 class Overlength(str, enum.Enum):
     """What to do with prompts that do not fit the model's context."""
@@ -122,7 +127,7 @@ def make_workload(
             traces; with real arrivals, rescales them.
         arrival_process: ``trace``, ``poisson`` or ``gamma``; default ``trace`` if the trace has arrivals, else
             ``poisson``.
-        burstiness_cv: coefficient of variation of Gamma inter-arrival times.
+        burstiness_cv: coefficient of variation of Gamma inter-arrival times, in [0.01, 100].
         overlength: ``filter`` or ``clip``.
         seed: seed of the generator used for sampling and arrivals.
         start_index: with a timed trace, start at this request (after filtering; wraps around), so that runs with
@@ -152,6 +157,11 @@ def make_workload(
         raise ConfigError(f"trace {trace.name} has no arrival times; use Poisson or Gamma arrivals with a rate")
     if arrival_process is not ArrivalProcess.TRACE and rate_per_s is None:
         raise ConfigError(f"{arrival_process.value} arrivals need a rate (rate_per_s / --rate) for {trace.name}")
+    if arrival_process is ArrivalProcess.GAMMA and not _MIN_BURSTINESS_CV <= burstiness_cv <= _MAX_BURSTINESS_CV:
+        raise ConfigError(
+            f"burstiness_cv (--burstiness) must be in [{_MIN_BURSTINESS_CV:g}, {_MAX_BURSTINESS_CV:g}] for gamma "
+            f"arrivals, got {burstiness_cv!r}"
+        )
     if num_requests is not None and num_requests < 1:
         raise ConfigError(f"num_requests must be >= 1, got {num_requests!r}")
     if start_index < 0:
