@@ -11,9 +11,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tropical_sched.core.errors import ConfigError
 from tropical_sched.core.request import Request
+
+if TYPE_CHECKING:  # core stays free of runtime imports beyond itself
+    from tropical_sched.predictors.step_time import StepTimeModel
 
 __all__ = [
     "ClusterSnapshot",
@@ -168,6 +172,11 @@ class WorkerSnapshot:
         is_available: False while the worker is marked down (router service) or draining.
         busy_until_s: when the engine step in flight ends, if known; nothing can be reordered before then.
             ``None``: idle, or unknown.
+        step_time: the step-time model of this worker as calibrated online from what it was seen doing;
+            ``None``: predict it with the policy's own model (the offline profile).
+        pd_hop_fixed_s: learned cost of the P/D hop of a request prefilled on this worker, beyond its prefill
+            (KV transfer set-up, the second HTTP round trip, the decoding instance's first step), seconds, >= 0.
+        pd_hop_per_prompt_token_s: the hop's cost per prompt token (the KV cache moved), seconds per token, >= 0.
     """
 
     worker_id: int
@@ -179,6 +188,9 @@ class WorkerSnapshot:
     max_num_seqs: int
     is_available: bool = True
     busy_until_s: float | None = None
+    step_time: StepTimeModel | None = None
+    pd_hop_fixed_s: float = 0.0
+    pd_hop_per_prompt_token_s: float = 0.0
     num_outstanding_prompt_tokens: int = field(init=False, default=0)
     """Prompt tokens still to prefill on this worker; derived from ``prefills``."""
 
