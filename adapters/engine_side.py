@@ -17,12 +17,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tropical_sched.core.errors import ConfigError
 from tropical_sched.core.locate import validation_message
-from tropical_sched.core.snapshot import DecodeBatch, PrefillState, WorkerRole
-from tropical_sched.policies.base import LocalScheduler, PolicyContext
+from tropical_sched.core.slack import QueueFinish, predicted_queue_finish
+from tropical_sched.core.snapshot import DecodeBatch, PrefillState, WorkerRole, WorkerSnapshot
+from tropical_sched.policies.base import FirstTokenPredictor, LocalScheduler, Policy, PolicyContext
 from tropical_sched.policies.registry import make_policy
 from tropical_sched.predictors.profile import load_profile
+from tropical_sched.predictors.step_time import StepTimeModel
 
 __all__ = ["EngineSide", "EngineSideConfig", "parse_engine_side_section"]
+
+_NO_SEQUENCE_LIMIT = 1 << 30  # an engine-side snapshot's max_num_seqs: the engine enforces its own
 
 
 class EngineSideConfig(BaseModel):
@@ -35,9 +39,10 @@ class EngineSideConfig(BaseModel):
         profile: latency profile for the slack-based prefill cap and the attainability check (name or file).
         default_ttft_slo_ms: TTFT SLO of requests that carry none (``tropical_ttft_slo_ms``).
         default_tpot_slo_ms: TPOT SLO of requests that carry none (``tropical_tpot_slo_ms``).
-        reject_unattainable: reject, with an error to the client, a request whose predicted TTFT (the prefills
-            queued ahead of it in the policy's order, then its own, on ``profile``) exceeds its TTFT SLO when it
-            arrives. Off by default: the router already rejects by the same rule before sending.
+        reject_unattainable: reject, with an error to the client, a request whose predicted first token (by the
+            policy's routing rule, on this engine's queue and step-time model: :meth:`EngineSide.unattainable_reason`)
+            is later than its TTFT deadline when it arrives. Off by default: the router already rejects by the same
+            rule before sending.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -97,7 +102,8 @@ class EngineSide:
         self.config = config
         self._slo_args = slo_args
         self.profile = load_profile(config.profile)
-        policy = make_policy(
+        self._step_time = self.profile.step_time
+        policy: Policy = make_policy(
             config.policy,
             PolicyContext(step_time=self.profile.step_time, max_model_len=self.profile.max_model_len),
             config.policy_options,
@@ -108,6 +114,7 @@ class EngineSide:
                 f"{source}.role = {config.role.value!r}: policy {config.policy!r} has the roles "
                 f"{sorted(r.value for r in roles)}"
             )
+        self.policy = policy
         self.local: LocalScheduler = policy.local_scheduler(config.role)
         self._clock = clock
         self._first_token_at: dict[str, float] = {}  # request id -> when its first output token was seen (s)
@@ -119,6 +126,21 @@ class EngineSide:
     def now_s(self) -> float:
         """The engine side's clock (seconds)."""
         return self._clock()
+
+    @property
+    def step_time(self) -> StepTimeModel:
+        """The step-time model of every engine-side prediction (the prefill cap, the unattainable check): the
+        profile's until :meth:`set_step_time` replaces it."""
+        return self._step_time
+
+    def set_step_time(self, model: StepTimeModel) -> None:
+        """Predict with ``model`` from now on (e.g. the engine's step-time model as calibrated online).
+
+        The local scheduler is rebuilt around it (:meth:`LocalScheduler.with_step_time`), keeping its per-request
+        state.
+        """
+        self._step_time = model
+        self.local = self.local.with_step_time(model)
 
     def slo_ms(self, request: Any) -> tuple[float, float]:
         """(TTFT, TPOT) SLO of a request in ms: what the router sent with it, else the defaults."""
@@ -145,36 +167,86 @@ class EngineSide:
         self.num_requests_seen += 1
         return float(self.local.prefill_sort_key(self.prefill_state(request)))
 
-    def unattainable_reason(self, request: Any, queued: Iterable[Any]) -> str | None:
-        """Why a newly arrived request cannot meet its TTFT SLO here, or ``None`` (also when
-        ``reject_unattainable`` is off).
+    def worker_snapshot(self, queued: Iterable[Any], running: Iterable[Any] = ()) -> WorkerSnapshot:
+        """This engine as the policy sees a worker: its prefills in the order it runs them and its decodes.
 
-        The predicted TTFT is the time already waited, plus the isolated prefill time of every queued prefill
-        that the policy's order puts ahead of it, plus its own (remaining) prefill time, all from the profile's
-        step-time model (the router's rule, Tropical design section "Routing").
+        The partial prefills among ``running`` come first (the engine continues them), then ``queued`` in the local
+        scheduler's order (stable). ``step_time`` is :attr:`step_time`. The engine side does not track the KV cache
+        or the step in flight: the snapshot has no ``busy_until_s``, an empty KV cache of the profile's capacity and
+        no sequence limit, which the first-token rules do not read.
+
+        Args:
+            queued: requests waiting for their prefill.
+            running: the running requests (decodes, and prefills the engine has started).
+        """
+        running = list(running)
+        partial = [self.prefill_state(r) for r in running if r.num_computed_tokens < r.num_prompt_tokens]
+        waiting = sorted((self.prefill_state(r) for r in queued), key=self.local.prefill_sort_key)
+        return WorkerSnapshot(
+            worker_id=0,
+            role=self.config.role,
+            prefills=(*partial, *waiting),
+            decodes=self.decode_batch(running),
+            num_kv_tokens_used=0,
+            num_kv_tokens_capacity=self.profile.num_kv_cache_tokens,
+            max_num_seqs=_NO_SEQUENCE_LIMIT,
+            step_time=self._step_time,
+        )
+
+    def predicted_first_token(self, request: Any, queued: Iterable[Any], running: Iterable[Any] = ()) -> QueueFinish:
+        """When a newly arrived request is predicted to produce its first token on this engine.
+
+        The policy's own routing rule when it has one (:class:`~tropical_sched.policies.base.FirstTokenPredictor`:
+        Tropical, SCORPIO), on :meth:`worker_snapshot`, so the engine predicts what the router predicts for this
+        worker; else :func:`~tropical_sched.core.slack.predicted_queue_finish` in the local scheduler's order, in
+        chunks of the policy's token budget when it asks for chunked prefill. Both use :attr:`step_time`.
 
         Args:
             request: the arriving request.
             queued: the requests already waiting for their prefill on this engine.
+            running: the running requests, if the caller has them (their partial prefills run first; a
+                multiplexing worker's decodes bound its chunks).
+        """
+        now_s = self._clock()
+        worker = self.worker_snapshot(queued, running)
+        new = self.prefill_state(request)
+        if isinstance(self.policy, FirstTokenPredictor):
+            return self.policy.predicted_first_token(worker, new, now_s)
+        settings = self.policy.engine_settings(self.config.role)
+        return predicted_queue_finish(
+            worker.prefills,
+            new,
+            now_s,
+            self._step_time,
+            chunk_tokens=settings.max_num_batched_tokens if settings.enable_chunked_prefill else None,
+            sort_key=self.local.prefill_sort_key,
+        )
+
+    def unattainable_reason(self, request: Any, queued: Iterable[Any], running: Iterable[Any] = ()) -> str | None:
+        """Why a newly arrived request cannot meet its TTFT SLO here, or ``None`` (also when
+        ``reject_unattainable`` is off).
+
+        It cannot when its predicted first token (:meth:`predicted_first_token`: the router's rule for this
+        worker, on this engine's queue and model) is later than its TTFT deadline (arrival + TTFT SLO).
+
+        Args:
+            request: the arriving request.
+            queued: the requests already waiting for their prefill on this engine.
+            running: the running requests, if the caller has them.
         """
         if not self.config.reject_unattainable:
             return None
         state = self.prefill_state(request)
-        key = self.local.prefill_sort_key(state)
-        model = self.profile.step_time
-        ahead_s = 0.0
-        for other in queued:
-            other_state = self.prefill_state(other)
-            if self.local.prefill_sort_key(other_state) <= key:
-                ahead_s += model.prefill_time_s(other_state.num_remaining_tokens)
-        waited_s = max(0.0, self._clock() - state.arrival_at_s)
-        predicted_s = waited_s + ahead_s + model.prefill_time_s(state.num_remaining_tokens)
-        if predicted_s <= state.ttft_slo_s:
+        finish = self.predicted_first_token(request, queued, running)
+        if finish.finish_at_s <= state.ttft_deadline_at_s:
             return None
         self.num_rejected += 1
+        waited_s = max(0.0, self._clock() - state.arrival_at_s)
         return (
-            f"SLO unattainable: predicted TTFT {predicted_s * 1e3:.1f} ms (waited {waited_s * 1e3:.1f} ms, "
-            f"{ahead_s * 1e3:.1f} ms of prefills ahead) exceeds the TTFT SLO {state.ttft_slo_s * 1e3:.1f} ms"
+            f"SLO unattainable: predicted TTFT {(finish.finish_at_s - state.arrival_at_s) * 1e3:.1f} ms (waited "
+            f"{waited_s * 1e3:.1f} ms, {finish.ahead_s * 1e3:.1f} ms of work ahead, {finish.own_s * 1e3:.1f} ms of "
+            f"its own prefill, {finish.after_prefill_s * 1e3:.1f} ms after it) exceeds the TTFT SLO "
+            f"{state.ttft_slo_s * 1e3:.1f} ms"
         )
 
     def observe_outputs(self, requests: Iterable[Any]) -> None:

@@ -8,10 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.conftest import make_decodes, make_prefill, make_request, make_worker
+from tests.conftest import make_decodes, make_model, make_prefill, make_request, make_worker
 from tropical_sched.core import (
     ConfigError,
     DecodeBatch,
+    PrefillState,
     RequestRecord,
     RouteAction,
     RouteDecision,
@@ -19,7 +20,8 @@ from tropical_sched.core import (
     SloSpec,
     WorkerRole,
     min_tpot_slack_s,
-    predicted_prefill_finish_at_s,
+    predicted_queue_finish,
+    queued_prefill_s,
     tpot_slack_s,
     ttft_slack_s,
 )
@@ -141,12 +143,106 @@ def test_min_tpot_slack_is_the_tightest_decode_less_its_margin() -> None:
     assert min_tpot_slack_s(DecodeBatch(), 0.5) == math.inf
 
 
-def test_predicted_prefill_finish_accumulates_with_safety_factor() -> None:
-    queue = [make_prefill(num_prompt_tokens=100), make_prefill(num_prompt_tokens=200, num_computed_tokens=100)]
-    finish = predicted_prefill_finish_at_s(
-        queue, 1.0, lambda p: 0.001 * (p.num_prompt_tokens - p.num_computed_tokens), safety_factor=2.0
+MODEL = make_model()  # 10 ms per step + 0.1 ms per token: a 100-token prefill alone takes 20 ms
+
+
+def _remaining_tokens(prefill: PrefillState) -> float:
+    return float(prefill.num_prompt_tokens - prefill.num_computed_tokens - prefill.num_scheduled_tokens)
+
+
+def test_queued_prefill_counts_the_tokens_in_flight_as_done_and_chunks() -> None:
+    running = make_prefill(num_prompt_tokens=300, num_computed_tokens=100, num_scheduled_tokens=100)
+    assert queued_prefill_s(running, MODEL) == pytest.approx(0.010 + 0.010)  # 100 tokens left, one step
+    assert queued_prefill_s(make_prefill(num_prompt_tokens=300), MODEL, 100) == pytest.approx(3 * 0.020)
+
+
+@pytest.mark.parametrize(
+    ("case", "queue", "options", "finish_at_s", "ahead_s", "broken"),
+    [
+        ("an empty queue: its own prefill, scaled", (), {"safety_factor": 2.0}, 1.04, 0.0, None),
+        ("the step in flight runs first", (), {"busy_until_s": 1.5}, 1.52, 0.5, None),
+        ("a step that already ended costs nothing", (), {"busy_until_s": 0.5}, 1.02, 0.0, None),
+        ("after the prefill (a P/D hop) delays only the first token", (), {"after_prefill_s": 0.3}, 1.32, 0.0, None),
+        (
+            "without an order it goes last",
+            (make_prefill(request_id="a", num_prompt_tokens=500), make_prefill(request_id="b", num_prompt_tokens=10)),
+            {},
+            1.0 + 0.060 + 0.011 + 0.020,
+            0.071,
+            None,
+        ),
+        (
+            "in the worker's order it overtakes longer prefills, not equal ones",
+            (make_prefill(request_id="a", num_prompt_tokens=100), make_prefill(request_id="b", num_prompt_tokens=500)),
+            {"sort_key": _remaining_tokens},
+            1.040,
+            0.020,
+            None,
+        ),
+        (
+            "it overtakes a longer prefill in flight at the next chunk boundary...",
+            (make_prefill(request_id="a", num_prompt_tokens=900, num_scheduled_tokens=100),),
+            {"sort_key": _remaining_tokens, "busy_until_s": 1.1},
+            1.12,
+            0.1,
+            None,
+        ),
+        (
+            "... unless the engine finishes a started prefill first",
+            (make_prefill(request_id="a", num_prompt_tokens=900, num_scheduled_tokens=100),),
+            {"sort_key": _remaining_tokens, "busy_until_s": 1.1, "in_flight_first": True},
+            1.1 + 0.090 + 0.020,
+            0.19,
+            None,
+        ),
+        (
+            "it names the first queued prefill whose deadline it breaks",
+            (
+                make_prefill(request_id="late", num_prompt_tokens=500, ttft_slo_s=1.0),  # misses it anyway
+                make_prefill(request_id="due", num_prompt_tokens=600, ttft_slo_s=1.14),  # 1.13 alone, 1.15 behind
+                make_prefill(request_id="also", num_prompt_tokens=700, ttft_slo_s=1.21),
+            ),
+            {"sort_key": _remaining_tokens},
+            1.020,
+            0.0,
+            "due",
+        ),
+    ],
+)
+def test_predicted_queue_finish(
+    case: str, queue: tuple[PrefillState, ...], options: dict, finish_at_s: float, ahead_s: float, broken: str | None
+) -> None:
+    new = make_prefill(request_id="new", num_prompt_tokens=100)
+    finish = predicted_queue_finish(queue, new, 1.0, MODEL, **options)
+    assert finish.finish_at_s == pytest.approx(finish_at_s), case
+    assert finish.ahead_s == pytest.approx(ahead_s), case
+    assert finish.finish_at_s == pytest.approx(1.0 + finish.ahead_s + finish.own_s + finish.after_prefill_s)
+    assert finish.broken_request_id == broken, case
+    assert finish.breaks_none is (broken is None)
+
+
+@given(
+    prompts=st.lists(st.integers(1, 4000), max_size=8),
+    new_prompt=st.integers(1, 4000),
+    extra=st.integers(1, 4000),
+    factor=st.floats(1.0, 2.0),
+)
+def test_queue_finish_never_falls_with_more_work_ahead_or_a_larger_safety_factor(
+    prompts: list[int], new_prompt: int, extra: int, factor: float
+) -> None:
+    def queue_of(lengths: list[int]) -> tuple[PrefillState, ...]:  # in the worker's (shortest-first) order
+        return tuple(make_prefill(request_id=str(i), num_prompt_tokens=n) for i, n in enumerate(sorted(lengths)))
+
+    new = make_prefill(request_id="new", num_prompt_tokens=new_prompt)
+    base = predicted_queue_finish(queue_of(prompts), new, 0.0, MODEL, sort_key=_remaining_tokens, safety_factor=factor)
+    more = predicted_queue_finish(
+        queue_of([*prompts, extra]), new, 0.0, MODEL, sort_key=_remaining_tokens, safety_factor=factor
     )
-    assert finish == pytest.approx([1.2, 1.4])
+    slower = predicted_queue_finish(
+        queue_of(prompts), new, 0.0, MODEL, sort_key=_remaining_tokens, safety_factor=factor * 1.1
+    )
+    assert more.finish_at_s >= base.finish_at_s
+    assert slower.finish_at_s > base.finish_at_s
 
 
 def test_decode_batch_checks_columns_and_sums_context() -> None:

@@ -21,6 +21,7 @@ from tropical_sched.policies import (
     LocalScheduler,
     Policy,
     PolicyContext,
+    ScorpioPolicy,
     SlackCappedScheduler,
     TropicalConfig,
     TropicalPolicy,
@@ -406,3 +407,194 @@ def test_a_late_request_never_waits_while_a_worker_that_can_run_it_idles(
         assert decision.reason.startswith("best effort")
     rejecting = tropical(reject_unattainable=True).route(late, cluster)
     assert rejecting.action is RouteAction.REJECT
+
+
+# -- per-worker models: a worker's calibrated step times and learned P/D hop -------------------------------------
+
+SLOW = MODEL.scaled(10.0)  # a worker whose engine runs 10x slower than the profile says
+ONE_QUEUED = (make_prefill(request_id="q", num_prompt_tokens=100, ttft_slo_s=10.0),)
+
+
+def test_a_worker_with_a_calibrated_model_is_predicted_by_it() -> None:
+    policy = tropical()
+    new = make_prefill(request_id="n", num_prompt_tokens=1000)
+    accurate = policy.predicted_first_token(make_worker(0, P, prefills=ONE_QUEUED), new, 0.0)
+    slow = policy.predicted_first_token(make_worker(0, P, prefills=ONE_QUEUED, step_time=SLOW), new, 0.0)
+    assert slow.own_s == pytest.approx(10 * accurate.own_s, rel=1e-12)
+    assert slow.ahead_s == pytest.approx(10 * accurate.ahead_s, rel=1e-12)
+    idle_mux, slow_mux = make_worker(1, M), make_worker(1, M, step_time=SLOW)
+    assert policy.multiplexed_prefill_s(slow_mux, 2000, 0.0) == pytest.approx(
+        10 * policy.multiplexed_prefill_s(idle_mux, 2000, 0.0), rel=1e-12
+    )
+    scorpio = ScorpioPolicy(CONTEXT)
+    colocated = make_worker(0, WorkerRole.COLOCATED, prefills=ONE_QUEUED)
+    slow_colocated = make_worker(0, WorkerRole.COLOCATED, prefills=ONE_QUEUED, step_time=SLOW)
+    margin_s = scorpio.config.ttft_margin_s
+    slow_s = scorpio.predicted_first_token(slow_colocated, new, 0.0).finish_at_s - margin_s
+    assert slow_s == pytest.approx(10 * (scorpio.predicted_first_token(colocated, new, 0.0).finish_at_s - margin_s))
+
+
+@pytest.mark.parametrize(
+    ("case", "policy_name", "options", "context_model", "workers", "request_overrides", "action", "worker_id"),
+    [
+        (
+            "tropical: the 10x slower prefill worker would miss the TTFT SLO; the accurate one takes it",
+            "tropical",
+            {"route_order": "prefill-first"},
+            MODEL,
+            [(P, {"prefills": ONE_QUEUED, "step_time": SLOW}), (P, {"prefills": ONE_QUEUED}), (M, {})],
+            {"slo": Slo(ttft_s=0.2, tpot_s=0.1)},
+            RouteAction.PREFILL,
+            1,
+        ),
+        (
+            "tropical: ... and the other way round, a worker calibrated faster than a slow profile wins",
+            "tropical",
+            {"route_order": "prefill-first"},
+            SLOW,
+            [(P, {"prefills": ONE_QUEUED}), (P, {"prefills": ONE_QUEUED, "step_time": MODEL}), (M, {})],
+            {"slo": Slo(ttft_s=0.2, tpot_s=0.1)},
+            RouteAction.PREFILL,
+            1,
+        ),
+        (
+            "tropical: the 10x slower multiplexing worker fails the slack test; the accurate one multiplexes",
+            "tropical",
+            {"route_order": "multiplex-first"},
+            MODEL,
+            [
+                (P, {"prefills": (URGENT,)}),
+                (M, {"decodes": RELAXED_DECODES, "step_time": SLOW}),
+                (M, {"decodes": make_decodes(4, num_generated_tokens=100, num_context_tokens=300)}),
+            ],
+            {"num_prompt_tokens": 50, "slo": Slo(ttft_s=0.1, tpot_s=0.1)},
+            RouteAction.MULTIPLEX,
+            2,
+        ),
+        (
+            "scorpio: the TTFT guard rejects the 10x slower, less loaded worker",
+            "scorpio",
+            {},
+            MODEL,
+            [
+                (WorkerRole.COLOCATED, {"step_time": SLOW}),
+                (WorkerRole.COLOCATED, {"decodes": make_decodes(2)}),
+            ],
+            {"num_prompt_tokens": 1000, "slo": Slo(ttft_s=0.5, tpot_s=0.1)},
+            RouteAction.COLOCATED,
+            1,
+        ),
+        (
+            "slos-serve: the 10x slower, less loaded worker's plan misses the deadline",
+            "slos-serve",
+            {},
+            MODEL,
+            [
+                (WorkerRole.COLOCATED, {"step_time": SLOW}),
+                (WorkerRole.COLOCATED, {"decodes": make_decodes(2)}),
+            ],
+            {"num_prompt_tokens": 1000, "slo": Slo(ttft_s=0.5, tpot_s=0.1)},
+            RouteAction.COLOCATED,
+            1,
+        ),
+    ],
+)
+def test_a_worker_calibrated_10x_slower_loses_the_route_to_an_accurately_predicted_one(
+    case: str,
+    policy_name: str,
+    options: dict,
+    context_model: Any,
+    workers: list[tuple[WorkerRole, dict]],
+    request_overrides: dict,
+    action: RouteAction,
+    worker_id: int,
+) -> None:
+    context = PolicyContext(step_time=context_model, max_model_len=4096, length_samples=CONTEXT.length_samples)
+    policy = make_policy(policy_name, context, options)
+    cluster = make_cluster(*(make_worker(i, role, **kw) for i, (role, kw) in enumerate(workers)))
+    decision = policy.route(make_request(**request_overrides), cluster)
+    assert (decision.action, decision.worker_id) == (action, worker_id), decision.reason
+    # Predicted with one model for all, the workers tie and the other one (lower id, or less loaded) wins.
+    one_model = make_cluster(
+        *(
+            make_worker(i, role, **{k: v for k, v in kw.items() if k != "step_time"})
+            for i, (role, kw) in enumerate(workers)
+        )
+    )
+    assert make_policy(policy_name, CONTEXT, options).route(make_request(**request_overrides), one_model).worker_id != (
+        worker_id
+    )
+
+
+def test_decode_placement_checks_each_worker_with_its_own_model() -> None:
+    cluster = make_cluster(
+        make_worker(0, P),
+        make_worker(1, M, decodes=make_decodes(4, num_context_tokens=100), step_time=SLOW),
+        make_worker(2, M, decodes=make_decodes(4, num_context_tokens=900)),
+    )
+    placement = tropical().place_decode(make_request(), cluster)
+    assert placement.worker_id == 2
+    assert "TPOT-feasible" in placement.reason
+
+
+@pytest.mark.parametrize(
+    ("case", "prefill_worker", "mux_worker", "options", "action", "worker_id"),
+    [
+        ("no learned hop: the P/D path gives the earlier first token", {}, {}, {}, RouteAction.PREFILL, 0),
+        (
+            "a large learned fixed hop makes multiplexing the earlier first token",
+            {"pd_hop_fixed_s": 0.5},
+            {},
+            {},
+            RouteAction.MULTIPLEX,
+            1,
+        ),
+        (
+            "a learned per-token hop (5 ms x 100 tokens) does too",
+            {"pd_hop_per_prompt_token_s": 0.005},
+            {},
+            {},
+            RouteAction.MULTIPLEX,
+            1,
+        ),
+        # The multiplexed first token comes 1.2 ms after the P/D one (the decodes' share of the mixed step).
+        ("a static pd_overhead_s of 0.8 ms alone keeps P/D", {}, {}, {"pd_overhead_s": 0.0008}, RouteAction.PREFILL, 0),
+        ("a learned hop of 0.8 ms alone keeps P/D", {"pd_hop_fixed_s": 0.0008}, {}, {}, RouteAction.PREFILL, 0),
+        (
+            "the learned hop adds to the static overhead: together they tip the choice",
+            {"pd_hop_fixed_s": 0.0008},
+            {},
+            {"pd_overhead_s": 0.0008},
+            RouteAction.MULTIPLEX,
+            1,
+        ),
+        (
+            "vice versa: a small hop beside a multiplexing worker calibrated 10x slower keeps P/D",
+            {"pd_hop_fixed_s": 0.05},
+            {"step_time": SLOW},
+            {},
+            RouteAction.PREFILL,
+            0,
+        ),
+        (
+            "a learned hop that breaks the TTFT SLO leaves only multiplexing, even prefill-first",
+            {"pd_hop_fixed_s": 1.5},
+            {},
+            {"route_order": "prefill-first", "reject_unattainable": True},
+            RouteAction.MULTIPLEX,
+            1,
+        ),
+    ],
+)
+def test_tropical_weighs_the_learned_pd_hop_of_each_prefill_worker(
+    case: str, prefill_worker: dict, mux_worker: dict, options: dict, action: RouteAction, worker_id: int
+) -> None:
+    cluster = make_cluster(
+        make_worker(0, P, **prefill_worker), make_worker(1, M, decodes=RELAXED_DECODES, **mux_worker)
+    )
+    decision = tropical(**options).route(make_request(), cluster)
+    assert (decision.action, decision.worker_id) == (action, worker_id), decision.reason
+    if action is RouteAction.PREFILL:
+        hop_s = options.get("pd_overhead_s", 0.0) + cluster.workers[0].pd_hop_s(100)
+        isolated_s = 1.02 * MODEL.prefill_time_s(100)
+        assert decision.predicted["predicted_ttft_s"] == pytest.approx(isolated_s + hop_s)

@@ -156,6 +156,23 @@ def test_unattainable_requests_are_named_with_the_prediction() -> None:
     assert off.unattainable_reason(tight, queued) is None
 
 
+def test_unattainable_follows_the_engines_calibrated_model_and_the_routers_rule() -> None:
+    engine, _ = side("prefill", reject_unattainable=True)
+    queued = [SglangRequestView(sglang_req(f"q{i}", 1000), 100.0) for i in range(2)]
+    request = SglangRequestView(sglang_req("r", 2000, tropical_ttft_slo_ms=1000), 100.0)
+    assert engine.unattainable_reason(request, queued) is None  # behind two 1,000-token prefills, in time
+    finish = engine.predicted_first_token(request, queued)
+    # The router's rule for a prefill worker: shortest first, in 8,192-token chunks, times the 1.02 safety factor.
+    model = engine.profile.step_time
+    assert finish.ahead_s == pytest.approx(2 * 1.02 * model.prefill_time_s(1000))
+    assert finish.own_s == pytest.approx(1.02 * model.prefill_time_s(2000))
+    engine.set_step_time(model.scaled(10.0))  # the engine turned out 10x slower than its profile
+    reason = engine.unattainable_reason(request, queued)
+    assert reason is not None
+    assert "ms of work ahead" in reason
+    assert engine.num_rejected == 1
+
+
 # -- the plug-in's hooks, on a stand-in scheduler ---------------------------------------------------------------
 
 

@@ -164,3 +164,18 @@ def test_negative_coefficients_and_counts_are_rejected() -> None:
         make_model().step_time_s(num_decode_seqs=-1)
     with pytest.raises(ConfigError, match="num_prompt_tokens must be >= 1"):
         make_model().prefill_time_s(0)
+
+
+@given(
+    factor=st.floats(0.01, 100), decodes=st.integers(0, 64), context=st.integers(0, 10_000), chunk=st.integers(1, 4096)
+)
+def test_a_scaled_model_predicts_every_step_that_many_times_as_long(
+    factor: float, decodes: int, context: int, chunk: int
+) -> None:
+    scaled = A100_ANY_RANGE.scaled(factor)
+    step = {"num_decode_seqs": decodes, "num_decode_context_tokens": context, "prefill_chunks": [(100, chunk)]}
+    assert scaled.step_time_s(**step) == pytest.approx(factor * A100_ANY_RANGE.step_time_s(**step), rel=1e-12)
+    assert scaled.valid_range == A100_ANY_RANGE.valid_range
+    assert A100_ANY_RANGE.scaled(10.0).name == "test x10"
+    with pytest.raises(ConfigError, match="factor must be > 0"):
+        A100_ANY_RANGE.scaled(0.0)

@@ -164,3 +164,35 @@ def test_tempo_engines_need_a_length_trace() -> None:
         side("colocated", policy="tempo")
     engine, _ = side("colocated", policy="tempo", policy_options={"length_trace": "azure-conv-2023"})
     assert engine.local.selects_decodes
+
+
+def test_every_engine_side_prediction_follows_the_model_it_is_given() -> None:
+    mux, _ = side("multiplexing")
+    assert mux.step_time is mux.profile.step_time  # the profile's until calibrated
+    decoding = vllm_request("d", 100, computed=100, outputs=5)
+    mux.observe_outputs([decoding])
+    pending = vllm_request("w", 3000)
+    _, cap = mux.prefill_token_cap([decoding], pending)
+    slower = mux.profile.step_time.scaled(4.0)
+    mux.set_step_time(slower)
+    assert mux.step_time is slower
+    _, slower_cap = mux.prefill_token_cap([decoding], pending)
+    assert 32 <= slower_cap < cap  # the same slack buys fewer tokens
+    expected = slower.max_chunk_tokens_within(
+        0.1 * 5 - 0.1 * 0.1,  # TPOT slack of 5 tokens at 100 ms, seen just now, less the 10% margin
+        num_decode_seqs=1,
+        num_decode_context_tokens=105,
+        num_prefix_tokens=0,
+    )
+    assert slower_cap == max(expected, 32)
+
+
+def test_set_step_time_keeps_the_local_schedulers_per_request_state() -> None:
+    engine, _ = side("colocated", policy="scorpio")
+    local = engine.local
+    engine.set_step_time(engine.profile.step_time.scaled(2.0))
+    assert engine.local is local  # SCORPIO's credits live there; it predicts nothing
+    prefill, _ = side("prefill")
+    key = prefill.sort_key(vllm_request("a", 900))
+    prefill.set_step_time(prefill.profile.step_time.scaled(2.0))
+    assert prefill.sort_key(vllm_request("a", 900)) == key  # an order by tokens does not depend on the model

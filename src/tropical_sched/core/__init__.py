@@ -13,8 +13,10 @@ from tropical_sched.core.errors import (
 )
 from tropical_sched.core.request import Request, RequestRecord, Slo
 from tropical_sched.core.slack import (
+    QueueFinish,
     min_tpot_slack_s,
-    predicted_prefill_finish_at_s,
+    predicted_queue_finish,
+    queued_prefill_s,
     tpot_slack_s,
     ttft_slack_s,
 )
@@ -47,6 +49,7 @@ __all__ = [
     "DecodeView",
     "PrefillState",
     "ProfileFormatError",
+    "QueueFinish",
     "Request",
     "RequestRecord",
     "RouteAction",
@@ -63,7 +66,8 @@ __all__ = [
     "check_fields",
     "min_tpot_slack_s",
     "parse_slo_classes",
-    "predicted_prefill_finish_at_s",
+    "predicted_queue_finish",
+    "queued_prefill_s",
     "tpot_slack_s",
     "ttft_slack_s",
 ]

@@ -1,19 +1,28 @@
-"""TTFT and TPOT slack: the one definition every policy uses (design doc section 4).
+"""TTFT and TPOT slack, and the predicted first token behind a queue: the one definition every caller uses.
 
-Slack is time a request can still afford to lose before it misses its SLO. Negative slack means the SLO is
-already lost (or will be, if the prediction holds).
+Slack is time a request can still afford to lose before it misses its SLO (design doc section 4). Negative slack
+means the SLO is already lost (or will be, if the prediction holds). The router's policies, the simulator and the
+engine-side adapters all predict a prefill's first token behind a worker's queue with
+:func:`predicted_queue_finish` (design doc section 3: queueing is not regressed).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tropical_sched.core.snapshot import DecodeBatch, PrefillState
 
+if TYPE_CHECKING:  # core stays free of runtime imports beyond itself
+    from tropical_sched.predictors.step_time import StepTimeModel
+
 __all__ = [
+    "QueueFinish",
     "min_tpot_slack_s",
-    "predicted_prefill_finish_at_s",
+    "predicted_queue_finish",
+    "queued_prefill_s",
     "tpot_slack_s",
     "ttft_slack_s",
 ]
@@ -88,30 +97,125 @@ def min_tpot_slack_s(decodes: DecodeBatch, now_s: float, *, margin_fraction: flo
     return best
 
 
-def predicted_prefill_finish_at_s(
-    prefills: Sequence[PrefillState],
-    now_s: float,
-    remaining_prefill_s: Callable[[PrefillState], float],
-    *,
-    safety_factor: float = 1.0,
-) -> list[float]:
-    """Predicted first-token time of each prefill in a queue that runs them one after another.
+def queued_prefill_s(prefill: PrefillState, step_time: StepTimeModel, chunk_tokens: int | None = None) -> float:
+    """Predicted prefill time a queued or running prefill still needs once the engine step in flight ends.
 
-    Queueing is not regressed (design doc section 3): the finish time of entry ``i`` is ``now`` plus the
-    predicted remaining prefill times of entries ``0..i``, times ``safety_factor`` (the prototype uses 1.02).
+    The tokens of the step in flight (``num_scheduled_tokens``) count as done: that step's time is the worker's
+    ``busy_until_s``, not part of the prefill's remaining time (design doc section 3, "remaining prefill").
 
     Args:
-        prefills: the queue, in the order the worker runs it.
-        now_s: the current time, seconds.
-        remaining_prefill_s: predictor of one entry's remaining prefill time, seconds.
-        safety_factor: multiplier on every predicted time, >= 1.
+        prefill: the prefill.
+        step_time: the worker's step-time model.
+        chunk_tokens: the worker's chunk size, tokens; ``None`` runs the rest in one step.
 
     Returns:
-        One finish time per entry, seconds, non-decreasing.
+        Seconds, >= 0.
     """
-    finish_at_s = []
-    elapsed_s = 0.0
-    for prefill in prefills:
-        elapsed_s += remaining_prefill_s(prefill) * safety_factor
-        finish_at_s.append(now_s + elapsed_s)
-    return finish_at_s
+    return step_time.remaining_prefill_time_s(
+        prefill.num_prompt_tokens, prefill.num_computed_tokens + prefill.num_scheduled_tokens, chunk_tokens
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueFinish:
+    """When a new prefill queued on a worker is predicted to produce its first token (:func:`predicted_queue_finish`).
+
+    Attributes:
+        finish_at_s: the predicted first-token time, seconds: ``now + ahead_s + own_s + after_prefill_s``.
+        ahead_s: predicted time from now until its prefill starts: the rest of the step in flight, then the prefills
+            the worker runs before it, safety factor included, seconds, >= 0.
+        own_s: its own predicted remaining prefill, safety factor included, seconds, >= 0.
+        after_prefill_s: time a policy adds between the prefill's end and the first token it counts (Tropical: the
+            P/D hop; SCORPIO: its TTFT-guard margin), seconds, >= 0.
+        broken_request_id: the first queued prefill, in the worker's order, that was predicted to meet its TTFT
+            deadline without the new one and to miss it with the new one ahead; ``None`` if there is none.
+    """
+
+    finish_at_s: float
+    ahead_s: float
+    own_s: float
+    after_prefill_s: float = 0.0
+    broken_request_id: str | None = None
+
+    @property
+    def breaks_none(self) -> bool:
+        """Whether every queued prefill that was going to meet its TTFT deadline still meets it."""
+        return self.broken_request_id is None
+
+
+def predicted_queue_finish(
+    prefills: Sequence[PrefillState],
+    new: PrefillState,
+    now_s: float,
+    step_time: StepTimeModel,
+    *,
+    chunk_tokens: int | None = None,
+    sort_key: Callable[[PrefillState], float] | None = None,
+    safety_factor: float = 1.0,
+    busy_until_s: float | None = None,
+    in_flight_first: bool = False,
+    after_prefill_s: float = 0.0,
+) -> QueueFinish:
+    """Predicted first-token time of ``new`` if it joined a worker's prefill queue now (design doc section 3).
+
+    Queueing is not regressed: the worker runs its prefills one after another in its own order, so ``new`` starts
+    once the step in flight (until ``busy_until_s``) and every prefill ahead of it are done. Each prefill costs its
+    remaining prefill after the step in flight (:func:`queued_prefill_s`, in chunks of ``chunk_tokens``) times
+    ``safety_factor`` (the prototype uses 1.02). ``new`` goes before the first queued prefill whose ``sort_key`` is
+    larger than its own (ties keep the queued one ahead), or last without a ``sort_key``. The queued prefills
+    behind it are checked in order: the first one that was going to meet its TTFT deadline and no longer does is
+    reported (a prefill that was already going to miss it does not count).
+
+    Args:
+        prefills: the worker's queued and running prefills, in the order the worker runs them.
+        new: the prefill to add (usually :meth:`PrefillState.from_request`).
+        now_s: the current time, seconds.
+        step_time: the worker's step-time model.
+        chunk_tokens: the worker's prefill chunk size, tokens; ``None`` for whole prefills.
+        sort_key: the worker's queue order (lower runs first), e.g. its local scheduler's ``prefill_sort_key``.
+        safety_factor: multiplier on every predicted prefill time, >= 1.
+        busy_until_s: when the engine step in flight ends, seconds; ``None``: no step in flight, or unknown.
+        in_flight_first: keep every prefill with tokens in the step in flight (``num_scheduled_tokens > 0``)
+            ahead of ``new`` whatever its key: an engine that finishes a started prefill before starting another.
+            ``False``: ``new`` may overtake it at the next chunk boundary (shortest-remaining-first preemption).
+        after_prefill_s: time from the end of ``new``'s prefill to the first token the caller counts (a P/D hop,
+            a guard's margin), seconds, >= 0; it does not delay the queued prefills.
+
+    Returns:
+        The prediction.
+    """
+    # Nothing overtakes the step in flight: the queue starts when it ends.
+    ahead_s = max(busy_until_s - now_s, 0.0) if busy_until_s is not None else 0.0
+    own_s = queued_prefill_s(new, step_time, chunk_tokens) * safety_factor
+    key = sort_key(new) if sort_key is not None else math.inf
+    start_s = math.nan
+    inserted = False
+    for queued in prefills:
+        if (
+            not inserted
+            and sort_key is not None
+            and key < sort_key(queued)
+            and not (in_flight_first and queued.num_scheduled_tokens)
+        ):
+            inserted = True
+            start_s = ahead_s
+            ahead_s += own_s
+        ahead_s += queued_prefill_s(queued, step_time, chunk_tokens) * safety_factor
+        if inserted:
+            deadline = queued.ttft_deadline_at_s
+            finish_with = now_s + ahead_s
+            if finish_with > deadline and finish_with - own_s <= deadline:
+                return QueueFinish(
+                    finish_at_s=now_s + (start_s + own_s) + after_prefill_s,
+                    ahead_s=start_s,
+                    own_s=own_s,
+                    after_prefill_s=after_prefill_s,
+                    broken_request_id=queued.request_id,
+                )
+    finish_at_s = now_s + ahead_s + own_s if not inserted else now_s + (start_s + own_s)
+    return QueueFinish(
+        finish_at_s=finish_at_s + after_prefill_s,
+        ahead_s=ahead_s if not inserted else start_s,
+        own_s=own_s,
+        after_prefill_s=after_prefill_s,
+    )

@@ -221,6 +221,11 @@ class WorkerSnapshot:
         """No prefill queued or running (decodes may still run)."""
         return not self.prefills
 
+    def pd_hop_s(self, num_prompt_tokens: int) -> float:
+        """Learned cost of the P/D hop of a request of ``num_prompt_tokens`` prefilled here, seconds:
+        ``pd_hop_fixed_s + pd_hop_per_prompt_token_s * num_prompt_tokens`` (0 until something was learned)."""
+        return self.pd_hop_fixed_s + self.pd_hop_per_prompt_token_s * num_prompt_tokens
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClusterSnapshot:

@@ -1,6 +1,6 @@
 """Scheduling policies (Tropical and the baselines), their interfaces, the router queue and the registry."""
 
-from tropical_sched.policies.base import EngineSettings, LocalScheduler, Policy, PolicyContext
+from tropical_sched.policies.base import EngineSettings, FirstTokenPredictor, LocalScheduler, Policy, PolicyContext
 from tropical_sched.policies.baselines import (
     ColocatedBase,
     ColocatedConfig,
@@ -44,6 +44,7 @@ __all__ = [
     "DistServePolicy",
     "EngineSettings",
     "FcfsScheduler",
+    "FirstTokenPredictor",
     "GainDensityScheduler",
     "LocalScheduler",
     "MultiplexingToggle",

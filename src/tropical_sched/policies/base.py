@@ -21,11 +21,12 @@ from typing import Protocol, runtime_checkable
 from tropical_sched.core.decisions import DecodePlacement, RouteDecision
 from tropical_sched.core.errors import ConfigError
 from tropical_sched.core.request import Request
-from tropical_sched.core.snapshot import ClusterSnapshot, DecodeBatch, PrefillState, WorkerRole
+from tropical_sched.core.slack import QueueFinish
+from tropical_sched.core.snapshot import ClusterSnapshot, DecodeBatch, PrefillState, WorkerRole, WorkerSnapshot
 from tropical_sched.predictors.output_length import LengthSamples
 from tropical_sched.predictors.step_time import StepTimeModel
 
-__all__ = ["EngineSettings", "LocalScheduler", "Policy", "PolicyContext"]
+__all__ = ["EngineSettings", "FirstTokenPredictor", "LocalScheduler", "Policy", "PolicyContext"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,6 +122,14 @@ class LocalScheduler(Protocol):
         """
         ...
 
+    def with_step_time(self, step_time: StepTimeModel) -> LocalScheduler:
+        """This scheduler predicting with ``step_time`` (an engine's calibrated model) from now on.
+
+        Returns a scheduler that keeps this one's per-request state (or this one, if it predicts nothing); the
+        original is left as it was, since a policy may share it between workers.
+        """
+        ...
+
 
 @runtime_checkable
 class Policy(Protocol):
@@ -171,4 +180,25 @@ class Policy(Protocol):
 
     def on_finished(self, request: Request, tpot_s: float, now_s: float) -> None:
         """Feedback: ``request`` finished with mean TPOT ``tpot_s`` (``inf`` if it was rejected)."""
+        ...
+
+
+@runtime_checkable
+class FirstTokenPredictor(Protocol):
+    """A policy whose routing rule predicts when a prefill queued on a worker produces its first token.
+
+    The router asks it through :meth:`Policy.route`; an engine-side adapter asks it directly, with a snapshot of
+    its own engine, to reject a request the same rule finds unattainable (``reject_unattainable``), so the two
+    agree. Policies without a rule of their own are predicted by
+    :func:`~tropical_sched.core.slack.predicted_queue_finish` in their local scheduler's order.
+    """
+
+    def predicted_first_token(self, worker: WorkerSnapshot, new: PrefillState, now_s: float) -> QueueFinish:
+        """When ``new`` would produce its first token if queued on ``worker`` now, by this policy's rule.
+
+        Args:
+            worker: the worker; its ``step_time`` (when set) is the model to predict with.
+            new: the prefill.
+            now_s: the current time, seconds.
+        """
         ...

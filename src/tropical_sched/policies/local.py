@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from tropical_sched.core.slack import min_tpot_slack_s
@@ -37,6 +37,10 @@ class FcfsScheduler(RunsEveryDecode):
         """No cap."""
         return None
 
+    def with_step_time(self, step_time: StepTimeModel) -> FcfsScheduler:
+        """Itself: it predicts nothing."""
+        return self
+
 
 class ShortestRemainingPrefillFirst(RunsEveryDecode):
     """Shortest remaining prefill first, no cap: Tropical's prefill workers (design doc section 7).
@@ -53,6 +57,10 @@ class ShortestRemainingPrefillFirst(RunsEveryDecode):
     def prefill_token_cap(self, *, now_s: float, decodes: DecodeBatch, num_prefix_tokens: int) -> int | None:
         """No cap."""
         return None
+
+    def with_step_time(self, step_time: StepTimeModel) -> ShortestRemainingPrefillFirst:
+        """Itself: it predicts nothing."""
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,3 +100,7 @@ class SlackCappedScheduler(RunsEveryDecode):
             num_prefix_tokens=num_prefix_tokens,
         )
         return max(tokens, self.min_chunk_tokens)
+
+    def with_step_time(self, step_time: StepTimeModel) -> SlackCappedScheduler:
+        """The same cap computed with ``step_time``."""
+        return replace(self, step_time=step_time)

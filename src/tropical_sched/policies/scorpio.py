@@ -25,6 +25,7 @@ from typing import ClassVar
 from tropical_sched.core.decisions import RouteAction, RouteDecision
 from tropical_sched.core.errors import ConfigError
 from tropical_sched.core.request import Request
+from tropical_sched.core.slack import QueueFinish, predicted_queue_finish
 from tropical_sched.core.snapshot import ClusterSnapshot, DecodeBatch, PrefillState, WorkerRole, WorkerSnapshot
 from tropical_sched.policies.base import EngineSettings, LocalScheduler, PolicyContext
 from tropical_sched.policies.baselines import ColocatedBase
@@ -98,6 +99,10 @@ class CreditBatchingScheduler:
         """No cap."""
         return None
 
+    def with_step_time(self, step_time: StepTimeModel) -> CreditBatchingScheduler:
+        """Itself (with its credits): it predicts nothing."""
+        return self
+
     def select_decodes(self, *, now_s: float, decodes: DecodeBatch, num_waiting_prefills: int) -> Sequence[bool]:
         """Credit-based batching: which decodes run this step."""
         slos = decodes.tpot_slo_s
@@ -117,6 +122,10 @@ class CreditBatchingScheduler:
             flags.append(runs)
         self._credits = credits
         return flags
+
+
+def _deadline_key(prefill: PrefillState) -> float:
+    return prefill.ttft_deadline_at_s
 
 
 class ScorpioPolicy(ColocatedBase):
@@ -148,20 +157,29 @@ class ScorpioPolicy(ColocatedBase):
         """Least deadline first."""
         return request.ttft_deadline_at_s
 
-    def _remaining_s(self, prefill: PrefillState) -> float:
-        return self._step_time.remaining_prefill_time_s(prefill.num_prompt_tokens, prefill.num_computed_tokens)
+    def _model(self, worker: WorkerSnapshot) -> StepTimeModel:
+        """The worker's calibrated step-time model, else the policy's own."""
+        return worker.step_time if worker.step_time is not None else self._step_time
+
+    def predicted_first_token(self, worker: WorkerSnapshot, new: PrefillState, now_s: float) -> QueueFinish:
+        """The TTFT guard's prediction (section 4.2): the prefills ahead of ``new`` in deadline order (those in
+        the step in flight first: the engine finishes a started prefill), then its own, each run whole, plus the
+        guard's margin (``after_prefill_s``)."""
+        return predicted_queue_finish(
+            worker.prefills,
+            new,
+            now_s,
+            self._model(worker),
+            sort_key=_deadline_key,
+            busy_until_s=worker.busy_until_s,
+            in_flight_first=True,
+            after_prefill_s=self.config.ttft_margin_s,
+        )
 
     def ttft_guard_budget_s(self, worker: WorkerSnapshot, new: PrefillState, now_s: float) -> float:
         """TTFT budget left to ``new`` on ``worker`` after the predicted prefill of everything ahead of it in
         deadline order and its own, less the margin, seconds (negative: the guard rejects it there)."""
-        deadline = new.ttft_deadline_at_s
-        ahead_s = self._remaining_s(new)
-        for prefill in worker.prefills:
-            if prefill.num_scheduled_tokens or prefill.ttft_deadline_at_s <= deadline:
-                ahead_s += self._remaining_s(prefill)
-        if worker.busy_until_s is not None and worker.busy_until_s > now_s and not worker.prefills:
-            ahead_s += worker.busy_until_s - now_s  # a decode step in flight
-        return deadline - now_s - ahead_s - self.config.ttft_margin_s
+        return new.ttft_deadline_at_s - self.predicted_first_token(worker, new, now_s).finish_at_s
 
     def predicted_tpot_s(
         self, worker: WorkerSnapshot, new_tpot_slo_s: float, new_context_tokens: int
@@ -178,7 +196,7 @@ class ScorpioPolicy(ColocatedBase):
         vbs = virtual_batch_size(slos)
         num_seqs = max(1, math.ceil(vbs - 1e-9))
         mean_context = context / len(slos)
-        return self._step_time.decode_step_time_s(num_seqs, int(mean_context * num_seqs)), min(slos)
+        return self._model(worker).decode_step_time_s(num_seqs, int(mean_context * num_seqs)), min(slos)
 
     def route(self, request: Request, cluster: ClusterSnapshot) -> RouteDecision:
         """TTFT guard, then TPOT guard, on every colocated worker; the least loaded admitting worker wins."""

@@ -20,7 +20,7 @@ for it; the plan covers the ``max_planned_requests`` earliest deadlines.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, NamedTuple
 
 from tropical_sched.core.decisions import RouteAction, RouteDecision
@@ -271,6 +271,10 @@ class DecodePlannerScheduler(RunsEveryDecode):
         )
         return max(tokens, self.min_chunk_tokens)
 
+    def with_step_time(self, step_time: StepTimeModel) -> DecodePlannerScheduler:
+        """The same planner with ``step_time`` (the best-effort set stays shared with the policy)."""
+        return replace(self, step_time=step_time)
+
 
 class SlosServePolicy(ColocatedBase):
     """SLOs-Serve as a cluster policy: admission by the DP on each colocated worker, least loaded first.
@@ -317,7 +321,7 @@ class SlosServePolicy(ColocatedBase):
                 continue
             self.num_plans += 1
             plan = plan_admission(
-                self._step_time,
+                worker.step_time if worker.step_time is not None else self._step_time,
                 worker,
                 new,
                 cluster.now_s,

@@ -20,7 +20,7 @@ every request here is latency-sensitive with TTFT and TPOT SLOs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from tropical_sched.core.errors import ConfigError
@@ -111,6 +111,10 @@ class GainDensityScheduler:
     def prefill_token_cap(self, *, now_s: float, decodes: DecodeBatch, num_prefix_tokens: int) -> int | None:
         """No cap beyond the step's token budget."""
         return None
+
+    def with_step_time(self, step_time: StepTimeModel) -> GainDensityScheduler:
+        """The same scheduler pricing service time with ``step_time``."""
+        return replace(self, step_time=step_time)
 
     def select_decodes(self, *, now_s: float, decodes: DecodeBatch, num_waiting_prefills: int) -> Sequence[bool]:
         """While prefills wait, a decode ahead of its TPOT SLO by ``pacing_lead`` SLOs sits this step out."""

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from tropical_sched.core.decisions import DecodePlacement, RouteAction, RouteDecision
 from tropical_sched.core.errors import ConfigError, check_fields
 from tropical_sched.core.request import Request
-from tropical_sched.core.slack import min_tpot_slack_s
+from tropical_sched.core.slack import QueueFinish, min_tpot_slack_s, predicted_queue_finish
 from tropical_sched.core.snapshot import ClusterSnapshot, PrefillState, WorkerRole, WorkerSnapshot
 from tropical_sched.policies.base import EngineSettings, LocalScheduler, PolicyContext
 from tropical_sched.policies.local import FcfsScheduler, ShortestRemainingPrefillFirst, SlackCappedScheduler
 from tropical_sched.policies.toggle import MultiplexingToggle, ToggleConfig
+from tropical_sched.predictors.step_time import StepTimeModel
 
 __all__ = ["PrefillOrder", "RouteOrder", "SlackTest", "TropicalConfig", "TropicalPolicy"]
 
@@ -159,7 +160,6 @@ class TropicalPolicy:
             min_chunk_tokens=self.config.min_multiplexed_chunk_tokens,
             margin_fraction=self.config.slack_margin_fraction,
         )
-        self._remaining_cache: dict[tuple[int, int], float] = {}  # (prompt, computed) -> remaining prefill (s)
 
     # -- deployment ---------------------------------------------------------------------------------------------
 
@@ -196,45 +196,51 @@ class TropicalPolicy:
             return request.arrival_at_s
         return float(request.num_prompt_tokens)
 
-    def _remaining_s(self, prefill: PrefillState) -> float:
-        """Predicted prefill time left after the step in flight (whose tokens count as done)."""
-        key = (prefill.num_prompt_tokens, prefill.num_computed_tokens + prefill.num_scheduled_tokens)
-        remaining_s = self._remaining_cache.get(key)
-        if remaining_s is None:
-            if len(self._remaining_cache) > 1 << 16:
-                self._remaining_cache.clear()
-            remaining_s = self._step_time.remaining_prefill_time_s(*key, self.config.prefill_chunk_tokens)
-            self._remaining_cache[key] = remaining_s
-        return remaining_s
+    def _model(self, worker: WorkerSnapshot) -> StepTimeModel:
+        """The worker's calibrated step-time model, else the policy's own (the offline profile)."""
+        return worker.step_time if worker.step_time is not None else self._step_time
 
-    def _prefill_finish_at_s(self, worker: WorkerSnapshot, new: PrefillState, now_s: float) -> tuple[float, bool]:
-        """Predicted first-token time of ``new`` if queued on ``worker``, and whether it breaks no other prefill.
+    def predicted_first_token(self, worker: WorkerSnapshot, new: PrefillState, now_s: float) -> QueueFinish:
+        """When ``new`` would produce its first token on ``worker``, as the routing rule predicts it.
 
-        The queue is simulated in the worker's own order (the snapshot's, shortest remaining first) with the
-        safety factor, from the end of the step in flight. A queued prefill that was going to meet its deadline
-        must still meet it with ``new`` ahead of it; one that was already going to miss it does not block ``new``.
+        On a prefill worker: the queue simulated in the worker's own order (shortest remaining first) with the
+        safety factor, from the end of the step in flight (:func:`~tropical_sched.core.slack.predicted_queue_finish`);
+        the client's first token then comes after the P/D hop, the configured ``pd_overhead_s`` plus the worker's
+        learned hop cost (``after_prefill_s``). ``broken_request_id`` names a queued prefill that was going to meet
+        its deadline and would not with ``new`` ahead of it. On a multiplexing worker without a prefill: the
+        slack-capped chunked prefill beside its decodes (:meth:`multiplexed_prefill_s`) with the safety factor;
+        with prefills queued there (the router sends none, an engine's own queue may hold some): the queue in
+        arrival order, chunked by the token budget, ignoring the decodes' cap (an optimistic bound).
         """
-        factor = self.config.queue_safety_factor
-        key = self._queue_key(new)
-        # Nothing overtakes the step in flight: the queue starts when it ends.
-        ahead_s = max(worker.busy_until_s - now_s, 0.0) if worker.busy_until_s is not None else 0.0
-        new_finish_at_s = math.nan
-        inserted = False
-        new_s = self._remaining_s(new) * factor
-        for queued in worker.prefills:
-            if not inserted and key < self._queue_key(queued):
-                inserted = True
-                ahead_s += new_s
-                new_finish_at_s = now_s + ahead_s
-            ahead_s += self._remaining_s(queued) * factor
-            if inserted:
-                deadline = queued.ttft_deadline_at_s
-                finish_with = now_s + ahead_s
-                if finish_with > deadline and finish_with - new_s <= deadline:
-                    return new_finish_at_s, False
-        if not inserted:
-            new_finish_at_s = now_s + ahead_s + new_s
-        return new_finish_at_s, True
+        cfg = self.config
+        model = self._model(worker)
+        if worker.role is WorkerRole.MULTIPLEXING:
+            if not worker.prefills:
+                own_s = cfg.queue_safety_factor * self.multiplexed_prefill_s(
+                    worker, new.num_prompt_tokens - new.num_computed_tokens, now_s
+                )
+                return QueueFinish(finish_at_s=now_s + own_s, ahead_s=0.0, own_s=own_s)
+            return predicted_queue_finish(
+                worker.prefills,
+                new,
+                now_s,
+                model,
+                chunk_tokens=cfg.multiplexing_token_budget,
+                sort_key=_arrival_key,
+                safety_factor=cfg.queue_safety_factor,
+                busy_until_s=worker.busy_until_s,
+            )
+        return predicted_queue_finish(
+            worker.prefills,
+            new,
+            now_s,
+            model,
+            chunk_tokens=cfg.prefill_chunk_tokens,
+            sort_key=self._queue_key,
+            safety_factor=cfg.queue_safety_factor,
+            busy_until_s=worker.busy_until_s,
+            after_prefill_s=cfg.pd_overhead_s + worker.pd_hop_s(new.num_prompt_tokens),
+        )
 
     def _try_prefill_workers(
         self, request: Request, new: PrefillState, cluster: ClusterSnapshot
@@ -244,13 +250,13 @@ class TropicalPolicy:
         best: tuple[int, int, float] | None = None  # (outstanding tokens, worker_id, finish_at_s)
         earliest_at_s = math.inf
         for worker in cluster.with_role(WorkerRole.PREFILL):
-            finish_at_s, breaks_none = self._prefill_finish_at_s(worker, new, now_s)
-            finish_at_s += self.config.pd_overhead_s  # the client's first token comes after the hop
+            finish = self.predicted_first_token(worker, new, now_s)  # the client's first token, after the hop
+            finish_at_s = finish.finish_at_s
             earliest_at_s = min(earliest_at_s, finish_at_s)
             meets_deadline = finish_at_s <= request.ttft_deadline_at_s
             # An idle worker takes even a late request (best effort), unless late requests are to be rejected.
             idle_takes_it = worker.is_idle and (meets_deadline or not self.config.reject_unattainable)
-            eligible = idle_takes_it or (breaks_none and meets_deadline)
+            eligible = idle_takes_it or (finish.broken_request_id is None and meets_deadline)
             if eligible:
                 candidate = (worker.num_outstanding_prompt_tokens, worker.worker_id, finish_at_s)
                 if best is None or candidate < best:
@@ -283,11 +289,11 @@ class TropicalPolicy:
     ) -> float:
         """Predicted time to prefill a prompt on a multiplexing worker under its slack-capped chunking.
 
-        Mirrors :class:`~tropical_sched.policies.local.SlackCappedScheduler`: chunk ``k`` is the largest that keeps
-        the mixed step within the smallest TPOT slack less the margin. That slack is bounded below by
-        ``s0 + k * slo_min - elapsed``: each decode's slack grows by its own TPOT SLO (>= the tightest one) per
-        token and falls with elapsed time. The decode batch is taken as fixed (its context grows by one token per
-        decode per step).
+        Mirrors :class:`~tropical_sched.policies.local.SlackCappedScheduler`, with the worker's step-time model
+        (its calibrated one when the snapshot has it): chunk ``k`` is the largest that keeps the mixed step within
+        the smallest TPOT slack less the margin. That slack is bounded below by ``s0 + k * slo_min - elapsed``: each
+        decode's slack grows by its own TPOT SLO (>= the tightest one) per token and falls with elapsed time. The
+        decode batch is taken as fixed (its context grows by one token per decode per step).
 
         Args:
             worker: the multiplexing worker.
@@ -300,7 +306,7 @@ class TropicalPolicy:
             Seconds until the first token; ``inf`` if it would take more than 1024 steps or ``give_up_after_s``.
         """
         cfg = self.config
-        model = self._step_time
+        model = self._model(worker)
         decodes = worker.decodes
         num_decodes = len(decodes)
         context_tokens = decodes.total_context_tokens
@@ -325,7 +331,8 @@ class TropicalPolicy:
                 num_prefix_tokens=prefix,
             )
             chunk = min(max(chunk, min_chunk), token_budget, num_prompt_tokens - prefix)
-            # The step-time model (predictors/step_time.py) inlined: this loop runs for every routing decision.
+            # StepTimeModel.step_time_s inlined (this loop runs for every routing decision); tests/
+            # test_prediction_consistency.py checks it against the model and the local scheduler step by step.
             elapsed_s += decode_base_s + cc * context
             if chunk > 0:
                 elapsed_s += cn * chunk + cp + ca * (chunk * prefix + chunk * (chunk + 1) / 2)
@@ -344,9 +351,9 @@ class TropicalPolicy:
         num_prompt_tokens = request.num_prompt_tokens
         if num_prompt_tokens > cfg.max_multiplexed_prompt_tokens:
             return None, f"prompt of {num_prompt_tokens} tokens exceeds max_multiplexed_prompt_tokens"
-        prefill_s = self._step_time.prefill_time_s(num_prompt_tokens)
         now_s = cluster.now_s
-        best: tuple[int, int, float, float, float] | None = None  # (context, worker_id, slack, step, ttft)
+        # (context, worker_id, slack, step, ttft, model); worker ids are unique, so the model is never compared
+        best: tuple[int, int, float, float, float, StepTimeModel] | None = None
         why = "no multiplexing worker"
         for worker in cluster.with_role(WorkerRole.MULTIPLEXING):
             if worker.prefills:
@@ -362,12 +369,14 @@ class TropicalPolicy:
             ) > cfg.kv_watermark_fraction * worker.num_kv_tokens_capacity:
                 why = "multiplexing workers are above the KV watermark"
                 continue
-            step_s = self._step_time.decode_step_time_s(len(decodes), context_tokens)
+            model = self._model(worker)
+            step_s = model.decode_step_time_s(len(decodes), context_tokens)
             if len(decodes) and step_s > cfg.decode_step_watermark_fraction * min(decodes.tpot_slo_s):
                 why = "multiplexing workers' decode steps are above the latency watermark"
                 continue
             slack_s = min_tpot_slack_s(decodes, now_s, margin_fraction=cfg.slack_margin_fraction)
             if cfg.slack_test is SlackTest.WHOLE_PREFILL:
+                prefill_s = model.prefill_time_s(num_prompt_tokens)
                 if slack_s < prefill_s:
                     why = "no multiplexing worker's decodes have the TPOT slack to absorb the prefill"
                     continue
@@ -380,12 +389,13 @@ class TropicalPolicy:
                 if finish_at_s > request.ttft_deadline_at_s:
                     why = "no multiplexing worker's decodes leave the slack to finish the prefill by its TTFT deadline"
                     continue
-            candidate = (context_tokens, worker.worker_id, slack_s, step_s, finish_at_s)
-            if best is None or candidate < best:
+            candidate = (context_tokens, worker.worker_id, slack_s, step_s, finish_at_s, model)
+            if best is None or candidate[:2] < best[:2]:
                 best = candidate
         if best is None:
             return None, why
-        context_tokens, worker_id, slack_s, step_s, finish_at_s = best
+        context_tokens, worker_id, slack_s, step_s, finish_at_s, model = best
+        prefill_s = model.prefill_time_s(num_prompt_tokens)
         return (
             RouteDecision(
                 action=RouteAction.MULTIPLEX,
@@ -490,7 +500,7 @@ class TropicalPolicy:
             if len(decodes) >= worker.max_num_seqs or worker.num_free_kv_tokens < needed:
                 continue
             context_tokens = decodes.total_context_tokens
-            step_s = self._step_time.decode_step_time_s(len(decodes) + 1, context_tokens + needed)
+            step_s = self._model(worker).decode_step_time_s(len(decodes) + 1, context_tokens + needed)
             tightest_s = min((*decodes.tpot_slo_s, request.slo.tpot_s))
             entry = (context_tokens, worker.worker_id, step_s)
             with_room.append(entry)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, fields
 from tropical_sched.core.errors import ConfigError
 
 _UNBOUNDED_CHUNK_TOKENS = 2**31 - 1  # "no limit" for chunk sizes (prefill tokens that cost no time)
+_MAX_MEMO_ENTRIES = 1 << 16  # remaining-prefill predictions kept per model before the memo starts afresh
 
 __all__ = [
     "FEATURE_NAMES",
@@ -142,7 +143,7 @@ class StepTimeModel:
         name: label used in warnings (usually the profile name).
     """
 
-    __slots__ = ("_c", "_warned", "coefficients", "name", "valid_range")
+    __slots__ = ("_c", "_remaining_memo", "_warned", "coefficients", "name", "valid_range")
 
     def __init__(self, coefficients: StepTimeCoefficients, valid_range: ValidRange, name: str = "") -> None:
         self.coefficients = coefficients
@@ -150,6 +151,24 @@ class StepTimeModel:
         self.name = name
         self._c = coefficients.as_tuple()
         self._warned: set[str] = set()
+        # (prompt, computed, chunk) -> remaining prefill (s). Routers ask for the same queued prefills at every
+        # decision; the memo belongs to the model, so predictions of differently calibrated models never mix.
+        self._remaining_memo: dict[tuple[int, int, int | None], float] = {}
+
+    def scaled(self, factor: float, name: str | None = None) -> StepTimeModel:
+        """The same model with every coefficient times ``factor``: it predicts every step ``factor`` x as long.
+
+        Args:
+            factor: the time scale, > 0 and finite.
+            name: the new model's name; default ``"<name> x<factor>"``.
+
+        Raises:
+            ConfigError: ``factor`` is not positive and finite.
+        """
+        if not (math.isfinite(factor) and factor > 0):
+            raise ConfigError(f"StepTimeModel.scaled: factor must be > 0 and finite, got {factor!r}")
+        coefficients = StepTimeCoefficients(**{n: factor * c for n, c in zip(FEATURE_NAMES, self._c, strict=True)})
+        return StepTimeModel(coefficients, self.valid_range, name if name is not None else f"{self.name} x{factor:g}")
 
     # -- range checks -------------------------------------------------------------------------------------------
 
@@ -252,6 +271,8 @@ class StepTimeModel:
     ) -> float:
         """Time to finish a partly computed prefill on an otherwise idle worker, seconds.
 
+        Each chunk is priced alone (:meth:`prefill_chunk_time_s`); results are memoized per model.
+
         Args:
             num_prompt_tokens: tokens to prefill in total.
             num_computed_tokens: tokens already prefilled, 0 <= value <= ``num_prompt_tokens``.
@@ -260,17 +281,25 @@ class StepTimeModel:
         Returns:
             Seconds; 0 when nothing remains.
         """
+        key = (num_prompt_tokens, num_computed_tokens, chunk_tokens)
+        total_s = self._remaining_memo.get(key)
+        if total_s is not None:
+            return total_s
         remaining = num_prompt_tokens - num_computed_tokens
         if remaining <= 0:
-            return 0.0
-        if chunk_tokens is None or chunk_tokens >= remaining:
-            return self.prefill_chunk_time_s(num_computed_tokens, remaining)
-        total_s = 0.0
-        prefix = num_computed_tokens
-        while prefix < num_prompt_tokens:
-            chunk = min(chunk_tokens, num_prompt_tokens - prefix)
-            total_s += self.prefill_chunk_time_s(prefix, chunk)
-            prefix += chunk
+            total_s = 0.0
+        elif chunk_tokens is None or chunk_tokens >= remaining:
+            total_s = self.prefill_chunk_time_s(num_computed_tokens, remaining)
+        else:
+            total_s = 0.0
+            prefix = num_computed_tokens
+            while prefix < num_prompt_tokens:
+                chunk = min(chunk_tokens, num_prompt_tokens - prefix)
+                total_s += self.prefill_chunk_time_s(prefix, chunk)
+                prefix += chunk
+        if len(self._remaining_memo) >= _MAX_MEMO_ENTRIES:
+            self._remaining_memo.clear()
+        self._remaining_memo[key] = total_s
         return total_s
 
     def prefill_quadratic_coefficients(self) -> tuple[float, float, float]:

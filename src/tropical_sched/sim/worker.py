@@ -25,7 +25,7 @@ from tropical_sched.core.snapshot import DecodeBatch, PrefillState, WorkerRole, 
 from tropical_sched.policies.base import EngineSettings, LocalScheduler
 from tropical_sched.predictors.step_time import StepTimeModel
 
-__all__ = ["Job", "SimWorker", "StepOutcome"]
+__all__ = ["Job", "SimWorker", "StepComposition", "StepOutcome"]
 
 
 class Job:
@@ -123,6 +123,21 @@ class StepOutcome:
     tokens: list[Job] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepComposition:
+    """What one engine step runs, in the step-time model's terms (:meth:`StepTimeModel.step_time_s`).
+
+    Attributes:
+        num_decode_seqs: decodes in the step.
+        num_decode_context_tokens: sum of their context tokens.
+        prefill_chunks: ``(num_prefix_tokens, num_chunk_tokens)`` per prefill chunk, in queue order.
+    """
+
+    num_decode_seqs: int
+    num_decode_context_tokens: int
+    prefill_chunks: tuple[tuple[int, int], ...]
+
+
 class SimWorker:
     """One simulated worker.
 
@@ -197,6 +212,7 @@ class SimWorker:
 
         # The step in flight.
         self._step_decodes = 0
+        self._step_context = 0  # its decodes' context tokens
         self._step_chunks: list[tuple[Job, int]] = []
         self._step_skipped: list[Job] = []  # decodes sitting this step out (local.selects_decodes)
         self.num_decode_skips = 0
@@ -390,8 +406,10 @@ class SimWorker:
             self._step_chunks = []
             return None
 
-        # Allocate KV for this step and price it with the step-time model.
+        # Allocate KV for this step and price it: StepTimeModel.step_time_s inlined (it runs for every simulated
+        # step); tests/test_prediction_consistency.py checks the two agree.
         duration_s = self._c0
+        context = 0
         if num_decodes:
             context = self.decode_context_tokens - skipped_context
             self.kv_used += num_decodes
@@ -422,12 +440,24 @@ class SimWorker:
             skipped = set(map(id, self._step_skipped))
             self._step_decode_jobs = [j for j in self.decodes.values() if id(j) not in skipped] if num_decodes else []
         self._step_decodes = num_decodes
+        self._step_context = context
         self._step_chunks = chunks
         self.busy = True
         self.step_ends_at_s = now_s + duration_s
         self.num_steps += 1
         self.busy_s += duration_s
         return duration_s
+
+    @property
+    def step_in_flight(self) -> StepComposition:
+        """What the step in flight runs (from :meth:`start_step` to :meth:`finish_step`); empty when idle."""
+        if not self.busy:
+            return StepComposition(num_decode_seqs=0, num_decode_context_tokens=0, prefill_chunks=())
+        return StepComposition(
+            num_decode_seqs=self._step_decodes,
+            num_decode_context_tokens=self._step_context if self._step_decodes else 0,
+            prefill_chunks=tuple((job.num_computed, chunk) for job, chunk in self._step_chunks),
+        )
 
     def _select_decodes(self, now_s: float) -> int:
         """Ask the local scheduler which decodes run; keep the others in ``_step_skipped``.
