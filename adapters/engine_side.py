@@ -21,10 +21,11 @@ from tropical_sched.core.slack import QueueFinish, predicted_queue_finish
 from tropical_sched.core.snapshot import DecodeBatch, PrefillState, WorkerRole, WorkerSnapshot
 from tropical_sched.policies.base import FirstTokenPredictor, LocalScheduler, Policy, PolicyContext
 from tropical_sched.policies.registry import make_policy
+from tropical_sched.predictors.calibration import StepTimeCalibrator
 from tropical_sched.predictors.profile import load_profile
 from tropical_sched.predictors.step_time import StepTimeModel
 
-__all__ = ["EngineSide", "EngineSideConfig", "parse_engine_side_section"]
+__all__ = ["EngineSide", "EngineSideConfig", "classify_step", "parse_engine_side_section"]
 
 _NO_SEQUENCE_LIMIT = 1 << 30  # an engine-side snapshot's max_num_seqs: the engine enforces its own
 
@@ -43,6 +44,10 @@ class EngineSideConfig(BaseModel):
             policy's routing rule, on this engine's queue and step-time model: :meth:`EngineSide.unattainable_reason`)
             is later than its TTFT deadline when it arrives. Off by default: the router already rejects by the same
             rule before sending.
+        online_calibration: refit the step-time model from this engine's own steps as they run (every step's
+            composition and duration, :class:`~tropical_sched.predictors.calibration.StepTimeCalibrator`: starts
+            at ``profile``, corrections clamped, old steps forgotten, outliers resisted), and predict with it.
+        calibration_refresh_steps: observed steps between two refreshes of the model the predictions use.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -54,6 +59,46 @@ class EngineSideConfig(BaseModel):
     default_ttft_slo_ms: Annotated[float, Field(gt=0)] = 10_000.0
     default_tpot_slo_ms: Annotated[float, Field(gt=0)] = 100.0
     reject_unattainable: bool = False
+    online_calibration: bool = True
+    calibration_refresh_steps: Annotated[int, Field(ge=1)] = 32
+
+
+def classify_step(
+    num_scheduled_tokens: Mapping[str, int],
+    num_computed_tokens_before: Mapping[str, int],
+    num_prompt_tokens: Mapping[str, int],
+) -> tuple[int, int, tuple[tuple[int, int], ...]]:
+    """Split one step's requests into prefill chunks and decodes (the features the step-time model prices).
+
+    A request whose computed tokens before the step are below its prompt length is prefilling: a chunk of the
+    tokens scheduled for it at prefix ``num_computed_before``. Otherwise it decodes, with context
+    ``num_computed_before + num_scheduled``.
+
+    Args:
+        num_scheduled_tokens: request id -> tokens scheduled in the step (vLLM's
+            ``SchedulerOutput.num_scheduled_tokens``).
+        num_computed_tokens_before: request id -> tokens in its KV cache before the step.
+        num_prompt_tokens: request id -> prompt length.
+
+    Returns:
+        ``(num_decode_seqs, num_decode_context_tokens, ((prefix, chunk), ...))``.
+
+    Raises:
+        KeyError: a scheduled request is missing from one of the other mappings.
+    """
+    chunks: list[tuple[int, int]] = []
+    num_decodes = 0
+    context_tokens = 0
+    for request_id, scheduled in num_scheduled_tokens.items():
+        if scheduled <= 0:
+            continue
+        before = num_computed_tokens_before[request_id]
+        if before < num_prompt_tokens[request_id]:
+            chunks.append((before, scheduled))
+        else:
+            num_decodes += 1
+            context_tokens += before + scheduled
+    return num_decodes, context_tokens, tuple(chunks)
 
 
 def parse_engine_side_section(section: Any, source: str) -> EngineSideConfig:
@@ -122,6 +167,8 @@ class EngineSide:
         self.num_requests_seen = 0
         self.num_decode_skips = 0
         self.num_rejected = 0
+        self.calibrator = StepTimeCalibrator(self.profile.step_time) if config.online_calibration else None
+        self.num_steps_observed = 0
 
     def now_s(self) -> float:
         """The engine side's clock (seconds)."""
@@ -141,6 +188,50 @@ class EngineSide:
         """
         self._step_time = model
         self.local = self.local.with_step_time(model)
+
+    def observe_step(
+        self,
+        *,
+        num_decode_seqs: int,
+        num_decode_context_tokens: int,
+        prefill_chunks: Iterable[tuple[int, int]] = (),
+        duration_s: float,
+    ) -> bool:
+        """Take in one step the engine ran (its composition and wall time) for the online calibration; every
+        ``calibration_refresh_steps`` steps, predict with the refitted model (:meth:`set_step_time`). Does nothing
+        with ``online_calibration`` off.
+
+        Returns:
+            Whether the model the predictions use changed.
+        """
+        if self.calibrator is None:
+            return False
+        chunks = tuple(prefill_chunks)
+        if not num_decode_seqs and not chunks:
+            return False
+        self.calibrator.observe_step(
+            num_decode_seqs=num_decode_seqs,
+            num_decode_context_tokens=num_decode_context_tokens,
+            prefill_chunks=chunks,
+            observed_s=duration_s,
+        )
+        self.num_steps_observed += 1
+        if self.num_steps_observed % self.config.calibration_refresh_steps == 0:
+            model = self.calibrator.model
+            if model is not self._step_time:  # a new local scheduler per refresh, not per step
+                self.set_step_time(model)
+                return True
+        return False
+
+    def describe_calibration(self) -> str:
+        """One line on the calibrated model against the profile (for the engine's log)."""
+        profile, now = self.profile.step_time, self._step_time
+        decode_ms = now.decode_step_time_s(1, 512) * 1e3
+        return (
+            f"{self.num_steps_observed} steps observed; decode step at batch 1 {decode_ms:.2f} ms "
+            f"(profile {profile.decode_step_time_s(1, 512) * 1e3:.2f}), prefill of 1,024 tokens "
+            f"{now.prefill_time_s(1024) * 1e3:.1f} ms (profile {profile.prefill_time_s(1024) * 1e3:.1f})"
+        )
 
     def slo_ms(self, request: Any) -> tuple[float, float]:
         """(TTFT, TPOT) SLO of a request in ms: what the router sent with it, else the defaults."""

@@ -5,6 +5,7 @@
     tropical-profile sglang --endpoint URL --model PATH --served-model-name NAME --out ...
     tropical-profile import {splitwise,distserve} FILE ... --out profile.json
     tropical-profile show profile.json [--plot fit.png]
+    tropical-profile save --url ROUTER [--instance URL] --out profile.json             # a router's live profile
 
 Every command writes or reads the versioned profile file that ``tropical simulate`` and ``tropical serve`` load
 (``--profile PATH``). Errors in arguments or files exit with status 2 and a message naming the field.
@@ -13,6 +14,7 @@ Every command writes or reads the versioned profile file that ``tropical simulat
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +31,8 @@ from tropical_sched.cli._common import (
     write_output,
 )
 from tropical_sched.core.errors import ConfigError, TropicalError
-from tropical_sched.predictors.profile import ProfileFile, load_profile, write_profile_file
+from tropical_sched.predictors.profile import ProfileFile, ServingOverheads, load_profile, write_profile_file
+from tropical_sched.profiling.pinning import OMP_BIND_VARIABLE, parse_cpu_list, pin_process, resolve_cpus
 
 __all__ = ["build_parser", "main"]
 
@@ -64,9 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--served-model-name", help="with --endpoint: the model name the server expects")
         p.add_argument(
+            "--in-process-profile",
+            help="with --endpoint: the in-process profile of the same engine on the same cores (name or file); "
+            "writes that profile plus a `serving` section, what the server adds to its steps (per step, per streamed "
+            "token, per request), measured as the endpoint's times minus the profile's",
+        )
+        p.add_argument(
             "--kv-cache-tokens",
             type=_positive_int,
             help="with --endpoint: KV-cache capacity, if the server does not report it",
+        )
+        p.add_argument(
+            "--cpus",
+            help="run on these cores only, a CPU list as taskset's (1, 0-3, 0,2-3): in-process, the engine (at --tp "
+            f"1; default: the cores {OMP_BIND_VARIABLE} names, if it names any), with as many threads; with "
+            "--endpoint, this client (keep it off the server's cores)",
         )
         p.add_argument(
             "--interconnect-bandwidth-gbps",
@@ -104,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True)
     imp.add_argument("--name")
 
+    save = commands.add_parser(
+        "save", help="save the profile a running router predicts with (calibrated online) as a profile file"
+    )
+    save.add_argument("--url", required=True, type=http_url, help="the router's base URL (tropical serve)")
+    save.add_argument(
+        "--instance",
+        type=http_url,
+        help="the profile of this instance, its URL as in the router's cluster file (default: the router's own)",
+    )
+    save.add_argument("--out", required=True, help="profile file to write (JSON)")
+
     show = commands.add_parser("show", help="the fit against the samples, by kind of step")
     show.add_argument("profile", help="profile file or bundled name")
     show.add_argument("--plot", help="write a figure of measured vs predicted step times (PNG; needs matplotlib)")
@@ -124,6 +150,17 @@ def _write(profile: ProfileFile, out: str) -> None:
         f"median relative error {fit.median_relative_error:.1%}, max {fit.max_relative_error:.1%}; "
         f"KV cache {profile.kv_cache.num_tokens} tokens"
     )
+    if profile.serving is not None:
+        print(_serving_line(profile.serving))
+
+
+def _serving_line(serving: ServingOverheads) -> str:
+    return (
+        f"serving overheads: {serving.per_request_s * 1e3:.2f} ms per request, {serving.per_step_s * 1e3:.2f} ms "
+        f"per step, {serving.per_streamed_token_s * 1e3:.3f} ms per streamed token; P/D hop "
+        f"{serving.pd_hop_fixed_s * 1e3:.1f} ms + {serving.pd_hop_per_prompt_token_s * 1e6:.2f} us per prompt "
+        f"token ({serving.source})"
+    )
 
 
 def _bandwidth(args: argparse.Namespace) -> float | None:
@@ -136,6 +173,11 @@ def _run_sweep(args: argparse.Namespace) -> None:
 
         if not args.served_model_name:
             raise ConfigError("--served-model-name is required with --endpoint")
+        # Before the sweep: a wrong name must not cost one.
+        engine = load_profile(args.in_process_profile).file if args.in_process_profile else None
+        if args.cpus is not None:
+            # The client: its timing of the streams must not wait for the server's cores (or share them).
+            pin_process(parse_cpu_list(args.cpus))
         profile = profile_endpoint(
             args.endpoint,
             model_dir=args.model,
@@ -149,11 +191,18 @@ def _run_sweep(args: argparse.Namespace) -> None:
             interconnect_bandwidth_bytes_per_s=_bandwidth(args) or 32e9,
             progress=not args.no_progress,
         )
+        if engine is not None:
+            from tropical_sched.profiling.endpoint import with_serving_overheads
+
+            profile = with_serving_overheads(engine, profile, name=_name(args))
+    elif args.in_process_profile:
+        raise ConfigError("--in-process-profile needs --endpoint URL (the served engine to compare it with)")
     elif args.command == "sglang":
         raise ConfigError("tropical-profile sglang needs --endpoint URL (SGLang is profiled from outside)")
     else:
         from tropical_sched.profiling.vllm_inprocess import profile_vllm
 
+        cpus = resolve_cpus(args.cpus, tensor_parallel_size=args.tp, environ=os.environ)
         profile = profile_vllm(
             args.model,
             out_name=_name(args),
@@ -168,6 +217,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
             quick=args.quick,
             repetitions=args.repetitions,
             interconnect_bandwidth_bytes_per_s=_bandwidth(args),
+            cpus=cpus,
             progress=not args.no_progress,
         )
     _write(profile, args.out)
@@ -193,6 +243,29 @@ def _import(args: argparse.Namespace) -> None:
     _write(profile, args.out)
 
 
+def _save(args: argparse.Namespace) -> None:
+    """Fetch ``GET {url}/v1/tropical/profile[?instance=URL]``, check it as a profile file, write it."""
+    import httpx
+
+    from tropical_sched.predictors.profile import profile_from_json
+
+    endpoint = args.url.rstrip("/") + "/v1/tropical/profile"
+    try:
+        response = httpx.get(endpoint, params={"instance": args.instance} if args.instance else None, timeout=30.0)
+    except httpx.HTTPError as exc:
+        raise ConfigError(f"--url {args.url}: cannot fetch {endpoint}: {exc!r}") from None
+    source = str(response.url)
+    if response.status_code != 200:
+        try:
+            detail = str(response.json()["error"]["message"])
+        except (ValueError, KeyError, TypeError):  # not the router's error object: a proxy's page, another server
+            detail = response.text[:300]
+        raise ConfigError(f"{source}: HTTP {response.status_code}: {detail}")
+    # ProfileFormatError names the URL and the field (the router's answer is one line of JSON)
+    profile = profile_from_json(response.text, source)
+    _write(profile.file, args.out)
+
+
 def _show(args: argparse.Namespace) -> None:
     from tropical_sched.profiling.show import fit_table, plot_fit
 
@@ -202,6 +275,8 @@ def _show(args: argparse.Namespace) -> None:
     if environment:
         print("environment: " + ", ".join(f"{k}={v}" for k, v in environment.items()))
     print(fit_table(profile))
+    if profile.file.serving is not None:
+        print(_serving_line(profile.file.serving))
     if args.plot:
         write_output("--plot", args.plot, lambda: plot_fit(profile, args.plot))
         print(f"wrote {args.plot}")
@@ -225,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_sweep(args)
         elif args.command == "import":
             _import(args)
+        elif args.command == "save":
+            _save(args)
         else:
             _show(args)
     except (TropicalError, UnsupportedVllmError) as exc:

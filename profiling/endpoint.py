@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,11 +31,27 @@ from typing import Any
 import httpx
 
 from tropical_sched.core.errors import ConfigError
-from tropical_sched.predictors.profile import EngineInfo, HardwareInfo, ModelInfo, ProfileFile
+from tropical_sched.predictors.profile import (
+    EngineInfo,
+    HardwareInfo,
+    ModelInfo,
+    ProfileFile,
+    ServingOverheads,
+    StepSample,
+)
+from tropical_sched.predictors.step_time import StepTimeModel
+from tropical_sched.profiling.pinning import format_cpu_list
 from tropical_sched.profiling.sweep import Scenario, StepRecord, build_profile, plan_sweep
 from tropical_sched.serve.openai import iter_sse
 
-__all__ = ["decode_step_estimate_s", "kv_cache_tokens_from_metrics", "model_info_from_config", "profile_endpoint"]
+__all__ = [
+    "decode_step_estimate_s",
+    "kv_cache_tokens_from_metrics",
+    "model_info_from_config",
+    "profile_endpoint",
+    "serving_overheads",
+    "with_serving_overheads",
+]
 
 
 def model_info_from_config(model_dir: str | Path, max_model_len: int) -> ModelInfo:
@@ -273,5 +290,104 @@ def profile_endpoint(
             f"measured by tropical-profile {engine_name} --endpoint {url}: TTFT of single requests (prefill) and "
             "median inter-token gaps of concurrent streams (decode), timed by the client"
         ),
-        environment={"endpoint": url, "served_model_name": served_model_name, "repetitions": str(repetitions)},
+        environment={
+            "endpoint": url,
+            "served_model_name": served_model_name,
+            "repetitions": str(repetitions),
+            # the client's cores: the times include its reading of the streams
+            "client_cpu_affinity": format_cpu_list(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "",
+        },
     )
+
+
+def _non_negative_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """``(intercept, slope)``, both >= 0, of the least-squares line through ``(x, y)`` points: the free fit if it
+    is non-negative, else the better of the two fits with one of them held at 0 (non-negative least squares in
+    two unknowns)."""
+    n = len(points)
+    sum_x = sum(x for x, _ in points)
+    sum_y = sum(y for _, y in points)
+    sum_xx = sum(x * x for x, _ in points)
+    sum_xy = sum(x * y for x, y in points)
+    candidates = [(max(0.0, sum_y / n), 0.0), (0.0, max(0.0, sum_xy / sum_xx) if sum_xx else 0.0)]
+    determinant = n * sum_xx - sum_x * sum_x
+    if determinant > 0:
+        slope = (n * sum_xy - sum_x * sum_y) / determinant
+        intercept = (sum_y - slope * sum_x) / n
+        if slope >= 0 and intercept >= 0:
+            candidates.append((intercept, slope))
+    return min(candidates, key=lambda c: sum((y - c[0] - c[1] * x) ** 2 for x, y in points))
+
+
+def serving_overheads(served_samples: Sequence[StepSample], engine: StepTimeModel, *, source: str) -> ServingOverheads:
+    """What a server adds to its engine's steps: an endpoint sweep of the served engine against the engine's own
+    step-time model (an in-process profile of the same engine on the same cores).
+
+    * Decode: the gap between streamed tokens of ``B`` concurrent streams is one engine step plus what serving adds
+      once per step and once per token streamed in it, ``gap - T_dec(B) = per_step_s + B * per_streamed_token_s``.
+      Fitted (non-negative least squares) to each batch size's median residual, so a stalled stream does not
+      tilt the line.
+    * Prefill: a lone request's TTFT is its prefill step, the serving cost of that step and of its first token,
+      and what the request pays once: ``per_request_s = median(TTFT - T_pf(L) - per_step_s -
+      per_streamed_token_s)``, >= 0.
+
+    The P/D hop is not measured here (one engine); its fields are 0.
+
+    Args:
+        served_samples: the samples of :func:`profile_endpoint` against the served engine (lone prefills and
+            decode batches).
+        engine: the engine's step-time model in-process (``Profile.step_time``).
+        source: what the result's ``source`` says.
+
+    Raises:
+        ConfigError: the samples hold no lone prefill or no decode batch.
+    """
+    decode_residuals: dict[int, list[float]] = {}  # batch size -> gap minus the engine's step (s)
+    prefill_samples: list[StepSample] = []
+    for sample in served_samples:
+        if sample.num_decode_seqs and not sample.prefill_chunks:
+            predicted = engine.decode_step_time_s(sample.num_decode_seqs, sample.num_decode_context_tokens)
+            decode_residuals.setdefault(sample.num_decode_seqs, []).append(sample.step_time_s - predicted)
+        elif len(sample.prefill_chunks) == 1 and sample.prefill_chunks[0][0] == 0 and not sample.num_decode_seqs:
+            prefill_samples.append(sample)
+    if not decode_residuals or not prefill_samples:
+        raise ConfigError(
+            f"serving overheads need lone prefills and decode batches of the served engine; got "
+            f"{len(prefill_samples)} prefills and {sum(map(len, decode_residuals.values()))} decode batches"
+        )
+    per_step_s, per_streamed_token_s = _non_negative_line(
+        [(float(b), statistics.median(r)) for b, r in sorted(decode_residuals.items())]
+    )
+    per_request = [
+        s.step_time_s - engine.prefill_time_s(s.prefill_chunks[0][1]) - per_step_s - per_streamed_token_s
+        for s in prefill_samples
+    ]
+    return ServingOverheads(
+        per_step_s=per_step_s,
+        per_streamed_token_s=per_streamed_token_s,
+        per_request_s=max(0.0, statistics.median(per_request)),
+        source=source,
+    )
+
+
+def with_serving_overheads(engine: ProfileFile, served: ProfileFile, *, name: str) -> ProfileFile:
+    """The engine's profile with the ``serving`` section that :func:`serving_overheads` measures in ``served``
+    (an endpoint profile of the same engine behind its server), named ``name``; the served profile's environment
+    (endpoint, client cores) is kept with a ``serving_`` prefix."""
+    from tropical_sched.predictors.profile import Profile
+
+    endpoint = served.metadata.environment.get("endpoint", "an endpoint")
+    overheads = serving_overheads(
+        served.samples,
+        Profile(engine).step_time,
+        source=(
+            f"measured by tropical-profile --endpoint {endpoint} against {engine.metadata.name}: the served engine's "
+            f"TTFT and token gaps minus this profile's steps ({len(served.samples)} samples)"
+        ),
+    )
+    environment = {
+        **engine.metadata.environment,
+        **{f"serving_{key}": value for key, value in served.metadata.environment.items()},
+    }
+    metadata = engine.metadata.model_copy(update={"name": name, "environment": environment})
+    return engine.model_copy(update={"metadata": metadata, "serving": overheads})

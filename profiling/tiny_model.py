@@ -1,10 +1,23 @@
-"""Build a tiny random-weight Llama and a byte-level BPE tokenizer trained locally (no download).
+"""Build a small random-weight Llama and a byte-level BPE tokenizer trained locally (no download).
 
-For engine tests and CPU demos: vLLM and SGLang load it like any Hugging Face checkpoint. Needs ``transformers``
-and ``tokenizers`` (``pip install 'tropical-sched[tiny-model]'``; vLLM and SGLang bring them) and ``torch`` (the
-build that fits the machine; it comes with the engine). From the command line::
+For engine tests, CPU demos and real-engine benchmarks: vLLM and SGLang load it like any Hugging Face checkpoint.
+Two shapes are named (:data:`PRESETS`):
 
-    python -m tropical_sched.profiling.tiny_model --out ./tiny-llama [--hidden-size 128 --num-layers 2 ...]
+* ``tiny`` (the default): 2 layers, hidden 128, 0.4M parameters. The engine tests' model: it starts in seconds,
+  but its steps (about 1 ms for a decode on one CPU core) are as short as what serving adds to them (4-10 ms per
+  request, 0.5-1.5 ms per streamed token), and its tokens reach clients in bursts.
+* ``served``: 32 layers, hidden 256, 4 heads and 2 KV heads, 19M parameters. On one pinned core of this project's
+  CPU machine a decode step takes 7.6-10 ms at batch 1 and 17-42 ms at batch 32 (short to 1,100-token contexts), a
+  1,024-token prefill 210 ms, and its OpenAI server adds about 2 ms per step and 4 ms per request (measured:
+  docs/profiling.md, bundled as ``cpu-served-llama``), so tokens stream one by one and serving costs are a few
+  percent of a step, as on a GPU deployment. The real-engine benchmarks and the fidelity validation use it.
+
+Needs ``transformers`` and ``tokenizers`` (``pip install 'tropical-sched[tiny-model]'``; vLLM and SGLang bring
+them) and ``torch`` (the build that fits the machine; it comes with the engine). From the command line::
+
+    python -m tropical_sched.profiling.tiny_model --out ./tiny-llama
+    python -m tropical_sched.profiling.tiny_model --preset served --out ./served-llama
+    python -m tropical_sched.profiling.tiny_model --out ./other --hidden-size 64 --num-layers 3 ...
 """
 
 from __future__ import annotations
@@ -12,14 +25,68 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
-__all__ = ["MissingDependencyError", "build_tiny_llama", "main"]
+from tropical_sched.core.errors import UnknownNameError
+
+__all__ = ["PRESETS", "MissingDependencyError", "ModelPreset", "build_preset", "build_tiny_llama", "main"]
 
 _CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelPreset:
+    """A named model shape (the intermediate size is twice the hidden size; the vocabulary is 352 tokens).
+
+    Attributes:
+        hidden_size: hidden size.
+        num_layers: decoder layers.
+        num_heads: attention heads.
+        num_kv_heads: KV heads (grouped-query attention).
+        purpose: what it is for, one line.
+    """
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    purpose: str
+
+    def sizes(self) -> dict[str, int]:
+        """The keyword arguments of :func:`build_tiny_llama` that give this shape."""
+        return {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+        }
+
+
+# name -> shape (see the module docstring for the step times they give)
+PRESETS: Mapping[str, ModelPreset] = MappingProxyType(
+    {
+        "tiny": ModelPreset(
+            hidden_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            purpose="the engine tests' model: starts in seconds, decode steps of about 1 ms on a CPU core",
+        ),
+        "served": ModelPreset(
+            hidden_size=256,
+            num_layers=32,
+            num_heads=4,
+            num_kv_heads=2,
+            purpose="real-engine benchmarks: 19M parameters, decode steps of 8-10 ms at batch 1 on a CPU core, "
+            "prefill 210 ms per 1,024 tokens",
+        ),
+    }
 )
 
 
@@ -107,22 +174,48 @@ def build_tiny_llama(
     return path
 
 
+def build_preset(path: str | Path, preset: str, *, seed: int = 0) -> Path:
+    """Write the model of a named shape (:data:`PRESETS`, e.g. ``served``) to ``path``; returns ``path``.
+
+    Raises:
+        UnknownNameError: no preset of that name (the known ones are listed).
+        MissingDependencyError: ``torch``, ``transformers`` or ``tokenizers`` is missing.
+    """
+    if preset not in PRESETS:
+        raise UnknownNameError("model preset", preset, list(PRESETS))
+    return build_tiny_llama(path, **PRESETS[preset].sizes(), seed=seed)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tropical_sched.profiling.tiny_model --out DIR``: write the tiny model; prints its path."""
+    """``python -m tropical_sched.profiling.tiny_model --out DIR [--preset NAME]``: write the model; prints its
+    path."""
     parser = argparse.ArgumentParser(
         prog="python -m tropical_sched.profiling.tiny_model",
-        description="Write a tiny random-weight Llama (bf16) and a locally trained tokenizer to a directory that "
-        "vLLM and SGLang load as a model (no download). The defaults are the engine tests' model.",
+        description="Write a small random-weight Llama (bf16) and a locally trained tokenizer to a directory that "
+        "vLLM and SGLang load as a model (no download). The default is the engine tests' tiny model; "
+        "--preset served is the real-engine benchmarks' model; a size option overrides the preset's.",
     )
     parser.add_argument("--out", required=True, type=Path, help="directory to write (created if missing)")
-    parser.add_argument("--hidden-size", type=int, default=128, help="hidden size (intermediate: twice it)")
-    parser.add_argument("--num-layers", type=int, default=2, help="decoder layers")
-    parser.add_argument("--num-heads", type=int, default=4, help="attention heads (must divide --hidden-size)")
-    parser.add_argument("--num-kv-heads", type=int, default=2, help="KV heads (must divide --num-heads)")
+    parser.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default="tiny",
+        help="; ".join(
+            f"{name}: {p.num_layers} layers, hidden {p.hidden_size} ({p.purpose})" for name, p in PRESETS.items()
+        )
+        + " (default tiny)",
+    )
+    parser.add_argument("--hidden-size", type=int, help="hidden size (intermediate: twice it)")
+    parser.add_argument("--num-layers", type=int, help="decoder layers")
+    parser.add_argument("--num-heads", type=int, help="attention heads (must divide --hidden-size)")
+    parser.add_argument("--num-kv-heads", type=int, help="KV heads (must divide --num-heads)")
     parser.add_argument("--max-position-embeddings", type=int, default=4096, help="longest context, tokens")
     parser.add_argument("--vocab-size", type=int, default=352, help="tokenizer vocabulary (byte-level BPE, >= 259)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args(argv)
+    for name, value in PRESETS[args.preset].sizes().items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "max_position_embeddings"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tropical_sched.predictors.profile import EngineInfo, HardwareInfo, ModelInfo, ProfileFile
+from tropical_sched.profiling.pinning import cpu_environment, pin_process
 from tropical_sched.profiling.sweep import (
     Scenario,
     StepRecord,
@@ -80,9 +81,11 @@ def _hardware(interconnect_bandwidth_bytes_per_s: float | None) -> tuple[Hardwar
             link, bandwidth = "given", interconnect_bandwidth_bytes_per_s
         env = {"device": name, "device_count": str(count), "cuda": str(torch.version.cuda)}
     else:
-        name = f"CPU: {_cpu_name()}"
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         count = os.cpu_count() or 1
+        # a pinned engine (--cpus) runs on some of the cores: the device is those, not the machine
+        used = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else count
+        name = f"CPU: {_cpu_name()}" + (f", {used} of {count} cores" if used < count else "")
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         link = "host memory (CPU engine)" if interconnect_bandwidth_bytes_per_s is None else "given"
         bandwidth = interconnect_bandwidth_bytes_per_s or 5e9
         env = {"device": name, "device_count": f"{count} cores"}
@@ -203,6 +206,7 @@ def profile_vllm(
     quick: bool = False,
     repetitions: int = 3,
     interconnect_bandwidth_bytes_per_s: float | None = None,
+    cpus: tuple[int, ...] | None = None,
     progress: bool = True,
     confirm: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True),
 ) -> ProfileFile:
@@ -223,6 +227,11 @@ def profile_vllm(
         quick: coarse grid.
         repetitions: runs of each scenario.
         interconnect_bandwidth_bytes_per_s: worker-to-worker KV bandwidth to record (default by device type).
+        cpus: run this process (the engine, at TP 1) on these cores only, with as many torch threads, as a served
+            engine bound by ``VLLM_CPU_OMP_THREADS_BIND`` runs (:func:`~tropical_sched.profiling.pinning.pin_process`;
+            resolve the option with :func:`~tropical_sched.profiling.pinning.resolve_cpus`). ``None``: where the
+            process already may run. Either way the profile's environment records ``cpu_affinity``,
+            ``omp_threads_bind`` and ``num_threads``.
         progress: show a progress bar over the sweep.
         confirm: receives the plan and the duration estimate before the sweep starts.
 
@@ -231,14 +240,20 @@ def profile_vllm(
 
     Raises:
         tropical_sched.adapters.vllm.version.UnsupportedVllmError: vLLM missing or of an unsupported version.
-        ConfigError: the engine's limits leave nothing to profile.
+        ConfigError: the engine's limits leave nothing to profile, or ``cpus`` cannot be pinned.
     """
     from tropical_sched.adapters.vllm.version import check_vllm_version
 
     vllm_version = check_vllm_version()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if cpus:
+        pin_process(cpus)  # before torch and vLLM start their threads (those already running are moved too)
     import torch
 
+    if cpus:
+        # vLLM's CPU worker forbids set_num_threads once the engine is built (it binds threads itself, but only in
+        # its multiprocess executor): set it now.
+        torch.set_num_threads(len(cpus))
     from vllm import LLM
 
     options: dict[str, Any] = {
@@ -342,6 +357,7 @@ def profile_vllm(
             "python": platform.python_version(),
             "repetitions": str(repetitions),
             "grid": json.dumps({"quick": quick}),
+            **cpu_environment(num_threads=torch.get_num_threads(), environ=os.environ),
         }
     )
     return build_profile(

@@ -164,7 +164,7 @@ def test_tropical_profile_without_a_command_lists_the_commands(capsys: pytest.Ca
     with pytest.raises(SystemExit) as exc:
         profile_main([])
     assert exc.value.code == 2
-    assert "{vllm,sglang,import,show}" in capsys.readouterr().err
+    assert "{vllm,sglang,import,save,show}" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         profile_main(["--version"])
     assert exc.value.code == 0
@@ -338,7 +338,7 @@ def test_profile_show_plot_writes_the_file_it_names(tmp_path: Path, capsys: pyte
             ["show", "a100-opt-13b-tp1", "--plot", "{dir}/a-file/fit.png"],
             "--plot {dir}/a-file/fit.png: cannot write: {dir}/a-file is not a directory",
         ),
-        ([], "the following arguments are required: {vllm,sglang,import,show}"),
+        ([], "the following arguments are required: {vllm,sglang,import,save,show}"),
     ],
 )
 def test_tropical_profile_bad_arguments_end_with_one_clear_line(

@@ -559,12 +559,12 @@ def test_decode_placement_checks_each_worker_with_its_own_model() -> None:
         ),
         # The multiplexed first token comes 1.2 ms after the P/D one (the decodes' share of the mixed step).
         ("a static pd_overhead_s of 0.8 ms alone keeps P/D", {}, {}, {"pd_overhead_s": 0.0008}, RouteAction.PREFILL, 0),
-        ("a learned hop of 0.8 ms alone keeps P/D", {"pd_hop_fixed_s": 0.0008}, {}, {}, RouteAction.PREFILL, 0),
+        # A learned hop ends where the decoding instance's first step begins: that step (10.2 ms here) comes on top.
         (
-            "the learned hop adds to the static overhead: together they tip the choice",
+            "a learned hop of 0.8 ms plus the first decode step tips the choice",
             {"pd_hop_fixed_s": 0.0008},
             {},
-            {"pd_overhead_s": 0.0008},
+            {},
             RouteAction.MULTIPLEX,
             1,
         ),
@@ -595,6 +595,8 @@ def test_tropical_weighs_the_learned_pd_hop_of_each_prefill_worker(
     decision = tropical(**options).route(make_request(), cluster)
     assert (decision.action, decision.worker_id) == (action, worker_id), decision.reason
     if action is RouteAction.PREFILL:
-        hop_s = options.get("pd_overhead_s", 0.0) + cluster.workers[0].pd_hop_s(100)
+        learned_s = cluster.workers[0].pd_hop_s(100)
+        first_step_s = MODEL.decode_step_time_s(1, 101) if learned_s > 0 else 0.0
+        hop_s = options.get("pd_overhead_s", 0.0) + learned_s + first_step_s
         isolated_s = 1.02 * MODEL.prefill_time_s(100)
         assert decision.predicted["predicted_ttft_s"] == pytest.approx(isolated_s + hop_s)

@@ -5,16 +5,32 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
+import re
+import subprocess
+import sys
 from pathlib import Path
 
+import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tropical_sched.core.errors import ConfigError
 from tropical_sched.predictors import load_profile, time_scaled
-from tropical_sched.predictors.profile import EngineInfo, HardwareInfo, ModelInfo, Profile
+from tropical_sched.predictors.profile import (
+    EngineInfo,
+    HardwareInfo,
+    ModelInfo,
+    Profile,
+    ProfileFile,
+    StepSample,
+    write_profile_file,
+)
 from tropical_sched.profiling.cli import main as profile_main
-from tropical_sched.profiling.endpoint import kv_cache_tokens_from_metrics, profile_endpoint
+from tropical_sched.profiling.endpoint import kv_cache_tokens_from_metrics, profile_endpoint, serving_overheads
+from tropical_sched.profiling.pinning import cpu_environment, format_cpu_list, parse_cpu_list, pin_process, resolve_cpus
 from tropical_sched.profiling.show import fit_table, step_kind
 from tropical_sched.profiling.sweep import (
     StepRecord,
@@ -426,3 +442,321 @@ def test_text_prompts_follow_the_tokenizers_characters_per_token() -> None:
         ["replay", "--url", "http://x", "--prompt-format", "text", "--chars-per-token", "1"]
     )
     assert args.chars_per_token == 1.0
+
+
+# -- pinning: --cpus and VLLM_CPU_OMP_THREADS_BIND -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "cpus"),
+    [("1", (1,)), ("0-3", (0, 1, 2, 3)), ("5,0-1", (0, 1, 5)), (" 2 , 2", (2,)), ("3-3", (3,))],
+)
+def test_cpu_lists_read_as_taskset_reads_them(text: str, cpus: tuple[int, ...]) -> None:
+    assert parse_cpu_list(text) == cpus
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "not a CPU list"),
+        ("a", "not a CPU list"),
+        ("1-", "not a CPU list"),
+        ("-1", "not a CPU list"),
+        ("3-1", "runs backwards"),
+    ],
+)
+def test_a_malformed_cpu_list_names_the_option(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"--cpus: .*{message}"):
+        parse_cpu_list(text)
+
+
+@given(st.sets(st.integers(min_value=0, max_value=300), min_size=1))
+def test_formatted_cpu_lists_read_back_to_the_same_cores(cpus: set[int]) -> None:
+    text = format_cpu_list(cpus)
+    assert parse_cpu_list(text) == tuple(sorted(cpus))
+    assert len(text.split(",")) <= len(cpus)  # ranges, never longer than one id per core
+
+
+BIND = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+@pytest.mark.parametrize(
+    ("option", "environ", "tp", "cpus"),
+    [
+        (None, {}, 1, None),  # nothing asks: the process runs where it may
+        ("1", {}, 1, (1,)),
+        (None, {BIND: "1"}, 1, (1,)),  # the served engine's variable pins the profiler alike
+        ("0-1", {BIND: "auto"}, 1, (0, 1)),  # vLLM's own values name no cores
+        ("1", {BIND: "nobind"}, 1, (1,)),
+        ("1", {BIND: "1"}, 1, (1,)),
+        (None, {BIND: "0-3|4-7"}, 2, None),  # vLLM binds each rank itself
+    ],
+)
+def test_the_cores_come_from_the_option_or_the_variable(
+    option: str | None, environ: dict[str, str], tp: int, cpus: tuple[int, ...] | None
+) -> None:
+    assert resolve_cpus(option, tensor_parallel_size=tp, environ=environ) == cpus
+
+
+@pytest.mark.parametrize(
+    ("option", "environ", "tp", "message"),
+    [
+        ("0", {BIND: "1"}, 1, "--cpus 0 disagrees with VLLM_CPU_OMP_THREADS_BIND='1'"),
+        ("1", {}, 2, "at --tp 2 vLLM binds each rank itself"),
+        (None, {BIND: "0|1"}, 1, "one list per rank, but the engine runs at --tp 1"),
+        (None, {BIND: "x"}, 1, "VLLM_CPU_OMP_THREADS_BIND: 'x' is not a CPU list"),
+    ],
+)
+def test_conflicting_or_malformed_pinning_is_refused(
+    option: str | None, environ: dict[str, str], tp: int, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_cpus(option, tensor_parallel_size=tp, environ=environ)
+
+
+PIN_SCRIPT = """
+import json, os, sys, threading
+from tropical_sched.profiling.pinning import cpu_environment, pin_process
+started, stop = threading.Event(), threading.Event()
+thread = threading.Thread(target=lambda: (started.set(), stop.wait()))
+thread.start()
+started.wait()
+environ = {}
+pin_process((int(sys.argv[1]),), environ)
+later = threading.Thread(target=lambda: None)
+print(json.dumps({
+    "main": sorted(os.sched_getaffinity(0)),
+    "earlier_thread": sorted(os.sched_getaffinity(thread.native_id)),
+    "environ": environ,
+    "recorded": cpu_environment(num_threads=1, environ=environ),
+}))
+stop.set()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pinning is Linux only")
+def test_pinning_moves_every_thread_and_sets_the_binding_variable() -> None:
+    core = max(os.sched_getaffinity(0))
+    # in a child process: pinning this one would pin the rest of the test run
+    done = subprocess.run(
+        [sys.executable, "-c", PIN_SCRIPT, str(core)], capture_output=True, text=True, timeout=60, check=True
+    )
+    result = json.loads(done.stdout)
+    assert result["main"] == [core]
+    assert result["earlier_thread"] == [core]  # a thread started before the pinning (as torch's pool) moved too
+    assert result["environ"] == {BIND: str(core), "OMP_NUM_THREADS": "1"}
+    assert result["recorded"] == {"cpu_affinity": str(core), "omp_threads_bind": str(core), "num_threads": "1"}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pinning is Linux only")
+def test_pinning_to_a_core_the_machine_lacks_names_the_cores_it_has() -> None:
+    allowed = format_cpu_list(os.sched_getaffinity(0))
+    with pytest.raises(ConfigError, match=rf"--cpus 4095: cannot pin .* this process may use {allowed}$"):
+        pin_process((4095,), {})
+    assert format_cpu_list(os.sched_getaffinity(0)) == allowed  # nothing moved
+    assert cpu_environment(num_threads=None, environ={}) == {"cpu_affinity": allowed, "omp_threads_bind": "unset"}
+
+
+def test_profile_vllm_gets_the_cores_of_cpus_or_of_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tropical_sched.profiling import vllm_inprocess
+
+    calls: list[dict[str, object]] = []
+
+    def fake_profile_vllm(model: str, **options: object) -> ProfileFile:
+        calls.append(options)
+        return load_profile("cpu-tiny-llama").file
+
+    monkeypatch.setattr(vllm_inprocess, "profile_vllm", fake_profile_vllm)
+    monkeypatch.delenv(BIND, raising=False)
+    out = str(tmp_path / "p.json")
+    assert profile_main(["vllm", "--model", "m", "--cpus", "0-1,3", "--out", out]) == 0
+    assert calls[-1]["cpus"] == (0, 1, 3)
+    assert profile_main(["vllm", "--model", "m", "--out", out]) == 0
+    assert calls[-1]["cpus"] is None
+    monkeypatch.setenv(BIND, "1")
+    assert profile_main(["vllm", "--model", "m", "--out", out]) == 0
+    assert calls[-1]["cpus"] == (1,)
+    capsys.readouterr()
+    assert profile_main(["vllm", "--model", "m", "--cpus", "0", "--out", out]) == 2
+    assert len(calls) == 3  # refused before the sweep
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("tropical-profile: error: --cpus 0 disagrees with VLLM_CPU_OMP_THREADS_BIND='1'")
+
+
+# -- tropical-profile save: a router's live profile ------------------------------------------------------------
+
+
+def test_save_writes_the_profile_the_router_predicts_with(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tropical_sched.serve.config import RouterConfig
+    from tropical_sched.serve.router import Router
+
+    fast = time_scaled(load_profile("cpu-tiny-llama").file, 0.5)
+    fast_path = tmp_path / "fast.json"
+    write_profile_file(fast, fast_path)
+    engines = [FakeEngine(Profile(fast), engine_id=f"e{i}") for i in range(2)]
+    with ServerThread(engines[0].app) as first, ServerThread(engines[1].app) as second:
+        router = Router(
+            RouterConfig.model_validate(
+                {
+                    "profile": "cpu-tiny-llama",
+                    "instances": [
+                        {"url": first.url, "role": "prefill"},
+                        {"url": second.url, "role": "multiplexing", "profile": str(fast_path)},
+                    ],
+                }
+            )
+        )
+        with ServerThread(router.app) as server:
+            own, other = tmp_path / "router.json", tmp_path / "second.json"
+            assert profile_main(["save", "--url", server.url, "--out", str(own)]) == 0
+            assert f"wrote {own}: " in capsys.readouterr().out
+            assert profile_main(["save", "--url", server.url + "/", "--instance", second.url, "--out", str(other)]) == 0
+            # what the router answers, checked and written as a profile file
+            for path, query in ((own, {}), (other, {"instance": second.url})):
+                answer = httpx.get(server.url + "/v1/tropical/profile", params=query).json()
+                assert load_profile(path).file == ProfileFile.model_validate(answer)
+            # each its own: before any traffic, the router's profile and the instance's (calibration starts there)
+            assert load_profile(own).file.fit.coefficients == load_profile("cpu-tiny-llama").file.fit.coefficients
+            assert load_profile(other).file.fit.coefficients == pytest.approx(fast.fit.coefficients)
+            # an instance the router does not have: the router's own message, one line, nothing written
+            capsys.readouterr()
+            missing = tmp_path / "missing.json"
+            unknown = "http://127.0.0.1:9"
+            assert profile_main(["save", "--url", server.url, "--instance", unknown, "--out", str(missing)]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1
+            assert err.startswith(f"tropical-profile: error: {server.url}/v1/tropical/profile?instance=")
+            assert f"HTTP 404: query instance = '{unknown}' is not one of" in err
+            assert not missing.exists()
+
+
+def test_save_names_the_url_when_the_router_is_unreachable_or_its_answer_is_no_profile(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from tropical_sched.serve.testing import free_port
+
+    out = tmp_path / "p.json"
+    closed = f"http://127.0.0.1:{free_port()}"
+    assert profile_main(["save", "--url", closed, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"tropical-profile: error: --url {closed}: cannot fetch ")
+    broken = load_profile("cpu-tiny-llama").file.model_dump(mode="json")
+    broken["kv_cache"]["num_tokens"] = 0
+
+    async def not_a_profile(request: object) -> JSONResponse:
+        return JSONResponse(broken)
+
+    with ServerThread(Starlette(routes=[Route("/v1/tropical/profile", not_a_profile)])) as server:
+        assert profile_main(["save", "--url", server.url, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"tropical-profile: error: {server.url}/v1/tropical/profile:1: ")
+    assert "kv_cache.num_tokens" in err
+    assert not out.exists()
+
+
+# -- serving overheads: a served engine against its in-process profile -----------------------------------------
+
+
+def _served_samples(engine: Profile, per_step_s: float, per_token_s: float, per_request_s: float) -> list[StepSample]:
+    """What an endpoint sweep of a server that adds these overheads to ``engine``'s steps measures, exactly."""
+    model = engine.step_time
+    samples = [
+        StepSample(
+            step_time_s=model.prefill_time_s(length) + per_step_s + per_token_s + per_request_s,
+            num_decode_seqs=0,
+            num_decode_context_tokens=0,
+            prefill_chunks=((0, length),),
+        )
+        for length in (16, 100, 700, 2000)
+    ]
+    samples += [
+        StepSample(
+            step_time_s=model.decode_step_time_s(b, b * context) + per_step_s + b * per_token_s,
+            num_decode_seqs=b,
+            num_decode_context_tokens=b * context,
+            prefill_chunks=(),
+        )
+        for b in (1, 2, 6, 18, 32)
+        for context in (64, 500)
+    ]
+    return samples
+
+
+@pytest.mark.parametrize(
+    ("per_step_s", "per_token_s", "per_request_s"), [(0.002, 0.0008, 0.006), (0.0, 0.001, 0.004), (0.003, 0.0, 0.0)]
+)
+def test_serving_overheads_recover_what_the_server_adds(
+    per_step_s: float, per_token_s: float, per_request_s: float
+) -> None:
+    engine = load_profile("cpu-tiny-llama")
+    samples = _served_samples(engine, per_step_s, per_token_s, per_request_s)
+    overheads = serving_overheads(samples, engine.step_time, source="test")
+    assert overheads.per_step_s == pytest.approx(per_step_s, abs=1e-9)
+    assert overheads.per_streamed_token_s == pytest.approx(per_token_s, abs=1e-9)
+    assert overheads.per_request_s == pytest.approx(per_request_s, abs=1e-9)
+    assert (overheads.pd_hop_fixed_s, overheads.pd_hop_per_prompt_token_s) == (0.0, 0.0)  # not measured here
+    assert overheads.source == "test"
+
+
+def test_serving_overheads_resist_a_stall_and_stay_non_negative() -> None:
+    engine = load_profile("cpu-tiny-llama")
+    samples = _served_samples(engine, 0.002, 0.0005, 0.005)
+    stalled = samples[-1].model_copy(update={"step_time_s": samples[-1].step_time_s + 0.5})
+    overheads = serving_overheads([*samples, stalled, samples[-1]], engine.step_time, source="test")
+    assert overheads.per_step_s == pytest.approx(0.002, abs=1e-9)  # the batch's median, not its mean
+    assert overheads.per_streamed_token_s == pytest.approx(0.0005, abs=1e-9)
+    # a server faster than the profile (another machine, a wrong profile): zeros, not negative costs
+    fast = _served_samples(Profile(time_scaled(engine.file, 0.5)), 0.0, 0.0, 0.0)
+    overheads = serving_overheads(fast, engine.step_time, source="test")
+    assert (overheads.per_step_s, overheads.per_streamed_token_s, overheads.per_request_s) == (0.0, 0.0, 0.0)
+    with pytest.raises(ConfigError, match="got 0 prefills and 10 decode batches"):
+        serving_overheads(samples[4:], engine.step_time, source="test")
+
+
+def test_endpoint_sweep_with_the_in_process_profile_writes_it_with_serving_overheads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The one-shot: sweep a fake engine (steps of the bundled tiny profile) through HTTP, compare with that profile.
+    The fake engine adds only HTTP and event-loop time, a few milliseconds at most."""
+    engine = load_profile("cpu-tiny-llama")
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "hidden_size": 128,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "num_hidden_layers": 2,
+                "intermediate_size": 256,
+                "vocab_size": 352,
+                "max_position_embeddings": 2048,
+            }
+        )
+    )
+    out = tmp_path / "served.json"
+    # contexts within the profile's range (pytest turns its extrapolation warning into an error in the engine)
+    with ServerThread(FakeEngine(engine, max_num_seqs=8, max_model_len=1024).app) as server:
+        argv = ["vllm", "--endpoint", server.url, "--model", str(tmp_path), "--served-model-name", "fake-model"]
+        argv += ["--quick", "--repetitions", "1", "--max-num-seqs", "8", "--kv-cache-tokens", "20000"]
+        assert profile_main([*argv, "--no-progress", "--in-process-profile", "cpu-tiny-llama", "--out", str(out)]) == 0
+    assert "serving overheads: " in capsys.readouterr().out
+    served = load_profile(out)
+    assert served.file.samples == engine.file.samples  # the engine's steps, as profiled in-process
+    assert served.file.fit == engine.file.fit
+    assert served.name == "served"
+    assert served.metadata.environment["serving_endpoint"] == server.url
+    assert served.metadata.environment["omp_threads_bind"] == engine.metadata.environment["omp_threads_bind"]
+    serving = served.file.serving
+    assert serving is not None
+    assert "measured by tropical-profile --endpoint" in serving.source
+    assert serving.per_request_s + serving.per_step_s + 8 * serving.per_streamed_token_s < 0.05
+    assert profile_main(["show", str(out)]) == 0
+    assert "serving overheads: " in capsys.readouterr().out
+    assert profile_main(["vllm", "--model", "m", "--in-process-profile", "cpu-tiny-llama", "--out", str(out)]) == 2
+    assert "--in-process-profile needs --endpoint URL" in capsys.readouterr().err

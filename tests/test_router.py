@@ -510,3 +510,40 @@ def test_replay_takes_the_context_from_the_endpoint_the_slos_from_the_router_and
     assert all(r["num_prompt_tokens"] < 1024 for r in data["records"])
     assert not [r["reason"] for r in data["records"] if r["failed"]]
     assert data["policies"]["replay"]["num_multiplexed"] > 0
+
+
+def test_a_fake_engine_whose_loop_fails_dies_like_an_engine_instead_of_hanging_its_requests(
+    scaled_profile: tuple[str, Profile],
+) -> None:
+    """A failure inside the engine loop (here a step that raises, as a warning does under warnings-as-errors) must
+    break the streams in flight and fail what comes later, not leave requests waiting for steps that never come."""
+    import threading
+
+    _, scaled = scaled_profile
+    engine = FakeEngine(scaled)
+    original = engine._worker.start_step
+
+    def failing_step(now_s: float) -> float | None:
+        if engine._worker.num_steps >= 3:
+            raise RuntimeError("boom")
+        return original(now_s)
+
+    engine._worker.start_step = failing_step  # type: ignore[method-assign]
+    with ServerThread(engine.app) as server:
+        result: dict[str, object] = {}
+
+        def stream() -> None:
+            try:
+                _stream(server.url, {"prompt": PROMPT, "max_tokens": 50})
+            except (httpx.HTTPError, AssertionError) as exc:
+                result["error"] = exc
+
+        thread = threading.Thread(target=stream)
+        thread.start()
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "the stream hung"
+        assert "error" in result
+        assert httpx.get(server.url + "/health").status_code == 500
+        late = httpx.post(server.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}, timeout=5)
+        assert late.status_code == 500
+        assert "boom" in late.json()["error"]["message"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tropical_sched.core.errors import UnknownNameError
 from tropical_sched.profiling import tiny_model
 
 DEPENDENCIES = ("transformers", "tokenizers", "torch")
@@ -86,3 +87,76 @@ def test_the_module_runs_as_a_script_and_writes_the_model_it_was_asked_for(tmp_p
     assert config["max_position_embeddings"] == 1024
     assert config["vocab_size"] == 352
     assert (out / "tokenizer.json").is_file()
+
+
+def test_the_presets_are_the_engine_tests_model_and_the_served_regime_model() -> None:
+    import inspect
+    from types import SimpleNamespace
+
+    from tropical_sched.profiling.vllm_inprocess import estimate_num_params
+
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(tiny_model.build_tiny_llama).parameters.items()
+        if name in tiny_model.PRESETS["tiny"].sizes()
+    }
+    assert tiny_model.PRESETS["tiny"].sizes() == defaults  # the tiny model stays what the engine tests build
+
+    def num_params(preset: str) -> float:
+        sizes = tiny_model.PRESETS[preset]
+        return estimate_num_params(
+            SimpleNamespace(
+                hidden_size=sizes.hidden_size,
+                num_attention_heads=sizes.num_heads,
+                num_key_value_heads=sizes.num_kv_heads,
+                intermediate_size=2 * sizes.hidden_size,
+                num_hidden_layers=sizes.num_layers,
+                vocab_size=352,
+            )
+        )
+
+    assert tiny_model.PRESETS["served"].sizes() == {
+        "hidden_size": 256,
+        "num_layers": 32,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+    }
+    assert num_params("served") == pytest.approx(19e6, rel=0.02)
+    assert num_params("tiny") == pytest.approx(0.39e6, rel=0.02)
+
+
+@pytest.mark.parametrize(
+    ("args", "sizes"),
+    [
+        ([], {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2}),
+        (["--preset", "served"], {"hidden_size": 256, "num_layers": 32, "num_heads": 4, "num_kv_heads": 2}),
+        # a size option overrides the preset's, the others stay
+        (
+            ["--preset", "served", "--num-layers", "4"],
+            {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2},
+        ),
+    ],
+)
+def test_the_command_builds_the_preset_with_the_sizes_given(
+    args: list[str], sizes: dict[str, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[dict[str, object]] = []
+    monkeypatch.setattr(tiny_model, "build_tiny_llama", lambda path, **options: built.append(options) or path)
+    assert tiny_model.main(["--out", str(tmp_path / "m"), *args]) == 0
+    assert {name: built[0][name] for name in sizes} == sizes
+
+
+def test_an_unknown_preset_is_refused_with_the_known_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        tiny_model.main(["--out", str(tmp_path / "m"), "--preset", "huge"])
+    assert exit_info.value.code == 2
+    assert "--preset: invalid choice: 'huge'" in capsys.readouterr().err
+    with pytest.raises(UnknownNameError, match="unknown model preset 'huge'; known: served, tiny"):
+        tiny_model.build_preset(tmp_path / "m", "huge")
+    built: list[dict[str, object]] = []
+    monkeypatch.setattr(tiny_model, "build_tiny_llama", lambda path, **options: built.append(options) or path)
+    assert tiny_model.build_preset(tmp_path / "m", "served", seed=3) == tmp_path / "m"
+    assert built == [{**tiny_model.PRESETS["served"].sizes(), "seed": 3}]
+    assert not (tmp_path / "m").exists()

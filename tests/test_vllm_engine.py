@@ -367,6 +367,8 @@ def test_tropical_profile_measures_the_engine_and_writes_a_loadable_profile(
 
     out = tmp_path / "tiny.json"
     env = {**os.environ, **ENV, "VLLM_CACHE_ROOT": str(cache_root)}
+    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # --cpus alone names the core
+    core = max(os.sched_getaffinity(0))  # pinned to one core, as a served engine bound to it runs
     done = subprocess.run(
         [
             sys.executable,
@@ -385,6 +387,8 @@ def test_tropical_profile_measures_the_engine_and_writes_a_loadable_profile(
             "--quick",
             "--repetitions",
             "1",
+            "--cpus",
+            str(core),
             "--no-progress",
             "--out",
             str(out),
@@ -399,9 +403,19 @@ def test_tropical_profile_measures_the_engine_and_writes_a_loadable_profile(
     profile = load_profile(out)
     kinds = {step_kind(s) for s in profile.file.samples}
     assert {"prefill", "chunk", "decode", "mixed"} <= kinds
-    assert profile.file.fit.r2 > 0.9
+    # steps of about a millisecond on one core: a few stalls of 10-20 ms (measured here) weigh on R^2, not on the
+    # median error
+    assert profile.file.fit.median_relative_error < 0.15
+    assert profile.file.fit.r2 > 0.8
     assert profile.num_kv_cache_tokens % 128 == 0  # whole CPU KV blocks, as vLLM allocated them
-    assert profile.metadata.environment["engine"].startswith("vllm")
+    environment = profile.metadata.environment
+    assert environment["engine"].startswith("vllm")
+    # the engine ran on that core only, with one thread, and the profile says so
+    assert (environment["cpu_affinity"], environment["omp_threads_bind"], environment["num_threads"]) == (
+        str(core),
+        str(core),
+        "1",
+    )
     assert profile.metadata.model.num_layers == 2
     assert profile.file.valid_range.max_num_decode_seqs == 8
 

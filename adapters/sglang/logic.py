@@ -23,6 +23,7 @@ __all__ = [
     "ARRIVAL_ATTR",
     "CONFIG_ENV",
     "SglangRequestView",
+    "batch_composition",
     "is_local_request",
     "make_engine_side",
     "order_waiting_queue",
@@ -158,3 +159,41 @@ def is_local_request(req: Any) -> bool:
     """Whether a request on a multiplexing worker is to be prefilled there (it carries no ``bootstrap_room``:
     the router sent it without a remote prefill)."""
     return getattr(req, "bootstrap_room", None) is None
+
+
+def batch_composition(batch: Any) -> tuple[int, int, tuple[tuple[int, int], ...]] | None:
+    """``(num_decode_seqs, num_decode_context_tokens, prefill_chunks)`` of an SGLang ``ScheduleBatch``, the
+    features the step-time model prices; ``None`` for a batch that runs no forward pass of its own (idle,
+    prebuilt: KV that arrived from a prefill instance) or whose shape is unknown.
+
+    Decode batches count each request's sequence length as its context. Extend batches (prefill chunks, and
+    mixed ones) list ``prefix_lens`` / ``extend_lens`` per request; in a mixed batch the running decodes are the
+    ones in ``decoding_reqs`` (one new token each).
+    """
+    mode = getattr(batch, "forward_mode", None)
+    reqs = list(getattr(batch, "reqs", None) or ())
+    if mode is None or not reqs:
+        return None
+    if mode.is_decode():
+        context = getattr(batch, "seq_lens_sum", None)
+        if not isinstance(context, int):
+            context = sum(len(r.origin_input_ids) + len(r.output_ids) for r in reqs)
+        return len(reqs), int(context), ()
+    if not mode.is_extend():
+        return None
+    prefix_lens = getattr(batch, "prefix_lens", None)
+    extend_lens = getattr(batch, "extend_lens", None)
+    if prefix_lens is None or extend_lens is None or len(prefix_lens) != len(reqs) or len(extend_lens) != len(reqs):
+        return None
+    decoding = {id(r) for r in (getattr(batch, "decoding_reqs", None) or ())}
+    chunks: list[tuple[int, int]] = []
+    num_decodes = context_tokens = 0
+    for req, prefix, extend in zip(reqs, prefix_lens, extend_lens, strict=True):
+        if id(req) in decoding:
+            num_decodes += 1
+            context_tokens += int(prefix) + int(extend)
+        elif extend > 0:
+            chunks.append((int(prefix), int(extend)))
+    if not num_decodes and not chunks:
+        return None
+    return num_decodes, context_tokens, tuple(chunks)

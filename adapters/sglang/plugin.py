@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -315,7 +316,33 @@ def _after_process_batch_result(result: Any, scheduler: Any, batch: Any, *args: 
     reqs = list(getattr(batch, "reqs", None) or ())
     side.observe_outputs(SglangRequestView(req, now) for req in reqs)
     side.forget(str(req.rid) for req in reqs if req.finished())
+    _observe_step(scheduler, batch, side)
     return result
+
+
+def _observe_step(scheduler: Any, batch: Any, side: EngineSide) -> None:
+    """Feed the online calibration with the batch just processed: its composition and the time from its launch
+    (``run_batch`` stamps ``batch.launch_ts``) to the end of its result processing. With the overlap scheduler
+    the next batch runs meanwhile, so that time is not the batch's own: no observation then."""
+    from tropical_sched.adapters.sglang.logic import batch_composition
+
+    launched_at = getattr(batch, "launch_ts", None)
+    if side.calibrator is None or getattr(scheduler, "enable_overlap", False) or not isinstance(launched_at, float):
+        return
+    composition = batch_composition(batch)
+    if composition is None:
+        return
+    num_decodes, context_tokens, chunks = composition
+    if (
+        side.observe_step(
+            num_decode_seqs=num_decodes,
+            num_decode_context_tokens=context_tokens,
+            prefill_chunks=chunks,
+            duration_s=time.monotonic() - launched_at,
+        )
+        and side.num_steps_observed % 1024 == side.config.calibration_refresh_steps
+    ):
+        logger.info("tropical-sched online calibration: %s", side.describe_calibration())
 
 
 # -- the multiplexing worker ------------------------------------------------------------------------------------

@@ -8,6 +8,10 @@
   prefill listed before the decodes cannot take their tokens.
 * Policies that select decodes (``scorpio``'s credit-based batching, ``tempo``'s pacing) leave the decodes that
   sit a step out off the running list for that ``schedule()`` call; they keep their KV cache and rejoin after.
+* Online calibration: every step's composition (read from its ``SchedulerOutput``) and wall time (from the start
+  of ``schedule()`` to the end of ``update_from_output()``: scheduling, the forward pass, sampling, output
+  processing) refit the engine's step-time model, which the cap then predicts with
+  (:meth:`~tropical_sched.adapters.engine_side.EngineSide.observe_step`).
 
 ``make_scheduler`` picks ``AsyncScheduler`` as the base when vLLM runs with async scheduling (its default on GPUs)
 and ``Scheduler`` otherwise (the CPU platform forces synchronous scheduling).
@@ -18,6 +22,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -26,6 +32,7 @@ from vllm.v1.core.sched.request_queue import RequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
+from tropical_sched.adapters.engine_side import classify_step
 from tropical_sched.adapters.vllm.config import parse_engine_side_config
 from tropical_sched.adapters.vllm.logic import make_engine_side
 from tropical_sched.adapters.vllm.version import check_vllm_version
@@ -97,6 +104,10 @@ class _TropicalMixin:
         if self.waiting:  # type: ignore[has-type]
             raise RuntimeError("the waiting queue must be empty when the Tropical scheduler starts")
         self.waiting = KeyedRequestQueue(self.tropical.sort_key)
+        # id(SchedulerOutput) -> (when its schedule() started, its composition): the async scheduler plans step
+        # n + 1 before step n's output returns, so several can be pending.
+        self._pending_steps: dict[int, tuple[float, tuple[int, int, tuple[tuple[int, int], ...]]]] = {}
+        self._calibration_logged_at_s = -math.inf
         logger.info(
             "tropical scheduler active: role=%s policy=%s profile=%s base=%s",
             config.role.value,
@@ -106,6 +117,13 @@ class _TropicalMixin:
         )
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        started_at_s = time.perf_counter()
+        output = self._schedule_selected(*args, **kwargs)
+        if self.tropical.calibrator is not None:
+            self._note_step(output, started_at_s)
+        return output
+
+    def _schedule_selected(self, *args: Any, **kwargs: Any) -> Any:
         running = self.running  # type: ignore[has-type]
         skipped = self.tropical.decodes_to_skip(running, len(self.waiting))
         if not skipped:
@@ -118,6 +136,23 @@ class _TropicalMixin:
             return self._schedule_capped(*args, **kwargs)
         finally:
             self.running.extend(skipped)
+
+    def _note_step(self, output: Any, started_at_s: float) -> None:
+        """Remember a scheduled step's composition until its output comes back (``schedule()`` has already added
+        the step's tokens to each request's computed tokens)."""
+        scheduled = getattr(output, "num_scheduled_tokens", None)
+        if not scheduled:
+            return
+        requests = self.requests  # type: ignore[attr-defined]
+        present = {rid: n for rid, n in scheduled.items() if rid in requests}
+        composition = classify_step(
+            present,
+            {rid: requests[rid].num_computed_tokens - n for rid, n in present.items()},
+            {rid: requests[rid].num_prompt_tokens for rid in present},
+        )
+        if len(self._pending_steps) > 64:  # outputs that never came back (an aborted step): forget them
+            self._pending_steps.clear()
+        self._pending_steps[id(output)] = (started_at_s, composition)
 
     def _schedule_capped(self, *args: Any, **kwargs: Any) -> Any:
         waiting_head = self.waiting.peek_request() if self.waiting else None
@@ -138,6 +173,19 @@ class _TropicalMixin:
 
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
         outputs = super().update_from_output(scheduler_output, model_runner_output)  # type: ignore[misc]
+        pending = self._pending_steps.pop(id(scheduler_output), None)
+        if pending is not None:
+            started_at_s, (num_decodes, context_tokens, chunks) = pending
+            now_s = time.perf_counter()
+            refreshed = self.tropical.observe_step(
+                num_decode_seqs=num_decodes,
+                num_decode_context_tokens=context_tokens,
+                prefill_chunks=chunks,
+                duration_s=now_s - started_at_s,
+            )
+            if refreshed and now_s - self._calibration_logged_at_s >= 30.0:
+                self._calibration_logged_at_s = now_s
+                logger.info("tropical online calibration: %s", self.tropical.describe_calibration())
         requests = self.requests  # type: ignore[attr-defined]
         self.tropical.observe_outputs(
             requests[request_id] for request_id in scheduler_output.num_scheduled_tokens if request_id in requests

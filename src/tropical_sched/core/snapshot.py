@@ -175,7 +175,8 @@ class WorkerSnapshot:
         step_time: the step-time model of this worker as calibrated online from what it was seen doing;
             ``None``: predict it with the policy's own model (the offline profile).
         pd_hop_fixed_s: learned cost of the P/D hop of a request prefilled on this worker, beyond its prefill
-            (KV transfer set-up, the second HTTP round trip, the decoding instance's first step), seconds, >= 0.
+            (KV transfer set-up and wait, the second HTTP round trip; the decoding instance's first step is not
+            part of it), seconds, >= 0.
         pd_hop_per_prompt_token_s: the hop's cost per prompt token (the KV cache moved), seconds per token, >= 0.
     """
 

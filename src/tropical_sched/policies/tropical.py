@@ -206,8 +206,9 @@ class TropicalPolicy:
         On a prefill worker: the queue simulated in the worker's own order (shortest remaining first) with the
         safety factor, from the end of the step in flight (:func:`~tropical_sched.core.slack.predicted_queue_finish`);
         the client's first token then comes after the P/D hop, the configured ``pd_overhead_s`` plus the worker's
-        learned hop cost (``after_prefill_s``). ``broken_request_id`` names a queued prefill that was going to meet
-        its deadline and would not with ``new`` ahead of it. On a multiplexing worker without a prefill: the
+        learned hop cost and, when a hop was learned, the decoding instance's first step (``after_prefill_s``).
+        ``broken_request_id`` names a queued prefill that was going to meet its deadline and would not with ``new``
+        ahead of it. On a multiplexing worker without a prefill: the
         slack-capped chunked prefill beside its decodes (:meth:`multiplexed_prefill_s`) with the safety factor;
         with prefills queued there (the router sends none, an engine's own queue may hold some): the queue in
         arrival order, chunked by the token budget, ignoring the decodes' cap (an optimistic bound).
@@ -230,6 +231,11 @@ class TropicalPolicy:
                 safety_factor=cfg.queue_safety_factor,
                 busy_until_s=worker.busy_until_s,
             )
+        hop_s = worker.pd_hop_s(new.num_prompt_tokens)
+        if hop_s > 0:
+            # A learned hop ends when the decoding instance starts its first step, and the client's first token
+            # comes out of that step (priced with this worker's model, for want of the decoding one's).
+            hop_s += model.decode_step_time_s(1, new.num_prompt_tokens + 1)
         return predicted_queue_finish(
             worker.prefills,
             new,
@@ -239,7 +245,7 @@ class TropicalPolicy:
             sort_key=self._queue_key,
             safety_factor=cfg.queue_safety_factor,
             busy_until_s=worker.busy_until_s,
-            after_prefill_s=cfg.pd_overhead_s + worker.pd_hop_s(new.num_prompt_tokens),
+            after_prefill_s=cfg.pd_overhead_s + hop_s,
         )
 
     def _try_prefill_workers(

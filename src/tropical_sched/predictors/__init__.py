@@ -1,5 +1,14 @@
-"""Latency predictors: the step-time model, the profile file, fitting and importers of published tables."""
+"""Latency predictors: the step-time model, the profile file, online calibration, fitting and importers of
+published tables."""
 
+from tropical_sched.predictors.calibration import (
+    CALIBRATION_METHOD,
+    CalibrationConfig,
+    HopCalibrator,
+    InstanceCalibration,
+    StepTimeCalibrator,
+    served_step_time,
+)
 from tropical_sched.predictors.output_length import LengthSamples, OutputLengthBound
 from tropical_sched.predictors.profile import (
     PROFILE_SCHEMA_VERSION,
@@ -11,10 +20,12 @@ from tropical_sched.predictors.profile import (
     Profile,
     ProfileFile,
     ProfileMetadata,
+    ServingOverheads,
     SourceInfo,
     StepSample,
     ValidRangeInfo,
     bundled_profile_names,
+    calibrated_profile_file,
     load_profile,
     profile_from_json,
     time_scaled,
@@ -30,11 +41,15 @@ from tropical_sched.predictors.step_time import (
 )
 
 __all__ = [
+    "CALIBRATION_METHOD",
     "FEATURE_NAMES",
     "PROFILE_SCHEMA_VERSION",
+    "CalibrationConfig",
     "EngineInfo",
     "FitReport",
     "HardwareInfo",
+    "HopCalibrator",
+    "InstanceCalibration",
     "KvCacheInfo",
     "LengthSamples",
     "ModelInfo",
@@ -43,15 +58,19 @@ __all__ = [
     "ProfileFile",
     "ProfileMetadata",
     "ProfileRangeWarning",
+    "ServingOverheads",
     "SourceInfo",
     "StepSample",
+    "StepTimeCalibrator",
     "StepTimeCoefficients",
     "StepTimeModel",
     "ValidRange",
     "ValidRangeInfo",
     "bundled_profile_names",
+    "calibrated_profile_file",
     "load_profile",
     "profile_from_json",
+    "served_step_time",
     "step_features",
     "time_scaled",
     "write_profile_file",

@@ -2,15 +2,19 @@
 
 A profile records where its numbers came from (model, hardware, tensor parallelism, engine and version, source
 and licence), the raw step-time samples, the fitted step-time coefficients with their fit error, the range the
-samples cover, and the KV-cache capacity. The simulator, the router and the engine adapters all load this file.
+samples cover, the KV-cache capacity, and optionally what serving the engine adds (:class:`ServingOverheads`). The
+simulator, the router and the engine adapters all load this file.
 
-File format: JSON, ``schema_version`` 1 (see :class:`ProfileFile`). Bundled profiles live in
+File format: JSON, ``schema_version`` 1 (see :class:`ProfileFile`; ``serving`` is optional, so files written before
+it existed still load). Bundled profiles live in
 ``tropical_sched/data/profiles/<name>.json``; ``tropical list`` shows them.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
+from collections.abc import Sequence
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -25,6 +29,7 @@ from tropical_sched.predictors.step_time import (
     StepTimeCoefficients,
     StepTimeModel,
     ValidRange,
+    step_features,
 )
 
 __all__ = [
@@ -37,10 +42,12 @@ __all__ = [
     "Profile",
     "ProfileFile",
     "ProfileMetadata",
+    "ServingOverheads",
     "SourceInfo",
     "StepSample",
     "ValidRangeInfo",
     "bundled_profile_names",
+    "calibrated_profile_file",
     "load_profile",
     "profile_from_json",
     "time_scaled",
@@ -52,6 +59,7 @@ PROFILE_SCHEMA_VERSION = 1
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeSeconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
@@ -235,8 +243,45 @@ class KvCacheInfo(_Strict):
     derivation: str
 
 
+class ServingOverheads(_Strict):
+    """What a served deployment adds to the engine's step times, seconds, all >= 0.
+
+    The step-time model prices engine steps; behind an HTTP server and a router a request also pays per step, per
+    streamed token and per request, and a P/D request pays the hop from its prefill instance to its decoding one
+    (the KV transfer and a second HTTP round trip).
+
+    Attributes:
+        per_step_s: fixed cost added to every engine step (the server's loop, output processing).
+        per_streamed_token_s: cost per token streamed to a client (detokenization, an SSE event).
+        per_request_s: cost per request (HTTP, tokenization, scheduling it in).
+        pd_hop_fixed_s: the P/D hop's fixed part, from the prefill's end to the decoding instance's first step.
+        pd_hop_per_prompt_token_s: the hop's cost per prompt token (the KV cache moved).
+        source: how the values were obtained (e.g. ``measured by tropical-profile --endpoint``, ``learned online by
+            the router``).
+    """
+
+    per_step_s: NonNegativeSeconds = 0.0
+    per_streamed_token_s: NonNegativeSeconds = 0.0
+    per_request_s: NonNegativeSeconds = 0.0
+    pd_hop_fixed_s: NonNegativeSeconds = 0.0
+    pd_hop_per_prompt_token_s: NonNegativeSeconds = 0.0
+    source: str
+
+    def pd_hop_s(self, num_prompt_tokens: int) -> float:
+        """The P/D hop of a prompt of ``num_prompt_tokens`` tokens, ``fixed + per_token * L``, seconds."""
+        return self.pd_hop_fixed_s + self.pd_hop_per_prompt_token_s * num_prompt_tokens
+
+
+NO_SERVING_OVERHEADS = ServingOverheads(source="none recorded in the profile")
+"""What :attr:`Profile.serving` returns for a profile without a ``serving`` section: all zeros."""
+
+
 class ProfileFile(_Strict):
-    """A latency profile, as stored on disk (``schema_version`` 1)."""
+    """A latency profile, as stored on disk (``schema_version`` 1).
+
+    Attributes:
+        serving: what serving adds to the step times (optional; absent in profiles of the engine alone).
+    """
 
     schema_version: Literal[1]
     metadata: ProfileMetadata
@@ -244,12 +289,13 @@ class ProfileFile(_Strict):
     kv_cache: KvCacheInfo
     fit: FitReport
     samples: tuple[StepSample, ...] = Field(min_length=1)
+    serving: ServingOverheads | None = None
 
 
 def time_scaled(profile: ProfileFile, factor: float) -> ProfileFile:
-    """The same profile on hardware ``1 / factor`` times as fast: every time (samples and coefficients) times
-    ``factor``, name suffixed. For running fake engines faster than real time (``FakeEngine(time_scale=...)``)
-    while the router predicts them correctly.
+    """The same profile on hardware ``1 / factor`` times as fast: every time (samples, coefficients and serving
+    overheads) times ``factor``, name suffixed. For running fake engines faster than real time
+    (``FakeEngine(time_scale=...)``) while the router predicts them correctly.
 
     Raises:
         ValueError: ``factor`` is not positive.
@@ -259,7 +305,94 @@ def time_scaled(profile: ProfileFile, factor: float) -> ProfileFile:
     fit = profile.fit.model_copy(update={"coefficients": {k: v * factor for k, v in profile.fit.coefficients.items()}})
     samples = tuple(s.model_copy(update={"step_time_s": s.step_time_s * factor}) for s in profile.samples)
     metadata = profile.metadata.model_copy(update={"name": f"{profile.metadata.name}-x{factor:g}"})
-    return profile.model_copy(update={"fit": fit, "samples": samples, "metadata": metadata})
+    serving = profile.serving
+    if serving is not None:
+        serving = serving.model_copy(update={name: getattr(serving, name) * factor for name in _SERVING_TIME_FIELDS})
+    return profile.model_copy(update={"fit": fit, "samples": samples, "metadata": metadata, "serving": serving})
+
+
+_SERVING_TIME_FIELDS = (
+    "per_step_s",
+    "per_streamed_token_s",
+    "per_request_s",
+    "pd_hop_fixed_s",
+    "pd_hop_per_prompt_token_s",
+)
+
+
+def calibrated_profile_file(
+    base: ProfileFile,
+    model: StepTimeModel,
+    serving: ServingOverheads | None,
+    note: str,
+    *,
+    num_observations: int = 0,
+    recent: Sequence[tuple[float, float]] = (),
+    method: str = "online calibration",
+) -> ProfileFile:
+    """A profile file whose coefficients are ``model``'s: a profile calibrated online, in the profile-file schema,
+    so that ``tropical simulate --profile`` and the other tools load it like any profile.
+
+    The samples stay those of ``base`` (the offline measurement the calibration started from, its prior); the fit
+    section records the calibration instead of the offline fit: ``method`` with ``note`` and the base's own
+    method, the number of online observations, and the errors of ``model`` on the recent ones.
+
+    Args:
+        base: the offline profile the calibration started from.
+        model: the calibrated step-time model (its valid range is the base's).
+        serving: the serving overheads to record (``None``: keep the base's).
+        note: what was calibrated where, e.g. ``"router http://10.0.0.1:8000, 312 observations"``; recorded in the
+            fit's method and in ``metadata.environment["calibration"]``.
+        num_observations: observations the calibration used; 0 means none yet (``model`` is then the prior).
+        recent: ``(predicted_s, observed_s)`` of ``model`` on recent observations (observed > 0), for the fit's
+            R^2 and relative errors; empty: those of ``model`` on the base's samples.
+        method: the calibration method, one line.
+
+    Returns:
+        The calibrated profile; ``metadata.name`` is the base's with ``-online`` appended.
+    """
+    coefficients = dict(zip(FEATURE_NAMES, model.coefficients.as_tuple(), strict=True))
+    pairs = [(p, o) for p, o in recent if o > 0]
+    if pairs:
+        fitted = max(num_observations, len(pairs))
+        exclusion = (
+            f"the samples are {base.metadata.name}'s offline measurements (the calibration's prior); the "
+            f"coefficients were learned online from {num_observations} observations, not stored here; the errors "
+            f"are those on the last {len(pairs)} of them"
+        )
+    else:
+        pairs = [(_predicted_s(model, s), s.step_time_s) for s in base.samples if s.used_in_fit]
+        fitted = len(pairs)
+        exclusion = (
+            f"the coefficients were learned online from {num_observations} observations (not stored here); the "
+            "errors are those on the offline samples below"
+        )
+    errors = sorted(abs(p - o) / o for p, o in pairs)
+    observed = [o for _, o in pairs]
+    mean = sum(observed) / len(observed)
+    total = sum((o - mean) ** 2 for o in observed)
+    r2 = 1.0 - sum((p - o) ** 2 for p, o in pairs) / total if total > 0 else 1.0
+    fit = FitReport(
+        method=f"{method} ({note}); prior: {base.fit.method}",
+        coefficients=coefficients,
+        r2=r2,
+        max_relative_error=errors[-1],
+        median_relative_error=statistics.median(errors),
+        num_samples_fitted=fitted,
+        num_samples_excluded=0,
+        exclusion_note=exclusion,
+    )
+    environment = {**base.metadata.environment, "calibration": note}
+    name = base.metadata.name if base.metadata.name.endswith("-online") else f"{base.metadata.name}-online"
+    metadata = base.metadata.model_copy(update={"name": name, "environment": environment})
+    return base.model_copy(
+        update={"fit": fit, "metadata": metadata, "serving": serving if serving is not None else base.serving}
+    )
+
+
+def _predicted_s(model: StepTimeModel, sample: StepSample) -> float:
+    features = step_features(sample.num_decode_seqs, sample.num_decode_context_tokens, sample.prefill_chunks)
+    return sum(c * x for c, x in zip(model.coefficients.as_tuple(), features, strict=True))
 
 
 class Profile:
@@ -298,6 +431,11 @@ class Profile:
             ),
             name=self.name,
         )
+
+    @property
+    def serving(self) -> ServingOverheads:
+        """What serving adds to the step times (all zeros when the file records none)."""
+        return self.file.serving if self.file.serving is not None else NO_SERVING_OVERHEADS
 
     @property
     def num_kv_cache_tokens(self) -> int:
@@ -429,6 +567,8 @@ def write_profile_file(profile: ProfileFile, path: str | Path) -> None:
     data = profile.model_dump(mode="json")
     if not data["metadata"]["environment"]:
         del data["metadata"]["environment"]  # imported tables have none; keeps their files as they were
+    if data.get("serving") is None:
+        data.pop("serving", None)  # optional section; files without it stay as they were
     samples = data.pop("samples")
     head = json.dumps(data, indent=2)
     sample_lines = ",\n".join("    " + json.dumps(s, separators=(", ", ": ")) for s in samples)

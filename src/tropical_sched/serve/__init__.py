@@ -2,6 +2,7 @@
 ``pip install 'tropical-sched[serve]'``)."""
 
 from tropical_sched.serve.config import (
+    CalibrationSettings,
     ClusterFileError,
     Engine,
     InstanceConfig,
@@ -29,6 +30,7 @@ __all__ = [
     "ROUTE_HEADER",
     "SLO_HEADERS",
     "SLO_HEADER_RANGE_MS",
+    "CalibrationSettings",
     "ClusterFileError",
     "EndpointInfo",
     "Engine",

@@ -30,10 +30,12 @@ from tropical_sched.core.errors import ConfigError, DataFormatError
 from tropical_sched.core.locate import LocatedValueError, line_of, validation_message
 from tropical_sched.core.slo import SloSpec
 from tropical_sched.core.snapshot import WorkerRole
+from tropical_sched.predictors.calibration import CalibrationConfig
 
 # check_base_url and engine_address are public helpers (the CLI checks --url with the first) but stay out of
 # __all__, which tropical_sched.serve re-exports whole.
 __all__ = [
+    "CalibrationSettings",
     "ClusterFileError",
     "Engine",
     "InstanceConfig",
@@ -123,6 +125,9 @@ class InstanceConfig(_Strict):
         num_kv_cache_tokens: its KV capacity in tokens; default the profile's.
         bootstrap_port: SGLang prefill instances: their ``--disaggregation-bootstrap-port`` (SGLang's default
             8998), sent to the decoding instance with the host of ``url`` as ``bootstrap_host``.
+        max_num_batched_tokens: its engine's ``--max-num-batched-tokens`` (SGLang: ``--chunked-prefill-size``), the
+            prefill chunk: online calibration prices a longer prompt prefilled alone as several steps; default
+            one step per prompt.
     """
 
     url: str
@@ -132,6 +137,7 @@ class InstanceConfig(_Strict):
     max_num_seqs: Annotated[int, Field(ge=1)] = 256
     num_kv_cache_tokens: Annotated[int, Field(ge=1)] | None = None
     bootstrap_port: Annotated[int, Field(ge=1, le=65535)] = 8998
+    max_num_batched_tokens: Annotated[int, Field(ge=1)] | None = None
 
     @field_validator("url")
     @classmethod
@@ -165,6 +171,36 @@ class SloDefaults(_Strict):
         return self
 
 
+class CalibrationSettings(_Strict):
+    """Online calibration of each instance's step-time model and P/D hop (see
+    :mod:`tropical_sched.predictors.calibration`); the fields other than ``enabled`` are
+    :class:`~tropical_sched.predictors.calibration.CalibrationConfig`'s.
+
+    Attributes:
+        enabled: learn from what the router observes and predict with it (the snapshots carry the calibrated
+            model and hop; ``GET /v1/tropical/profile?instance=URL`` returns the calibrated profile).
+    """
+
+    enabled: bool = True
+    half_life_samples: PositiveFloat = 500.0
+    prior_weight: PositiveFloat = 0.05
+    min_samples: Annotated[int, Field(ge=1)] = 10
+    min_ratio: Annotated[float, Field(gt=0, le=1)] = 0.05
+    max_ratio: Annotated[float, Field(ge=1, allow_inf_nan=False)] = 20.0
+    outlier_threshold: Annotated[float, Field(gt=1, allow_inf_nan=False)] = 6.0
+
+    def config(self) -> CalibrationConfig:
+        """The calibrators' configuration."""
+        return CalibrationConfig(
+            half_life_samples=self.half_life_samples,
+            prior_weight=self.prior_weight,
+            min_samples=self.min_samples,
+            min_ratio=self.min_ratio,
+            max_ratio=self.max_ratio,
+            outlier_threshold=self.outlier_threshold,
+        )
+
+
 class RouterConfig(_Strict):
     """The router service's configuration.
 
@@ -186,6 +222,7 @@ class RouterConfig(_Strict):
         max_retries: times a request that produced no token is retried on another instance after a failure.
         unavailable_grace_s: a request that can only wait for instances that are all down gets HTTP 503 after
             this long (a restarting instance has this long to come back).
+        calibration: online calibration of each instance's step times and P/D hop (on by default).
     """
 
     policy: str = "tropical"
@@ -202,6 +239,7 @@ class RouterConfig(_Strict):
     request_timeout_s: PositiveFloat = 600.0
     max_retries: Annotated[int, Field(ge=0)] = 2
     unavailable_grace_s: PositiveFloat = 5.0
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
 
     @model_validator(mode="after")
     def _unique_engines(self) -> RouterConfig:

@@ -4,8 +4,9 @@ It runs the simulator's engine model (:class:`~tropical_sched.sim.worker.SimWork
 chunked prefill, KV-cache accounting) in real time, optionally sped up, behind vLLM's HTTP surface: completions
 and chat completions (streaming or not), ``/health``, ``/metrics`` with vLLM's gauge names, and vLLM's P/D
 ``kv_transfer_params`` (``do_remote_decode``: prefill only and hand back transfer parameters;
-``do_remote_prefill``: skip the prefill and decode). Text is deterministic per prompt: the same prompt gives the
-same tokens on every path, like greedy decoding.
+``do_remote_prefill``: skip the prefill and decode, after an optional P/D hop delay that stands for the KV
+transfer). Text is deterministic per prompt: the same prompt gives the same tokens on every path, like greedy
+decoding.
 
 For tests and benchmarks of the router, where a real engine is too slow or absent. Not a model server.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -73,6 +75,13 @@ class FakeEngine:
             chunked prefill with ``max_num_batched_tokens``).
         role: the engine's role under ``policy``.
         max_model_len: the context limit it reports on ``/v1/models`` and enforces, tokens; default the profile's.
+        pd_hop_fixed_s: a ``do_remote_prefill`` request waits this long (engine seconds, so wall seconds times
+            ``time_scale``) plus ``pd_hop_per_prompt_token_s`` per prompt token before it joins the decodes, as
+            its KV cache would take to arrive; >= 0.
+        pd_hop_per_prompt_token_s: the hop's part per prompt token, seconds per token, >= 0.
+
+    Raises:
+        ValueError: a hop term is negative or not finite.
     """
 
     def __init__(
@@ -89,7 +98,17 @@ class FakeEngine:
         policy: str | None = None,
         role: WorkerRole = WorkerRole.COLOCATED,
         max_model_len: int | None = None,
+        pd_hop_fixed_s: float = 0.0,
+        pd_hop_per_prompt_token_s: float = 0.0,
     ) -> None:
+        for name, value in (
+            ("pd_hop_fixed_s", pd_hop_fixed_s),
+            ("pd_hop_per_prompt_token_s", pd_hop_per_prompt_token_s),
+        ):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+        self.pd_hop_fixed_s = pd_hop_fixed_s
+        self.pd_hop_per_prompt_token_s = pd_hop_per_prompt_token_s
         self.time_scale = time_scale
         self.engine_id = engine_id
         self.model = model
@@ -98,6 +117,8 @@ class FakeEngine:
         self.stats = FakeEngineStats()
         self.fail_after_tokens: int | None = None
         """Fault injection: drop every stream after this many tokens (``None``: never)."""
+        self.failure: BaseException | None = None
+        """Why the engine loop stopped, if it did (then every stream breaks and ``/health`` answers 500)."""
         self.fail_with_status: int | None = None
         """Fault injection: answer every generation request with this HTTP status (``None``: never)."""
         settings = EngineSettings(enable_chunked_prefill=True, max_num_batched_tokens=max_num_batched_tokens)
@@ -106,6 +127,7 @@ class FakeEngine:
             engine_policy = make_policy(
                 policy, PolicyContext(step_time=profile.step_time, max_model_len=profile.max_model_len)
             )
+            role = WorkerRole(role)  # a role given by name ("prefill") would otherwise match no role in the policy
             settings, local = engine_policy.engine_settings(role), engine_policy.local_scheduler(role)
         self._worker = SimWorker(
             worker_id=0,
@@ -150,6 +172,18 @@ class FakeEngine:
             self._loop_task.cancel()
 
     async def _run(self) -> None:
+        """The engine loop. If it fails (a bug, or a warning turned into an error), the engine dies as a real one
+        would: every stream breaks and ``/health`` answers 500 from then on, instead of requests waiting for steps
+        that never come."""
+        try:
+            await self._steps()
+        except Exception as exc:
+            self.failure = exc
+            for queue in list(self._streams.values()):
+                queue.put_nowait(-1)
+            raise
+
+    async def _steps(self) -> None:
         assert self._wake is not None
         worker = self._worker
         while True:
@@ -169,9 +203,22 @@ class FakeEngine:
                 if queue is not None:
                     queue.put_nowait(None)
 
+    def _receive(self, job: Job) -> None:
+        """The KV cache of a ``do_remote_prefill`` request arrived: it joins the decodes (or, if its client left
+        during the hop, its reserved KV is freed)."""
+        if job.aborted:
+            self._worker.cancel_incoming(job)
+            return
+        job.first_token_at_s = self._now()
+        self._worker.receive(job)
+        assert self._wake is not None
+        self._wake.set()
+
     # -- requests -----------------------------------------------------------------------------------------------
 
     async def _health(self, request: HttpRequest) -> Response:
+        if self.failure is not None:
+            return PlainTextResponse(f"engine loop failed: {self.failure!r}", status_code=500)
         return PlainTextResponse("")
 
     async def _models(self, request: HttpRequest) -> Response:
@@ -205,6 +252,9 @@ class FakeEngine:
         return await self._serve(request, chat=True)
 
     async def _serve(self, http: HttpRequest, *, chat: bool) -> Response:
+        if self.failure is not None:
+            message = f"fake engine loop failed: {self.failure!r}"
+            return JSONResponse(error_body(message, "InternalServerError", 500), status_code=500)
         if self.fail_with_status is not None:
             message = f"fake engine fault injection: HTTP {self.fail_with_status}"
             return JSONResponse(
@@ -257,11 +307,14 @@ class FakeEngine:
         queue: asyncio.Queue[int | None] = asyncio.Queue()
         self._streams[request_id] = queue
         if remote_prefill:
-            # The KV cache arrives from the prefill instance: decode from the start, no prefill here. Its TPOT
-            # clock starts now (the first token the client sees comes from this engine).
-            job.first_token_at_s = now
+            # The KV cache arrives from the prefill instance (after the hop): decode from the start, no prefill
+            # here. Its TPOT clock starts when it arrives (the first token the client sees comes from this engine).
             worker.reserve_incoming(job)
-            worker.receive(job)
+            hop_s = self.pd_hop_fixed_s + self.pd_hop_per_prompt_token_s * num_prompt_tokens
+            if hop_s > 0:
+                asyncio.get_running_loop().call_later(hop_s * self.time_scale, self._receive, job)
+            else:
+                self._receive(job)
         else:
             worker.enqueue_prefill(job)
         assert self._wake is not None
@@ -320,6 +373,8 @@ class FakeEngine:
                 item = await queue.get()
                 if item is None:
                     return
+                if item < 0:
+                    raise ConnectionResetError(f"fake engine loop failed: {self.failure!r}")
                 if self.fail_after_tokens is not None and produced >= self.fail_after_tokens:
                     raise ConnectionResetError("fake engine fault injection")
                 yield produced

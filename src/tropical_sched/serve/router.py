@@ -41,8 +41,10 @@ from tropical_sched.core.snapshot import ClusterSnapshot
 from tropical_sched.policies.base import PolicyContext
 from tropical_sched.policies.dispatcher import Dispatcher
 from tropical_sched.policies.registry import make_policy
+from tropical_sched.predictors.calibration import InstanceCalibration
 from tropical_sched.predictors.profile import Profile, load_profile
-from tropical_sched.serve.config import Engine, RouterConfig
+from tropical_sched.predictors.step_time import StepTimeModel
+from tropical_sched.serve.config import Engine, InstanceConfig, RouterConfig
 from tropical_sched.serve.engines import dialect_for
 from tropical_sched.serve.metrics import RouterMetrics
 from tropical_sched.serve.openai import (
@@ -93,6 +95,9 @@ MAX_REQUEST_HEADER_BYTES = 64 << 10
 _T = TypeVar("_T")
 _TICK_S = 0.02  # how often requests waiting at the router are retried while any wait
 _SNAPSHOT_TTL_S = 0.01  # token counts in snapshots are at most this old
+# A queued P/D prefill counts as queued at the previous return on its instance only if it was sent this much before
+# the router saw that return: a request and a response each take about a millisecond between router and engine.
+_RETURN_TRANSIT_MARGIN_S = 0.005
 
 
 class _HttpError(Exception):
@@ -160,6 +165,8 @@ class Router:
                 instance,
                 self.policy.local_scheduler(instance.role),
                 instance.num_kv_cache_tokens or self._profile(instance.profile).num_kv_cache_tokens,
+                calibration=self._calibration(instance),
+                serving=self._profile(instance.profile).serving,
             )
             for index, instance in enumerate(config.instances)
         ]
@@ -200,6 +207,19 @@ class Router:
         if key not in self._profiles:
             self._profiles[key] = load_profile(key)
         return self._profiles[key]
+
+    def _calibration(self, instance: InstanceConfig) -> InstanceCalibration | None:
+        """A fresh online calibration of an instance, its prior the instance's profile (``None`` when off)."""
+        settings = self.config.calibration
+        if not settings.enabled:
+            return None
+        engine = self.policy.engine_settings(instance.role)
+        chunk = instance.max_num_batched_tokens or (
+            engine.max_num_batched_tokens if engine.enable_chunked_prefill else None
+        )
+        return InstanceCalibration.from_profile(
+            self._profile(instance.profile), settings.config(), max_chunk_tokens=chunk
+        )
 
     def _check_roles(self) -> None:
         roles = [instance.role for instance in self.config.instances]
@@ -264,7 +284,13 @@ class Router:
         if decision.worker_id is not None:
             tracked.phase = Phase.PREFILL
             tracked.route = decision.action.value
-            self.instances[decision.worker_id].add_prefill(tracked)
+            instance = self.instances[decision.worker_id]
+            tracked.predicted.clear()
+            if "predicted_ttft_s" in decision.predicted:
+                tracked.predicted["ttft_s"] = decision.predicted["predicted_ttft_s"]
+            if decision.action is not RouteAction.PREFILL:  # it decodes where it prefills
+                tracked.predicted["tpot_s"] = self._predicted_decode_step_s(instance, request)
+            instance.add_prefill(tracked)
             self._count_in_flight(decision.worker_id)
         if "ttft_slack_s" in decision.predicted:
             self.metrics.predicted_ttft_slack.observe(decision.predicted["ttft_slack_s"])
@@ -278,11 +304,26 @@ class Router:
         tracked = self._tracked[request.request_id]
         assert placement.worker_id is not None
         tracked.phase = Phase.AWAITING_DECODE
-        self.instances[placement.worker_id].add_decode(tracked)
+        instance = self.instances[placement.worker_id]
+        tracked.predicted["tpot_s"] = placement.predicted.get(
+            "decode_step_s", self._predicted_decode_step_s(instance, request)
+        )
+        instance.add_decode(tracked)
         self._count_in_flight(placement.worker_id)
         waiter = self._placement_waiters.pop(request.request_id, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(placement)
+
+    def _step_time(self, instance: Instance) -> StepTimeModel:
+        """The step-time model the router predicts ``instance`` with (calibrated when calibration is on)."""
+        return instance.calibration.step_time if instance.calibration is not None else self.profile.step_time
+
+    def _predicted_decode_step_s(self, instance: Instance, request: Request) -> float:
+        """The decode step of ``instance`` once ``request`` streams there, next to the decodes streaming there now
+        (its predicted TPOT; O(1), from the instance's running totals)."""
+        return self._step_time(instance).decode_step_time_s(
+            instance.num_streaming + 1, instance.streaming_context_tokens + request.num_prompt_tokens + 1
+        )
 
     def _count_in_flight(self, index: int) -> None:
         instance = self.instances[index]
@@ -308,10 +349,15 @@ class Router:
                 self._dispatch()
 
     async def _probe(self, instance: Instance) -> None:
-        """``GET /health``; on a healthy instance whose models are not known yet, also ``GET /v1/models``."""
+        """``GET /health``; on a healthy instance whose models are not known yet, also ``GET /v1/models``. Its
+        round trip is kept (the least of the recent ones) to take the HTTP round trip out of a lone prefill's
+        time."""
         assert self._client is not None
         try:
+            sent_at_s = self.now_s()
             response = await self._client.get(instance.url + "/health", timeout=2.0)
+            if response.status_code == 200:
+                instance.note_round_trip(self.now_s() - sent_at_s)
             self._set_health(instance, response.status_code == 200)
         except httpx.HTTPError:
             self._set_health(instance, False)
@@ -403,6 +449,10 @@ class Router:
         )
 
     async def _metrics(self, http: HttpRequest) -> Response:
+        for instance in self.instances:
+            self.metrics.round_trip.labels(instance.url).set(instance.round_trip_s)
+            if instance.calibration is not None:
+                self.metrics.show_calibration(instance.url, instance.calibration)
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def _models(self, http: HttpRequest) -> Response:
@@ -415,19 +465,28 @@ class Router:
         return JSONResponse(error_body("no healthy instance", "ServiceUnavailable", 503), status_code=503)
 
     async def _profile_endpoint(self, http: HttpRequest) -> Response:
-        """``GET /v1/tropical/profile[?instance=URL]``: the latency profile the router predicts with for that
-        instance (default: the router's own), in the profile-file schema, so that ``tropical simulate --profile``
-        and ``tropical replay`` can load it. 404 names an unknown instance."""
+        """``GET /v1/tropical/profile[?instance=URL][&calibrated=false]``: the latency profile the router predicts
+        with, in the profile-file schema, so that ``tropical simulate --profile`` and ``tropical replay`` can load
+        it. Without ``instance``: the router's own offline profile (the one default SLOs are set from). With it:
+        that instance's profile as calibrated online (learned coefficients, the learned P/D hop in ``serving``),
+        or its offline profile with ``calibrated=false`` or while calibration is off. 404 names an unknown
+        instance; 400 a ``calibrated`` that is not a boolean."""
         url = http.query_params.get("instance")
         if url is None:
-            profile = self.profile
-        else:
-            instance = next((i for i in self.instances if i.url == url.rstrip("/")), None)
-            if instance is None:
-                message = f"query instance = {url!r} is not one of {[i.url for i in self.instances]}"
-                return JSONResponse(error_body(message, "NotFoundError", 404), status_code=404)
-            profile = self._profile(instance.config.profile)
-        return JSONResponse(profile.file.model_dump(mode="json"))
+            return JSONResponse(self.profile.file.model_dump(mode="json"))
+        instance = next((i for i in self.instances if i.url == url.rstrip("/")), None)
+        if instance is None:
+            message = f"query instance = {url!r} is not one of {[i.url for i in self.instances]}"
+            return JSONResponse(error_body(message, "NotFoundError", 404), status_code=404)
+        raw = http.query_params.get("calibrated", "true").lower()
+        if raw not in ("true", "false", "1", "0"):
+            message = f"query calibrated = {raw!r} must be true or false"
+            return JSONResponse(error_body(message, "BadRequestError", 400), status_code=400)
+        profile = self._profile(instance.config.profile)
+        if instance.calibration is None or raw in ("false", "0"):
+            return JSONResponse(profile.file.model_dump(mode="json"))
+        calibrated = instance.calibration.profile_file(profile.file, f"router, instance {instance.url}")
+        return JSONResponse(calibrated.model_dump(mode="json"))
 
     async def _completions(self, http: HttpRequest) -> Response:
         return await self._serve(http, chat=False)
@@ -742,6 +801,8 @@ class Router:
                 assert decision.worker_id is not None
                 target = self.instances[decision.worker_id]
                 prefill: _ConcurrentPrefill | None = None
+                tracked.decode_sent_at_s = tracked.sent_at_s = None
+                tracked.prefill_instance = None
                 try:
                     transfer = None
                     if decision.action is RouteAction.PREFILL:
@@ -757,6 +818,9 @@ class Router:
                                 target, asyncio.create_task(self._remote_prefill(tracked, target, body, path, handoff))
                             )
                         target = self.instances[placement.worker_id]
+                        tracked.decode_sent_at_s = self.now_s()
+                    else:
+                        self._note_sent(tracked, target)
                     upstream = self._dialects[target.index].generation_body(body, request.slo, transfer)
                     async with self._client.stream("POST", target.url + path, json=upstream) as response:
                         if response.status_code != 200:
@@ -813,10 +877,14 @@ class Router:
         assert self._client is not None
         dialect = self._dialects[instance.index]
         upstream = dialect.prefill_body(body, tracked.request.slo, handoff)
+        self._note_sent(tracked, instance)
         response = await self._client.post(instance.url + path, json=upstream)
         if response.status_code != 200:
             await self._raise_for_status(instance, response)
         transfer = handoff if handoff is not None else dialect.transfer_params(response.json())
+        if handoff is None:  # sequential P/D: the call's time is the prefill's (concurrent ones wait for the decode)
+            tracked.prefill_instance = instance.index
+            self._observe_returned_prefill(tracked, instance)
         instance.remove(tracked)
         self._count_in_flight(instance.index)
         tracked.prefill_done_at_s = self.now_s()
@@ -826,6 +894,7 @@ class Router:
     def _on_tokens(self, tracked: Tracked, instance: Instance, count: int) -> None:
         now = self.now_s()
         request = tracked.request
+        previous_at_s = tracked.last_token_at_s
         tracked.num_generated_tokens += count
         tracked.last_token_at_s = now
         # No version bump per token: snapshots refresh token counts at most every _SNAPSHOT_TTL_S (a count a few
@@ -833,11 +902,125 @@ class Router:
         if tracked.first_token_at_s is None:
             tracked.first_token_at_s = now
             tracked.phase = Phase.DECODE
+            if instance.calibration is not None:
+                self._observe_first_token(tracked, instance, now)
             instance.add_decode(tracked)
+            instance.start_stream(tracked)
             ttft_s = now - request.arrival_at_s
             self.metrics.ttft.observe(ttft_s)
+            if "ttft_s" in tracked.predicted:
+                self.metrics.observe_prediction_error("ttft", tracked.predicted["ttft_s"], ttft_s)
             self.policy.on_first_token(request, ttft_s, now)
             self._dispatch()
+        elif tracked.stream_instance == instance.index and previous_at_s is not None:
+            instance.stream_tokens(tracked, count, now - previous_at_s)
+
+    # -- online calibration: what the router sees, fed to each instance's InstanceCalibration --------------------
+
+    def _note_sent(self, tracked: Tracked, instance: Instance) -> None:
+        """The call that prefills ``tracked`` on ``instance`` is being sent: remember whether it runs alone."""
+        tracked.sent_at_s = self.now_s()
+        tracked.sent_alone = instance.runs_alone
+        tracked.sent_admissions = instance.num_admitted
+
+    def _observe_lone_prefill(self, tracked: Tracked, instance: Instance) -> bool:
+        """A prefill ended now (the P/D call returned, or the first token came): if it ran alone on ``instance``
+        (nothing else there when sent, nothing admitted since), its duration less the instance's bare HTTP round
+        trip (its ``/health``) prices a prefill of its prompt. Returns whether it ran alone."""
+        if (
+            instance.calibration is None
+            or tracked.sent_at_s is None
+            or not tracked.sent_alone
+            or instance.num_admitted != tracked.sent_admissions
+            or instance.num_streaming
+        ):
+            return False
+        instance.calibration.observe_prefill(
+            num_prompt_tokens=tracked.request.num_prompt_tokens,
+            duration_s=self.now_s() - tracked.sent_at_s - instance.round_trip_s,
+        )
+        return True
+
+    def _observe_returned_prefill(self, tracked: Tracked, instance: Instance) -> None:
+        """A P/D prefill call returned now (``tracked`` still counted on ``instance``).
+
+        Alone on its instance, its duration is its prefill. Queued behind another prefill on an instance with
+        nothing else to run, it ran alone right after that one returned, if it was then the only request
+        waiting there, had been sent well before (the engine had it when its previous step ended; a margin
+        covers the transit of the request and of the response) and nothing joined it since (no newcomer shares
+        its steps): the time between the two returns is its prefill, without the HTTP round trip, whatever the
+        engine's batching.
+        """
+        now = self.now_s()
+        previous_at_s, sole_waiting_id = instance.last_prefill_return_at_s, instance.sole_waiting_id
+        admissions_then = instance.admissions_at_last_return
+        request_id = tracked.request.request_id
+        # What waits once this one leaves: exactly one request (prefills only), or not that case.
+        others = [key for key in instance.prefills if key != request_id]
+        sole = others[0] if len(others) == 1 and not instance.decodes and not instance.num_streaming else None
+        instance.last_prefill_return_at_s, instance.sole_waiting_id = now, sole
+        instance.admissions_at_last_return = instance.num_admitted
+        calibration = instance.calibration
+        if calibration is None or self._observe_lone_prefill(tracked, instance):
+            return
+        if (
+            previous_at_s is not None
+            and sole_waiting_id == request_id
+            and tracked.sent_at_s is not None
+            and tracked.sent_at_s < previous_at_s - _RETURN_TRANSIT_MARGIN_S
+            and instance.num_admitted == admissions_then
+            and not instance.decodes
+            and not instance.num_streaming
+        ):
+            calibration.observe_prefill(
+                num_prompt_tokens=tracked.request.num_prompt_tokens, duration_s=now - previous_at_s
+            )
+
+    def _observe_first_token(self, tracked: Tracked, instance: Instance, now: float) -> None:
+        """A request's first token came from ``instance`` (before it counts among the streaming decodes there).
+
+        Direct path: a prefill that ran alone. Sequential P/D: the hop of the prefill instance, the first token's
+        time since the decode half was sent, less the first decode step and, when the decoding instance was
+        busy, half a step (the step in flight that the transferred request waits for, on average). Hops are
+        taken only once the decoding instance's own step times are calibrated, since they are subtracted.
+        """
+        if tracked.route != RouteAction.PREFILL.value:
+            self._observe_lone_prefill(tracked, instance)
+            return
+        calibration = instance.calibration
+        if (
+            tracked.prefill_instance is None
+            or tracked.decode_sent_at_s is None
+            or calibration is None
+            or calibration.step.num_samples < calibration.config.min_samples
+        ):
+            return
+        prefiller = self.instances[tracked.prefill_instance].calibration
+        if prefiller is None:
+            return
+        model = self._step_time(instance)
+        num_prompt_tokens = tracked.request.num_prompt_tokens
+        busy_s = model.decode_step_time_s(instance.num_streaming, instance.streaming_context_tokens)
+        step_s = model.decode_step_time_s(
+            instance.num_streaming + 1, instance.streaming_context_tokens + num_prompt_tokens + 1
+        )
+        prefiller.observe_pd_hop(
+            num_prompt_tokens=num_prompt_tokens, hop_s=now - tracked.decode_sent_at_s - step_s - busy_s / 2
+        )
+
+    def _observe_stream(self, tracked: Tracked) -> None:
+        """A request finished streaming: its clean inter-token gaps price the decode batches it saw."""
+        if tracked.stream_instance is None or not tracked.gap_steps:
+            return
+        calibration = self.instances[tracked.stream_instance].calibration
+        if calibration is not None:
+            steps = tracked.gap_steps
+            calibration.observe_decode_stream(
+                num_steps=steps,
+                duration_s=tracked.gap_s,
+                mean_num_decode_seqs=tracked.gap_seq_steps / steps,
+                mean_num_decode_context_tokens=tracked.gap_context_steps / steps,
+            )
 
     def _untrack(self, tracked: Tracked) -> None:
         """Stop counting the request on any instance (before a retry, or at its end)."""
@@ -849,8 +1032,10 @@ class Router:
         tracked.prefill_done_at_s = None
 
     def _finish(self, tracked: Tracked, outcome: str) -> None:
-        """The request is over: forget it everywhere, record its outcome, feed the policy."""
+        """The request is over: forget it everywhere, record its outcome, feed the policy and the calibration."""
         request = tracked.request
+        if outcome == "ok":
+            self._observe_stream(tracked)
         self._untrack(tracked)
         self.dispatcher.cancel(request.request_id)
         self._tracked.pop(request.request_id, None)
@@ -863,6 +1048,8 @@ class Router:
             if n > 1 and tracked.last_token_at_s is not None:
                 tpot_s = (tracked.last_token_at_s - tracked.first_token_at_s) / (n - 1)
             self.metrics.tpot.observe(tpot_s)
+            if n > 1 and "tpot_s" in tracked.predicted:
+                self.metrics.observe_prediction_error("tpot", tracked.predicted["tpot_s"], tpot_s)
             self.policy.on_finished(request, tpot_s, self.now_s())
             met_ttft, met_tpot = ttft_s <= request.slo.ttft_s, tpot_s <= request.slo.tpot_s
         if outcome != "aborted":

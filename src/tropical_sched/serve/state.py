@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass, field
 
 from tropical_sched.core.request import Request
 from tropical_sched.core.snapshot import DecodeBatch, PrefillState, WorkerRole, WorkerSnapshot
 from tropical_sched.policies.base import LocalScheduler
+from tropical_sched.predictors.calibration import InstanceCalibration
+from tropical_sched.predictors.profile import ServingOverheads
 from tropical_sched.serve.config import InstanceConfig
 
 __all__ = ["Instance", "Phase", "Tracked"]
@@ -40,6 +43,19 @@ class Tracked:
         last_token_at_s: when the latest token arrived.
         num_generated_tokens: tokens streamed so far.
         attempts: times it was routed (retries after failures that produced no token).
+        predicted: what the router predicted for it when it chose its instances (``ttft_s``, ``tpot_s``), for the
+            prediction-error histograms.
+        sent_at_s: when the call that prefills it was sent (the P/D prefill, or the direct stream).
+        sent_alone: whether that instance had nothing else to run when it was sent (no decode, no other prefill).
+        sent_admissions: the instance's :attr:`Instance.num_admitted` then.
+        prefill_instance: index of the instance that prefilled it remotely (P/D).
+        decode_sent_at_s: when the decode half of a P/D request was sent.
+        stream_instance: index of the instance whose streaming decodes count it.
+        gap_epoch: the stream instance's ``prefill_epoch`` at its previous token.
+        gap_s: sum of its inter-token gaps that no prefill on its instance could have lengthened, seconds.
+        gap_steps: decode steps those gaps cover (tokens).
+        gap_seq_steps: sum over those steps of the instance's streaming decodes.
+        gap_context_steps: sum over those steps of their context tokens.
     """
 
     request: Request
@@ -52,19 +68,44 @@ class Tracked:
     num_generated_tokens: int = 0
     attempts: int = 0
     predicted: dict[str, float] = field(default_factory=dict)
+    sent_at_s: float | None = None
+    sent_alone: bool = False
+    sent_admissions: int = 0
+    prefill_instance: int | None = None
+    decode_sent_at_s: float | None = None
+    stream_instance: int | None = None
+    gap_epoch: int = 0
+    gap_s: float = 0.0
+    gap_steps: int = 0
+    gap_seq_steps: int = 0
+    gap_context_steps: int = 0
 
 
 class Instance:
     """One engine instance as the router tracks it.
+
+    Besides what it dispatched, it counts the decodes that stream from it (running totals, updated in O(1) per
+    token) so that every token's gap can be set against the decode batch it came from, for the online calibration.
 
     Args:
         index: its worker id.
         config: its configuration.
         local: the engine-local scheduler of its role (orders its prefills in snapshots).
         num_kv_cache_tokens: its KV capacity.
+        calibration: what is learned online about it (``None``: calibration off).
+        serving: its profile's serving overheads (the P/D hop snapshots carry while calibration is off).
     """
 
-    def __init__(self, index: int, config: InstanceConfig, local: LocalScheduler, num_kv_cache_tokens: int) -> None:
+    def __init__(
+        self,
+        index: int,
+        config: InstanceConfig,
+        local: LocalScheduler,
+        num_kv_cache_tokens: int,
+        *,
+        calibration: InstanceCalibration | None = None,
+        serving: ServingOverheads | None = None,
+    ) -> None:
         self.index = index
         self.config = config
         self.url = config.url.rstrip("/")
@@ -78,6 +119,20 @@ class Instance:
         self.engine_num_requests: int | None = None  # running + waiting, as the engine reports
         self.served_models: tuple[str, ...] = ()  # model ids its /v1/models lists (empty until read)
         self.max_model_len: int | None = None  # context limit its /v1/models reports, tokens
+        self.calibration = calibration
+        self.serving = serving
+        # When its latest P/D prefill call returned, the one request then left waiting here (None: none, or
+        # several), and num_admitted then: a request that waited alone behind a prefill ran alone right after it.
+        self.last_prefill_return_at_s: float | None = None
+        self._round_trips_s: deque[float] = deque(maxlen=8)  # its latest /health round trips
+        self.round_trip_s = 0.0  # the least of them: the bare HTTP round trip, seconds
+        self.sole_waiting_id: str | None = None
+        self.admissions_at_last_return = 0
+        self.prefill_epoch = 0  # prefills sent here so far (a token gap is clean while it stays put)
+        self.num_admitted = 0  # requests counted here so far, prefills and decodes (a prefill ran alone while it
+        # stayed put)
+        self.num_streaming = 0  # decodes that have streamed a token from here and still run
+        self.streaming_context_tokens = 0  # their prompt + generated tokens
         self.version = 0
         self._snapshot: WorkerSnapshot | None = None
         self._snapshot_version = -1
@@ -91,11 +146,48 @@ class Instance:
         """Count a request whose prefill was sent here."""
         self.prefills[tracked.request.request_id] = tracked
         tracked.instance = self.index
+        self.prefill_epoch += 1
+        self.num_admitted += 1
         self.version += 1
+
+    def note_round_trip(self, round_trip_s: float) -> None:
+        """A ``/health`` round trip took ``round_trip_s``; the least of the last 8 is the bare HTTP round trip (the
+        least, as the others waited for a busy event loop). Counted as 0 until 3 are in: the first probes of a
+        router also open connections and load code, tens of milliseconds that no prefill should be docked."""
+        self._round_trips_s.append(round_trip_s)
+        self.round_trip_s = min(self._round_trips_s) if len(self._round_trips_s) >= 3 else 0.0
+
+    @property
+    def runs_alone(self) -> bool:
+        """Whether only one request is counted here and no decode streams (its prefill would run alone)."""
+        return len(self.prefills) + len(self.decodes) <= 1 and not self.num_streaming
+
+    def start_stream(self, tracked: Tracked) -> None:
+        """A request's first token came from here: count it among the streaming decodes."""
+        self.num_streaming += 1
+        self.streaming_context_tokens += tracked.request.num_prompt_tokens + tracked.num_generated_tokens
+        tracked.stream_instance = self.index
+        tracked.gap_epoch = self.prefill_epoch
+
+    def stream_tokens(self, tracked: Tracked, count: int, gap_s: float) -> None:
+        """``count`` more tokens of a streaming request arrived ``gap_s`` after its previous ones (O(1)).
+
+        The gap counts for calibration if no prefill was counted here during it (then it was made of decode-only
+        steps, each giving this request one token).
+        """
+        self.streaming_context_tokens += count
+        if self.prefills or tracked.gap_epoch != self.prefill_epoch:
+            tracked.gap_epoch = self.prefill_epoch
+            return
+        tracked.gap_s += gap_s
+        tracked.gap_steps += count
+        tracked.gap_seq_steps += self.num_streaming * count
+        tracked.gap_context_steps += self.streaming_context_tokens * count
 
     def add_decode(self, tracked: Tracked) -> None:
         """Count a request that decodes here (moved from prefills if it prefilled here)."""
-        self.prefills.pop(tracked.request.request_id, None)
+        if self.prefills.pop(tracked.request.request_id, None) is None:
+            self.num_admitted += 1
         self.decodes[tracked.request.request_id] = tracked
         tracked.instance = self.index
         self.version += 1
@@ -107,6 +199,10 @@ class Instance:
         self.decodes.pop(request_id, None)
         if tracked.instance == self.index:
             tracked.instance = None
+        if tracked.stream_instance == self.index:
+            self.num_streaming -= 1
+            self.streaming_context_tokens -= tracked.request.num_prompt_tokens + tracked.num_generated_tokens
+            tracked.stream_instance = None
         self.version += 1
 
     def snapshot(self) -> WorkerSnapshot:
@@ -114,10 +210,15 @@ class Instance:
 
         Prefills show no computed tokens (the router cannot see inside a prefill); decodes show the tokens
         streamed so far. KV usage is the router's count, or the engine's reported usage if that is higher (other
-        clients, or the router's estimate drifting low).
+        clients, or the router's estimate drifting low). With calibration on, the snapshot carries the calibrated
+        step-time model and the learned P/D hop as of its building; off, no model (the policy's own) and the hop of
+        the instance's profile, if it records one.
         """
+        # A new calibration does not invalidate the cached snapshot by itself: the next change of the instance (or
+        # the router's periodic refresh, every few milliseconds) picks it up, which spares a rebuild per observation.
         if self._snapshot is not None and self._snapshot_version == self.version:
             return self._snapshot
+        calibration = self.calibration
         prefills = sorted(
             (PrefillState.from_request(t.request) for t in self.prefills.values()),
             key=self.local.prefill_sort_key,
@@ -128,6 +229,17 @@ class Instance:
         kv_used = sum(p.num_prompt_tokens for p in prefills) + sum(context)
         if self.engine_kv_usage_fraction is not None:
             kv_used = max(kv_used, int(self.engine_kv_usage_fraction * self.capacity))
+        if calibration is not None:
+            step_time, hop_fixed_s, hop_per_token_s = (
+                calibration.step_time,
+                calibration.pd_hop_fixed_s,
+                calibration.pd_hop_per_prompt_token_s,
+            )
+        else:
+            serving = self.serving
+            step_time = None
+            hop_fixed_s = serving.pd_hop_fixed_s if serving else 0.0
+            hop_per_token_s = serving.pd_hop_per_prompt_token_s if serving else 0.0
         self._snapshot = WorkerSnapshot(
             worker_id=self.index,
             role=self.role,
@@ -146,6 +258,9 @@ class Instance:
             num_kv_tokens_capacity=self.capacity,
             max_num_seqs=self.config.max_num_seqs,
             is_available=self.healthy,
+            step_time=step_time,
+            pd_hop_fixed_s=hop_fixed_s,
+            pd_hop_per_prompt_token_s=hop_per_token_s,
         )
         self._snapshot_version = self.version
         return self._snapshot
