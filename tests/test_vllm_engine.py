@@ -354,6 +354,8 @@ def test_replay_through_the_router_produces_the_report(servers: tuple[VllmServer
     assert data["num_requests"] == 24
     assert not any(r["failed"] for r in data["records"]), [r["reason"] for r in data["records"] if r["failed"]]
     assert 0 <= data["policies"]["replay"]["slo_attainment"] <= 1
+    # The scheduler class refits its engine's step-time model from the steps it ran (engine-side calibration).
+    assert "tropical online calibration: " in mux.log()
 
 
 # -- tropical-profile vllm ----------------------------------------------------------------------------------------

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 from tropical_sched.core.errors import check_fields
+from tropical_sched.predictors.calibration import CalibrationConfig
 
-__all__ = ["ClusterConfig", "DecodePlacementTime"]
+__all__ = ["ClusterConfig", "DecodePlacementTime", "FirstTokenAt"]
 
 
 class DecodePlacementTime(str, enum.Enum):
@@ -21,20 +23,53 @@ class DecodePlacementTime(str, enum.Enum):
     decode worker takes it, and the reserved KV is held during the prefill."""
 
 
+class FirstTokenAt(str, enum.Enum):
+    """Where the first token of a P/D request (prefilled on one worker, decoded on another) is counted."""
+
+    PREFILL_END = "prefill-end"
+    """When its prefill ends on the prefill worker (DistServe's and the Tropical paper's accounting): the KV
+    transfer and the P/D hop delay only the later tokens, and the decoding worker produces tokens 2 to N."""
+    AFTER_HOP = "after-hop"
+    """When the client sees it: the decoding worker streams it at the end of its first step after the KV cache
+    arrived (vLLM's P/D protocol, where the decoding instance samples every output token and the prefill
+    instance's one token is not streamed), so TTFT includes the transfer, the hop and that step, and the decoding
+    worker produces all N tokens."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClusterConfig:
     """The simulated cluster: homogeneous workers (one model instance each, TP from the profile).
+
+    The simulated engines run the *engine* profile (``simulate(..., engine_profile=...)``, default the profile
+    the policies predict with), its step times and serving overheads times ``engine_time_scale``; the policies
+    predict with the other one. Both are the same by default, so predictions are exact up to the model's fit.
 
     Attributes:
         num_workers: workers (instances), >= 1; GPUs = ``num_workers x tensor_parallel_size``.
         num_prefill_workers: workers given the prefill role by a disaggregated policy; ``None`` for the policy's
             default (half).
         max_num_seqs: most sequences an engine batches per step (vLLM ``--max-num-seqs``; its default 256).
-        num_kv_cache_tokens: KV capacity of one worker, tokens; ``None`` for the profile's.
-        kv_link_bandwidth_bytes_per_s: bandwidth of a worker-to-worker KV transfer; ``None`` for the profile's
-            (NVLink within a node: TP x per-GPU link bandwidth).
-        kv_transfer_latency_s: fixed cost added to every KV transfer (connector handshake), seconds.
+        num_kv_cache_tokens: KV capacity of one worker, tokens; ``None`` for the engine profile's.
+        kv_link_bandwidth_bytes_per_s: bandwidth of a worker-to-worker KV transfer; ``None`` for the engine
+            profile's (NVLink within a node: TP x per-GPU link bandwidth).
+        kv_transfer_latency_s: fixed cost added to every KV transfer (connector handshake), seconds, >= 0.
         decode_placement: when a P/D request's decode worker is chosen (:class:`DecodePlacementTime`).
+        first_token_at: where a P/D request's first token is counted (:class:`FirstTokenAt`).
+        engine_time_scale: the simulated engines' step times and serving overheads (the P/D hop included) are
+            the engine profile's times this factor, > 0 (2: the engines are twice as slow as that profile says;
+            ``time_scaled`` of the profile file).
+        engine_pd_hop_fixed_s: the engines' P/D hop, fixed part, seconds, >= 0, in place of the (scaled) engine
+            profile's ``serving.pd_hop_fixed_s``; ``None`` keeps the profile's. The hop is paid on top of the KV
+            transfer, from a P/D prefill's end to the decoding worker taking the request.
+        engine_pd_hop_per_prompt_token_s: the hop's part per prompt token, seconds per token, >= 0, in place of
+            the profile's; ``None`` keeps the profile's.
+        calibration: run the router's online calibration in the simulator with these settings: each worker's
+            step-time model and P/D hop are learned from what the simulated engines did, and the policies (and
+            their engine-local schedulers) predict with them; ``None``: off, the policies predict with the
+            profile.
+
+    Raises:
+        ConfigError: a value is out of its range.
     """
 
     num_workers: int = 2
@@ -44,6 +79,11 @@ class ClusterConfig:
     kv_link_bandwidth_bytes_per_s: float | None = None
     kv_transfer_latency_s: float = 0.0
     decode_placement: DecodePlacementTime = DecodePlacementTime.AFTER_PREFILL
+    first_token_at: FirstTokenAt = FirstTokenAt.PREFILL_END
+    engine_time_scale: float = 1.0
+    engine_pd_hop_fixed_s: float | None = None
+    engine_pd_hop_per_prompt_token_s: float | None = None
+    calibration: CalibrationConfig | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -54,5 +94,10 @@ class ClusterConfig:
             "kv_link_bandwidth_bytes_per_s": self.kv_link_bandwidth_bytes_per_s is None
             or self.kv_link_bandwidth_bytes_per_s > 0,
             "kv_transfer_latency_s": self.kv_transfer_latency_s >= 0,
+            "engine_time_scale": math.isfinite(self.engine_time_scale) and self.engine_time_scale > 0,
+            "engine_pd_hop_fixed_s": self.engine_pd_hop_fixed_s is None
+            or (math.isfinite(self.engine_pd_hop_fixed_s) and self.engine_pd_hop_fixed_s >= 0),
+            "engine_pd_hop_per_prompt_token_s": self.engine_pd_hop_per_prompt_token_s is None
+            or (math.isfinite(self.engine_pd_hop_per_prompt_token_s) and self.engine_pd_hop_per_prompt_token_s >= 0),
         }
         check_fields(self, checks)

@@ -23,6 +23,7 @@ from tropical_sched.core.errors import SimulationError
 from tropical_sched.core.request import Request
 from tropical_sched.core.snapshot import DecodeBatch, PrefillState, WorkerRole, WorkerSnapshot
 from tropical_sched.policies.base import EngineSettings, LocalScheduler
+from tropical_sched.predictors.profile import ServingOverheads
 from tropical_sched.predictors.step_time import StepTimeModel
 
 __all__ = ["Job", "SimWorker", "StepComposition", "StepOutcome"]
@@ -146,11 +147,14 @@ class SimWorker:
         role: what the router sends it.
         settings: engine settings (batching mode and budgets).
         local: engine-local scheduler (prefill order and per-step cap).
-        step_time: latency predictor.
+        step_time: the engine's step times (what its steps really take, before serving overheads).
         num_kv_cache_tokens: KV capacity, tokens.
         max_num_seqs: most sequences per step (running decodes + prefills).
         report_tokens: list the jobs that produced a token in every :class:`StepOutcome` (costs O(batch) per
             step; for real-time use such as the fake engine).
+        serving: what serving the engine adds to each step (``ServingOverheads``: ``per_step_s`` to every step,
+            ``per_streamed_token_s`` per token the step produces, ``per_request_s`` in the step that schedules a
+            request's first chunk); its P/D hop is the simulator's business. ``None``: nothing.
     """
 
     def __init__(
@@ -164,6 +168,7 @@ class SimWorker:
         num_kv_cache_tokens: int,
         max_num_seqs: int,
         report_tokens: bool = False,
+        serving: ServingOverheads | None = None,
     ) -> None:
         self.worker_id = worker_id
         self._report_tokens = report_tokens
@@ -183,6 +188,19 @@ class SimWorker:
             vr.max_decode_context_tokens_per_seq,
             vr.max_num_prompt_tokens,
         )
+        # A served engine's steps also carry its server's work (measured by tropical-profile --endpoint as the
+        # served step minus the engine's own): charged as engine time, as on an engine that shares its cores
+        # with its server, so that it delays every request behind it. Zero for a profile of the engine alone.
+        self._per_step_s = serving.per_step_s if serving is not None else 0.0
+        self._per_token_s = serving.per_streamed_token_s if serving is not None else 0.0
+        self._per_request_s = serving.per_request_s if serving is not None else 0.0
+        self._served = bool(self._per_step_s or self._per_token_s or self._per_request_s)
+
+        # What the snapshots tell the policy about this worker (the router's online calibration, when it runs):
+        # its step-time model (None: the policy's own) and the P/D hop of the requests it prefills.
+        self.predicted_step_time: StepTimeModel | None = None
+        self.predicted_pd_hop_fixed_s = 0.0
+        self.predicted_pd_hop_per_prompt_token_s = 0.0
 
         self._sequence = itertools.count()
         self.prefills: list[tuple[float, int, Job]] = []  # sorted by (local sort key, enqueue sequence)
@@ -193,6 +211,9 @@ class SimWorker:
         self.num_decode_steps = 0
         self.decode_context_tokens = 0  # sum of the decodes' context tokens
         self._finish_heap: list[tuple[int, int, Job, int]] = []  # (finish step, seq, job, epoch)
+        # Decodes that joined without a first token (KV from a prefill worker, first token counted after the hop):
+        # their first decode step here produces it.
+        self._first_pending: list[Job] = []
         self.kv_used = 0  # tokens: decodes, partial prefills, KV held for transfer, reserved for incoming
         self.max_kv_used = 0
         self.busy = False
@@ -319,6 +340,8 @@ class SimWorker:
         self.decode_context_tokens += job.prefill_target
         finish_step = steps + job.num_output_tokens - job.num_generated
         heapq.heappush(self._finish_heap, (finish_step, next(self._sequence), job, job.epoch))
+        if job.first_token_at_s is None:
+            self._first_pending.append(job)
 
     def _preempt_last_decode(self) -> None:
         """Preempt the most recently admitted decode (vLLM's recompute preemption)."""
@@ -416,6 +439,7 @@ class SimWorker:
             duration_s += (self._cn + self._cd) * num_decodes + self._cc * context
             if num_decodes > self._max_b or context > num_decodes * self._max_ctx:
                 self.step_time.check_decode_range(num_decodes, context)
+        num_new_requests = 0
         if chunks:
             num_tokens = 0
             pairs = 0.0
@@ -427,11 +451,21 @@ class SimWorker:
                     self.step_time.warn_if_out_of_range("prompt length (tokens)", prefix + chunk, self._max_prompt)
                 if job.first_scheduled_at_s is None:
                     job.first_scheduled_at_s = now_s
+                    num_new_requests += 1
                 if prefix == 0:
                     self.num_partial_prefills += 1
                 job.prefill_worker_id = self.worker_id
             self.kv_used += num_tokens
             duration_s += self._cn * num_tokens + self._cp * len(chunks) + self._ca * pairs
+        if self._served:
+            # Every decode in the step streams a token, and so does every prefill it completes; a request pays
+            # its own cost once, when it is first scheduled (a recompute after preemption does not).
+            num_completed = sum(1 for job, chunk in chunks if job.num_computed + chunk >= job.prefill_target)
+            duration_s += (
+                self._per_step_s
+                + self._per_token_s * (num_decodes + num_completed)
+                + self._per_request_s * num_new_requests
+            )
         self._note_kv()
         # The chunks are always a prefix of the queue (planning stops at the first prefill it cannot take); they
         # leave the queue while they run and partial ones are re-queued with a fresh key when the step ends.
@@ -458,6 +492,22 @@ class SimWorker:
             num_decode_context_tokens=self._step_context if self._step_decodes else 0,
             prefill_chunks=tuple((job.num_computed, chunk) for job, chunk in self._step_chunks),
         )
+
+    @property
+    def num_decodes_in_flight(self) -> int:
+        """Decodes in the step in flight (0 when idle)."""
+        return self._step_decodes if self.busy else 0
+
+    @property
+    def decode_context_tokens_in_flight(self) -> int:
+        """Their context tokens, summed (0 when idle)."""
+        return self._step_context if self.busy and self._step_decodes else 0
+
+    @property
+    def chunks_in_flight(self) -> list[tuple[Job, int]]:
+        """The prefill chunks of the step in flight, ``(job, chunk tokens)`` in queue order, empty when idle; the
+        worker's own list, not to be changed."""
+        return self._step_chunks if self.busy else []
 
     def _select_decodes(self, now_s: float) -> int:
         """Ask the local scheduler which decodes run; keep the others in ``_step_skipped``.
@@ -568,6 +618,9 @@ class SimWorker:
                 job.finished_at_s = now_s
                 finished.append(job)
                 changed = True
+            if self._first_pending:
+                self._first_decode_tokens(now_s, first_tokens)
+                changed = True
 
         if self._step_chunks:
             for job, chunk in self._step_chunks:
@@ -601,6 +654,33 @@ class SimWorker:
         self._step_chunks = []
         return StepOutcome(first_tokens, finished, handoffs, changed, tokens)
 
+    def _first_decode_tokens(self, now_s: float, first_tokens: list[Job]) -> None:
+        """The decodes waiting for their first token that ran in the step ending at ``now_s`` produced it."""
+        steps = self.num_decode_steps
+        waiting: list[Job] = []
+        for job in self._first_pending:
+            if job.first_token_at_s is not None:
+                continue  # preempted before its first step here: its recompute produced it
+            if job.finished_at_s is not None or (
+                self.decodes.get(job.request.request_id) is job and job.gen_base + steps >= 1
+            ):
+                job.first_token_at_s = now_s
+                first_tokens.append(job)
+            elif self.decodes.get(job.request.request_id) is job:
+                waiting.append(job)  # sat this step out (a local scheduler that selects decodes)
+        self._first_pending = waiting
+        self._decode_set_version += 1  # the batch columns hold first-token times
+
+    def set_predictions(
+        self, step_time: StepTimeModel | None, pd_hop_fixed_s: float, pd_hop_per_prompt_token_s: float
+    ) -> None:
+        """What the snapshots tell the policy about this worker from now on: its step-time model (``None``: the
+        policy's own) and the P/D hop of the requests it prefills, seconds and seconds per prompt token."""
+        self.predicted_step_time = step_time
+        self.predicted_pd_hop_fixed_s = pd_hop_fixed_s
+        self.predicted_pd_hop_per_prompt_token_s = pd_hop_per_prompt_token_s
+        self.version += 1
+
     # -- snapshots ----------------------------------------------------------------------------------------------
 
     def _decode_batch(self, *, include_pending: bool) -> DecodeBatch:
@@ -610,7 +690,9 @@ class SimWorker:
             jobs = list(self.decodes.values())
             self._columns = (
                 tuple(self.decodes),
-                tuple([j.first_token_at_s for j in jobs]),  # type: ignore[misc]
+                # A decode waiting for its first token here (counted after the P/D hop) counts its TPOT from
+                # when its decode worker was chosen, as the router counts it from its prefill's end.
+                tuple([j.first_token_at_s if j.first_token_at_s is not None else j.placed_at_s for j in jobs]),
                 tuple([j.request.slo.tpot_s for j in jobs]),
                 [j.gen_base for j in jobs],
                 [j.context_base for j in jobs],
@@ -652,6 +734,9 @@ class SimWorker:
                 num_kv_tokens_capacity=self.kv_capacity,
                 max_num_seqs=self.max_num_seqs,
                 busy_until_s=self.step_ends_at_s if self.busy else None,
+                step_time=self.predicted_step_time,
+                pd_hop_fixed_s=self.predicted_pd_hop_fixed_s,
+                pd_hop_per_prompt_token_s=self.predicted_pd_hop_per_prompt_token_s,
             )
             self._snapshot_version = self.version
         return self._snapshot
