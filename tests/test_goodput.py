@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -154,3 +155,27 @@ def test_goodput_cli_writes_json_and_both_plots(tmp_path: Path, capsys: pytest.C
 def test_slo_scale_cli_needs_a_fixed_rate(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["slo-scale", "--native-rate", "--no-progress"]) == 2
     assert "needs a fixed --rate" in capsys.readouterr().err
+
+
+def test_the_engines_options_reach_every_simulated_point() -> None:
+    """Engines slower than the profile sustain less, whatever the policy predicts; the SLOs stay the profile's."""
+    from tropical_sched.sim import evaluate_point
+
+    base = Experiment(num_requests=300, policies=("vllm",), rate_per_s=2.0, max_num_seqs=64)
+    points = {
+        scale: evaluate_point(dataclasses.replace(base, engine_time_scale=scale), "vllm", 0, rate_per_s=2.0)
+        for scale in (0.5, 1.0, 2.0)
+    }
+    assert points[0.5].ttft_p90_s < points[1.0].ttft_p90_s < points[2.0].ttft_p90_s
+    assert points[0.5].slo_attainment >= points[1.0].slo_attainment > points[2.0].slo_attainment
+    other = dataclasses.replace(base, engine_profile="h100-llama2-70b-tp4")
+    assert evaluate_point(other, "vllm", 0, rate_per_s=2.0).ttft_p90_s < points[1.0].ttft_p90_s
+    data = run_goodput(
+        dataclasses.replace(base, engine_time_scale=2.0, calibration=True, first_token_at="after-hop"),
+        seeds=(0,),
+        settings=SearchSettings(relative_tolerance=0.2, max_evaluations=4),
+        jobs=1,
+    ).to_json()
+    assert data["engine"]["engine_time_scale"] == 2.0
+    assert data["engine"]["calibration"] is True
+    assert data["engine"]["first_token_at"] == "after-hop"

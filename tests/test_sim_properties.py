@@ -25,11 +25,28 @@ from tropical_sched.policies import policy_names
 from tropical_sched.policies.base import Policy
 from tropical_sched.policies.registry import POLICIES, make_policy
 from tropical_sched.predictors import load_profile
-from tropical_sched.sim import ClusterConfig, DecodePlacementTime, SimEvent, SimulationResult, simulate
+from tropical_sched.predictors.calibration import CalibrationConfig
+from tropical_sched.predictors.profile import Profile, ServingOverheads
+from tropical_sched.sim import ClusterConfig, DecodePlacementTime, FirstTokenAt, SimEvent, SimulationResult, simulate
 from tropical_sched.sim.simulator import policy_context
 from tropical_sched.workloads.workload import Workload
 
 PROFILE = load_profile("a100-llama2-70b-tp4")
+# The same engine behind a server: every overhead a served engine adds, and a P/D hop.
+SERVED_PROFILE = Profile(
+    PROFILE.file.model_copy(
+        update={
+            "serving": ServingOverheads(
+                per_step_s=0.002,
+                per_streamed_token_s=5e-5,
+                per_request_s=0.005,
+                pd_hop_fixed_s=0.03,
+                pd_hop_per_prompt_token_s=1e-5,
+                source="test",
+            )
+        }
+    )
+)
 # Prompt + output stays within the profile's context (4096 tokens) and, with at most MAX_REQUESTS requests, decode
 # batches within its measured range (64 sequences): no extrapolation warnings, which the test run makes errors.
 MAX_REQUESTS = 10
@@ -60,6 +77,7 @@ class Scenario:
     policy_options: dict[str, Any]
     cluster: ClusterConfig
     slo: SloSpec
+    profile: Profile = PROFILE
 
     @property
     def kv_capacity(self) -> int:
@@ -67,14 +85,14 @@ class Scenario:
         return self.cluster.num_kv_cache_tokens or PROFILE.num_kv_cache_tokens
 
     def make_policy(self) -> Policy:
-        return make_policy(self.policy, policy_context(PROFILE, self.workload), self.policy_options)
+        return make_policy(self.policy, policy_context(self.profile, self.workload), self.policy_options)
 
     def run(self, policy: Any = None) -> tuple[SimulationResult, _Watch]:
         """Simulate (with a fresh policy unless one is given), watching every event."""
         watch = _Watch(self)
         result = simulate(
             self.workload,
-            PROFILE,
+            self.profile,
             policy if policy is not None else self.make_policy(),
             cluster=self.cluster,
             slo=self.slo,
@@ -160,8 +178,10 @@ def _accepts_split(policy: Policy, num_workers: int, num_prefill_workers: int | 
 
 @st.composite
 def scenarios(draw: st.DrawFn) -> Scenario:
-    """Any registered policy on 1-4 workers with any split it accepts, and any cluster and SLO settings."""
+    """Any registered policy on 1-4 workers with any split it accepts, and any cluster and SLO settings, engines
+    that may be served (overheads, a P/D hop), slower or faster than predicted, and the online calibration."""
     workload = draw(workloads())
+    profile = draw(st.sampled_from([PROFILE, SERVED_PROFILE]))
     policy = draw(st.sampled_from(policy_names()))
     options: dict[str, Any] = {}
     if "reject_unattainable" in {f.name for f in dataclasses.fields(POLICIES[policy].config_type)}:
@@ -170,7 +190,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     num_prefill_workers = draw(st.one_of(st.none(), st.integers(0, num_workers)))
     # Only the split may be refused (a colocated policy given prefill workers, a P/D one without both pools):
     # building the policy must work, and so must running any split it accepts.
-    built = make_policy(policy, policy_context(PROFILE, workload), options)
+    built = make_policy(policy, policy_context(profile, workload), options)
     assume(_accepts_split(built, num_workers, num_prefill_workers))
     cluster = ClusterConfig(
         num_workers=num_workers,
@@ -180,8 +200,12 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         kv_link_bandwidth_bytes_per_s=draw(st.one_of(st.none(), st.floats(1e8, 1e12))),
         kv_transfer_latency_s=draw(st.one_of(st.just(0.0), st.floats(0.0, 0.5))),
         decode_placement=draw(st.sampled_from(DecodePlacementTime)),
+        first_token_at=draw(st.sampled_from(FirstTokenAt)),
+        engine_time_scale=draw(st.one_of(st.just(1.0), st.floats(0.3, 3.0))),
+        engine_pd_hop_fixed_s=draw(st.one_of(st.none(), st.floats(0.0, 0.5))),
+        calibration=draw(st.sampled_from([None, CalibrationConfig(), CalibrationConfig(min_samples=1)])),
     )
-    return Scenario(workload, policy, options, cluster, draw(slo_specs()))
+    return Scenario(workload, policy, options, cluster, draw(slo_specs()), profile)
 
 
 class _CountingPolicy:

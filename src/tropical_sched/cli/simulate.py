@@ -25,7 +25,7 @@ from tropical_sched.core.errors import ConfigError
 from tropical_sched.core.slo import SLO_CLASS_PRESETS, SloSpec, parse_slo_classes
 from tropical_sched.metrics.attainment import AttainmentSummary, summarize_by_class
 from tropical_sched.policies.registry import POLICIES, policy_names
-from tropical_sched.sim.config import DecodePlacementTime
+from tropical_sched.sim.config import DecodePlacementTime, FirstTokenAt
 from tropical_sched.sim.experiment import (
     DEFAULT_POLICIES,
     DEFAULT_PROFILE,
@@ -143,6 +143,7 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     """The options shared by ``simulate`` and the evaluation commands."""
     add_workload_arguments(parser)
     add_cluster_arguments(parser)
+    add_engine_arguments(parser)
     add_slo_arguments(parser)
     add_policy_arguments(parser)
 
@@ -212,6 +213,63 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         default=DecodePlacementTime.AFTER_PREFILL.value,
         help="when a P/D request's decode worker is chosen: after its prefill (vLLM) or when it is routed, "
         "reserving KV there during the prefill (SGLang) (default after-prefill)",
+    )
+    cluster.add_argument(
+        "--first-token-at",
+        choices=[f.value for f in FirstTokenAt],
+        default=FirstTokenAt.PREFILL_END.value,
+        help="where a P/D request's first token is counted: when its prefill ends, or after the KV transfer and "
+        "the P/D hop, when the decoding worker streams it as the client sees it (default prefill-end)",
+    )
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return value
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """What the simulated engines really run when it is not what the policies predict (misprediction), and the
+    router's online calibration."""
+    engine = parser.add_argument_group(
+        "engine (misprediction)",
+        "the simulated engines may run another profile, or the same one slower or faster, than the policies "
+        "predict with (--profile, which also sets the SLOs)",
+    )
+    engine.add_argument(
+        "--engine-profile", metavar="PROFILE", help="bundled profile name or file the engines run (default --profile)"
+    )
+    engine.add_argument(
+        "--engine-time-scale",
+        type=_positive_float,
+        default=1.0,
+        help="the engines' step times and serving overheads are the engine profile's times this factor: 2 = "
+        "twice as slow as predicted (default 1)",
+    )
+    engine.add_argument(
+        "--engine-pd-hop-ms",
+        type=_non_negative_float,
+        metavar="MS",
+        help="the engines' P/D hop, fixed part, ms, paid on top of the KV transfer (default: the engine profile's "
+        "serving section, 0 if none)",
+    )
+    engine.add_argument(
+        "--engine-pd-hop-per-token-ms",
+        type=_non_negative_float,
+        metavar="MS",
+        help="the engines' P/D hop per prompt token, ms (default: the engine profile's)",
+    )
+    engine.add_argument(
+        "--calibration",
+        choices=["on", "off"],
+        default="off",
+        help="run the router's online calibration: the policies predict each worker with the step-time model and "
+        "P/D hop learned from what it did (default off)",
     )
 
 
@@ -292,6 +350,30 @@ def build_experiment(args: argparse.Namespace) -> Experiment:
         max_num_seqs=args.max_num_seqs,
         kv_link_bandwidth_bytes_per_s=args.kv_link_gbps * 1e9 if args.kv_link_gbps else None,
         decode_placement=args.decode_placement,
+        first_token_at=args.first_token_at,
+        engine_profile=args.engine_profile,
+        engine_time_scale=args.engine_time_scale,
+        engine_pd_hop_fixed_s=args.engine_pd_hop_ms / 1e3 if args.engine_pd_hop_ms is not None else None,
+        engine_pd_hop_per_prompt_token_s=args.engine_pd_hop_per_token_ms / 1e3
+        if args.engine_pd_hop_per_token_ms is not None
+        else None,
+        calibration=args.calibration == "on",
+    )
+
+
+def describe_engines(exp: Experiment) -> str:
+    """One line: what the simulated engines run against what the policies predict with, the calibration and where
+    a P/D first token is counted."""
+    engine = exp.describe_engine()
+    hop = ""
+    if exp.engine_pd_hop_fixed_s is not None or exp.engine_pd_hop_per_prompt_token_s is not None:
+        hop = (
+            f", P/D hop {(exp.engine_pd_hop_fixed_s or 0.0) * 1e3:g} ms + "
+            f"{(exp.engine_pd_hop_per_prompt_token_s or 0.0) * 1e3:g} ms per prompt token"
+        )
+    return (
+        f"engines: {engine['engine_profile']} x{exp.engine_time_scale:g}{hop}; policies predict with {exp.profile}; "
+        f"online calibration {'on' if exp.calibration else 'off'}; P/D first token at {engine['first_token_at']}"
     )
 
 
@@ -331,6 +413,8 @@ def render(result: ExperimentResult, console: Console) -> None:
         f"{exp.slo.describe()}"
     )
     render_summaries(title, {name: outcome.summary for name, outcome in result.outcomes.items()}, console)
+    if exp.describe_engine() != dataclasses.replace(Experiment(), profile=exp.profile).describe_engine():
+        console.print(describe_engines(exp))  # only when the engines or the calibration are not the defaults
     if exp.slo.classes:
         render_class_attainment(
             {name: summarize_by_class(outcome.result.records) for name, outcome in result.outcomes.items()},

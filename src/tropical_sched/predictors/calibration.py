@@ -494,6 +494,7 @@ class StepTimeCalibrator(_Calibrator):
                 StepTimeCoefficients(**dict(zip(FEATURE_NAMES, coefficients.tolist(), strict=True))),
                 self.base.valid_range,
                 name=self.base.name,
+                warned_like=self.base,  # one profile: its range warnings once, not once per calibrated model
             )
             self._model_version = self.version
         return self._model
@@ -600,6 +601,7 @@ def served_step_time(model: StepTimeModel, serving: ServingOverheads) -> StepTim
         ),
         model.valid_range,
         name=model.name,
+        warned_like=model,
     )
 
 

@@ -141,16 +141,26 @@ class StepTimeModel:
         coefficients: the fitted coefficients.
         valid_range: the profiled range; predictions beyond it warn once per dimension.
         name: label used in warnings (usually the profile name).
+        warned_like: another model whose record of the dimensions already warned about this one shares (so
+            that the series of models an online calibration derives from one profile warns once per dimension,
+            not once per model); ``None``: its own record.
     """
 
     __slots__ = ("_c", "_remaining_memo", "_warned", "coefficients", "name", "valid_range")
 
-    def __init__(self, coefficients: StepTimeCoefficients, valid_range: ValidRange, name: str = "") -> None:
+    def __init__(
+        self,
+        coefficients: StepTimeCoefficients,
+        valid_range: ValidRange,
+        name: str = "",
+        *,
+        warned_like: StepTimeModel | None = None,
+    ) -> None:
         self.coefficients = coefficients
         self.valid_range = valid_range
         self.name = name
         self._c = coefficients.as_tuple()
-        self._warned: set[str] = set()
+        self._warned: set[str] = warned_like._warned if warned_like is not None else set()
         # (prompt, computed, chunk) -> remaining prefill (s). Routers ask for the same queued prefills at every
         # decision; the memo belongs to the model, so predictions of differently calibrated models never mix.
         self._remaining_memo: dict[tuple[int, int, int | None], float] = {}

@@ -1,6 +1,7 @@
 """Discrete-event simulator of a GPU serving cluster driven by the latency profiles, and the evaluations on it."""
 
-from tropical_sched.sim.config import ClusterConfig, DecodePlacementTime
+from tropical_sched.sim.calibration import SimCalibration
+from tropical_sched.sim.config import ClusterConfig, DecodePlacementTime, FirstTokenAt
 from tropical_sched.sim.experiment import Experiment, ExperimentResult, PolicyOutcome, run_experiment
 from tropical_sched.sim.goodput import (
     CurvePoint,
@@ -19,6 +20,7 @@ from tropical_sched.sim.simulator import (
     SimulationStats,
     WorkerStats,
     build_requests,
+    engine_profile_of,
     policy_context,
     simulate,
 )
@@ -29,16 +31,19 @@ __all__ = [
     "DecodePlacementTime",
     "Experiment",
     "ExperimentResult",
+    "FirstTokenAt",
     "GoodputResult",
     "PolicyOutcome",
     "SearchRun",
     "SearchSettings",
+    "SimCalibration",
     "SimEvent",
     "SimulationResult",
     "SimulationStats",
     "SloScaleResult",
     "WorkerStats",
     "build_requests",
+    "engine_profile_of",
     "evaluate_point",
     "find_threshold",
     "policy_context",

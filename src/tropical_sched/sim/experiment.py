@@ -11,8 +11,9 @@ from tropical_sched.core.errors import ConfigError, UnknownNameError
 from tropical_sched.core.slo import SloSpec
 from tropical_sched.metrics.attainment import AttainmentSummary, summarize, summarize_by_class
 from tropical_sched.policies.registry import make_policy, policy_names
+from tropical_sched.predictors.calibration import CalibrationConfig
 from tropical_sched.predictors.profile import Profile, load_profile
-from tropical_sched.sim.config import ClusterConfig, DecodePlacementTime
+from tropical_sched.sim.config import ClusterConfig, DecodePlacementTime, FirstTokenAt
 from tropical_sched.sim.simulator import SimulationResult, policy_context, simulate
 from tropical_sched.workloads.traces import load_trace
 from tropical_sched.workloads.workload import ArrivalProcess, Overlength, Workload, make_workload
@@ -58,6 +59,14 @@ class Experiment:
         kv_link_bandwidth_bytes_per_s: KV transfer bandwidth; ``None`` for the profile's NVLink.
         decode_placement: when P/D requests get their decode worker: ``after-prefill`` (vLLM's protocol) or
             ``at-route`` (SGLang's), see :class:`~tropical_sched.sim.config.DecodePlacementTime`.
+        first_token_at: where a P/D request's first token is counted: ``prefill-end`` or ``after-hop`` (the
+            client's view), see :class:`~tropical_sched.sim.config.FirstTokenAt`.
+        engine_profile: bundled profile name or path the simulated engines run; ``None``: ``profile``. The
+            policies predict with ``profile`` and the SLOs come from it whatever the engines run.
+        engine_time_scale: the engines' times are the engine profile's times this factor, > 0.
+        engine_pd_hop_fixed_s: the engines' P/D hop, fixed part, seconds; ``None``: the engine profile's.
+        engine_pd_hop_per_prompt_token_s: the hop's part per prompt token, seconds; ``None``: the profile's.
+        calibration: run the router's online calibration (default settings) in the simulator.
     """
 
     trace: str = DEFAULT_TRACE
@@ -76,6 +85,12 @@ class Experiment:
     max_num_seqs: int = 256
     kv_link_bandwidth_bytes_per_s: float | None = None
     decode_placement: DecodePlacementTime | str = DecodePlacementTime.AFTER_PREFILL
+    first_token_at: FirstTokenAt | str = FirstTokenAt.PREFILL_END
+    engine_profile: str | None = None
+    engine_time_scale: float = 1.0
+    engine_pd_hop_fixed_s: float | None = None
+    engine_pd_hop_per_prompt_token_s: float | None = None
+    calibration: bool = False
 
     def __post_init__(self) -> None:
         if not self.policies:
@@ -96,7 +111,27 @@ class Experiment:
             max_num_seqs=self.max_num_seqs,
             kv_link_bandwidth_bytes_per_s=self.kv_link_bandwidth_bytes_per_s,
             decode_placement=DecodePlacementTime(self.decode_placement),
+            first_token_at=FirstTokenAt(self.first_token_at),
+            engine_time_scale=self.engine_time_scale,
+            engine_pd_hop_fixed_s=self.engine_pd_hop_fixed_s,
+            engine_pd_hop_per_prompt_token_s=self.engine_pd_hop_per_prompt_token_s,
+            calibration=CalibrationConfig() if self.calibration else None,
         )
+
+    def load_engine_profile(self) -> Profile | None:
+        """The engine profile, loaded; ``None`` when the engines run ``profile``."""
+        return load_profile(self.engine_profile) if self.engine_profile is not None else None
+
+    def describe_engine(self) -> dict[str, Any]:
+        """What the simulated engines run and how the policies predict them, JSON-ready."""
+        return {
+            "engine_profile": self.engine_profile or self.profile,
+            "engine_time_scale": self.engine_time_scale,
+            "engine_pd_hop_fixed_s": self.engine_pd_hop_fixed_s,
+            "engine_pd_hop_per_prompt_token_s": self.engine_pd_hop_per_prompt_token_s,
+            "first_token_at": FirstTokenAt(self.first_token_at).value,
+            "calibration": self.calibration,
+        }
 
     def make_workload(self, profile: Profile) -> Workload:
         """The experiment's workload on ``profile``'s context."""
@@ -154,6 +189,7 @@ class ExperimentResult:
             "num_gpus": exp.num_workers * self.profile.tensor_parallel_size,
             "slo": exp.slo.describe(),
             "workload": report.describe(),
+            "engine": exp.describe_engine(),
             "policies": {
                 name: {
                     key: clean(value)
@@ -198,6 +234,7 @@ def run_experiment(
         TropicalError: a name, file or setting is invalid.
     """
     profile = load_profile(experiment.profile)
+    engine_profile = experiment.load_engine_profile()
     workload = experiment.make_workload(profile)
     context = policy_context(profile, workload)
     for name in experiment.policies:  # fail on a bad setting before any policy runs
@@ -216,6 +253,7 @@ def run_experiment(
             slo=experiment.slo,
             policy_options=experiment.policy_options.get(name),
             progress=progress,
+            engine_profile=engine_profile,
         )
         outcomes[name] = PolicyOutcome(result=result, summary=summarize(result.records))
     return ExperimentResult(experiment=experiment, profile=profile, workload=workload, outcomes=outcomes)

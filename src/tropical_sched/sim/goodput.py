@@ -160,7 +160,12 @@ def find_threshold(
 
 @lru_cache(maxsize=8)
 def _cached_inputs(trace: str, profile: str) -> tuple[Trace, Profile]:
-    return load_trace(trace), load_profile(profile)
+    return load_trace(trace), _cached_profile(profile)
+
+
+@lru_cache(maxsize=8)
+def _cached_profile(name: str) -> Profile:
+    return load_profile(name)
 
 
 def evaluate_point(
@@ -202,6 +207,7 @@ def evaluate_point(
         cluster=experiment.cluster,
         slo=slo,
         policy_options=experiment.policy_options.get(policy),
+        engine_profile=_cached_profile(experiment.engine_profile) if experiment.engine_profile else None,
     )
     summary = summarize(result.records)
     return CurvePoint(
@@ -337,6 +343,7 @@ class GoodputResult:
             "num_gpus": self.num_gpus,
             "num_requests_per_point": exp.num_requests,
             "slo": exp.slo.describe(),
+            "engine": exp.describe_engine(),
             "seeds": [run.seed for run in next(iter(self.runs.values()))],
             "policies": {
                 name: {
@@ -413,6 +420,7 @@ class SloScaleResult:
             "schema_version": 1,
             "target_attainment": self.settings.target_attainment,
             "rate_per_s": self.experiment.rate_per_s,
+            "engine": self.experiment.describe_engine(),
             "policies": {
                 name: {
                     "tightest_slo_scale": _finite_or_none(self.tightest_scale(name)),

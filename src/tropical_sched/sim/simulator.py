@@ -5,10 +5,15 @@ ordered by (time, sequence number), so a run is a pure function of its inputs. A
 what a router could decide (an arrival, a prefill or a request finishing, a KV transfer landing) the router's
 :class:`~tropical_sched.policies.dispatcher.Dispatcher` runs the policy on a fresh cluster snapshot, then every
 idle worker with work starts its next step.
+
+Two profiles take part: the engines run the *engine* profile (what the hardware and the serving stack really do,
+scaled by ``ClusterConfig.engine_time_scale``), and the policies predict with the other one (what the operator
+believes; the SLOs come from it too). They are the same unless a run studies misprediction.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import math
@@ -25,10 +30,13 @@ from tropical_sched.core.snapshot import ClusterSnapshot, WorkerRole
 from tropical_sched.policies.base import Policy, PolicyContext
 from tropical_sched.policies.dispatcher import Dispatcher, DispatchStats
 from tropical_sched.policies.registry import make_policy
+from tropical_sched.predictors.calibration import InstanceCalibration
 from tropical_sched.predictors.output_length import LengthSamples
-from tropical_sched.predictors.profile import Profile
-from tropical_sched.sim.config import ClusterConfig, DecodePlacementTime
-from tropical_sched.sim.worker import Job, SimWorker
+from tropical_sched.predictors.profile import Profile, ServingOverheads, time_scaled
+from tropical_sched.predictors.step_time import StepTimeCoefficients
+from tropical_sched.sim.calibration import SimCalibration
+from tropical_sched.sim.config import ClusterConfig, DecodePlacementTime, FirstTokenAt
+from tropical_sched.sim.worker import Job, SimWorker, StepOutcome
 from tropical_sched.workloads.workload import Workload
 
 __all__ = [
@@ -37,6 +45,7 @@ __all__ = [
     "SimulationStats",
     "WorkerStats",
     "build_requests",
+    "engine_profile_of",
     "policy_context",
     "simulate",
 ]
@@ -73,6 +82,12 @@ class WorkerStats:
         max_kv_tokens_used: peak KV usage, tokens.
         num_kv_cache_tokens: capacity, tokens.
         num_preemptions: decodes preempted for lack of KV.
+        calibrated_coefficients: its step-time coefficients as calibrated online by the end of the run (serving
+            overheads included, as the router learns them); ``None`` with calibration off.
+        calibrated_pd_hop_fixed_s: the P/D hop learned for the requests it prefilled, fixed part, seconds;
+            ``None`` with calibration off.
+        calibrated_pd_hop_per_prompt_token_s: that hop's part per prompt token, seconds; ``None`` when off.
+        num_calibration_samples: observations its calibration used (step times and hops).
     """
 
     worker_id: int
@@ -82,6 +97,10 @@ class WorkerStats:
     max_kv_tokens_used: int
     num_kv_cache_tokens: int
     num_preemptions: int
+    calibrated_coefficients: StepTimeCoefficients | None = None
+    calibrated_pd_hop_fixed_s: float | None = None
+    calibrated_pd_hop_per_prompt_token_s: float | None = None
+    num_calibration_samples: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,6 +175,27 @@ def build_requests(workload: Workload, profile: Profile, slo: SloSpec) -> list[R
     return requests
 
 
+def engine_profile_of(profile: Profile, cluster: ClusterConfig, engine_profile: Profile | None = None) -> Profile:
+    """The profile the simulated engines run: ``engine_profile`` (default ``profile``), its times scaled by
+    ``cluster.engine_time_scale`` (:func:`~tropical_sched.predictors.profile.time_scaled`), its P/D hop replaced
+    by the cluster's ``engine_pd_hop_*`` where set. ``profile`` itself when nothing differs."""
+    engine = engine_profile or profile
+    fixed_s, per_token_s = cluster.engine_pd_hop_fixed_s, cluster.engine_pd_hop_per_prompt_token_s
+    if cluster.engine_time_scale == 1.0 and fixed_s is None and per_token_s is None:
+        return engine
+    file = engine.file if cluster.engine_time_scale == 1.0 else time_scaled(engine.file, cluster.engine_time_scale)
+    if fixed_s is not None or per_token_s is not None:
+        serving = file.serving or ServingOverheads(source="none recorded in the profile")
+        hop = {
+            "pd_hop_fixed_s": serving.pd_hop_fixed_s if fixed_s is None else fixed_s,
+            "pd_hop_per_prompt_token_s": serving.pd_hop_per_prompt_token_s if per_token_s is None else per_token_s,
+        }
+        source = f"{serving.source}; P/D hop set by the simulation ({hop['pd_hop_fixed_s']:g} s + "
+        source += f"{hop['pd_hop_per_prompt_token_s']:g} s per prompt token)"
+        file = file.model_copy(update={"serving": serving.model_copy(update={**hop, "source": source})})
+    return Profile(file, engine.path)
+
+
 class _Simulation:
     """One run's mutable state (use :func:`simulate`)."""
 
@@ -164,6 +204,7 @@ class _Simulation:
         requests: list[Request],
         num_output_tokens: list[int],
         profile: Profile,
+        engine: Profile,
         policy: Policy,
         cluster: ClusterConfig,
         progress: Callable[[int], None] | None,
@@ -174,22 +215,35 @@ class _Simulation:
         self.profile = profile
         self.progress = progress
         roles = policy.worker_roles(cluster.num_workers, cluster.num_prefill_workers)
-        capacity = cluster.num_kv_cache_tokens or profile.num_kv_cache_tokens
+        capacity = cluster.num_kv_cache_tokens or engine.num_kv_cache_tokens
+        serving = engine.serving
         self.workers = [
             SimWorker(
                 worker_id=i,
                 role=role,
                 settings=policy.engine_settings(role),
                 local=policy.local_scheduler(role),
-                step_time=profile.step_time,
+                step_time=engine.step_time,
                 num_kv_cache_tokens=capacity,
                 max_num_seqs=cluster.max_num_seqs,
+                serving=serving,
             )
             for i, role in enumerate(roles)
         ]
-        bandwidth = cluster.kv_link_bandwidth_bytes_per_s or profile.default_kv_link_bandwidth_bytes_per_s
-        self.transfer_s_per_token = profile.kv_bytes_per_token / bandwidth
-        self.transfer_latency_s = cluster.kv_transfer_latency_s
+        bandwidth = cluster.kv_link_bandwidth_bytes_per_s or engine.default_kv_link_bandwidth_bytes_per_s
+        # A P/D request's KV moves in transfer_latency_s + transfer_s_per_token x tokens: the link, and the hop
+        # the served engines add on top of it (the decode request's HTTP round trip, the connector's set-up).
+        self.transfer_s_per_token = engine.kv_bytes_per_token / bandwidth + serving.pd_hop_per_prompt_token_s
+        self.transfer_latency_s = cluster.kv_transfer_latency_s + serving.pd_hop_fixed_s
+        self.first_token_after_hop = cluster.first_token_at is FirstTokenAt.AFTER_HOP
+        believed = profile.serving
+        self.calibration: SimCalibration | None = None
+        if cluster.calibration is not None:
+            self.calibration = SimCalibration(self.workers, profile, cluster.calibration)
+        elif believed.pd_hop_fixed_s or believed.pd_hop_per_prompt_token_s:
+            # Without calibration a router tells the policy the hop its profile records (serve/state.py).
+            for worker in self.workers:
+                worker.set_predictions(None, believed.pd_hop_fixed_s, believed.pd_hop_per_prompt_token_s)
         self.jobs = [Job(r, n) for r, n in zip(requests, num_output_tokens, strict=True)]
         self.dispatcher = Dispatcher(policy)
         self.place_at_route = cluster.decode_placement is DecodePlacementTime.AT_ROUTE
@@ -245,7 +299,17 @@ class _Simulation:
 
     def _start_transfer(self, job: Job, destination: SimWorker) -> None:
         duration_s = self.transfer_latency_s + job.prefill_target * self.transfer_s_per_token
-        heapq.heappush(self.heap, (self.now_s + duration_s, next(self.sequence), _TRANSFER_DONE, (job, destination)))
+        heapq.heappush(
+            self.heap, (self.now_s + duration_s, next(self.sequence), _TRANSFER_DONE, (job, destination, duration_s))
+        )
+
+    def _defer_first_tokens(self, outcome: StepOutcome) -> None:
+        """First token after the hop: a prefill handed over to a decode worker has produced no token the client
+        sees; the decoding worker samples every output token, from its first step there on."""
+        for job in outcome.handoffs:
+            job.first_token_at_s = None
+            job.num_generated = 0
+        outcome.first_tokens = [job for job in outcome.first_tokens if job.first_token_at_s is not None]
 
     def reject(self, job: Job, reason: str) -> None:
         job.rejected = True
@@ -262,11 +326,14 @@ class _Simulation:
     # -- event loop ---------------------------------------------------------------------------------------------
 
     def start_idle_workers(self) -> None:
+        calibration = self.calibration
         for worker in self.workers:
             if not worker.busy and worker.has_work():
                 duration_s = worker.start_step(self.now_s)
                 if duration_s is not None:
                     heapq.heappush(self.heap, (self.now_s + duration_s, next(self.sequence), _STEP_END, worker))
+                    if calibration is not None:
+                        calibration.on_step_start(worker, duration_s)
 
     def run(self) -> None:
         jobs = self.jobs
@@ -278,6 +345,8 @@ class _Simulation:
         dispatcher = self.dispatcher
         on_event = self.on_event
         max_prompt_kv = min(w.kv_capacity for w in self.workers)
+        calibration = self.calibration
+        after_hop = self.first_token_after_hop
         while True:
             arrival_at_s = arrivals[next_arrival] if next_arrival < num_jobs else math.inf
             if heap and heap[0][0] <= arrival_at_s:
@@ -295,6 +364,10 @@ class _Simulation:
             if kind == _STEP_END:
                 outcome = payload.finish_step(at_s)
                 changed = outcome.changed
+                if calibration is not None:
+                    calibration.on_step_end(payload, outcome)
+                if after_hop and outcome.handoffs:
+                    self._defer_first_tokens(outcome)
                 for job in outcome.first_tokens:
                     policy.on_first_token(job.request, at_s - job.request.arrival_at_s, at_s)
                 for job in outcome.finished:
@@ -313,9 +386,12 @@ class _Simulation:
                     else:
                         dispatcher.submit_decode(job.request)
             elif kind == _TRANSFER_DONE:
-                job, destination = payload
-                self.workers[job.prefill_worker_id].release_held(job)
+                job, destination, hop_s = payload
+                prefill_worker = self.workers[job.prefill_worker_id]
+                prefill_worker.release_held(job)
                 destination.receive(job)
+                if calibration is not None:
+                    calibration.on_transfer_done(job, prefill_worker, destination, hop_s)
             else:
                 job = payload
                 # An engine refuses a request whose KV cache can never fit (vLLM raises at admission).
@@ -343,6 +419,27 @@ class _Simulation:
             )
 
 
+def _worker_stats(worker: SimWorker, calibration: InstanceCalibration | None) -> WorkerStats:
+    stats = WorkerStats(
+        worker_id=worker.worker_id,
+        role=worker.role,
+        num_steps=worker.num_steps,
+        busy_s=worker.busy_s,
+        max_kv_tokens_used=worker.max_kv_used,
+        num_kv_cache_tokens=worker.kv_capacity,
+        num_preemptions=worker.num_preemptions,
+    )
+    if calibration is None:
+        return stats
+    return dataclasses.replace(
+        stats,
+        calibrated_coefficients=calibration.step_time.coefficients,
+        calibrated_pd_hop_fixed_s=calibration.pd_hop_fixed_s,
+        calibrated_pd_hop_per_prompt_token_s=calibration.pd_hop_per_prompt_token_s,
+        num_calibration_samples=calibration.num_samples,
+    )
+
+
 def _tpot_s(job: Job) -> float:
     if job.num_generated <= 1 or job.first_token_at_s is None or job.finished_at_s is None:
         return 0.0
@@ -359,18 +456,24 @@ def simulate(
     policy_options: Mapping[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
     on_event: Callable[[SimEvent], None] | None = None,
+    engine_profile: Profile | None = None,
 ) -> SimulationResult:
     """Simulate a workload on a cluster under one policy.
 
     Args:
         workload: the requests (arrivals, prompt and output lengths).
-        profile: the workers' latency profile (step times, KV capacity, KV bytes per token).
+        profile: the latency profile the policies predict with and the SLOs are derived from (step times, serving
+            overheads, P/D hop); also what the engines run unless ``engine_profile`` or the cluster's engine
+            settings say otherwise.
         policy: a registered policy name, or a policy object (which must be fresh: policies keep state).
         cluster: cluster settings; default 2 workers.
         slo: how requests get their SLOs; default the paper's (TTFT 5x isolated prefill, TPOT 100 ms).
         policy_options: options of a policy given by name (see :func:`~tropical_sched.policies.make_policy`).
         progress: called with the number of requests newly finished or rejected, every 256 or so.
         on_event: called after every processed event (for audits and tests; slows the run down).
+        engine_profile: what the simulated engines run (step times, serving overheads, P/D hop, KV capacity and
+            bytes per token, link bandwidth), before ``cluster.engine_time_scale`` and the cluster's hop
+            overrides; ``None``: ``profile``.
 
     Returns:
         One record per request and the run's counters. Deterministic: the same inputs give the same records.
@@ -384,9 +487,10 @@ def simulate(
     if isinstance(policy, str):
         policy = make_policy(policy, policy_context(profile, workload), policy_options)
     requests = build_requests(workload, profile, slo)
+    engine = engine_profile_of(profile, cluster, engine_profile)
     started = time.process_time()
     simulation = _Simulation(
-        requests, workload.num_output_tokens.tolist(), profile, policy, cluster, progress, on_event
+        requests, workload.num_output_tokens.tolist(), profile, engine, policy, cluster, progress, on_event
     )
     simulation.run()
     cpu_s = time.process_time() - started
@@ -412,20 +516,13 @@ def simulate(
         for job in simulation.jobs
     )
     toggle = getattr(policy, "toggle", None)
+    calibrations = simulation.calibration.instances if simulation.calibration is not None else None
     stats = SimulationStats(
         num_events=simulation.num_events,
         end_at_s=simulation.now_s,
         cpu_s=cpu_s,
         workers=tuple(
-            WorkerStats(
-                worker_id=w.worker_id,
-                role=w.role,
-                num_steps=w.num_steps,
-                busy_s=w.busy_s,
-                max_kv_tokens_used=w.max_kv_used,
-                num_kv_cache_tokens=w.kv_capacity,
-                num_preemptions=w.num_preemptions,
-            )
+            _worker_stats(w, calibrations[w.worker_id] if calibrations is not None else None)
             for w in simulation.workers
         ),
         dispatch=simulation.dispatcher.stats,
