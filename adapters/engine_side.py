@@ -23,7 +23,7 @@ from tropical_sched.policies.base import FirstTokenPredictor, LocalScheduler, Po
 from tropical_sched.policies.registry import make_policy
 from tropical_sched.predictors.calibration import StepTimeCalibrator
 from tropical_sched.predictors.profile import load_profile
-from tropical_sched.predictors.step_time import StepTimeModel
+from tropical_sched.predictors.step_time import StepTimeModel, split_step
 
 __all__ = ["EngineSide", "EngineSideConfig", "classify_step", "parse_engine_side_section"]
 
@@ -68,37 +68,14 @@ def classify_step(
     num_computed_tokens_before: Mapping[str, int],
     num_prompt_tokens: Mapping[str, int],
 ) -> tuple[int, int, tuple[tuple[int, int], ...]]:
-    """Split one step's requests into prefill chunks and decodes (the features the step-time model prices).
-
-    A request whose computed tokens before the step are below its prompt length is prefilling: a chunk of the
-    tokens scheduled for it at prefix ``num_computed_before``. Otherwise it decodes, with context
-    ``num_computed_before + num_scheduled``.
-
-    Args:
-        num_scheduled_tokens: request id -> tokens scheduled in the step (vLLM's
-            ``SchedulerOutput.num_scheduled_tokens``).
-        num_computed_tokens_before: request id -> tokens in its KV cache before the step.
-        num_prompt_tokens: request id -> prompt length.
-
-    Returns:
-        ``(num_decode_seqs, num_decode_context_tokens, ((prefix, chunk), ...))``.
+    """``(num_decode_seqs, num_decode_context_tokens, prefill_chunks)`` of one engine step, the arguments of
+    :meth:`EngineSide.observe_step` (the split is :func:`~tropical_sched.predictors.step_time.split_step`'s).
 
     Raises:
         KeyError: a scheduled request is missing from one of the other mappings.
     """
-    chunks: list[tuple[int, int]] = []
-    num_decodes = 0
-    context_tokens = 0
-    for request_id, scheduled in num_scheduled_tokens.items():
-        if scheduled <= 0:
-            continue
-        before = num_computed_tokens_before[request_id]
-        if before < num_prompt_tokens[request_id]:
-            chunks.append((before, scheduled))
-        else:
-            num_decodes += 1
-            context_tokens += before + scheduled
-    return num_decodes, context_tokens, tuple(chunks)
+    chunks, contexts = split_step(num_scheduled_tokens, num_computed_tokens_before, num_prompt_tokens)
+    return len(contexts), sum(contexts), chunks
 
 
 def parse_engine_side_section(section: Any, source: str) -> EngineSideConfig:

@@ -35,7 +35,7 @@ from tropical_sched.predictors.profile import (
     SourceInfo,
     StepSample,
 )
-from tropical_sched.predictors.step_time import FEATURE_NAMES
+from tropical_sched.predictors.step_time import FEATURE_NAMES, split_step
 
 __all__ = [
     "Scenario",
@@ -269,17 +269,8 @@ def step_record(
     Raises:
         KeyError: a scheduled request is missing from one of the other mappings.
     """
-    chunks: list[tuple[int, int]] = []
-    contexts: list[int] = []
-    for request_id, scheduled in num_scheduled_tokens.items():
-        if scheduled <= 0:
-            continue
-        before = num_computed_tokens_before[request_id]
-        if before < num_prompt_tokens[request_id]:
-            chunks.append((before, scheduled))
-        else:
-            contexts.append(before + scheduled)
-    return StepRecord(step_time_s, tuple(chunks), tuple(contexts), scenario)
+    chunks, contexts = split_step(num_scheduled_tokens, num_computed_tokens_before, num_prompt_tokens)
+    return StepRecord(step_time_s, chunks, contexts, scenario)
 
 
 def build_profile(

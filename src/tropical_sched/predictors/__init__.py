@@ -37,6 +37,7 @@ from tropical_sched.predictors.step_time import (
     StepTimeCoefficients,
     StepTimeModel,
     ValidRange,
+    split_step,
     step_features,
 )
 
@@ -71,6 +72,7 @@ __all__ = [
     "load_profile",
     "profile_from_json",
     "served_step_time",
+    "split_step",
     "step_features",
     "time_scaled",
     "write_profile_file",

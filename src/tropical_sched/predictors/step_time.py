@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 from tropical_sched.core.errors import ConfigError
@@ -43,6 +43,7 @@ __all__ = [
     "StepTimeCoefficients",
     "StepTimeModel",
     "ValidRange",
+    "split_step",
     "step_features",
 ]
 
@@ -102,6 +103,43 @@ class ValidRange:
     max_num_batched_tokens: int
     max_num_decode_seqs: int
     max_decode_context_tokens_per_seq: int
+
+
+def split_step(
+    num_scheduled_tokens: Mapping[str, int],
+    num_computed_tokens_before: Mapping[str, int],
+    num_prompt_tokens: Mapping[str, int],
+) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
+    """Split an engine step's requests into prefill chunks and decodes, as the model prices them.
+
+    A request whose computed tokens before the step are below its prompt length is prefilling: a chunk of the
+    tokens scheduled for it at prefix ``num_computed_before``. Otherwise it decodes, with context
+    ``num_computed_before + num_scheduled`` (speculative tokens count as context). Requests with nothing
+    scheduled are left out. Used by the profiler and by the engine-side online calibration alike.
+
+    Args:
+        num_scheduled_tokens: request id -> tokens scheduled in the step (vLLM's
+            ``SchedulerOutput.num_scheduled_tokens``).
+        num_computed_tokens_before: request id -> tokens in its KV cache before the step.
+        num_prompt_tokens: request id -> prompt length.
+
+    Returns:
+        ``((prefix, chunk) per prefill chunk, context per decode)``, in the order of ``num_scheduled_tokens``.
+
+    Raises:
+        KeyError: a scheduled request is missing from one of the other mappings.
+    """
+    chunks: list[tuple[int, int]] = []
+    contexts: list[int] = []
+    for request_id, scheduled in num_scheduled_tokens.items():
+        if scheduled <= 0:
+            continue
+        before = num_computed_tokens_before[request_id]
+        if before < num_prompt_tokens[request_id]:
+            chunks.append((before, scheduled))
+        else:
+            contexts.append(before + scheduled)
+    return tuple(chunks), tuple(contexts)
 
 
 def step_features(
