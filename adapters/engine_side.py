@@ -357,7 +357,10 @@ class EngineSide:
         if not len(decodes):
             return None
         cap = self.local.prefill_token_cap(
-            now_s=self._clock(), decodes=decodes, num_prefix_tokens=int(first_prefill.num_computed_tokens)
+            now_s=self._clock(),
+            decodes=decodes,
+            num_prefix_tokens=int(first_prefill.num_computed_tokens),
+            prefill=self.prefill_state(first_prefill),
         )
         if cap is None:
             return None

@@ -94,7 +94,10 @@ def test_simulate_options_reach_the_experiment(tmp_path: Path) -> None:
         ),
         (["simulate", "--trace", "missing.csv"], "no such trace file: missing.csv"),
         (["simulate", "--profile", "b200"], "unknown profile 'b200'"),
-        (["simulate", "--workers", "1", "--policies", "tropical"], "at least one prefill and one multiplexing worker"),
+        (
+            ["simulate", "--workers", "2", "--prefill-workers", "2", "--policies", "tropical"],
+            "at least one multiplexing worker",
+        ),
         (["simulate", "--policy-option", "route_order=x"], "is not POLICY.KEY=VALUE"),
         (["simulate", "--policy-option", "tropical.route_order=x"], "TropicalConfig.route_order must be one of"),
         (["simulate", "--ttft-slo-ms", "5", "--ttft-slo-scale", "2"], "not allowed with argument"),

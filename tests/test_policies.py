@@ -263,6 +263,8 @@ def test_multiplexed_prefill_time_grows_with_tighter_slack() -> None:
         ("bad order", "route_order", "random"),
         ("negative margin", "slack_margin_fraction", -1.0),
         ("safety below one", "queue_safety_factor", 0.5),
+        ("floor aimed at nothing", "deadline_floor_fraction", 0.0),
+        ("floor aimed past the deadline", "deadline_floor_fraction", 1.5),
     ],
 )
 def test_tropical_config_validation_names_the_field(case: str, option: str, value: object) -> None:
@@ -270,10 +272,16 @@ def test_tropical_config_validation_names_the_field(case: str, option: str, valu
         TropicalConfig(**{option: value})
 
 
-def test_tropical_needs_both_roles() -> None:
-    with pytest.raises(ConfigError, match="at least one prefill and one multiplexing worker"):
+def test_tropical_runs_every_split_with_a_multiplexing_worker() -> None:
+    with pytest.raises(ConfigError, match=r"at least one multiplexing worker.*workers=2, prefill_workers=2"):
         tropical().worker_roles(2, 2)
+    with pytest.raises(ConfigError, match="prefill_workers=-1"):
+        tropical().worker_roles(2, -1)
     assert tropical().worker_roles(4, 1) == (P, M, M, M)
+    assert tropical().worker_roles(4, 3) == (P, P, P, M)
+    assert tropical().worker_roles(2, 0) == (M, M)
+    assert tropical().worker_roles(1, None) == (M,)
+    assert tropical().worker_roles(4, None) == (P, P, M, M)
 
 
 # -- Tropical: decode placement ---------------------------------------------------------------------------------

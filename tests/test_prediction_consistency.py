@@ -116,12 +116,14 @@ def test_remaining_prefill_is_the_sum_of_its_chunk_steps(
 # -- the simulated worker's step pricing against the model -------------------------------------------------------
 
 
-def _job(request_id: str, num_prompt_tokens: int, num_output_tokens: int, tpot_slo_s: float = 0.1) -> Job:
+def _job(
+    request_id: str, num_prompt_tokens: int, num_output_tokens: int, tpot_slo_s: float = 0.1, ttft_slo_s: float = 10.0
+) -> Job:
     request = Request(
         request_id=request_id,
         arrival_at_s=0.0,
         num_prompt_tokens=num_prompt_tokens,
-        slo=Slo(ttft_s=10.0, tpot_s=tpot_slo_s),
+        slo=Slo(ttft_s=ttft_slo_s, tpot_s=tpot_slo_s),
     )
     return Job(request, num_output_tokens)
 
@@ -190,6 +192,9 @@ def test_every_simulated_step_costs_what_the_model_predicts_for_what_it_runs(
     margin=st.floats(0.0, 1.0),
     min_chunk=st.integers(0, 64),
     budget=st.integers(64, 8192),
+    ttft_slo_s=st.floats(0.01, 20.0),
+    deadline_floor=st.booleans(),
+    floor_fraction=st.floats(0.05, 1.0),
 )
 def test_multiplexed_prefill_prediction_is_the_slack_capped_run_priced_by_the_model(
     model: StepTimeModel,
@@ -202,15 +207,23 @@ def test_multiplexed_prefill_prediction_is_the_slack_capped_run_priced_by_the_mo
     margin: float,
     min_chunk: int,
     budget: int,
+    ttft_slo_s: float,
+    deadline_floor: bool,
+    floor_fraction: float,
 ) -> None:
     """The router's per-step loop (``multiplexed_prefill_s``, step time inlined) predicts exactly what a simulated
-    multiplexing worker does: its local scheduler caps each chunk by the decodes' slack, every step priced by
-    :meth:`StepTimeModel.step_time_s` (decodes of one TPOT SLO, so the loop's slack bound is exact)."""
+    multiplexing worker does: its local scheduler caps each chunk by the decodes' slack (raised to the prefill's TTFT
+    deadline floor when on), every step priced by :meth:`StepTimeModel.step_time_s` (decodes of one TPOT SLO, so
+    the loop's slack bound is exact)."""
     budget = max(budget, num_decodes + 1)
     policy = TropicalPolicy(
         PolicyContext(step_time=model, max_model_len=1 << 20),
         TropicalConfig(
-            slack_margin_fraction=margin, min_multiplexed_chunk_tokens=min_chunk, multiplexing_token_budget=budget
+            slack_margin_fraction=margin,
+            min_multiplexed_chunk_tokens=min_chunk,
+            multiplexing_token_budget=budget,
+            deadline_floor=deadline_floor,
+            deadline_floor_fraction=floor_fraction,
         ),
     )
     role = WorkerRole.MULTIPLEXING
@@ -234,9 +247,10 @@ def test_multiplexed_prefill_prediction_is_the_slack_capped_run_priced_by_the_mo
     worker.finish_step(now_s)
     snapshot = worker.snapshot()
     assert len(snapshot.decodes) == num_decodes
-    predicted_s = policy.multiplexed_prefill_s(snapshot, prompt, now_s)
+    new = _job("new", prompt, 2, ttft_slo_s=ttft_slo_s)
+    deadline_at_s = new.request.arrival_at_s + ttft_slo_s if deadline_floor else None
+    predicted_s = policy.multiplexed_prefill_s(snapshot, prompt, now_s, deadline_at_s=deadline_at_s)
 
-    new = _job("new", prompt, 2)
     worker.enqueue_prefill(new)
     started_at_s = now_s
     reference_s = 0.0

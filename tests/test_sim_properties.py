@@ -310,7 +310,9 @@ def test_same_inputs_give_identical_records(scenario: Scenario) -> None:
 
 @pytest.mark.parametrize("policy", ["vllm", "tropical"])
 def test_the_split_filter_drops_only_what_the_policy_refuses(policy: str) -> None:
-    """A colocated policy runs on one worker; Tropical, which needs a prefill and a multiplexing worker, does not."""
+    """A colocated policy refuses prefill workers; Tropical runs any split that leaves a multiplexing worker."""
     built = make_policy(policy, policy_context(PROFILE))
-    assert _accepts_split(built, 1, None) == (policy == "vllm")
+    assert _accepts_split(built, 1, None)
     assert _accepts_split(built, 2, None)
+    assert _accepts_split(built, 2, 1) == (policy == "tropical")
+    assert not _accepts_split(built, 2, 2)

@@ -178,7 +178,7 @@ def http_url(text: str) -> str:
 
 # -- output files ------------------------------------------------------------------------------------------------
 
-OUTPUT_OPTIONS = {"json": ("--json", False), "plot": ("--plot", True)}
+OUTPUT_OPTIONS = {"json": ("--json", False), "plot": ("--plot", True), "config_out": ("--config-out", False)}
 """Options that name a file a command writes: argparse dest -> (option, whether its directory is created), checked
 by :func:`check_outputs`. Figures go to a results folder that ``--plot`` creates, as ``tropical goodput`` always did;
 a ``--json`` path must be in an existing directory."""

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from tropical_sched._version import __version__
-from tropical_sched.cli import fake_engine, goodput, list_cmd, replay, serve, simulate, validate
+from tropical_sched.cli import fake_engine, goodput, list_cmd, plan, replay, serve, simulate, validate
 from tropical_sched.cli._common import OneLineErrorParser, check_outputs
 from tropical_sched.core.errors import TropicalError
 
@@ -23,6 +23,7 @@ def build_parser() -> OneLineErrorParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=OneLineErrorParser)
     simulate.register(subparsers)
     goodput.register(subparsers)
+    plan.register(subparsers)
     serve.register(subparsers)
     replay.register(subparsers)
     validate.register(subparsers)

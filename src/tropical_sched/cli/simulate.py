@@ -265,6 +265,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="the engines' P/D hop per prompt token, ms (default: the engine profile's)",
     )
     engine.add_argument(
+        "--worker-profiles",
+        metavar="P1,P2,...",
+        help="a heterogeneous cluster: one profile per worker, comma-separated (each worker's engine runs its own "
+        "and the policy predicts it with it, as instances[i].profile in tropical serve's cluster file); SLOs still "
+        "come from --profile",
+    )
+    engine.add_argument(
         "--calibration",
         choices=["on", "off"],
         default="off",
@@ -358,6 +365,9 @@ def build_experiment(args: argparse.Namespace) -> Experiment:
         if args.engine_pd_hop_per_token_ms is not None
         else None,
         calibration=args.calibration == "on",
+        worker_profiles=tuple(name.strip() for name in args.worker_profiles.split(","))
+        if args.worker_profiles
+        else None,
     )
 
 

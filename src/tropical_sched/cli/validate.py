@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from tropical_sched.serve.replay import replay_sync
 
     experiment = build_experiment(args)
-    settings = replay_settings(args, [args.url])
+    settings = replay_settings(args, args.url)
+    where = " + ".join(args.url)
     with collect_warnings() as notes, progress_bar(not args.no_progress) as (start, advance):
         # Simulate first (fast; fails early on a bad setting), then replay the very same workload.
         result = run_experiment(
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     console = wide_console()
     data: dict[str, Any] = {
         "schema_version": 1,
-        "url": args.url,
+        "url": args.url[0] if len(args.url) == 1 else args.url,
         "trace": experiment.trace,
         "profile": profile.name,
         "rate_per_s": experiment.rate_per_s,
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     }
     for name, summary in simulated.items():
         table = Table(
-            title=f"{args.url} against the simulator ({name}, {experiment.num_workers} worker(s), "
+            title=f"{where} against the simulator ({name}, {experiment.num_workers} worker(s), "
             f"{profile.name}); {len(requests)} requests at {experiment.rate_per_s} req/s"
         )
         for column in ("metric", "measured", "simulated", "relative error"):
@@ -84,7 +85,12 @@ def register(subparsers: Any) -> None:
         "(P50, P90) and joint SLO attainment with their relative errors.",
     )
     parser.add_argument(
-        "--url", required=True, type=http_url, help="base URL of the endpoint, e.g. http://127.0.0.1:8000"
+        "--url",
+        required=True,
+        action="append",
+        type=http_url,
+        help="base URL of the endpoint, e.g. http://127.0.0.1:8000; give it several times to spread the requests "
+        "round-robin over several engines (a plain colocated deployment)",
     )
     add_experiment_arguments(parser)
     target = parser.add_argument_group("target")

@@ -10,8 +10,9 @@ from tropical_sched.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from tropical_sched.sim.goodput import GoodputResult
+    from tropical_sched.sim.plan import PlanResult
 
-__all__ = ["plot_goodput"]
+__all__ = ["plot_goodput", "plot_plan"]
 
 
 def _pyplot() -> Any:
@@ -127,3 +128,54 @@ def plot_goodput(result: GoodputResult, path: str | Path) -> list[Path]:
     figure.savefig(latency_path, dpi=120)
     plt.close(figure)
     return [path, latency_path]
+
+
+def plot_plan(result: PlanResult, path: str | Path) -> Path:
+    """Draw a plan's recommendation and runner-up: SLO attainment against request rate, every simulated point of
+    every seed, the target line and each one's goodput marked.
+
+    Args:
+        result: the plan.
+        path: where to write the PNG.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ConfigError: matplotlib is not installed.
+    """
+    plt = _pyplot()
+    path = Path(path)
+    exp = result.experiment
+    target = result.settings.target_attainment
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    shown = [c for c in (result.recommendation, result.runner_up) if c is not None]
+    figure, axis = plt.subplots(figsize=(7.5, 4.5))
+    for index, candidate in enumerate(shown):
+        colour = colours[index % len(colours)]
+        role = "recommended" if index == 0 else "runner-up"
+        for number, run in enumerate(candidate.runs):
+            axis.plot(
+                [p.value for p in run.curve],
+                [p.slo_attainment for p in run.curve],
+                "o-",
+                color=colour,
+                alpha=0.8,
+                markersize=3,
+                linewidth=1,
+                label=f"{role}: {candidate.policy} {candidate.shape}, {candidate.goodput_per_s:.2f} req/s"
+                if number == 0
+                else None,
+            )
+        if candidate.goodput_per_s > 0:
+            axis.axvline(candidate.goodput_per_s, color=colour, linestyle=":", linewidth=1)
+    axis.axhline(target, color="grey", linestyle="--", linewidth=1)
+    axis.set_xlabel("request rate (req/s)")
+    axis.set_ylabel("SLO attainment (TTFT and TPOT)")
+    axis.set_ylim(0, 1.02)
+    axis.set_title(f"tropical plan: {exp.trace}, {exp.num_workers} x {exp.profile}; {exp.slo.describe()}", fontsize=9)
+    axis.legend(title=f"goodput at {target:.0%}", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

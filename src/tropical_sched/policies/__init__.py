@@ -15,6 +15,7 @@ from tropical_sched.policies.local import (
     RunsEveryDecode,
     ShortestRemainingPrefillFirst,
     SlackCappedScheduler,
+    deadline_floor_tokens,
 )
 from tropical_sched.policies.registry import POLICIES, PolicyEntry, make_policy, policy_names
 from tropical_sched.policies.scorpio import CreditBatchingScheduler, ScorpioConfig, ScorpioPolicy, virtual_batch_size
@@ -66,6 +67,7 @@ __all__ = [
     "ToggleConfig",
     "TropicalConfig",
     "TropicalPolicy",
+    "deadline_floor_tokens",
     "least_loaded",
     "make_policy",
     "plan_admission",

@@ -92,13 +92,17 @@ class LocalScheduler(Protocol):
         """Order of waiting prefills: lower runs first (ties keep arrival order)."""
         ...
 
-    def prefill_token_cap(self, *, now_s: float, decodes: DecodeBatch, num_prefix_tokens: int) -> int | None:
+    def prefill_token_cap(
+        self, *, now_s: float, decodes: DecodeBatch, num_prefix_tokens: int, prefill: PrefillState | None = None
+    ) -> int | None:
         """Most prefill tokens this step may add next to ``decodes``; ``None`` for no cap beyond the budget.
 
         Args:
             now_s: the step's start, seconds.
             decodes: the decodes running in this step.
             num_prefix_tokens: tokens already prefilled of the first prefill in line.
+            prefill: that prefill, when the caller knows it (its arrival, length and TTFT SLO), for schedulers
+                that size the chunk by its deadline; ``None`` otherwise.
         """
         ...
 

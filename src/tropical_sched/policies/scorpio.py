@@ -95,7 +95,9 @@ class CreditBatchingScheduler:
         """TTFT deadline: least deadline first."""
         return prefill.ttft_deadline_at_s
 
-    def prefill_token_cap(self, *, now_s: float, decodes: DecodeBatch, num_prefix_tokens: int) -> int | None:
+    def prefill_token_cap(
+        self, *, now_s: float, decodes: DecodeBatch, num_prefix_tokens: int, prefill: PrefillState | None = None
+    ) -> int | None:
         """No cap."""
         return None
 

@@ -259,7 +259,9 @@ class DecodePlannerScheduler(RunsEveryDecode):
         key = prefill.ttft_deadline_at_s
         return key + BEST_EFFORT_OFFSET_S if prefill.request_id in self.best_effort_ids else key
 
-    def prefill_token_cap(self, *, now_s: float, decodes: DecodeBatch, num_prefix_tokens: int) -> int | None:
+    def prefill_token_cap(
+        self, *, now_s: float, decodes: DecodeBatch, num_prefix_tokens: int, prefill: PrefillState | None = None
+    ) -> int | None:
         """The decode planner's prefill budget: what fits beside the decodes within the tightest TPOT SLO."""
         if not len(decodes):
             return None

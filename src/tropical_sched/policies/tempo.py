@@ -108,7 +108,9 @@ class GainDensityScheduler:
             return service_s  # no gain: shortest service first among the lost
         return -1.0 / service_s
 
-    def prefill_token_cap(self, *, now_s: float, decodes: DecodeBatch, num_prefix_tokens: int) -> int | None:
+    def prefill_token_cap(
+        self, *, now_s: float, decodes: DecodeBatch, num_prefix_tokens: int, prefill: PrefillState | None = None
+    ) -> int | None:
         """No cap beyond the step's token budget."""
         return None
 

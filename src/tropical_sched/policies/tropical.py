@@ -23,7 +23,12 @@ from tropical_sched.core.request import Request
 from tropical_sched.core.slack import QueueFinish, min_tpot_slack_s, predicted_queue_finish
 from tropical_sched.core.snapshot import ClusterSnapshot, PrefillState, WorkerRole, WorkerSnapshot
 from tropical_sched.policies.base import EngineSettings, LocalScheduler, PolicyContext
-from tropical_sched.policies.local import FcfsScheduler, ShortestRemainingPrefillFirst, SlackCappedScheduler
+from tropical_sched.policies.local import (
+    FcfsScheduler,
+    ShortestRemainingPrefillFirst,
+    SlackCappedScheduler,
+    deadline_floor_tokens,
+)
 from tropical_sched.policies.toggle import MultiplexingToggle, ToggleConfig
 from tropical_sched.predictors.step_time import StepTimeModel
 
@@ -82,6 +87,15 @@ class TropicalConfig:
         prefill_chunk_tokens: chunk size on prefill workers, tokens; SRPF preempts at chunk boundaries.
         multiplexing_token_budget: token budget of a multiplexing worker's steps, tokens.
         min_multiplexed_chunk_tokens: smallest chunk a multiplexing worker runs whatever the slack, tokens.
+        queue_on_multiplexing_workers: with no prefill worker available, a request that no multiplexing worker's
+            slack absorbs now is queued at the one predicted to give its first token first, behind the prefills
+            already there (the engine then batches them), instead of waiting at the router for a worker without
+            a prefill outstanding.
+        deadline_floor: a multiplexing worker's chunk is at least what its first prefill needs to end by its TTFT
+            deadline while it still can (:class:`~tropical_sched.policies.local.SlackCappedScheduler`); the
+            routing rule's slack test still admits a prefill only where the decodes' slack alone absorbs it.
+        deadline_floor_fraction: the floor aims to end the prefill within this fraction of the time left to its
+            deadline, in (0, 1] (a reserve for the step-time model's error, re-aimed every step).
         pd_overhead_s: fixed time the P/D path adds to a request's first token beyond its prefill, seconds: the KV
             transfer's set-up, the extra HTTP hop, the decoding instance's first step. Milliseconds on NVLink or
             RDMA (0, the paper's assumption); measure it where the hop is slow (e.g. KV through a disk, as
@@ -101,6 +115,9 @@ class TropicalConfig:
     prefill_chunk_tokens: int = 8192
     multiplexing_token_budget: int = 8192
     min_multiplexed_chunk_tokens: int = 32
+    deadline_floor: bool = True
+    deadline_floor_fraction: float = 0.5
+    queue_on_multiplexing_workers: bool = False
     pd_overhead_s: float = 0.0
     toggle: ToggleConfig = field(default_factory=ToggleConfig)
 
@@ -126,6 +143,7 @@ class TropicalConfig:
             "multiplexing_token_budget": self.multiplexing_token_budget >= 1,
             "min_multiplexed_chunk_tokens": self.min_multiplexed_chunk_tokens >= 0,
             "pd_overhead_s": math.isfinite(self.pd_overhead_s) and self.pd_overhead_s >= 0,
+            "deadline_floor_fraction": 0 < self.deadline_floor_fraction <= 1,
         }
         check_fields(self, checks)
 
@@ -159,17 +177,27 @@ class TropicalPolicy:
             context.step_time,
             min_chunk_tokens=self.config.min_multiplexed_chunk_tokens,
             margin_fraction=self.config.slack_margin_fraction,
+            deadline_floor=self.config.deadline_floor,
+            deadline_floor_fraction=self.config.deadline_floor_fraction,
         )
 
     # -- deployment ---------------------------------------------------------------------------------------------
 
     def worker_roles(self, num_workers: int, num_prefill_workers: int | None) -> tuple[WorkerRole, ...]:
-        """``num_prefill_workers`` prefill workers (default half), the rest multiplexing workers."""
+        """``num_prefill_workers`` prefill workers (default half, rounded down), the rest multiplexing workers.
+
+        Any split with at least one multiplexing worker runs: ``0`` makes every instance a multiplexing worker, so
+        each prefill runs beside the decodes of the instance whose TPOT slack absorbs it (or, when none can, on the
+        one that finishes it first), and the toggle has no disaggregated path to fall back on.
+
+        Raises:
+            ConfigError: ``num_workers < 1``, or not ``0 <= num_prefill_workers <= num_workers - 1``.
+        """
         num_prefill = num_workers // 2 if num_prefill_workers is None else num_prefill_workers
-        if num_workers < 2 or not 1 <= num_prefill <= num_workers - 1:
+        if num_workers < 1 or not 0 <= num_prefill <= num_workers - 1:
             raise ConfigError(
-                f"tropical needs at least one prefill and one multiplexing worker; got workers={num_workers}, "
-                f"prefill_workers={num_prefill}"
+                f"tropical needs at least one multiplexing worker (and 0 or more prefill workers); got "
+                f"workers={num_workers}, prefill_workers={num_prefill}"
             )
         return (WorkerRole.PREFILL,) * num_prefill + (WorkerRole.MULTIPLEXING,) * (num_workers - num_prefill)
 
@@ -196,6 +224,10 @@ class TropicalPolicy:
             return request.arrival_at_s
         return float(request.num_prompt_tokens)
 
+    def _deadline_at_s(self, arrival_at_s: float, ttft_slo_s: float) -> float | None:
+        """The deadline a multiplexing worker's scheduler sizes chunks by (``None`` without ``deadline_floor``)."""
+        return arrival_at_s + ttft_slo_s if self.config.deadline_floor else None
+
     def _model(self, worker: WorkerSnapshot) -> StepTimeModel:
         """The worker's calibrated step-time model, else the policy's own (the offline profile)."""
         return worker.step_time if worker.step_time is not None else self._step_time
@@ -218,7 +250,10 @@ class TropicalPolicy:
         if worker.role is WorkerRole.MULTIPLEXING:
             if not worker.prefills:
                 own_s = cfg.queue_safety_factor * self.multiplexed_prefill_s(
-                    worker, new.num_prompt_tokens - new.num_computed_tokens, now_s
+                    worker,
+                    new.num_prompt_tokens - new.num_computed_tokens,
+                    now_s,
+                    deadline_at_s=self._deadline_at_s(new.arrival_at_s, new.ttft_slo_s),
                 )
                 return QueueFinish(finish_at_s=now_s + own_s, ahead_s=0.0, own_s=own_s)
             return predicted_queue_finish(
@@ -253,7 +288,7 @@ class TropicalPolicy:
     ) -> tuple[RouteDecision | None, float]:
         """A PREFILL decision if some prefill worker is eligible, and the earliest predicted TTFT seen."""
         now_s = cluster.now_s
-        best: tuple[int, int, float] | None = None  # (outstanding tokens, worker_id, finish_at_s)
+        best: tuple[int, float, int] | None = None  # (outstanding tokens, finish_at_s, worker_id)
         earliest_at_s = math.inf
         for worker in cluster.with_role(WorkerRole.PREFILL):
             finish = self.predicted_first_token(worker, new, now_s)  # the client's first token, after the hop
@@ -264,12 +299,14 @@ class TropicalPolicy:
             idle_takes_it = worker.is_idle and (meets_deadline or not self.config.reject_unattainable)
             eligible = idle_takes_it or (finish.broken_request_id is None and meets_deadline)
             if eligible:
-                candidate = (worker.num_outstanding_prompt_tokens, worker.worker_id, finish_at_s)
+                # Ties on outstanding tokens (idle workers) go to the earliest first token: the fastest worker of
+                # a cluster of different profiles.
+                candidate = (worker.num_outstanding_prompt_tokens, finish_at_s, worker.worker_id)
                 if best is None or candidate < best:
                     best = candidate
         if best is None:
             return None, earliest_at_s
-        outstanding, worker_id, finish_at_s = best
+        outstanding, finish_at_s, worker_id = best
         return (
             RouteDecision(
                 action=RouteAction.PREFILL,
@@ -292,6 +329,7 @@ class TropicalPolicy:
         *,
         give_up_after_s: float = math.inf,
         min_slack_s: float | None = None,
+        deadline_at_s: float | None = None,
     ) -> float:
         """Predicted time to prefill a prompt on a multiplexing worker under its slack-capped chunking.
 
@@ -307,6 +345,9 @@ class TropicalPolicy:
             now_s: the current time, seconds.
             give_up_after_s: stop and return ``inf`` once the prediction exceeds this, seconds.
             min_slack_s: the decodes' smallest TPOT slack less the margin at ``now_s``, if already known.
+            deadline_at_s: the prefill's TTFT deadline, seconds: with ``deadline_floor`` each chunk is at least what
+                the prefill needs to end by it, as the worker's scheduler sizes it; ``None``: the slack cap alone
+                (what the decodes' slack absorbs, the routing rule's slack test).
 
         Returns:
             Seconds until the first token; ``inf`` if it would take more than 1024 steps or ``give_up_after_s``.
@@ -336,6 +377,19 @@ class TropicalPolicy:
                 num_decode_context_tokens=context,
                 num_prefix_tokens=prefix,
             )
+            if deadline_at_s is not None:
+                chunk = max(
+                    chunk,
+                    deadline_floor_tokens(
+                        model,
+                        deadline_at_s - now_s - elapsed_s,
+                        cfg.deadline_floor_fraction,
+                        num_prompt_tokens=num_prompt_tokens,
+                        num_computed_tokens=prefix,
+                        num_decode_seqs=num_decodes,
+                        num_decode_context_tokens=context,
+                    ),
+                )
             chunk = min(max(chunk, min_chunk), token_budget, num_prompt_tokens - prefix)
             # StepTimeModel.step_time_s inlined (this loop runs for every routing decision); tests/
             # test_prediction_consistency.py checks it against the model and the local scheduler step by step.
@@ -358,8 +412,8 @@ class TropicalPolicy:
         if num_prompt_tokens > cfg.max_multiplexed_prompt_tokens:
             return None, f"prompt of {num_prompt_tokens} tokens exceeds max_multiplexed_prompt_tokens"
         now_s = cluster.now_s
-        # (context, worker_id, slack, step, ttft, model); worker ids are unique, so the model is never compared
-        best: tuple[int, int, float, float, float, StepTimeModel] | None = None
+        # (context, first token at, worker_id, slack, step, model); worker ids are unique, so no more is compared
+        best: tuple[int, float, int, float, float, StepTimeModel] | None = None
         why = "no multiplexing worker"
         for worker in cluster.with_role(WorkerRole.MULTIPLEXING):
             if worker.prefills:
@@ -395,12 +449,14 @@ class TropicalPolicy:
                 if finish_at_s > request.ttft_deadline_at_s:
                     why = "no multiplexing worker's decodes leave the slack to finish the prefill by its TTFT deadline"
                     continue
-            candidate = (context_tokens, worker.worker_id, slack_s, step_s, finish_at_s, model)
-            if best is None or candidate[:2] < best[:2]:
+            # Fewest decode context tokens; ties (idle workers, say) to the earliest predicted first token, which
+            # in a cluster of different profiles is the fastest worker.
+            candidate = (context_tokens, finish_at_s, worker.worker_id, slack_s, step_s, model)
+            if best is None or candidate[:3] < best[:3]:
                 best = candidate
         if best is None:
             return None, why
-        context_tokens, worker_id, slack_s, step_s, finish_at_s, model = best
+        context_tokens, finish_at_s, worker_id, slack_s, step_s, model = best
         prefill_s = model.prefill_time_s(num_prompt_tokens)
         return (
             RouteDecision(
@@ -472,15 +528,23 @@ class TropicalPolicy:
         no_prefill_worker = not cluster.with_role(WorkerRole.PREFILL)
         now_s = cluster.now_s
         best: tuple[float, int] | None = None  # (predicted first token at, worker_id)
+        queue_here = no_prefill_worker and self.config.queue_on_multiplexing_workers
         for worker in cluster.with_role(WorkerRole.MULTIPLEXING):
             decodes = worker.decodes
-            if worker.prefills or (len(decodes) and not no_prefill_worker):
+            if (worker.prefills and not queue_here) or (len(decodes) and not no_prefill_worker):
                 continue
             if len(decodes) >= worker.max_num_seqs or worker.num_free_kv_tokens < request.num_prompt_tokens + 1:
                 continue
-            finish_at_s = now_s + self.config.queue_safety_factor * self.multiplexed_prefill_s(
-                worker, request.num_prompt_tokens, now_s
-            )
+            if worker.prefills:  # queued behind the engine's own prefills (predicted_first_token's bound)
+                new = PrefillState.from_request(request)
+                finish_at_s = self.predicted_first_token(worker, new, now_s).finish_at_s
+            else:
+                finish_at_s = now_s + self.config.queue_safety_factor * self.multiplexed_prefill_s(
+                    worker,
+                    request.num_prompt_tokens,
+                    now_s,
+                    deadline_at_s=self._deadline_at_s(request.arrival_at_s, request.slo.ttft_s),
+                )
             candidate = (finish_at_s, worker.worker_id)
             if best is None or candidate < best:
                 best = candidate

@@ -399,3 +399,47 @@ class StepTimeModel:
         while chunk > 0 and quad * chunk**2 + lin * chunk > room:
             chunk -= 1
         return chunk
+
+    def min_chunk_tokens_to_finish_within(
+        self,
+        time_budget_s: float,
+        *,
+        num_prompt_tokens: int,
+        num_computed_tokens: int,
+        num_decode_seqs: int,
+        num_decode_context_tokens: int,
+    ) -> int:
+        """Smallest chunk with which the rest of a prefill, run beside a decode batch, ends within the budget.
+
+        With ``k`` chunks of at most ``c`` tokens the rest takes ``k x (step base + decode part) + linear and
+        attention terms of the remaining tokens``; the attention term (sum over chunks of ``c_i (P_i + (c_i + 1) /
+        2)``, prefix ``P_i``) telescopes to ``((P + R)^2 - P^2 + R) / 2`` for ``R`` remaining tokens after
+        ``P``, whatever the chunking. So only the number of steps depends on the chunk, and the answer is
+        ``ceil(R / k_max)`` with ``k_max`` the most steps the budget affords. The decode batch is taken as fixed
+        (its context growth over the prefill is ignored).
+
+        Args:
+            time_budget_s: time left, seconds.
+            num_prompt_tokens: tokens to prefill in total.
+            num_computed_tokens: tokens already prefilled.
+            num_decode_seqs: decodes in every step.
+            num_decode_context_tokens: their total context, tokens.
+
+        Returns:
+            Chunk size in tokens; 0 when nothing remains, or when even the whole rest in one step would not end
+            within the budget.
+        """
+        remaining = num_prompt_tokens - num_computed_tokens
+        if remaining <= 0:
+            return 0
+        c0, cn, cp, ca, cd, cc = self._c
+        prefix = num_computed_tokens
+        tokens_s = cn * remaining + ca * ((prefix + remaining) ** 2 - prefix**2 + remaining) / 2
+        per_step_s = c0 + cp + (cn + cd) * num_decode_seqs + cc * num_decode_context_tokens
+        room_s = time_budget_s - tokens_s
+        if per_step_s <= 0:
+            return 1 if room_s >= 0 else 0
+        max_steps = math.floor(room_s / per_step_s)
+        if max_steps < 1:
+            return 0
+        return -(-remaining // max_steps)

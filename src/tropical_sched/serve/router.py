@@ -167,6 +167,7 @@ class Router:
                 instance.num_kv_cache_tokens or self._profile(instance.profile).num_kv_cache_tokens,
                 calibration=self._calibration(instance),
                 serving=self._profile(instance.profile).serving,
+                step_time=self._own_step_time(instance),
             )
             for index, instance in enumerate(config.instances)
         ]
@@ -208,6 +209,12 @@ class Router:
             self._profiles[key] = load_profile(key)
         return self._profiles[key]
 
+    def _own_step_time(self, instance: InstanceConfig) -> StepTimeModel | None:
+        """The step-time model of an instance's own profile, when it is not the policy's (heterogeneous clusters)."""
+        if instance.profile is None or instance.profile == self.config.profile:
+            return None
+        return self._profile(instance.profile).step_time
+
     def _calibration(self, instance: InstanceConfig) -> InstanceCalibration | None:
         """A fresh online calibration of an instance, its prior the instance's profile (``None`` when off)."""
         settings = self.config.calibration
@@ -225,7 +232,7 @@ class Router:
         roles = [instance.role for instance in self.config.instances]
         num_prefill = sum(role.value == "prefill" for role in roles)
         try:
-            expected = set(self.policy.worker_roles(len(roles), num_prefill or None))
+            expected = set(self.policy.worker_roles(len(roles), num_prefill))
         except ConfigError as exc:
             raise ConfigError(f"instances: {exc}") from None
         if set(roles) != expected:
@@ -805,23 +812,28 @@ class Router:
                 tracked.prefill_instance = None
                 try:
                     transfer = None
+                    # One TTFT budget for both halves of a P/D request (SGLang sends them at once).
+                    engine_slo = self._engine_slo(request)
                     if decision.action is RouteAction.PREFILL:
                         handoff = self._dialects[target.index].handoff(target.config)
                         if handoff is None:  # sequential P/D (vLLM): the decode is placed after the prefill
-                            transfer = await self._remote_prefill(tracked, target, body, path, None)
+                            transfer = await self._remote_prefill(tracked, target, body, path, None, engine_slo)
                         placement: DecodePlacement = await self._await_decision(tracked, placement=True)
                         assert placement.worker_id is not None
                         if handoff is not None:  # concurrent P/D (SGLang): both halves start now
                             tracked.prefill_done_at_s = self.now_s()
                             transfer = handoff
                             prefill = _ConcurrentPrefill(
-                                target, asyncio.create_task(self._remote_prefill(tracked, target, body, path, handoff))
+                                target,
+                                asyncio.create_task(
+                                    self._remote_prefill(tracked, target, body, path, handoff, engine_slo)
+                                ),
                             )
                         target = self.instances[placement.worker_id]
                         tracked.decode_sent_at_s = self.now_s()
                     else:
                         self._note_sent(tracked, target)
-                    upstream = self._dialects[target.index].generation_body(body, request.slo, transfer)
+                    upstream = self._dialects[target.index].generation_body(body, engine_slo, transfer)
                     async with self._client.stream("POST", target.url + path, json=upstream) as response:
                         if response.status_code != 200:
                             await self._raise_for_status(target, response)
@@ -869,14 +881,27 @@ class Router:
             raise _HttpError(response.status_code, f"{instance.url}: {message}", "UpstreamBadRequest")
         raise _UpstreamFailed(f"HTTP {response.status_code}: {message}")
 
+    def _engine_slo(self, request: Request) -> Slo:
+        """The SLOs sent with a request to an engine: the TTFT budget left of it as it leaves the router (its wait
+        here and any earlier attempt taken off, at least 1 ms), so that the engine-side scheduler's TTFT deadline
+        (its arrival there plus this) is the client's; the TPOT SLO as it is."""
+        left_s = request.ttft_deadline_at_s - self.now_s()
+        return Slo(ttft_s=max(left_s, 1e-3), tpot_s=request.slo.tpot_s)
+
     async def _remote_prefill(
-        self, tracked: Tracked, instance: Instance, body: dict[str, Any], path: str, handoff: dict[str, Any] | None
+        self,
+        tracked: Tracked,
+        instance: Instance,
+        body: dict[str, Any],
+        path: str,
+        handoff: dict[str, Any] | None,
+        slo: Slo,
     ) -> dict[str, Any]:
         """Run the prefill half of P/D; returns the transfer parameters for the decoding instance (the handoff
         itself for concurrent engines)."""
         assert self._client is not None
         dialect = self._dialects[instance.index]
-        upstream = dialect.prefill_body(body, tracked.request.slo, handoff)
+        upstream = dialect.prefill_body(body, slo, handoff)
         self._note_sent(tracked, instance)
         response = await self._client.post(instance.url + path, json=upstream)
         if response.status_code != 200:

@@ -11,6 +11,7 @@ from tropical_sched.core.snapshot import DecodeBatch, PrefillState, WorkerRole, 
 from tropical_sched.policies.base import LocalScheduler
 from tropical_sched.predictors.calibration import InstanceCalibration
 from tropical_sched.predictors.profile import ServingOverheads
+from tropical_sched.predictors.step_time import StepTimeModel
 from tropical_sched.serve.config import InstanceConfig
 
 __all__ = ["Instance", "Phase", "Tracked"]
@@ -94,6 +95,8 @@ class Instance:
         num_kv_cache_tokens: its KV capacity.
         calibration: what is learned online about it (``None``: calibration off).
         serving: its profile's serving overheads (the P/D hop snapshots carry while calibration is off).
+        step_time: its own profile's step-time model, when it has a profile other than the policy's (a
+            heterogeneous cluster): snapshots carry it while calibration is off; ``None``: the policy's.
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class Instance:
         *,
         calibration: InstanceCalibration | None = None,
         serving: ServingOverheads | None = None,
+        step_time: StepTimeModel | None = None,
     ) -> None:
         self.index = index
         self.config = config
@@ -121,6 +125,7 @@ class Instance:
         self.max_model_len: int | None = None  # context limit its /v1/models reports, tokens
         self.calibration = calibration
         self.serving = serving
+        self.profile_step_time = step_time
         # When its latest P/D prefill call returned, the one request then left waiting here (None: none, or
         # several), and num_admitted then: a request that waited alone behind a prefill ran alone right after it.
         self.last_prefill_return_at_s: float | None = None
@@ -211,8 +216,8 @@ class Instance:
         Prefills show no computed tokens (the router cannot see inside a prefill); decodes show the tokens
         streamed so far. KV usage is the router's count, or the engine's reported usage if that is higher (other
         clients, or the router's estimate drifting low). With calibration on, the snapshot carries the calibrated
-        step-time model and the learned P/D hop as of its building; off, no model (the policy's own) and the hop of
-        the instance's profile, if it records one.
+        step-time model and the learned P/D hop as of its building; off, the model of the instance's own profile
+        (none when it has the policy's: the policy's own) and the hop of the instance's profile, if it records one.
         """
         # A new calibration does not invalidate the cached snapshot by itself: the next change of the instance (or
         # the router's periodic refresh, every few milliseconds) picks it up, which spares a rebuild per observation.
@@ -229,6 +234,7 @@ class Instance:
         kv_used = sum(p.num_prompt_tokens for p in prefills) + sum(context)
         if self.engine_kv_usage_fraction is not None:
             kv_used = max(kv_used, int(self.engine_kv_usage_fraction * self.capacity))
+        step_time: StepTimeModel | None
         if calibration is not None:
             step_time, hop_fixed_s, hop_per_token_s = (
                 calibration.step_time,
@@ -237,7 +243,7 @@ class Instance:
             )
         else:
             serving = self.serving
-            step_time = None
+            step_time = self.profile_step_time
             hop_fixed_s = serving.pd_hop_fixed_s if serving else 0.0
             hop_per_token_s = serving.pd_hop_per_prompt_token_s if serving else 0.0
         self._snapshot = WorkerSnapshot(

@@ -14,6 +14,7 @@ from tropical_sched.sim.goodput import (
     run_goodput,
     run_slo_scale,
 )
+from tropical_sched.sim.plan import PlanCandidate, PlanResult, candidate_splits, cluster_yaml, run_plan
 from tropical_sched.sim.simulator import (
     SimEvent,
     SimulationResult,
@@ -33,6 +34,8 @@ __all__ = [
     "ExperimentResult",
     "FirstTokenAt",
     "GoodputResult",
+    "PlanCandidate",
+    "PlanResult",
     "PolicyOutcome",
     "SearchRun",
     "SearchSettings",
@@ -43,12 +46,15 @@ __all__ = [
     "SloScaleResult",
     "WorkerStats",
     "build_requests",
+    "candidate_splits",
+    "cluster_yaml",
     "engine_profile_of",
     "evaluate_point",
     "find_threshold",
     "policy_context",
     "run_experiment",
     "run_goodput",
+    "run_plan",
     "run_slo_scale",
     "simulate",
 ]

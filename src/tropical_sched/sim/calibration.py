@@ -34,19 +34,23 @@ class SimCalibration:
 
     Args:
         workers: the cluster's workers, by worker id.
-        profile: the profile the policies predict with (every calibration's prior).
+        profile: the profile the policies predict with (every calibration's prior), or one per worker (each
+            worker's prior: its instance's profile).
         config: the calibration's limits and rates.
     """
 
-    def __init__(self, workers: Sequence[SimWorker], profile: Profile, config: CalibrationConfig) -> None:
+    def __init__(
+        self, workers: Sequence[SimWorker], profile: Profile | Sequence[Profile], config: CalibrationConfig
+    ) -> None:
         self.workers = list(workers)
+        priors = [profile] * len(self.workers) if isinstance(profile, Profile) else list(profile)
         self.instances = [
             InstanceCalibration.from_profile(
-                profile,
+                prior,
                 config,
                 max_chunk_tokens=w.settings.max_num_batched_tokens if w.settings.enable_chunked_prefill else None,
             )
-            for w in self.workers
+            for w, prior in zip(self.workers, priors, strict=True)
         ]
         # Per worker, running totals over its decode-only steps: steps, seconds, sequence-steps, context-steps.
         self._clean: list[list[float]] = [[0, 0.0, 0, 0] for _ in self.workers]

@@ -67,6 +67,10 @@ class Experiment:
         engine_pd_hop_fixed_s: the engines' P/D hop, fixed part, seconds; ``None``: the engine profile's.
         engine_pd_hop_per_prompt_token_s: the hop's part per prompt token, seconds; ``None``: the profile's.
         calibration: run the router's online calibration (default settings) in the simulator.
+        worker_profiles: a heterogeneous cluster: one bundled profile name or path per worker (worker-id order,
+            the policy's roles first to last), what that worker's engine runs and what the policy predicts it with
+            (as ``instances[i].profile`` in a router's cluster file); ``None``: every worker runs ``profile`` (or
+            ``engine_profile``).
     """
 
     trace: str = DEFAULT_TRACE
@@ -91,6 +95,7 @@ class Experiment:
     engine_pd_hop_fixed_s: float | None = None
     engine_pd_hop_per_prompt_token_s: float | None = None
     calibration: bool = False
+    worker_profiles: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.policies:
@@ -118,6 +123,22 @@ class Experiment:
             calibration=CalibrationConfig() if self.calibration else None,
         )
 
+    def load_worker_profiles(self) -> list[Profile] | None:
+        """The per-worker profiles, loaded; ``None`` for a homogeneous cluster.
+
+        Raises:
+            ConfigError: there is not one per worker.
+        """
+        if self.worker_profiles is None:
+            return None
+        if len(self.worker_profiles) != self.num_workers:
+            raise ConfigError(
+                f"worker_profiles: {len(self.worker_profiles)} profiles for {self.num_workers} workers; give one per "
+                "worker"
+            )
+        loaded: dict[str, Profile] = {}
+        return [loaded.setdefault(name, load_profile(name)) for name in self.worker_profiles]
+
     def load_engine_profile(self) -> Profile | None:
         """The engine profile, loaded; ``None`` when the engines run ``profile``."""
         return load_profile(self.engine_profile) if self.engine_profile is not None else None
@@ -131,6 +152,7 @@ class Experiment:
             "engine_pd_hop_per_prompt_token_s": self.engine_pd_hop_per_prompt_token_s,
             "first_token_at": FirstTokenAt(self.first_token_at).value,
             "calibration": self.calibration,
+            "worker_profiles": list(self.worker_profiles) if self.worker_profiles is not None else None,
         }
 
     def make_workload(self, profile: Profile) -> Workload:
@@ -235,6 +257,7 @@ def run_experiment(
     """
     profile = load_profile(experiment.profile)
     engine_profile = experiment.load_engine_profile()
+    worker_profiles = experiment.load_worker_profiles()
     workload = experiment.make_workload(profile)
     context = policy_context(profile, workload)
     for name in experiment.policies:  # fail on a bad setting before any policy runs
@@ -254,6 +277,7 @@ def run_experiment(
             policy_options=experiment.policy_options.get(name),
             progress=progress,
             engine_profile=engine_profile,
+            worker_profiles=worker_profiles,
         )
         outcomes[name] = PolicyOutcome(result=result, summary=summarize(result.records))
     return ExperimentResult(experiment=experiment, profile=profile, workload=workload, outcomes=outcomes)

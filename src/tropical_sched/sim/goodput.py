@@ -208,6 +208,9 @@ def evaluate_point(
         slo=slo,
         policy_options=experiment.policy_options.get(policy),
         engine_profile=_cached_profile(experiment.engine_profile) if experiment.engine_profile else None,
+        worker_profiles=[_cached_profile(name) for name in experiment.worker_profiles]
+        if experiment.worker_profiles is not None
+        else None,
     )
     summary = summarize(result.records)
     return CurvePoint(

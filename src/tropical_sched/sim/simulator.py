@@ -18,12 +18,12 @@ import heapq
 import itertools
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from tropical_sched.core.decisions import DecodePlacement, RouteAction, RouteDecision
-from tropical_sched.core.errors import SimulationError
+from tropical_sched.core.errors import ConfigError, SimulationError
 from tropical_sched.core.request import Request, RequestRecord
 from tropical_sched.core.slo import SloSpec
 from tropical_sched.core.snapshot import ClusterSnapshot, WorkerRole
@@ -209,41 +209,60 @@ class _Simulation:
         cluster: ClusterConfig,
         progress: Callable[[int], None] | None,
         on_event: Callable[[SimEvent], None] | None,
+        worker_profiles: Sequence[Profile] | None = None,
     ) -> None:
         self.policy = policy
         self.on_event = on_event
         self.profile = profile
         self.progress = progress
         roles = policy.worker_roles(cluster.num_workers, cluster.num_prefill_workers)
-        capacity = cluster.num_kv_cache_tokens or engine.num_kv_cache_tokens
-        serving = engine.serving
+        # Per worker: the profile its engine runs, and the one the router predicts it with (its instance's own
+        # ``profile``; the policy's when the cluster is homogeneous).
+        believed_by_worker = list(worker_profiles) if worker_profiles is not None else [profile] * len(roles)
+        if len(believed_by_worker) != len(roles):
+            raise ConfigError(
+                f"worker_profiles: {len(believed_by_worker)} profiles for {len(roles)} workers; give one per worker"
+            )
+        engines = [engine if worker_profiles is None else engine_profile_of(p, cluster) for p in believed_by_worker]
         self.workers = [
             SimWorker(
                 worker_id=i,
                 role=role,
                 settings=policy.engine_settings(role),
                 local=policy.local_scheduler(role),
-                step_time=engine.step_time,
-                num_kv_cache_tokens=capacity,
+                step_time=engines[i].step_time,
+                num_kv_cache_tokens=cluster.num_kv_cache_tokens or engines[i].num_kv_cache_tokens,
                 max_num_seqs=cluster.max_num_seqs,
-                serving=serving,
+                serving=engines[i].serving,
             )
             for i, role in enumerate(roles)
         ]
-        bandwidth = cluster.kv_link_bandwidth_bytes_per_s or engine.default_kv_link_bandwidth_bytes_per_s
         # A P/D request's KV moves in transfer_latency_s + transfer_s_per_token x tokens: the link, and the hop
-        # the served engines add on top of it (the decode request's HTTP round trip, the connector's set-up).
-        self.transfer_s_per_token = engine.kv_bytes_per_token / bandwidth + serving.pd_hop_per_prompt_token_s
-        self.transfer_latency_s = cluster.kv_transfer_latency_s + serving.pd_hop_fixed_s
+        # the served engines add on top of it (the decode request's HTTP round trip, the connector's set-up),
+        # both those of the prefill worker's engine.
+        link = cluster.kv_link_bandwidth_bytes_per_s
+        self._transfer = [
+            (
+                cluster.kv_transfer_latency_s + e.serving.pd_hop_fixed_s,
+                e.kv_bytes_per_token / (link or e.default_kv_link_bandwidth_bytes_per_s)
+                + e.serving.pd_hop_per_prompt_token_s,
+            )
+            for e in engines
+        ]
         self.first_token_after_hop = cluster.first_token_at is FirstTokenAt.AFTER_HOP
-        believed = profile.serving
         self.calibration: SimCalibration | None = None
         if cluster.calibration is not None:
-            self.calibration = SimCalibration(self.workers, profile, cluster.calibration)
-        elif believed.pd_hop_fixed_s or believed.pd_hop_per_prompt_token_s:
-            # Without calibration a router tells the policy the hop its profile records (serve/state.py).
-            for worker in self.workers:
-                worker.set_predictions(None, believed.pd_hop_fixed_s, believed.pd_hop_per_prompt_token_s)
+            self.calibration = SimCalibration(self.workers, believed_by_worker, cluster.calibration)
+        else:
+            for worker, believed_profile in zip(self.workers, believed_by_worker, strict=True):
+                # Without calibration a router tells the policy the hop its instance's profile records
+                # (serve/state.py), and, for an instance with a profile of its own, that profile's step times.
+                believed = believed_profile.serving
+                model = believed_profile.step_time if believed_profile is not profile else None
+                if model is not None:
+                    worker.local = worker.local.with_step_time(model)
+                if model is not None or believed.pd_hop_fixed_s or believed.pd_hop_per_prompt_token_s:
+                    worker.set_predictions(model, believed.pd_hop_fixed_s, believed.pd_hop_per_prompt_token_s)
         self.jobs = [Job(r, n) for r, n in zip(requests, num_output_tokens, strict=True)]
         self.dispatcher = Dispatcher(policy)
         self.place_at_route = cluster.decode_placement is DecodePlacementTime.AT_ROUTE
@@ -298,7 +317,9 @@ class _Simulation:
         self._start_transfer(job, destination)
 
     def _start_transfer(self, job: Job, destination: SimWorker) -> None:
-        duration_s = self.transfer_latency_s + job.prefill_target * self.transfer_s_per_token
+        assert job.prefill_worker_id is not None
+        latency_s, per_token_s = self._transfer[job.prefill_worker_id]
+        duration_s = latency_s + job.prefill_target * per_token_s
         heapq.heappush(
             self.heap, (self.now_s + duration_s, next(self.sequence), _TRANSFER_DONE, (job, destination, duration_s))
         )
@@ -457,6 +478,7 @@ def simulate(
     progress: Callable[[int], None] | None = None,
     on_event: Callable[[SimEvent], None] | None = None,
     engine_profile: Profile | None = None,
+    worker_profiles: Sequence[Profile] | None = None,
 ) -> SimulationResult:
     """Simulate a workload on a cluster under one policy.
 
@@ -474,6 +496,10 @@ def simulate(
         engine_profile: what the simulated engines run (step times, serving overheads, P/D hop, KV capacity and
             bytes per token, link bandwidth), before ``cluster.engine_time_scale`` and the cluster's hop
             overrides; ``None``: ``profile``.
+        worker_profiles: a heterogeneous cluster: one profile per worker (in worker-id order, the policy's roles
+            first to last), what that worker's engine runs (before the cluster's time scale and hop overrides) and
+            what the policy predicts it with, as a router configured with ``instances[i].profile``; the SLOs
+            still come from ``profile``. Overrides ``engine_profile``. ``None``: homogeneous.
 
     Returns:
         One record per request and the run's counters. Deterministic: the same inputs give the same records.
@@ -490,7 +516,15 @@ def simulate(
     engine = engine_profile_of(profile, cluster, engine_profile)
     started = time.process_time()
     simulation = _Simulation(
-        requests, workload.num_output_tokens.tolist(), profile, engine, policy, cluster, progress, on_event
+        requests,
+        workload.num_output_tokens.tolist(),
+        profile,
+        engine,
+        policy,
+        cluster,
+        progress,
+        on_event,
+        worker_profiles,
     )
     simulation.run()
     cpu_s = time.process_time() - started

@@ -555,7 +555,10 @@ class SimWorker:
         if num_decodes and self.local.caps_prefill_tokens:
             first = self.prefills[0][2]
             cap = self.local.prefill_token_cap(
-                now_s=now_s, decodes=self._decode_batch(include_pending=False), num_prefix_tokens=first.num_computed
+                now_s=now_s,
+                decodes=self._decode_batch(include_pending=False),
+                num_prefix_tokens=first.num_computed,
+                prefill=first.make_prefill_state(),
             )
             if cap is not None:
                 budget = min(budget, cap)

