@@ -40,18 +40,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+# The served-regime model, its engine flags, the workload and the SLOs are the fidelity runs' (issue 18).
+from fidelity import ENGINE_FLAGS, ENV, MAX_MODEL_LEN, PROFILE, SEED, SERVED_MODEL_NAME, SLO_ARGS, TRACE
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "real-engines"
 RAW = OUT / "vllm-cpu"
 PLAN = OUT / "plan-cpu-served-llama.json"
 RESULT = OUT / "vllm-cpu.json"
-PROFILE = "cpu-served-llama"
-SERVED_MODEL_NAME = "served"
-MAX_MODEL_LEN = 2304
-TRACE = "azure-conv-2023"
-SEED = 0
 NUM_REQUESTS = 200
-SLO_ARGS = ["--ttft-slo-scale", "5", "--tpot-slo-scale", "5"]
 LOAD_FACTORS = {"light": 0.5, "knee": 1.0, "overloaded": 1.5}
 DEPLOYMENTS = ("vllm-round-robin", "vllm-pd", "tropical")
 # Diagnosis: round robin through a stock proxy on core 0 (vllm-router), and stock engines behind our router with
@@ -62,23 +59,6 @@ CORES = (
     "engine A pinned to core 0, engine B to core 1 (VLLM_CPU_OMP_THREADS_BIND and taskset); the client and the "
     "router (where there is one) on core 0 beside engine A"
 )
-ENGINE_FLAGS = [
-    "--served-model-name",
-    SERVED_MODEL_NAME,
-    "--dtype",
-    "bfloat16",
-    "--max-model-len",
-    str(MAX_MODEL_LEN),
-    "--max-num-batched-tokens",
-    str(MAX_MODEL_LEN),
-    "--max-num-seqs",
-    "32",
-    "--kv-cache-memory-bytes",
-    str(1 << 30),
-    "--enforce-eager",
-    "--no-enable-prefix-caching",
-]
-ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}
 PLAN_ARGS = [
     "--profile",
     PROFILE,
@@ -247,6 +227,21 @@ def _keep_metrics(out: Path, engine_urls: list[str], router_url: str | None) -> 
     out.with_suffix(".metrics.txt").write_text("\n".join(texts))
 
 
+def _shape(deployment: str, prefill_workers: int) -> tuple[list[str | None], str | None, bool, bool]:
+    """A deployment's engines and router: each engine's role (``None``: stock, colocated), the policy of the
+    ``tropical serve`` in front (``None``: none of ours), whether the engines run the Tropical scheduler class, and
+    whether they get the KV connector."""
+    if deployment == "vllm-pd":  # stock schedulers, KV through TropicalConnector
+        return ["prefill", "decode"], "distserve", False, True
+    if deployment == "tropical":
+        roles: list[str | None] = ["prefill"] * prefill_workers + ["multiplexing"] * (2 - prefill_workers)
+        # No prefill worker, no P/D: the engines need no KV connector (ExampleConnector's hooks cost every step;
+        # --with-connector puts it back, for comparison).
+        return roles, "tropical", True, prefill_workers > 0 or VARIANT["connector"]
+    policy = "vllm-chunked" if deployment == "vllm-colocated-router" else None
+    return [None, None], policy, False, False
+
+
 def _run(
     model: Path, workdir: Path, deployment: str, load: str, rate: float, prefill_workers: int, num_requests: int
 ) -> None:
@@ -256,63 +251,29 @@ def _run(
     out = RAW / f"{deployment}-{load}{suffix}.json"
     processes: list[Any] = []
     try:
-        if deployment == "vllm-round-robin":
-            engines = [_engine(model, core, workdir, kv_dir, None, tropical=False) for core in (0, 1)]
-            processes += [p for p, _ in engines]
-            urls = [u for _, u in engines]
-        elif deployment == "vllm-colocated-router":
-            engines = [_engine(model, core, workdir, kv_dir, None, tropical=False) for core in (0, 1)]
-            processes += [p for p, _ in engines]
-            router, url = _router(
-                workdir,
-                f"{deployment}-{load}",
-                "vllm-chunked",
-                [{"url": u, "role": "colocated", "max_num_seqs": 32} for _, u in engines],
-            )
+        engine_roles, policy, tropical, connector = _shape(deployment, prefill_workers)
+        engines = [
+            _engine(model, core, workdir, kv_dir, role, tropical=tropical, connector=connector)
+            for core, role in zip((0, 1), engine_roles, strict=True)
+        ]
+        processes += [p for p, _ in engines]
+        urls = [u for _, u in engines]
+        if policy is not None:
+            instances = [
+                {"url": u, "role": role or "colocated", "max_num_seqs": 32}
+                for u, role in zip(urls, engine_roles, strict=True)
+            ]
+            router, url = _router(workdir, f"{deployment}-{load}", policy, instances)
             processes.append(router)
             urls = [url]
         elif deployment == "vllm-router-round-robin":
             from tropical_sched.serve.testing import ServerProcess, free_port
 
-            engines = [_engine(model, core, workdir, kv_dir, None, tropical=False) for core in (0, 1)]
-            processes += [p for p, _ in engines]
             port = free_port()
-            command = ["taskset", "-c", "0", VLLM_ROUTER["command"], "--worker-urls", *[u for _, u in engines]]
+            command = ["taskset", "-c", "0", VLLM_ROUTER["command"], "--worker-urls", *urls]
             command += ["--policy", "round_robin", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
             processes.append(ServerProcess(command, workdir / f"vllm-router-{load}.log"))
             urls = [f"http://127.0.0.1:{port}"]
-        elif deployment == "vllm-pd":
-            engines = [
-                _engine(model, c, workdir, kv_dir, r, tropical=False) for c, r in ((0, "prefill"), (1, "decode"))
-            ]
-            processes += [p for p, _ in engines]
-            roles = ("prefill", "decode")
-            router, url = _router(
-                workdir,
-                f"{deployment}-{load}",
-                "distserve",
-                [{"url": u, "role": r, "max_num_seqs": 32} for (_, u), r in zip(engines, roles, strict=True)],
-            )
-            processes.append(router)
-            urls = [url]
-        else:
-            roles = ["prefill"] * prefill_workers + ["multiplexing"] * (2 - prefill_workers)
-            # No prefill worker, no P/D: the engines need no KV connector (ExampleConnector's hooks cost every step;
-            # --with-connector puts it back, for comparison).
-            connector = prefill_workers > 0 or VARIANT["connector"]
-            engines = [
-                _engine(model, c, workdir, kv_dir, r, tropical=True, connector=connector)
-                for c, r in zip((0, 1), roles, strict=True)
-            ]
-            processes += [p for p, _ in engines]
-            router, url = _router(
-                workdir,
-                f"{deployment}-{load}",
-                "tropical",
-                [{"url": u, "role": r, "max_num_seqs": 32} for (_, u), r in zip(engines, roles, strict=True)],
-            )
-            processes.append(router)
-            urls = [url]
         for process, engine_url in engines:
             process.wait_healthy(engine_url)
         if deployment != "vllm-round-robin":

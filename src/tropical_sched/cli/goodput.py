@@ -57,6 +57,16 @@ def _search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def rate_search_settings(args: argparse.Namespace) -> SearchSettings:
+    """The rate search the arguments of :func:`_search_arguments` describe (``--rate``: where it starts)."""
+    return SearchSettings(
+        target_attainment=args.target,
+        relative_tolerance=args.tolerance,
+        max_evaluations=args.max_evaluations,
+        initial_value=args.rate,
+    )
+
+
 def _experiment(args: argparse.Namespace) -> Any:
     if args.num_requests is None:
         args.num_requests = DEFAULT_POINT_REQUESTS
@@ -117,12 +127,7 @@ def render_slo_scale(result: SloScaleResult, console: Console) -> None:
 def run_goodput_command(args: argparse.Namespace) -> int:
     """Run ``tropical goodput``."""
     experiment = _experiment(args)
-    settings = SearchSettings(
-        target_attainment=args.target,
-        relative_tolerance=args.tolerance,
-        max_evaluations=args.max_evaluations,
-        initial_value=args.rate,
-    )
+    settings = rate_search_settings(args)
     with collect_warnings() as notes, progress_bar(not args.no_progress) as (start, advance):
         start("searches", len(experiment.policies) * len(args.seeds))
         result = run_goodput(experiment, seeds=args.seeds, settings=settings, jobs=args.jobs, progress=advance)

@@ -18,7 +18,7 @@ from tropical_sched.cli._common import (
     wide_console,
     write_output,
 )
-from tropical_sched.cli.goodput import _search_arguments
+from tropical_sched.cli.goodput import _search_arguments, rate_search_settings
 from tropical_sched.cli.simulate import add_experiment_arguments, build_experiment
 from tropical_sched.core.errors import ConfigError
 from tropical_sched.policies.registry import policy_names
@@ -71,7 +71,7 @@ def run_plan_command(args: argparse.Namespace) -> int:
     urls = args.instance_url or None
     if urls is not None and len(urls) != experiment.num_workers:
         raise ConfigError(f"--instance-url: {len(urls)} given for --instances {experiment.num_workers}")
-    settings = _settings(args)
+    settings = rate_search_settings(args)
     num_searches = sum(len(candidate_splits(p, experiment.num_workers, experiment)) for p in experiment.policies)
     with collect_warnings() as notes, progress_bar(not args.no_progress) as (start, advance):
         start("searches", num_searches * len(args.seeds))
@@ -89,17 +89,6 @@ def run_plan_command(args: argparse.Namespace) -> int:
         write_output("--plot", args.plot, lambda: plot_plan(result, args.plot))
         stderr.print(f"wrote {args.plot}")
     return 0
-
-
-def _settings(args: argparse.Namespace) -> Any:
-    from tropical_sched.sim.goodput import SearchSettings
-
-    return SearchSettings(
-        target_attainment=args.target,
-        relative_tolerance=args.tolerance,
-        max_evaluations=args.max_evaluations,
-        initial_value=args.rate,
-    )
 
 
 def register(subparsers: Any) -> None:

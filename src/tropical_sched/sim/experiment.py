@@ -136,8 +136,8 @@ class Experiment:
                 f"worker_profiles: {len(self.worker_profiles)} profiles for {self.num_workers} workers; give one per "
                 "worker"
             )
-        loaded: dict[str, Profile] = {}
-        return [loaded.setdefault(name, load_profile(name)) for name in self.worker_profiles]
+        loaded = {name: load_profile(name) for name in dict.fromkeys(self.worker_profiles)}  # each file once
+        return [loaded[name] for name in self.worker_profiles]
 
     def load_engine_profile(self) -> Profile | None:
         """The engine profile, loaded; ``None`` when the engines run ``profile``."""

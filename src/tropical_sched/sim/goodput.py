@@ -18,7 +18,7 @@ import dataclasses
 import math
 import os
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import lru_cache
@@ -267,6 +267,37 @@ def _slo_scale_task(
     return SearchRun(policy=policy, seed=seed, threshold=threshold, curve=tuple(curve))
 
 
+def _run_tasks(
+    task: Callable[[Experiment, str, int, SearchSettings, float], SearchRun],
+    work: Sequence[tuple[Hashable, Experiment, str, int]],
+    settings: SearchSettings,
+    start: float,
+    jobs: int,
+    progress: Callable[[int], None] | None,
+) -> dict[Hashable, list[SearchRun]]:
+    """Run ``task`` on every ``(key, experiment, policy, seed)`` of ``work``, in ``jobs`` processes; the runs by
+    key, each list sorted by seed."""
+    runs: dict[Hashable, list[SearchRun]] = {key: [] for key, *_ in work}
+    if jobs <= 1:
+        for key, experiment, policy, seed in work:
+            runs[key].append(task(experiment, policy, seed, settings, start))
+            if progress is not None:
+                progress(1)
+    else:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            futures = {
+                pool.submit(task, experiment, policy, seed, settings, start): key
+                for key, experiment, policy, seed in work
+            }
+            for future in as_completed(futures):
+                runs[futures[future]].append(future.result())
+                if progress is not None:
+                    progress(1)
+    for key_runs in runs.values():
+        key_runs.sort(key=lambda r: r.seed)
+    return runs
+
+
 def _run_searches(
     task: Callable[[Experiment, str, int, SearchSettings, float], SearchRun],
     experiment: Experiment,
@@ -276,24 +307,9 @@ def _run_searches(
     jobs: int,
     progress: Callable[[int], None] | None,
 ) -> dict[str, list[SearchRun]]:
-    runs: dict[str, list[SearchRun]] = {policy: [] for policy in experiment.policies}
-    work = [(policy, seed) for policy in experiment.policies for seed in seeds]
-    if jobs <= 1:
-        for policy, seed in work:
-            runs[policy].append(task(experiment, policy, seed, settings, start))
-            if progress is not None:
-                progress(1)
-    else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(task, experiment, policy, seed, settings, start) for policy, seed in work]
-            for future in as_completed(futures):
-                run = future.result()
-                runs[run.policy].append(run)
-                if progress is not None:
-                    progress(1)
-    for policy_runs in runs.values():
-        policy_runs.sort(key=lambda r: r.seed)
-    return runs
+    work = [(policy, experiment, policy, seed) for policy in experiment.policies for seed in seeds]
+    runs = _run_tasks(task, work, settings, start, jobs, progress)
+    return {str(policy): policy_runs for policy, policy_runs in runs.items()}
 
 
 def _jobs(jobs: int | None) -> int:

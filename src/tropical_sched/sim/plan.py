@@ -16,7 +16,6 @@ import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +33,7 @@ from tropical_sched.sim.goodput import (
     _cached_inputs,
     _goodput_task,
     _jobs,
+    _run_tasks,
     default_start_rate_per_s,
 )
 
@@ -51,6 +51,22 @@ def _policy(policy: str, experiment: Experiment) -> Policy:
     return make_policy(policy, context, experiment.policy_options.get(policy))
 
 
+def _candidate_roles(policy: str, num_instances: int, experiment: Experiment) -> dict[int, tuple[str, ...]]:
+    """Each split ``policy`` runs (number of prefill instances, ascending) -> the instances' roles."""
+    instance = _policy(policy, experiment)
+    candidates: dict[int, tuple[str, ...]] = {}
+    for num_prefill in range(num_instances):
+        try:
+            roles = instance.worker_roles(num_instances, num_prefill)
+        except ConfigError:
+            continue
+        if sum(role is WorkerRole.PREFILL for role in roles) == num_prefill:
+            candidates[num_prefill] = tuple(role.value for role in roles)
+    if not candidates:
+        raise ConfigError(f"policy {policy!r} runs on no split of {num_instances} instances")
+    return candidates
+
+
 def candidate_splits(policy: str, num_instances: int, experiment: Experiment) -> tuple[int, ...]:
     """The numbers of prefill instances ``policy`` can run on ``num_instances`` instances, ascending.
 
@@ -60,24 +76,7 @@ def candidate_splits(policy: str, num_instances: int, experiment: Experiment) ->
     Raises:
         ConfigError: the policy runs on no split of ``num_instances`` instances.
     """
-    instance = _policy(policy, experiment)
-    splits = []
-    for num_prefill in range(num_instances):
-        try:
-            roles = instance.worker_roles(num_instances, num_prefill)
-        except ConfigError:
-            continue
-        if sum(role is WorkerRole.PREFILL for role in roles) == num_prefill:
-            splits.append(num_prefill)
-    if not splits:
-        raise ConfigError(f"policy {policy!r} runs on no split of {num_instances} instances")
-    return tuple(splits)
-
-
-def _role_names(policy: str, num_instances: int, num_prefill: int, experiment: Experiment) -> list[str]:
-    """Each instance's role under ``policy`` with ``num_prefill`` prefill instances."""
-    instance = _policy(policy, experiment)
-    return [role.value for role in instance.worker_roles(num_instances, num_prefill)]
+    return tuple(_candidate_roles(policy, num_instances, experiment))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -260,40 +259,21 @@ def run_plan(
         raise ConfigError("seeds is empty")
     n = experiment.num_workers
     start = settings.initial_value or default_start_rate_per_s(experiment)
-    work: list[tuple[str, int, Experiment]] = []
+    work: list[tuple[str, int, tuple[str, ...], Experiment]] = []
     for policy in experiment.policies:
-        for num_prefill in candidate_splits(policy, n, experiment):
+        for num_prefill, roles in _candidate_roles(policy, n, experiment).items():
             variant = dataclasses.replace(
                 experiment,
                 policies=(policy,),
                 num_prefill_workers=num_prefill,
                 policy_options={k: v for k, v in experiment.policy_options.items() if k == policy},
             )
-            work.append((policy, num_prefill, variant))
-    runs: dict[tuple[str, int], list[SearchRun]] = {(p, k): [] for p, k, _ in work}
-    tasks = [(p, k, v, seed) for p, k, v in work for seed in seeds]
-    workers = _jobs(jobs)
-    if workers <= 1:
-        for p, k, v, seed in tasks:
-            runs[p, k].append(_goodput_task(v, p, seed, settings, start))
-            if progress is not None:
-                progress(1)
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(_goodput_task, v, p, seed, settings, start): (p, k) for p, k, v, seed in tasks}
-            for future in as_completed(futures):
-                runs[futures[future]].append(future.result())
-                if progress is not None:
-                    progress(1)
+            work.append((policy, num_prefill, roles, variant))
+    tasks = [((p, k), v, p, seed) for p, k, _, v in work for seed in seeds]
+    runs = _run_tasks(_goodput_task, tasks, settings, start, _jobs(jobs), progress)
     order = {policy: i for i, policy in enumerate(experiment.policies)}
     candidates = [
-        PlanCandidate(
-            policy=p,
-            num_prefill_workers=k,
-            roles=tuple(_role_names(p, n, k, experiment)),
-            runs=tuple(sorted(runs[p, k], key=lambda r: r.seed)),
-        )
-        for p, k, _ in work
+        PlanCandidate(policy=p, num_prefill_workers=k, roles=roles, runs=tuple(runs[p, k])) for p, k, roles, _ in work
     ]
     candidates.sort(key=lambda c: (-c.goodput_per_s, c.num_prefill_workers, order[c.policy]))
     profile = _cached_inputs(experiment.trace, experiment.profile)[1]
