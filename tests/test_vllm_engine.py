@@ -406,9 +406,10 @@ def test_tropical_profile_measures_the_engine_and_writes_a_loadable_profile(
     kinds = {step_kind(s) for s in profile.file.samples}
     assert {"prefill", "chunk", "decode", "mixed"} <= kinds
     # steps of about a millisecond on one core: a few stalls of 10-20 ms (measured here) weigh on R^2, not on the
-    # median error
+    # median error. R^2 was 0.76 on one CI run, above 0.8 on others; a fit that missed the prefill term (the steps
+    # span 1-25 ms, prefills the top of that) would be near 0
     assert profile.file.fit.median_relative_error < 0.15
-    assert profile.file.fit.r2 > 0.8
+    assert profile.file.fit.r2 > 0.6
     assert profile.num_kv_cache_tokens % 128 == 0  # whole CPU KV blocks, as vLLM allocated them
     environment = profile.metadata.environment
     assert environment["engine"].startswith("vllm")
