@@ -10,16 +10,27 @@ Two measurements, both printed:
 2. In a simulation: SLOs-Serve's admission DP timed on every call during a run of the Azure conversation trace
    with the ``scorpio6`` SLO mix, at a load where queues build (the paper claims under 10 ms per call).
 
+``--json PATH`` writes both (``schema_version`` 1, with the command line and the parameters); SLOs-Serve's route is
+also timed with ``--heavy-queued`` (64) queued prefills per worker, where its DP has the most to plan.
+``benchmarks/results/policy-decision-cost.json`` is the committed run that ``scripts/render_results.py`` renders
+into docs/evaluation.md.
+
 Usage: python benchmarks/policy_decision_cost.py [--num-running 256] [--num-queued 16] [--calls 2000]
+       [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -90,7 +101,12 @@ def _timed_us(call, repeats: int) -> tuple[float, float]:
     return statistics.median(samples), samples[int(0.99 * (len(samples) - 1))]
 
 
-def synthetic(num_running: int, num_queued: int, calls: int) -> None:
+CALLS = ("route", "select_decodes", "prefill_token_cap", "prefill_sort_key")
+"""The calls timed per policy; a policy whose engine-local scheduler does not make a call has ``None`` for it."""
+
+
+def synthetic(num_running: int, num_queued: int, calls: int) -> dict[str, dict[str, dict[str, float] | None]]:
+    """Every policy's calls, microseconds (median and P99), printed and returned by policy and call."""
     rng = np.random.default_rng(0)
     now_s = 100.0
     print(
@@ -98,11 +114,20 @@ def synthetic(num_running: int, num_queued: int, calls: int) -> None:
         "microseconds per call, median / P99"
     )
     print(f"{'policy':13s} {'route':>15s} {'select_decodes':>15s} {'prefill cap':>15s} {'sort key':>15s}")
+    out = {}
     for name in policy_names():
-        print(_row(name, num_running, num_queued, calls, now_s, rng))
+        out[name] = _timings(name, num_running, num_queued, calls, now_s, rng)
+        cells = [
+            f"{'(none)':>15s}" if t is None else f"{t['median_us']:7.1f} / {t['p99_us']:5.1f}"
+            for t in out[name].values()
+        ]
+        print(f"{name:13s} " + " ".join(f"{c:>15s}" for c in cells))
+    return out
 
 
-def _row(name: str, num_running: int, num_queued: int, calls: int, now_s: float, rng: np.random.Generator) -> str:
+def _timings(
+    name: str, num_running: int, num_queued: int, calls: int, now_s: float, rng: np.random.Generator
+) -> dict[str, dict[str, float] | None]:
     policy, cluster = _cluster(name, num_running, num_queued, now_s, rng)
     requests = [
         Request(
@@ -114,31 +139,27 @@ def _row(name: str, num_running: int, num_queued: int, calls: int, now_s: float,
         for i in range(calls)
     ]
     it = iter(requests)
-    route = _timed_us(lambda: policy.route(next(it), cluster), calls)
+    timings: dict[str, tuple[float, float] | None] = dict.fromkeys(CALLS)
+    timings["route"] = _timed_us(lambda: policy.route(next(it), cluster), calls)
     worker = next(w for w in cluster.workers if w.role.runs_decodes)
     local = policy.local_scheduler(worker.role)
-    cells = [f"{route[0]:7.1f} / {route[1]:5.1f}"]
     if local.selects_decodes:
-        select = _timed_us(
+        timings["select_decodes"] = _timed_us(
             lambda: local.select_decodes(now_s=now_s, decodes=worker.decodes, num_waiting_prefills=1), calls
         )
-        cells.append(f"{select[0]:7.1f} / {select[1]:5.1f}")
-    else:
-        cells.append(f"{'(none)':>15s}")
     if local.caps_prefill_tokens:
-        cap = _timed_us(
+        timings["prefill_token_cap"] = _timed_us(
             lambda: local.prefill_token_cap(now_s=now_s, decodes=worker.decodes, num_prefix_tokens=0), calls
         )
-        cells.append(f"{cap[0]:7.1f} / {cap[1]:5.1f}")
-    else:
-        cells.append(f"{'(none)':>15s}")
     prefill = worker.prefills[0] if worker.prefills else cluster.workers[0].prefills[0]
-    key = _timed_us(lambda: local.prefill_sort_key(prefill), calls)
-    cells.append(f"{key[0]:7.1f} / {key[1]:5.1f}")
-    return f"{name:13s} " + " ".join(f"{c:>15s}" for c in cells)
+    timings["prefill_sort_key"] = _timed_us(lambda: local.prefill_sort_key(prefill), calls)
+    return {
+        call: None if timed is None else {"median_us": timed[0], "p99_us": timed[1]} for call, timed in timings.items()
+    }
 
 
-def dp_in_simulation(rate_per_s: float, num_requests: int) -> None:
+def dp_in_simulation(rate_per_s: float, num_requests: int) -> dict[str, Any]:
+    """SLOs-Serve's admission DP timed on every call of a simulated run: printed, and returned."""
     profile = load_profile("a100-llama2-70b-tp4")
     workload = make_workload(
         load_trace("azure-conv-2023"),
@@ -184,6 +205,23 @@ def dp_in_simulation(rate_per_s: float, num_requests: int) -> None:
         f"  requests per plan: median {statistics.median(candidates):.0f}, max {max(candidates)}; "
         f"widest Pareto front: median {statistics.median(states):.0f}, max {max(states)}"
     )
+    return {
+        "trace": "azure-conv-2023",
+        "slo_classes": "scorpio6",
+        "num_workers": 2,
+        "rate_per_s": rate_per_s,
+        "num_requests": len(result.records),
+        "workload": workload.report.describe(),
+        "num_calls": n,
+        "median_ms": statistics.median(samples_ms),
+        "p90_ms": samples_ms[int(0.9 * (n - 1))],
+        "p99_ms": samples_ms[int(0.99 * (n - 1))],
+        "max_ms": samples_ms[-1],
+        "requests_per_plan_median": statistics.median(candidates),
+        "requests_per_plan_max": max(candidates),
+        "pareto_states_median": statistics.median(states),
+        "pareto_states_max": max(states),
+    }
 
 
 def main() -> None:
@@ -193,10 +231,40 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--dp-rate", type=float, default=3.5, help="req/s of the DP-in-simulation run")
     parser.add_argument("--dp-requests", type=int, default=2000)
+    parser.add_argument(
+        "--heavy-queued", type=int, default=64, help="queued prefills per worker of the second SLOs-Serve route timing"
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    synthetic(args.num_running, args.num_queued, args.calls)
-    dp_in_simulation(args.dp_rate, args.dp_requests)
+    started = time.time()
+    policies = synthetic(args.num_running, args.num_queued, args.calls)
+    heavy = _timings("slos-serve", args.num_running, args.heavy_queued, args.calls, 100.0, np.random.default_rng(0))
+    route = heavy["route"]
+    assert route is not None
+    print(
+        f"\nslos-serve route with {args.heavy_queued} queued prefills per worker: "
+        f"{route['median_us']:.1f} / {route['p99_us']:.1f} us (median / P99)"
+    )
+    dp = dp_in_simulation(args.dp_rate, args.dp_requests)
+    if args.json:
+        data = {
+            "schema_version": 1,
+            "command": "python benchmarks/policy_decision_cost.py " + " ".join(sys.argv[1:]),
+            "machine": f"{os.cpu_count()} cores",
+            "profile": "a100-llama2-70b-tp4",
+            "num_workers": 2,
+            "num_running_per_worker": args.num_running,
+            "num_queued_per_worker": args.num_queued,
+            "tpot_classes_s": list(TPOT_CLASSES_S),
+            "calls_per_timing": args.calls,
+            "policies": policies,
+            "slos_serve_route_heavy": {"num_queued_per_worker": args.heavy_queued, "route": route},
+            "slos_serve_dp_in_simulation": dp,
+            "wall_s": round(time.time() - started, 1),
+        }
+        Path(args.json).write_text(json.dumps(data, indent=1) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ workload the SLO-aware colocated schedulers were designed for. For each setting:
 attainment (mean and spread over seeds), and for the mixed settings the attainment per SLO class of every
 policy at the rate where the best policy sits at its goodput.
 
+``--json`` writes every figure (``schema_version`` 1, with the command line, the parameters and the wall time):
+``benchmarks/results/slo-policies.json`` is the committed run that ``scripts/render_results.py`` renders into
+docs/evaluation.md.
+
 Usage: python benchmarks/slo_policies.py [--num-requests 2000] [--seeds 0,1,2] [--jobs 2] [--json out.json]
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 import warnings
@@ -62,7 +67,19 @@ def main() -> None:
             base = next(e for label, e in runs if label.startswith(setting.key))
             runs.append((f"{setting.key}, scorpio6 SLO mix", dataclasses.replace(base, slo=mixed_slo)))
 
-    out: dict[str, Any] = {"num_requests_per_point": args.num_requests, "seeds": list(seeds), "settings": {}}
+    out: dict[str, Any] = {
+        "schema_version": 1,
+        "command": "python benchmarks/slo_policies.py " + " ".join(sys.argv[1:]),
+        "num_requests_per_point": args.num_requests,
+        "seeds": list(seeds),
+        "jobs": args.jobs,
+        "machine": f"{os.cpu_count()} cores",
+        "profile": runs[0][1].profile,
+        "num_workers": runs[0][1].num_workers,
+        "policies": list(policies),
+        "slo_mix": {"name": "scorpio6", "classes": [c.name for c in mixed_slo.classes]},
+        "settings": [],
+    }
     lines = ["| setting | " + " | ".join(policies) + " | best |", "|---" * (len(policies) + 2) + "|"]
     class_lines: list[str] = []
     for label, experiment in runs:
@@ -76,11 +93,19 @@ def main() -> None:
             text = f"{goodput[name]:.2f} ({low:.2f}-{high:.2f})"
             cells.append(f"**{text}**" if name == best else text)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {best} |")
-        entry: dict[str, Any] = {"goodput": result.to_json()}
+        entry: dict[str, Any] = {
+            "label": label,
+            "key": label.split(",")[0],
+            "trace": experiment.trace,
+            "slo_mix": "scorpio6" if experiment.slo.classes else None,
+            "goodput": result.to_json(),
+            "best_policy": best,
+        }
         if experiment.slo.classes:
             rate = goodput[best]
             class_lines += _class_rows(label, experiment, rate, policies, entry)
-        out["settings"][label] = entry
+        entry["wall_s"] = round(time.time() - tick, 1)
+        out["settings"].append(entry)
         print(f"  {label}: {time.time() - tick:.0f} s", flush=True)
 
     print(f"\n## Goodput at 90% joint SLO attainment, 2 x A100 Llama-2-70B TP4 (req/s; mean over seeds {args.seeds})\n")
@@ -90,9 +115,11 @@ def main() -> None:
         print("| setting, rate | class | " + " | ".join(policies) + " |")
         print("|---" * (len(policies) + 2) + "|")
         print("\n".join(class_lines))
-    print(f"\ntotal {time.time() - started:.0f} s")
+    out["wall_s"] = round(time.time() - started, 1)
+    print(f"\ntotal {out['wall_s']:.0f} s wall-clock")
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {args.json}")
 
 
 def _class_rows(
@@ -107,6 +134,7 @@ def _class_rows(
     }
     entry["by_slo_class_at_rate"] = {
         "rate_per_s": rate_per_s,
+        "seed": point.seed,
         "policies": {n: {c: s.slo_attainment for c, s in by.items()} for n, by in by_policy.items()},
     }
     rows = []

@@ -4,6 +4,7 @@
     tropical-profile vllm --endpoint URL --model PATH --served-model-name NAME --out ...      # from outside
     tropical-profile sglang --endpoint URL --model PATH --served-model-name NAME --out ...
     tropical-profile import {splitwise,distserve} FILE ... --out profile.json
+    tropical-profile import aiconfigurator --model HF_ID --system h200_sxm --backend vllm --tp N --out ...
     tropical-profile show profile.json [--plot fit.png]
     tropical-profile save --url ROUTER [--instance URL] --out profile.json             # a router's live profile
 
@@ -110,11 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
     sglang.add_argument("--model", required=True, help="Hugging Face checkpoint directory (its config.json)")
     sweep_options(sglang)
 
-    imp = commands.add_parser("import", help="turn a published table into a profile")
-    imp.add_argument("source", choices=["splitwise", "distserve"])
-    imp.add_argument("files", nargs="+", help="splitwise: perf_model.csv; distserve: profiler JSON, max_num_tokens.csv")
-    imp.add_argument("--model", required=True, help="model name as in the table, e.g. llama2-70b, opt-13b")
+    imp = commands.add_parser(
+        "import", help="turn a published table, or AIConfigurator's kernel tables, into a profile"
+    )
+    imp.add_argument("source", choices=["splitwise", "distserve", "aiconfigurator"])
+    imp.add_argument(
+        "files",
+        nargs="*",
+        help="splitwise: perf_model.csv; distserve: profiler JSON, max_num_tokens.csv; aiconfigurator: none",
+    )
+    imp.add_argument(
+        "--model",
+        required=True,
+        help="splitwise/distserve: model name as in the table (llama2-70b, opt-13b); aiconfigurator: a Hugging "
+        "Face id it ships a config for (meta-llama/Meta-Llama-3.1-70B, Qwen/Qwen3-32B) or a config.json",
+    )
     imp.add_argument("--hardware", default="a100-80gb", help="splitwise: a100-80gb or h100-80gb")
+    imp.add_argument("--system", help="aiconfigurator: its system name (a100_sxm, h100_sxm, h200_sxm, b200_sxm, ...)")
+    imp.add_argument("--backend", choices=["vllm", "sglang"], help="aiconfigurator: the engine of the tables")
+    imp.add_argument("--backend-version", help="aiconfigurator: the tables' engine version (default: its current)")
+    imp.add_argument(
+        "--max-model-len", type=_positive_int, help="aiconfigurator: longest sequence (default: the model's context)"
+    )
     imp.add_argument("--tp", type=_positive_int, required=True, help="tensor parallel size")
     imp.add_argument("--out", required=True)
     imp.add_argument("--name")
@@ -226,6 +244,9 @@ def _run_sweep(args: argparse.Namespace) -> None:
 def _import(args: argparse.Namespace) -> None:
     from tropical_sched.predictors.importers import import_distserve, import_splitwise
 
+    if args.source == "aiconfigurator":
+        _import_aiconfigurator(args)
+        return
     expected = {"splitwise": "one file (perf_model.csv)", "distserve": "two files (profiler JSON, max_num_tokens.csv)"}
     if len(args.files) != (1 if args.source == "splitwise" else 2):
         raise ConfigError(f"import {args.source} takes {expected[args.source]}, got {len(args.files)}")
@@ -239,6 +260,43 @@ def _import(args: argparse.Namespace) -> None:
     else:
         profile = import_distserve(
             args.files[0], args.files[1], model=args.model, tensor_parallel_size=args.tp, name=args.name
+        )
+    _write(profile, args.out)
+
+
+def _import_aiconfigurator(args: argparse.Namespace) -> None:
+    import time
+
+    from tropical_sched.profiling.aiconfigurator import fit_error_by_context_band, import_aiconfigurator
+
+    if args.files:
+        raise ConfigError(f"import aiconfigurator takes no files, got {len(args.files)}: {' '.join(args.files)}")
+    for option in ("system", "backend"):
+        if getattr(args, option) is None:
+            raise ConfigError(f"import aiconfigurator needs --{option}")
+    started_s = time.perf_counter()
+    profile = import_aiconfigurator(
+        args.model,
+        system=args.system,
+        backend=args.backend,
+        tensor_parallel_size=args.tp,
+        backend_version=args.backend_version,
+        max_model_len=args.max_model_len,
+        name=args.name,
+    )
+    elapsed_s = time.perf_counter() - started_s
+    fit = profile.fit
+    print(
+        f"tropical-profile: {len(profile.samples)} AIConfigurator samples in {elapsed_s:.1f} s; fit R^2 {fit.r2:.4f}, "
+        f"median rel. error {fit.median_relative_error:.1%}, max {fit.max_relative_error:.1%}",
+        file=sys.stderr,
+    )
+    for band in fit_error_by_context_band(profile):
+        upper = f"{min(band.upper_tokens, profile.metadata.model.max_model_len):,}"
+        print(
+            f"  context {band.lower_tokens:,}-{upper} tokens: {band.num_samples} samples, median rel. error "
+            f"{band.median_relative_error:.1%}, max {band.max_relative_error:.1%}",
+            file=sys.stderr,
         )
     _write(profile, args.out)
 

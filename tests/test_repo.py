@@ -186,13 +186,47 @@ def _render_results() -> Any:
     return module
 
 
+def _generated_sections() -> dict[str, list[Path]]:
+    """Section name -> the files (README.md, docs/*.md) that carry it."""
+    render_results = _render_results()
+    found: dict[str, list[Path]] = {}
+    for path in render_results.DOCS:
+        for match in render_results._SECTION.finditer(path.read_text()):
+            found.setdefault(match.group("name"), []).append(path)
+    return found
+
+
 def test_generated_doc_sections_agree_with_their_result_files() -> None:
     """Tables rendered from benchmarks/results/ (scripts/render_results.py) are what the JSON says."""
     render_results = _render_results()
-    for path in sorted((ROOT / "docs").glob("*.md")):
+    for path in render_results.DOCS:
         _, changed = render_results.render(path.read_text())
         assert not changed, f"{path.name}: run scripts/render_results.py ({changed} disagree with their JSON)"
     assert "<!-- generated: fidelity" in (ROOT / "docs" / "evaluation.md").read_text()
+
+
+def test_every_renderer_has_its_section_in_the_docs() -> None:
+    """A renderer whose section was deleted (or never placed) would leave its table typed by hand, or missing."""
+    sections = _generated_sections()
+    assert set(sections) == set(_render_results().RENDERERS)
+    assert all(len(paths) == 1 for paths in sections.values()), sections
+    assert sections["default-run"] == [ROOT / "README.md"]
+
+
+@pytest.mark.parametrize("name", sorted(_render_results().RENDERERS))
+def test_a_figure_changed_by_hand_in_a_generated_section_is_caught(name: str) -> None:
+    """The check compares every section with its JSON: one digit changed in the doc makes its section disagree."""
+    render_results = _render_results()
+    [path] = _generated_sections()[name]
+    text = path.read_text()
+    match = next(m for m in render_results._SECTION.finditer(text) if m.group("name") == name)
+    digit = re.search(r"\d", match.group("body"))
+    assert digit, f"section {name} has no figure"
+    at = match.start("body") + digit.start()
+    tampered = text[:at] + str((int(text[at]) + 1) % 10) + text[at + 1 :]
+    rendered, changed = render_results.render(tampered)
+    assert changed == [name]
+    assert rendered == text
 
 
 def test_fidelity_results_follow_the_issues_schema() -> None:
@@ -232,3 +266,139 @@ def test_real_engine_results_follow_the_issues_schema() -> None:
             joint, ttft, tpot = (deployment[k] for k in ("slo_attainment", "ttft_attainment", "tpot_attainment"))
             assert 0 <= joint <= min(ttft, tpot)
             assert ("shape" in deployment) == (name == "tropical")
+
+
+def _result(name: str) -> Any:
+    return json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+
+
+def test_paper_reproduction_results_record_their_run() -> None:
+    """benchmarks/results/paper-reproduction.json: the command, its parameters, every setting and the ablation."""
+    data = _result("paper-reproduction.json")
+    assert data["schema_version"] == 1
+    assert data["command"].startswith("python benchmarks/reproduce_paper.py ")
+    assert {"--h100", "--ablation"} <= set(data["command"].split())
+    assert data["num_requests_per_point"] >= 1000
+    assert data["seeds"] == [0, 1, 2]
+    assert data["profiles"] == ["a100-llama2-70b-tp4", "h100-llama2-70b-tp4"]
+    assert data["wall_s"] > 0
+    assert len(data["settings"]) == 9
+    for setting in data["settings"]:
+        goodput = setting["goodput"]
+        assert goodput["profile"] == setting["profile"]
+        assert goodput["num_requests_per_point"] == data["num_requests_per_point"]
+        assert set(goodput["policies"]) == {"tropical", *data["baselines"]}
+        for figures in goodput["policies"].values():
+            assert figures["goodput_per_s"] == pytest.approx(sum(figures["goodput_per_s_by_seed"]) / len(data["seeds"]))
+        at = setting["at_highest_sustained_rate"]
+        assert at["rate_per_s"] == pytest.approx(max(p["goodput_per_s"] for p in goodput["policies"].values()))
+        assert set(at["points"]) == set(goodput["policies"])
+    variants = data["ablation"]["variants"]
+    assert variants[0]["name"] == "tropical (default)"
+    assert all(set(v["goodput_per_s"]) == set(data["ablation"]["traces"]) for v in variants)
+
+
+def test_decision_cost_results_record_their_run() -> None:
+    data = _result("policy-decision-cost.json")
+    assert data["schema_version"] == 1
+    assert data["command"].startswith("python benchmarks/policy_decision_cost.py")
+    from tropical_sched import policy_names
+
+    assert set(data["policies"]) == set(policy_names())
+    for calls in data["policies"].values():
+        assert calls["route"] is not None
+        for timing in filter(None, calls.values()):
+            assert 0 < timing["median_us"] <= timing["p99_us"]
+    dp = data["slos_serve_dp_in_simulation"]
+    assert 0 < dp["median_ms"] <= dp["p90_ms"] <= dp["p99_ms"] <= dp["max_ms"]
+
+
+@pytest.mark.parametrize(("name", "command"), [("default-run.json", "simulate"), ("slo-scale.json", "slo-scale")])
+def test_recorded_command_results_carry_their_command(name: str, command: str) -> None:
+    """Results of `tropical` commands, recorded by scripts/render_results.py --record."""
+    data = _result(name)
+    assert data["schema_version"] == 1
+    assert data["command"].split()[:2] == ["tropical", command]
+    assert data["wall_s"] > 0
+    assert data["result"]["schema_version"] == 1
+    assert {"tropical", "vllm", "vllm-chunked", "distserve"} <= set(data["result"]["policies"])
+
+
+def test_the_readme_default_table_is_the_first_setup_commands_run() -> None:
+    """The README's table is the run of its first command (`tropical simulate`, the bundled defaults)."""
+    data = _result("default-run.json")
+    assert _setup_commands()[0].endswith(f"/{data['command']}")
+
+
+def test_long_context_results_record_their_run() -> None:
+    """benchmarks/results/long-context.json (issue 15): the bundled AIConfigurator profiles, the cross-check, and
+    the unclipped comparison with every policy and its workload_report."""
+    data = _result("long-context.json")
+    assert data["schema_version"] == 1
+    assert data["command"].startswith("python benchmarks/long_context.py")
+    assert data["seeds"] == [0, 1, 2]
+    assert data["num_requests_per_point"] >= 1000
+    from tropical_sched import policy_names
+    from tropical_sched.predictors.profile import bundled_profile_names
+
+    bundled = {name for name in bundled_profile_names() if "llama3.1" in name or "qwen3" in name}
+    assert {p["name"] for p in data["profiles"]} == bundled
+    for profile in data["profiles"]:
+        assert sum(band["num_samples"] for band in profile["bands"]) == profile["num_samples"]
+        assert profile["import_s"] < 60  # the issue's bar: a 70B profile in under a minute
+    steps = data["cross_check"]["steps"]
+    assert {s["kind"] for s in steps} == {"prefill", "decode"}
+    for step in steps:
+        assert step["relative_difference"] == pytest.approx(step["aiconfigurator_s"] / step["measured_s"] - 1)
+    for ranking in data["cross_check"]["rankings"]:
+        assert set(ranking["ranking_measured"]) == set(ranking["ranking_aiconfigurator"]) == set(policy_names())
+    assert {(s["key"], s["profile"]) for s in data["settings"]} == {
+        (key, profile)
+        for key in ("mooncake", "arxiv")
+        for profile in ("h100-llama3.1-70b-tp4", "h200-llama3.1-70b-tp4")
+    }
+    for setting in data["settings"]:
+        goodput = setting["goodput"]
+        assert set(goodput["policies"]) == set(policy_names())
+        report = goodput["workload_report"]
+        assert report["num_requests"] == len(data["seeds"]) * data["num_requests_per_point"]
+        assert report["num_filtered"] == report["num_prompts_clipped"] == report["num_outputs_clipped"] == 0
+
+
+def test_slo_policies_results_record_their_run() -> None:
+    """benchmarks/results/slo-policies.json: the command, its parameters, every setting with all seven policies, and
+    the attainment per SLO class of every mixed setting at its best policy's goodput."""
+    data = _result("slo-policies.json")
+    assert data["schema_version"] == 1
+    assert data["command"].startswith("python benchmarks/slo_policies.py")
+    assert data["num_requests_per_point"] >= 1000
+    assert data["seeds"] == [0, 1, 2]
+    assert data["wall_s"] > 0
+    from tropical_sched import policy_names
+
+    assert data["policies"] == list(policy_names())
+    assert [(s["key"], s["slo_mix"]) for s in data["settings"]] == [
+        ("mooncake", None),
+        ("arxiv", None),
+        ("azure", None),
+        ("mooncake", "scorpio6"),
+        ("azure", "scorpio6"),
+    ]
+    for setting in data["settings"]:
+        goodput = setting["goodput"]
+        assert goodput["profile"] == data["profile"]
+        assert goodput["num_requests_per_point"] == data["num_requests_per_point"]
+        assert goodput["seeds"] == data["seeds"]
+        assert set(goodput["policies"]) == set(data["policies"])
+        for figures in goodput["policies"].values():
+            assert figures["goodput_per_s"] == pytest.approx(sum(figures["goodput_per_s_by_seed"]) / len(data["seeds"]))
+        best = max(goodput["policies"], key=lambda name: goodput["policies"][name]["goodput_per_s"])
+        assert setting["best_policy"] == best
+        at = setting.get("by_slo_class_at_rate")
+        assert (at is not None) == (setting["slo_mix"] is not None)
+        if at is not None:
+            assert at["rate_per_s"] == pytest.approx(goodput["policies"][best]["goodput_per_s"])
+            assert set(at["policies"]) == set(data["policies"])
+            for by_class in at["policies"].values():
+                assert set(by_class) == set(data["slo_mix"]["classes"])
+                assert all(0 <= value <= 1 for value in by_class.values())

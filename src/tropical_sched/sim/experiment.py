@@ -16,7 +16,13 @@ from tropical_sched.predictors.profile import Profile, load_profile
 from tropical_sched.sim.config import ClusterConfig, DecodePlacementTime, FirstTokenAt
 from tropical_sched.sim.simulator import SimulationResult, policy_context, simulate
 from tropical_sched.workloads.traces import load_trace
-from tropical_sched.workloads.workload import ArrivalProcess, Overlength, Workload, make_workload
+from tropical_sched.workloads.workload import (
+    ArrivalProcess,
+    Overlength,
+    Workload,
+    make_workload,
+    workload_report_counts,
+)
 
 __all__ = [
     "DEFAULT_POLICIES",
@@ -211,6 +217,7 @@ class ExperimentResult:
             "num_gpus": exp.num_workers * self.profile.tensor_parallel_size,
             "slo": exp.slo.describe(),
             "workload": report.describe(),
+            "workload_report": workload_report_counts([report]),
             "engine": exp.describe_engine(),
             "policies": {
                 name: {

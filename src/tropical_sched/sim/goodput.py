@@ -31,7 +31,7 @@ from tropical_sched.predictors.profile import Profile, load_profile
 from tropical_sched.sim.experiment import Experiment
 from tropical_sched.sim.simulator import simulate
 from tropical_sched.workloads.traces import Trace, load_trace
-from tropical_sched.workloads.workload import make_workload
+from tropical_sched.workloads.workload import Workload, make_workload, workload_report_counts
 
 __all__ = [
     "CurvePoint",
@@ -168,6 +168,32 @@ def _cached_profile(name: str) -> Profile:
     return load_profile(name)
 
 
+def _point_workload(experiment: Experiment, seed: int, rate_per_s: float | None) -> Workload:
+    """The requests of one simulated point: seed ``seed``'s slice of the trace at ``rate_per_s``. The slice, and
+    so what was filtered or clipped, does not depend on the rate."""
+    trace, profile = _cached_inputs(experiment.trace, experiment.profile)
+    num_requests = experiment.num_requests or len(trace)
+    return make_workload(
+        trace,
+        max_model_len=profile.max_model_len,
+        num_requests=experiment.num_requests,
+        rate_per_s=rate_per_s,
+        arrival_process=experiment.arrival_process,
+        burstiness_cv=experiment.burstiness_cv,
+        overlength=experiment.overlength,
+        seed=seed,
+        start_index=seed * num_requests,
+    )
+
+
+def workload_report_json(experiment: Experiment, seeds: Sequence[int]) -> dict[str, int]:
+    """What was filtered or clipped to fit the model's context, summed over the seeds' workloads (the same at
+    every rate): ``num_filtered``, ``num_prompts_clipped``, ``num_outputs_clipped``, and ``num_requests``."""
+    rate_per_s = experiment.rate_per_s if experiment.rate_per_s is not None else 1.0  # any rate: the same slice
+    reports = [_point_workload(experiment, seed, rate_per_s).report for seed in seeds]
+    return workload_report_counts(reports)
+
+
 def evaluate_point(
     experiment: Experiment, policy: str, seed: int, *, rate_per_s: float | None = None, slo_scale: float | None = None
 ) -> CurvePoint:
@@ -186,19 +212,8 @@ def evaluate_point(
     Returns:
         The point's attainments and latencies.
     """
-    trace, profile = _cached_inputs(experiment.trace, experiment.profile)
-    num_requests = experiment.num_requests or len(trace)
-    workload = make_workload(
-        trace,
-        max_model_len=profile.max_model_len,
-        num_requests=experiment.num_requests,
-        rate_per_s=rate_per_s if rate_per_s is not None else experiment.rate_per_s,
-        arrival_process=experiment.arrival_process,
-        burstiness_cv=experiment.burstiness_cv,
-        overlength=experiment.overlength,
-        seed=seed,
-        start_index=seed * num_requests,
-    )
+    profile = _cached_inputs(experiment.trace, experiment.profile)[1]
+    workload = _point_workload(experiment, seed, rate_per_s if rate_per_s is not None else experiment.rate_per_s)
     slo = experiment.slo if slo_scale is None else scaled(experiment.slo, slo_scale)
     result = simulate(
         workload,
@@ -364,6 +379,7 @@ class GoodputResult:
             "slo": exp.slo.describe(),
             "engine": exp.describe_engine(),
             "seeds": [run.seed for run in next(iter(self.runs.values()))],
+            "workload_report": workload_report_json(exp, [run.seed for run in next(iter(self.runs.values()))]),
             "policies": {
                 name: {
                     "goodput_per_s": self.goodput_per_s(name),

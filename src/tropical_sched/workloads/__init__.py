@@ -2,7 +2,14 @@
 
 from tropical_sched.workloads.arrivals import gamma_arrivals, poisson_arrivals, rescale_arrivals
 from tropical_sched.workloads.traces import BUNDLED_TRACES, BundledTrace, Trace, bundled_trace_names, load_trace
-from tropical_sched.workloads.workload import ArrivalProcess, Overlength, Workload, WorkloadReport, make_workload
+from tropical_sched.workloads.workload import (
+    ArrivalProcess,
+    Overlength,
+    Workload,
+    WorkloadReport,
+    make_workload,
+    workload_report_counts,
+)
 
 __all__ = [
     "BUNDLED_TRACES",
@@ -18,4 +25,5 @@ __all__ = [
     "make_workload",
     "poisson_arrivals",
     "rescale_arrivals",
+    "workload_report_counts",
 ]

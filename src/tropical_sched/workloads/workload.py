@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +12,7 @@ from tropical_sched.core.errors import ConfigError
 from tropical_sched.workloads.arrivals import gamma_arrivals, poisson_arrivals, rescale_arrivals
 from tropical_sched.workloads.traces import Trace
 
-__all__ = ["ArrivalProcess", "Overlength", "Workload", "WorkloadReport", "make_workload"]
+__all__ = ["ArrivalProcess", "Overlength", "Workload", "WorkloadReport", "make_workload", "workload_report_counts"]
 
 # Gamma burstiness beyond these draws degenerate gaps: shape 1 / cv^2 overflows or underflows (a division by zero
 # deep in numpy), and well before that every gap is equal (cv -> 0) or all but one are 0 (cv -> inf).
@@ -47,8 +48,8 @@ class WorkloadReport:
         trace: the trace's name.
         num_requests: requests in the workload.
         num_filtered: trace requests dropped because their prompt exceeded the context.
-        num_prompts_clipped: prompts cut to fit the context.
-        num_outputs_clipped: outputs cut so that prompt + output fits the context.
+        num_prompts_clipped: the workload's prompts cut to fit the context.
+        num_outputs_clipped: the workload's outputs cut so that prompt + output fits the context.
         max_model_len: the context limit applied, tokens.
         overlength: ``filter`` or ``clip``.
         arrival_process: how arrivals were made.
@@ -78,6 +79,13 @@ class WorkloadReport:
         if self.num_outputs_clipped:
             parts.append(f"{self.num_outputs_clipped} outputs clipped to the {self.max_model_len}-token context")
         return "; ".join(parts)
+
+
+def workload_report_counts(reports: Sequence[WorkloadReport]) -> dict[str, int]:
+    """The counts of ``reports``, summed, for result JSON (``workload_report``): ``num_requests``,
+    ``num_filtered``, ``num_prompts_clipped``, ``num_outputs_clipped``."""
+    fields = ("num_requests", "num_filtered", "num_prompts_clipped", "num_outputs_clipped")
+    return {name: sum(getattr(report, name) for report in reports) for name in fields}
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,27 +181,27 @@ def make_workload(
     arrival = trace.arrival_at_s.copy() if trace.arrival_at_s is not None else None
     max_prompt = max_model_len - 1
     over = prompt > max_prompt
-    num_filtered = num_clipped = 0
+    num_filtered = 0
     if overlength is Overlength.FILTER:
         num_filtered = int(over.sum())
         keep = ~over
         prompt, output = prompt[keep], output[keep]
         arrival = arrival[keep] if arrival is not None else None
+        over = over[keep]
     else:
-        num_clipped = int(over.sum())
         prompt = np.minimum(prompt, max_prompt)
     if len(prompt) == 0:
         raise ConfigError(f"no request of {trace.name} fits max_model_len={max_model_len}")
 
     if trace.arrival_at_s is not None and start_index % len(prompt):
         shift = start_index % len(prompt)
-        prompt, output = np.roll(prompt, -shift), np.roll(output, -shift)
+        prompt, output, over = np.roll(prompt, -shift), np.roll(output, -shift), np.roll(over, -shift)
         if arrival is not None:  # the wrapped part follows the end at the trace's mean gap
             gap = (arrival[-1] - arrival[0]) / max(len(arrival) - 1, 1)
             arrival = np.concatenate([arrival[shift:], arrival[:shift] + arrival[-1] - arrival[0] + gap])
     if arrival_process is ArrivalProcess.TRACE:
         n = len(prompt) if num_requests is None else min(num_requests, len(prompt))
-        prompt, output = prompt[:n], output[:n]
+        prompt, output, over = prompt[:n], output[:n], over[:n]
         assert arrival is not None
         arrival = arrival[:n] - arrival[0]
         if rate_per_s is not None:
@@ -204,7 +212,7 @@ def make_workload(
             index = np.arange(min(n, len(prompt)))  # a timed trace keeps its order
         else:
             index = rng.choice(len(prompt), size=n, replace=n > len(prompt))
-        prompt, output = prompt[index], output[index]
+        prompt, output, over = prompt[index], output[index], over[index]
         assert rate_per_s is not None
         if arrival_process is ArrivalProcess.POISSON:
             arrival = poisson_arrivals(len(prompt), rate_per_s, rng)
@@ -220,7 +228,7 @@ def make_workload(
         trace=trace.name,
         num_requests=len(prompt),
         num_filtered=num_filtered,
-        num_prompts_clipped=num_clipped,
+        num_prompts_clipped=int(over.sum()),
         num_outputs_clipped=num_outputs_clipped,
         max_model_len=max_model_len,
         overlength=overlength,
