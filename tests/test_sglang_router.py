@@ -20,8 +20,8 @@ from starlette.routing import Route
 
 from tropical_sched.core import Slo
 from tropical_sched.serve.config import Engine, InstanceConfig, RouterConfig
-from tropical_sched.serve.engines import SglangDialect, VllmDialect, dialect_for
-from tropical_sched.serve.router import Router, prometheus_load, sglang_loads
+from tropical_sched.serve.engines import SglangDialect, VllmDialect, dialect_for, prometheus_load, sglang_loads
+from tropical_sched.serve.router import Router
 from tropical_sched.serve.testing import ServerThread
 
 OUTPUT = ["a", "b", "c", "d"]

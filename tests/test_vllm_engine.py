@@ -388,7 +388,7 @@ def test_tropical_profile_measures_the_engine_and_writes_a_loadable_profile(
             "8",
             "--quick",
             "--repetitions",
-            "1",
+            "2",  # two of each step: a stall on a 1 ms step weighs half as much on the fit's errors
             "--cpus",
             str(core),
             "--no-progress",

@@ -12,14 +12,93 @@ Two P/D protocols:
 
 from __future__ import annotations
 
+import json
 import random
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from tropical_sched.core.request import Slo
 from tropical_sched.serve.config import Engine, InstanceConfig
 
-__all__ = ["EngineDialect", "SglangDialect", "VllmDialect", "dialect_for"]
+__all__ = [
+    "EngineDialect",
+    "LoadReading",
+    "LoadSource",
+    "SglangDialect",
+    "VllmDialect",
+    "dialect_for",
+    "prometheus_load",
+    "sglang_loads",
+]
+
+LoadReading = tuple[float | None, float | None]
+"""An engine's own view of its load: (KV-cache usage fraction, requests running + waiting); ``None`` where it
+does not say."""
+
+
+class LoadSource(NamedTuple):
+    """Where an engine reports its load: a ``GET`` path and the parser of its body (raises ``ValueError`` on a
+    body of the wrong shape)."""
+
+    path: str
+    parse: Callable[[bytes], LoadReading]
+
+
+def prometheus_load(text: str) -> LoadReading:
+    """(KV-cache usage fraction, requests running + waiting) from an engine's Prometheus ``/metrics`` text
+    (vLLM's or SGLang's names; samples of one name are summed over their labels).
+
+    Raises:
+        ValueError: the text is not in the Prometheus exposition format.
+    """
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    for usage_name, running_name, waiting_name in (
+        ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting"),
+        ("sglang:token_usage", "sglang:num_running_reqs", "sglang:num_queue_reqs"),
+    ):
+        running, waiting = values.get(running_name), values.get(waiting_name)
+        usage = values.get(usage_name)
+        if usage is not None or running is not None:
+            total = running + waiting if running is not None and waiting is not None else None
+            return usage, total
+    return None, None
+
+
+def sglang_loads(payload: Any) -> LoadReading:
+    """(KV-cache usage fraction, requests running + waiting) from SGLang's ``GET /v1/loads`` body, summed over
+    its data-parallel ranks (``loads[].num_used_tokens`` / ``max_total_num_tokens``, ``num_running_reqs``,
+    ``num_waiting_reqs``, and on a decode instance the requests whose KV cache is being received).
+
+    Raises:
+        ValueError: the body is not shaped like ``/v1/loads``.
+    """
+    loads = payload.get("loads") if isinstance(payload, dict) else None
+    if not isinstance(loads, list) or not loads:
+        raise ValueError("GET /v1/loads: expected a non-empty 'loads' list")
+    used = capacity = requests = 0.0
+    for rank in loads:
+        if not isinstance(rank, dict):
+            raise ValueError("GET /v1/loads: every entry of 'loads' must be an object")
+        used += float(rank.get("num_used_tokens", 0))
+        capacity += float(rank.get("max_total_num_tokens", 0))
+        requests += float(rank.get("num_running_reqs", 0)) + float(rank.get("num_waiting_reqs", 0))
+        disaggregation = rank.get("disaggregation")
+        if isinstance(disaggregation, dict):
+            requests += sum(
+                float(disaggregation.get(key, 0) or 0)
+                for key in ("decode_prealloc_queue_reqs", "decode_transfer_queue_reqs")
+            )
+    return (used / capacity if capacity > 0 else None), requests
+
+
+_PROMETHEUS = LoadSource("/metrics", lambda content: prometheus_load(content.decode("utf-8", errors="replace")))
+_SGLANG_LOADS = LoadSource("/v1/loads", lambda content: sglang_loads(json.loads(content)))
 
 _STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True}
 
@@ -48,6 +127,10 @@ class EngineDialect(Protocol):
 
     def transfer_params(self, response: dict[str, Any]) -> dict[str, Any]:
         """What the decode half needs from the prefill half's response (sequential engines)."""
+        ...
+
+    def load_sources(self) -> tuple[LoadSource, ...]:
+        """Where the engine reports its own load, in the order to ask (the first that answers 200 is read)."""
         ...
 
 
@@ -93,6 +176,10 @@ class VllmDialect:
         if not isinstance(params, dict):
             raise ValueError("the prefill instance returned no kv_transfer_params (is a KV connector configured?)")
         return params
+
+    def load_sources(self) -> tuple[LoadSource, ...]:
+        """``/metrics`` (``vllm:kv_cache_usage_perc``, ``vllm:num_requests_running`` / ``_waiting``)."""
+        return (_PROMETHEUS,)
 
 
 class SglangDialect:
@@ -147,6 +234,12 @@ class SglangDialect:
     def transfer_params(self, response: dict[str, Any]) -> dict[str, Any]:
         """Not used: SGLang's decode half is paired by the handoff, not by the prefill's response."""
         raise ValueError("SGLang's P/D is concurrent: the decode half is paired by the handoff")
+
+    def load_sources(self) -> tuple[LoadSource, ...]:
+        """``/v1/loads`` (SGLang 0.5.9+; summed over data-parallel ranks), else ``/metrics``
+        (``sglang:token_usage``, ``sglang:num_running_reqs``, ``sglang:num_queue_reqs``; needs
+        ``--enable-metrics``)."""
+        return (_SGLANG_LOADS, _PROMETHEUS)
 
 
 def dialect_for(engine: Engine) -> EngineDialect:
