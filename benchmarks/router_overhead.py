@@ -6,7 +6,7 @@ requests per second, so ``c x q`` is the offered rate; workers are closed-loop, 
 achieved rate below the offered one): directly to one engine (the baseline), through the Tropical
 router on its P/D path (policy tropical, prefill-first: a prefill call and a decode call per request) and with one
 upstream call per request (policy vllm over two colocated workers: the code path of a multiplexed request), and
-through sglang-router 0.3.2 (Rust, round robin) as the anchor.
+through sglang-router 0.3.2 and vllm-router 0.1.17 (both Rust, round robin) as anchors.
 Because the engines answer at once, a request's total latency is its TTFT plus microseconds; added latency = the
 target's latency minus the baseline's, at P50 and P99, at each offered rate of ``--rates``. The router's own CPU
 time per request (user + system, from /proc) is the figure that carries to other machines: one core sustains about
@@ -14,7 +14,8 @@ time per request (user + system, from /proc) is the figure that carries to other
 the router and the engines share the cores, so the latencies bound from above what a router on its own cores adds.
 
 Needs ``hey`` (Debian: apt-get install hey). Usage:
-    python benchmarks/router_overhead.py [--rates 100 200 500] [--duration 10] [--sglang-router /path/to/sglang-router]
+    python benchmarks/router_overhead.py [--rates 100 500 1000] [--duration 10] [--sglang-router PATH]
+        [--vllm-router PATH] [--json benchmarks/results/router-overhead.json]
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def main() -> None:
         "--rates",
         type=float,
         nargs="+",
-        default=[100.0, 200.0, 500.0],
+        default=[100.0, 500.0, 1000.0],
         help="offered requests per second, one run per rate and target",
     )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per target and rate")
@@ -126,6 +127,7 @@ def main() -> None:
         "bursts small",
     )
     parser.add_argument("--sglang-router", help="path of the sglang-router executable (the anchor)")
+    parser.add_argument("--vllm-router", help="path of the vllm-router executable (PyPI vllm-router, Rust)")
     parser.add_argument("--json", help="write the figures as JSON")
     args = parser.parse_args()
 
@@ -198,6 +200,25 @@ def main() -> None:
                 )
             )
             targets.append(("sglang-router, round robin", f"http://127.0.0.1:{port}", processes[-1].pid))
+        if args.vllm_router:
+            port = free_port()
+            processes.append(
+                _start(
+                    [
+                        args.vllm_router,
+                        "--worker-urls",
+                        *engine_urls,
+                        "--policy",
+                        "round_robin",
+                        "--port",
+                        str(port),
+                        "--host",
+                        "127.0.0.1",
+                    ],
+                    workdir / "vllm-router.log",
+                )
+            )
+            targets.append(("vllm-router, round robin", f"http://127.0.0.1:{port}", processes[-1].pid))
         results: dict[str, dict[str, dict[str, float]]] = {}
         print(f"logs: {workdir}")
         for name, url, pid in targets:
@@ -234,7 +255,16 @@ def main() -> None:
                 f"{r['latency_p99_ms'] - base['latency_p99_ms']:9.2f} {cpu}"
             )
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        record = {
+            "schema_version": 1,
+            "command": "python benchmarks/router_overhead.py " + " ".join(sys.argv[1:]),
+            "machine": f"{os.cpu_count()} cores, shared by the load generator, the target and the engines",
+            "duration_s": args.duration,
+            "workers_rate_per_s": args.workers_rate,
+            "num_output_tokens": BODY["max_tokens"],
+            "targets": results,
+        }
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

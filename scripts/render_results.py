@@ -725,6 +725,36 @@ def render_slo_policies_classes(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- router overhead (benchmarks/router_overhead.py --json) -------------------------------------------------------
+
+
+def render_router_overhead(data: dict[str, Any]) -> str:
+    """The router-overhead table of docs/router.md from ``benchmarks/results/router-overhead.json``."""
+    targets = data["targets"]
+    base = targets["direct (one engine)"]
+    lines = [
+        f"Run: `{data['command']}`; instant fake engines streaming {data['num_output_tokens']} tokens, load from "
+        f"`hey` (closed-loop workers of {data['workers_rate_per_s']:g} req/s each), {data['duration_s']:g} s per "
+        f"target and rate; {data['machine']}. Added latency: the target's minus the engine's alone at the same rate; "
+        "CPU: the router process's own (user + system) per request served.",
+        "",
+        "| target | offered req/s | achieved req/s | added P50 / P99 ms | router CPU ms per request |",
+        "|---|---|---|---|---|",
+    ]
+    for name, by_rate in targets.items():
+        if name == "direct (one engine)":
+            continue
+        for rate, figures in by_rate.items():
+            added_p50 = figures["latency_p50_ms"] - base[rate]["latency_p50_ms"]
+            added_p99 = figures["latency_p99_ms"] - base[rate]["latency_p99_ms"]
+            cpu = figures.get("cpu_ms_per_request")
+            lines.append(
+                f"| {name} | {float(rate):,.0f} | {figures['achieved_rate_per_s']:,.0f} | "
+                f"{added_p50:.1f} / {added_p99:.1f} | {'-' if cpu is None else f'{cpu:.2f}'} |"
+            )
+    return "\n".join(lines)
+
+
 PAPER = RESULTS / "paper-reproduction.json"
 LONG_CONTEXT = RESULTS / "long-context.json"
 
@@ -742,6 +772,7 @@ RENDERERS: dict[str, tuple[Path, Callable[[dict[str, Any]], str]]] = {
     "aiconfigurator-profiles": (LONG_CONTEXT, render_aiconfigurator_profiles),
     "aiconfigurator-cross-check": (LONG_CONTEXT, render_aiconfigurator_cross_check),
     "long-context-goodput": (LONG_CONTEXT, render_long_context_goodput),
+    "router-overhead": (RESULTS / "router-overhead.json", render_router_overhead),
     "slo-policies-goodput": (RESULTS / "slo-policies.json", render_slo_policies_goodput),
     "slo-policies-classes": (RESULTS / "slo-policies.json", render_slo_policies_classes),
 }

@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -38,7 +37,7 @@ from tropical_sched.serve.openai import (
     sse,
     validate_body,
 )
-from tropical_sched.serve.upstream import HttpError
+from tropical_sched.serve.upstream import HttpError, TransportFailure
 
 if TYPE_CHECKING:
     from tropical_sched.serve.router import Router
@@ -157,7 +156,7 @@ class RouterApp:
     async def _models(self, http: HttpRequest) -> Response:
         for instance in self.router.instances:
             if instance.healthy:
-                with contextlib.suppress(httpx.HTTPError):
+                with contextlib.suppress(TransportFailure):
                     response = await self.router.upstream.get(instance, "/v1/models", 5.0)
                     return Response(response.content, status_code=response.status_code, media_type="application/json")
         return JSONResponse(error_body("no healthy instance", "ServiceUnavailable", 503), status_code=503)

@@ -12,12 +12,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
-import httpx
-
 from tropical_sched.serve.config import RouterConfig
 from tropical_sched.serve.metrics import RouterMetrics
 from tropical_sched.serve.state import Instance
-from tropical_sched.serve.upstream import Upstream
+from tropical_sched.serve.upstream import TransportFailure, Upstream
 
 __all__ = ["EngineMonitor"]
 
@@ -84,7 +82,7 @@ class EngineMonitor:
             if response.status_code == 200:
                 instance.note_round_trip(self._now_s() - sent_at_s)
             self.set_health(instance, response.status_code == 200)
-        except httpx.HTTPError:
+        except TransportFailure:
             self.set_health(instance, False)
         if instance.healthy and not instance.served_models:
             await self._read_models(instance)
@@ -95,7 +93,7 @@ class EngineMonitor:
         try:
             response = await self._upstream.get(instance, "/v1/models", _PROBE_TIMEOUT_S)
             data = response.json().get("data") if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError, AttributeError):
+        except (TransportFailure, ValueError, AttributeError):
             return
         if not isinstance(data, list):
             return
@@ -105,13 +103,13 @@ class EngineMonitor:
         if limits:
             instance.max_model_len = min(limits)
 
-    def on_transport_error(self, instance: Instance, exc: Exception) -> None:
+    def on_transport_error(self, instance: Instance, exc: TransportFailure) -> None:
         """An upstream call to ``instance`` failed below HTTP. A refused or timed-out connection means the
         instance is down; other failures (a connection closed under a request, which a keep-alive race also
         causes) trigger a health probe at once, which decides."""
-        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        if exc.instance_down:
             self.set_health(instance, False)
-        elif not isinstance(exc, httpx.PoolTimeout):  # the router's own pool, not the instance
+        else:
             self._background(self.probe(instance))
 
     def _background(self, coroutine: Awaitable[None]) -> None:
@@ -136,7 +134,7 @@ class EngineMonitor:
                 if response.status_code == 200:
                     reading = source.parse(response.content)
                     break
-        except (httpx.HTTPError, ValueError):
+        except (TransportFailure, ValueError):
             return
         if reading is None:
             return

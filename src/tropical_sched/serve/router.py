@@ -29,8 +29,6 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import httpx
-
 from tropical_sched.core.decisions import DecodePlacement, RouteAction, RouteDecision
 from tropical_sched.core.errors import ConfigError
 from tropical_sched.core.request import Request, Slo
@@ -55,7 +53,14 @@ from tropical_sched.serve.metrics import RouterMetrics
 from tropical_sched.serve.monitor import EngineMonitor
 from tropical_sched.serve.openai import chunk_delta, error_body
 from tropical_sched.serve.state import Instance, Phase, Tracked
-from tropical_sched.serve.upstream import ConcurrentPrefill, HttpError, Upstream, UpstreamFailed, until_failed
+from tropical_sched.serve.upstream import (
+    ConcurrentPrefill,
+    HttpError,
+    TransportFailure,
+    Upstream,
+    UpstreamFailed,
+    until_failed,
+)
 
 __all__ = [
     "MAX_REQUEST_BODY_BYTES",
@@ -79,13 +84,12 @@ class Router:
 
     Args:
         config: the cluster configuration.
-        transport: an httpx transport for upstream calls (tests); default real sockets.
 
     Raises:
         ConfigError: the policy cannot run on the configured roles, or a profile cannot be loaded.
     """
 
-    def __init__(self, config: RouterConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self.profile = load_profile(config.profile)
         self._profiles: dict[str, Profile] = {config.profile: self.profile}
@@ -106,7 +110,7 @@ class Router:
         ]
         self.dispatcher = Dispatcher(self.policy)
         self.metrics = RouterMetrics()
-        self.upstream = Upstream(config, transport)
+        self.upstream = Upstream(config)
         self._started = time.monotonic()
         self.monitor = EngineMonitor(config, self.instances, self.upstream, self.metrics, self.now_s, self._dispatch)
         self._tracked: dict[str, Tracked] = {}  # request id -> request not finished yet
@@ -387,12 +391,12 @@ class Router:
                 except HttpError:
                     outcome = "error"
                     raise
-                except (httpx.TransportError, UpstreamFailed, ValueError) as exc:
+                except (TransportFailure, UpstreamFailed, ValueError) as exc:
                     if prefill is not None and prefill.failed:
                         target = prefill.instance
                     # A 5xx (UpstreamFailed) fails this attempt only: one client's request must never take an
                     # instance out of routing. Only failures below HTTP, or the health probe, mark it down.
-                    if isinstance(exc, httpx.TransportError):
+                    if isinstance(exc, TransportFailure):
                         self.monitor.on_transport_error(target, exc)
                     self._untrack(tracked)
                     tracked.first_token_at_s = None

@@ -3,9 +3,12 @@
 What a call sends is the engine's dialect (:mod:`tropical_sched.serve.engines`: vLLM's sequential P/D,
 SGLang's concurrent one, where the SLOs travel); this module sends it and reads the answer: a stream of
 events for the half that generates, one JSON body for a P/D prefill, an engine's count of a prompt's tokens.
-Errors come back as :class:`HttpError` (ends the client's request with that status) or
-:class:`UpstreamFailed` (a 5xx: this attempt failed, the request may be retried elsewhere); failures below HTTP
-are httpx's ``TransportError``.
+Errors come back as :class:`HttpError` (ends the client's request with that status), :class:`UpstreamFailed`
+(a 5xx: this attempt failed, the request may be retried elsewhere) or :class:`TransportFailure` (below HTTP:
+refused, reset, timed out).
+
+The client is aiohttp's: on the router's hot path (every request's upstream call and its streamed events) it
+spends about half the CPU of httpx's (``benchmarks/router_overhead.py``; docs/router.md, "Router overhead").
 """
 
 from __future__ import annotations
@@ -13,17 +16,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 
 from tropical_sched.serve.config import RouterConfig
 from tropical_sched.serve.engines import EngineDialect, dialect_for
-from tropical_sched.serve.openai import iter_sse
 from tropical_sched.serve.state import Instance, Tracked
 
-__all__ = ["ConcurrentPrefill", "HttpError", "Upstream", "UpstreamFailed", "until_failed"]
+__all__ = [
+    "Answer",
+    "ConcurrentPrefill",
+    "HttpError",
+    "TransportFailure",
+    "Upstream",
+    "UpstreamFailed",
+    "iter_sse_lines",
+    "until_failed",
+]
 
 
 class HttpError(Exception):
@@ -46,95 +58,184 @@ class UpstreamFailed(Exception):
     (elsewhere, if the policy so decides); the instance stays in routing."""
 
 
+class TransportFailure(Exception):
+    """A call failed below HTTP.
+
+    Args:
+        message: what failed.
+        instance_down: the connection was refused or could not be opened in time: the instance is down. Otherwise
+            (a connection reset or closed under a request, which a keep-alive race also causes, or a read timeout)
+            a health probe decides.
+    """
+
+    def __init__(self, message: str, *, instance_down: bool) -> None:
+        super().__init__(message)
+        self.instance_down = instance_down
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A whole answer: its status and body."""
+
+    status_code: int
+    content: bytes
+
+    def json(self) -> Any:
+        """The body as JSON.
+
+        Raises:
+            ValueError: it is not JSON.
+        """
+        return json.loads(self.content)
+
+
+def _failure(instance: Instance, exc: BaseException) -> TransportFailure:
+    down = isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+    return TransportFailure(f"{instance.url}: {exc!r}", instance_down=down)
+
+
+_BELOW_HTTP = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+async def iter_sse_lines(lines: AsyncIterable[bytes]) -> AsyncIterator[dict[str, Any]]:
+    """The JSON events of a server-sent-event stream read line by line, until ``[DONE]``.
+
+    Lines end at LF (a CR before it is dropped), as engines send them; Unicode line separators inside the text
+    (U+2028, which JSON leaves unescaped) do not split an event. ``data:`` lines are joined with a newline, an
+    empty line ends an event, other fields and comments are ignored (the SSE specification). The stream is read
+    to its end even after ``[DONE]``, so that the connection goes back to the pool.
+
+    Raises:
+        ValueError: an event is not JSON.
+    """
+    data: list[bytes] = []
+    done = False
+    async for raw in lines:
+        line = raw.rstrip(b"\n").rstrip(b"\r")
+        if line:
+            if line.startswith(b"data:"):
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+            continue
+        if not data:
+            continue
+        payload = b"\n".join(data)
+        data = []
+        if done:
+            continue
+        if payload == b"[DONE]":
+            done = True
+            continue
+        yield json.loads(payload)
+    if data and not done and b"\n".join(data) != b"[DONE]":  # a last event without its blank line
+        yield json.loads(b"\n".join(data))
+
+
 class Upstream:
     """The HTTP client the router calls its instances with, and each instance's dialect.
 
     Args:
         config: the cluster configuration (instances, request timeout).
-        transport: an httpx transport (tests); default real sockets.
     """
 
-    def __init__(self, config: RouterConfig, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, config: RouterConfig) -> None:
         self._config = config
-        self._transport = transport
         self._dialects = [dialect_for(instance.engine) for instance in config.instances]
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
 
     def start(self) -> None:
         """Open the connection pool (in the application's lifespan, on its event loop)."""
-        timeout = httpx.Timeout(connect=5.0, read=self._config.request_timeout_s, write=30.0, pool=30.0)
         # Idle upstream connections are dropped after 2 s, before the engines' servers drop them (uvicorn's
         # keep-alive timeout, which vLLM and SGLang keep at 5 s): reusing a connection the server is closing at
         # that moment fails the request with a connection error before any response.
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=1024, keepalive_expiry=2.0)
-        self._client = httpx.AsyncClient(transport=self._transport, timeout=timeout, limits=limits)
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=self._config.request_timeout_s)
+        # read_bufsize bounds one line of an event stream at twice it: 1 MiB, far above any event an engine sends.
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=timeout, auto_decompress=False, read_bufsize=1 << 19
+        )
 
     async def close(self) -> None:
         """Close the connection pool."""
-        if self._client is not None:
-            await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     @property
-    def client(self) -> httpx.AsyncClient:
+    def session(self) -> aiohttp.ClientSession:
         """The pooled client (between :meth:`start` and :meth:`close`)."""
-        assert self._client is not None, "Upstream.start() was not called"
-        return self._client
+        assert self._session is not None, "Upstream.start() was not called"
+        return self._session
 
     def dialect(self, instance: Instance) -> EngineDialect:
         """The dialect of ``instance``'s engine."""
         return self._dialects[instance.index]
 
-    async def get(self, instance: Instance, path: str, timeout_s: float) -> httpx.Response:
-        """``GET`` a path of ``instance`` (probes, models, loads).
+    async def get(self, instance: Instance, path: str, timeout_s: float) -> Answer:
+        """``GET`` a path of ``instance`` (probes, models, loads), read whole.
 
         Raises:
-            httpx.HTTPError: the call failed below HTTP or timed out.
+            TransportFailure: the call failed below HTTP or took longer than ``timeout_s``.
         """
-        return await self.client.get(instance.url + path, timeout=timeout_s)
+        try:
+            async with self.session.get(
+                instance.url + path, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as response:
+                return Answer(response.status, await response.read())
+        except _BELOW_HTTP as exc:
+            raise _failure(instance, exc) from None
 
     @contextlib.asynccontextmanager
     async def generation(
         self, instance: Instance, path: str, body: dict[str, Any]
     ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
-        """Send the half of a request that generates, and yield its stream of events (open while the context is).
+        """Send the half of a request that generates, and yield its stream of events (open while the context is;
+        leaving it early closes the connection, which aborts the request in the engine).
 
         Raises:
             HttpError: the instance answered 4xx.
             UpstreamFailed: it answered 5xx.
-            httpx.TransportError: the call failed below HTTP.
+            TransportFailure: the call failed below HTTP.
+            ValueError: the answer is not an event stream, or an event is not JSON.
         """
-        async with self.client.stream("POST", instance.url + path, json=body) as response:
-            if response.status_code != 200:
-                await self.raise_for_status(instance, response)
-            yield iter_sse(response)
+        try:
+            async with self.session.post(instance.url + path, json=body) as response:
+                if response.status != 200:
+                    await self.raise_for_status(instance, response)
+                if response.content_type != "text/event-stream":
+                    raise ValueError(f"{instance.url}{path} answered {response.content_type!r}, not text/event-stream")
+                yield _guarded(instance, iter_sse_lines(response.content))
+        except _BELOW_HTTP as exc:
+            raise _failure(instance, exc) from None
 
     async def post(self, instance: Instance, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """Send a request that answers with one JSON body (a P/D prefill half) and return that body.
 
         Raises:
-            HttpError, UpstreamFailed, httpx.TransportError: as :meth:`generation`.
-            ValueError: the body is not JSON.
+            HttpError, UpstreamFailed, TransportFailure: as :meth:`generation`.
+            ValueError: the body is not a JSON object.
         """
-        response = await self.client.post(instance.url + path, json=body)
-        if response.status_code != 200:
-            await self.raise_for_status(instance, response)
-        result = response.json()
+        try:
+            async with self.session.post(instance.url + path, json=body) as response:
+                if response.status != 200:
+                    await self.raise_for_status(instance, response)
+                result = json.loads(await response.read())
+        except _BELOW_HTTP as exc:
+            raise _failure(instance, exc) from None
         if not isinstance(result, dict):
             raise ValueError(f"{instance.url}{path} answered {type(result).__name__}, not a JSON object")
         return result
 
     @staticmethod
-    async def raise_for_status(instance: Instance, response: httpx.Response) -> None:
+    async def raise_for_status(instance: Instance, response: aiohttp.ClientResponse) -> None:
         """Turn an error answer into :class:`HttpError` (4xx, the engine's message kept) or
         :class:`UpstreamFailed` (5xx)."""
-        content = await response.aread()
+        content = await response.read()
         try:
             message = json.loads(content).get("error", {}).get("message", content.decode(errors="replace"))
         except (ValueError, AttributeError):
             message = content.decode(errors="replace")
-        if 400 <= response.status_code < 500:
-            raise HttpError(response.status_code, f"{instance.url}: {message}", "UpstreamBadRequest")
-        raise UpstreamFailed(f"HTTP {response.status_code}: {message}")
+        if 400 <= response.status < 500:
+            raise HttpError(response.status, f"{instance.url}: {message}", "UpstreamBadRequest")
+        raise UpstreamFailed(f"HTTP {response.status}: {message}")
 
     async def count_tokens(self, instances: list[Instance], payload: dict[str, Any]) -> int | None:
         """A prompt's token count from the first healthy instance that answers ``POST /tokenize`` (vLLM and
@@ -143,13 +244,25 @@ class Upstream:
             if not instance.healthy:
                 continue
             try:
-                response = await self.client.post(instance.url + "/tokenize", json=payload, timeout=5.0)
-                count = response.json().get("count") if response.status_code == 200 else None
-            except (httpx.HTTPError, ValueError, AttributeError):
+                async with self.session.post(
+                    instance.url + "/tokenize", json=payload, timeout=aiohttp.ClientTimeout(total=5.0)
+                ) as response:
+                    answer = json.loads(await response.read()) if response.status == 200 else None
+                count = answer.get("count") if isinstance(answer, dict) else None
+            except (*_BELOW_HTTP, ValueError):
                 continue
             if isinstance(count, int) and count >= 0:
                 return max(count, 1)
         return None
+
+
+async def _guarded(instance: Instance, events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    """``events``, with a failure below HTTP while reading them raised as :class:`TransportFailure`."""
+    try:
+        async for event in events:
+            yield event
+    except _BELOW_HTTP as exc:
+        raise _failure(instance, exc) from None
 
 
 class ConcurrentPrefill:
