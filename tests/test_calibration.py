@@ -132,6 +132,25 @@ def test_the_box_qp_solution_meets_the_optimality_conditions(seed: int, size: in
     assert np.all(gradient[x >= upper - 1e-9] <= scale)
 
 
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), size=st.integers(1, 7), hint_seed=st.integers(0, 2**32 - 1))
+def test_a_warm_started_box_qp_finds_the_same_minimizer(seed: int, size: int, hint_seed: int) -> None:
+    """Any active-set hint (right, wrong or partly right) gives the minimizer the cold start finds."""
+    from tropical_sched.predictors.calibration import _active_bounds
+
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(size + 2, size))
+    hessian = a.T @ a + 1e-3 * np.eye(size)
+    linear = rng.normal(size=size) * 10
+    lower = rng.uniform(-2, 0, size)
+    upper = lower + rng.uniform(0.01, 3, size)
+    cold = _box_qp(hessian, linear, lower, upper)
+    right = _active_bounds(cold, lower, upper)
+    assert np.allclose(_box_qp(hessian, linear, lower, upper, right), cold, rtol=1e-9, atol=1e-9)
+    guess = np.random.default_rng(hint_seed).integers(-1, 2, size)
+    assert np.allclose(_box_qp(hessian, linear, lower, upper, guess), cold, rtol=1e-9, atol=1e-9)
+
+
 # -- step times --------------------------------------------------------------------------------------------------
 
 

@@ -165,13 +165,54 @@ class CalibrationConfig:
 # -- the estimator ----------------------------------------------------------------------------------------------
 
 
-def _box_qp(hessian: np.ndarray, linear: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+def _kkt_solution(
+    hessian: np.ndarray, linear: np.ndarray, lower: np.ndarray, upper: np.ndarray, bound: np.ndarray
+) -> np.ndarray | None:
+    """The box QP's solution if ``bound`` (-1: at the lower bound, +1: at the upper one, 0: free, per variable) is
+    its active set, else ``None``: the free variables solved with the others at their bounds must lie within the
+    box, and every bound variable's multiplier must have the right sign (the KKT conditions; the solution of a
+    strictly convex QP is unique, so it is the minimizer)."""
+    free = bound == 0
+    x = np.where(bound < 0, lower, upper)
+    if free.any():
+        fixed = ~free
+        rhs = linear[free] - hessian[np.ix_(free, fixed)] @ x[fixed]
+        x[free] = np.linalg.solve(hessian[np.ix_(free, free)], rhs)
+        if np.any(x[free] < lower[free]) or np.any(x[free] > upper[free]):
+            return None
+    gradient = hessian @ x - linear
+    tolerance = 1e-12 * max(1.0, float(np.abs(linear).max()))
+    if np.any(gradient[bound < 0] < -tolerance) or np.any(gradient[bound > 0] > tolerance):
+        return None
+    return x
+
+
+def _active_bounds(x: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """-1 / +1 where ``x`` is at its lower / upper bound, 0 elsewhere: the active set of a box QP's solution."""
+    return np.where(x <= lower, -1, np.where(x >= upper, 1, 0))
+
+
+def _box_qp(
+    hessian: np.ndarray,
+    linear: np.ndarray,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    active_hint: np.ndarray | None = None,
+) -> np.ndarray:
     """``argmin 0.5 x'Hx - linear'x`` subject to ``lower <= x <= upper``, for a symmetric positive definite ``H``.
 
     Primal active-set method (Nocedal and Wright, section 16.5): solve on the free variables, step towards that
     solution until a bound blocks (which fixes the variable there), and free a fixed variable whose multiplier has
     the wrong sign; each iteration lowers the objective, so it ends in finitely many steps.
+
+    ``active_hint`` (as :func:`_active_bounds` returns it), typically the previous solution's active set: when it
+    is this problem's too (checked by the KKT conditions), its solution is returned at the cost of one solve on
+    the free variables; the answer is the same minimizer either way.
     """
+    if active_hint is not None and active_hint.any():
+        warm = _kkt_solution(hessian, linear, lower, upper, active_hint)
+        if warm is not None:
+            return warm
     k = len(linear)
     unconstrained = np.linalg.solve(hessian, linear)
     if np.all(unconstrained >= lower) and np.all(unconstrained <= upper):
@@ -223,6 +264,7 @@ class _ForgettingRidge:
         self._lower = lower
         self._upper = upper
         self._forgetting = forgetting
+        self._active: np.ndarray | None = None  # the last solution's active set: the next solve's warm start
         self.effective_samples = 0.0  # sum of the decayed weights
 
     def add(self, row: np.ndarray, target: float, weight: float) -> None:
@@ -237,7 +279,9 @@ class _ForgettingRidge:
     def solve(self, centre: np.ndarray, penalty: np.ndarray) -> np.ndarray:
         """The constrained minimizer for the given prior (``penalty`` > 0 element-wise)."""
         hessian = self._gram + np.diag(penalty)
-        return _box_qp(hessian, self._moment + penalty * centre, self._lower, self._upper)
+        x = _box_qp(hessian, self._moment + penalty * centre, self._lower, self._upper, self._active)
+        self._active = _active_bounds(x, self._lower, self._upper)
+        return x
 
 
 @dataclass(slots=True)
