@@ -33,10 +33,15 @@ from tropical_sched import load_profile, policy_names
 from tropical_sched.core.slo import SLO_CLASS_PRESETS, SloSpec
 from tropical_sched.metrics.attainment import summarize_by_class
 from tropical_sched.sim.experiment import Experiment
-from tropical_sched.sim.goodput import run_goodput
+from tropical_sched.sim.goodput import evaluate_point, run_goodput
 from tropical_sched.sim.simulator import simulate
 
 MIXED = ("azure", "mooncake")
+MECHANISMS = (("scorpio", "credit_batching"), ("tempo", "pacing"))
+"""The mechanisms measured on and off on the Azure mix (one run each): SCORPIO's credit-based batching, Tempo's
+pacing."""
+MECHANISM_RATE_PER_S = 2.5
+MECHANISM_NUM_REQUESTS = 1000
 
 
 def main() -> None:
@@ -107,6 +112,29 @@ def main() -> None:
         entry["wall_s"] = round(time.time() - tick, 1)
         out["settings"].append(entry)
         print(f"  {label}: {time.time() - tick:.0f} s", flush=True)
+
+    azure_mix = next(e for label, e in runs if label == "azure, scorpio6 SLO mix")
+    mechanisms = []
+    for policy, option in MECHANISMS:
+        attainment = {}
+        for enabled in (True, False):
+            experiment = dataclasses.replace(
+                azure_mix,
+                num_requests=MECHANISM_NUM_REQUESTS,
+                policies=(policy,),
+                policy_options={} if enabled else {policy: {option: False}},
+            )
+            point = evaluate_point(experiment, policy, 0, rate_per_s=MECHANISM_RATE_PER_S)
+            attainment["on" if enabled else "off"] = point.slo_attainment
+        mechanisms.append({"policy": policy, "option": option, "slo_attainment": attainment})
+        print(f"  {policy} {option}: on {attainment['on']:.1%}, off {attainment['off']:.1%}", flush=True)
+    out["mechanisms"] = {
+        "setting": "azure, scorpio6 SLO mix",
+        "rate_per_s": MECHANISM_RATE_PER_S,
+        "num_requests": MECHANISM_NUM_REQUESTS,
+        "seed": 0,
+        "runs": mechanisms,
+    }
 
     print(f"\n## Goodput at 90% joint SLO attainment, 2 x A100 Llama-2-70B TP4 (req/s; mean over seeds {args.seeds})\n")
     print("\n".join(lines))

@@ -755,6 +755,29 @@ def render_router_overhead(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_slo_policies_mechanisms(data: dict[str, Any]) -> str:
+    """The SLO-aware schedulers' mechanisms on and off, and SLOs-Serve's TPOT attainment, from
+    ``benchmarks/results/slo-policies.json``."""
+    mechanisms = data["mechanisms"]
+    runs = "; ".join(
+        f"{run['policy']} {run['slo_attainment']['on']:.1%} joint attainment with `{run['option']}`, "
+        f"{run['slo_attainment']['off']:.1%} with `{run['option']}=false`"
+        for run in mechanisms["runs"]
+    )
+    tpot = []
+    for setting in data["settings"]:
+        if setting["slo_mix"] is not None:
+            continue
+        figures = setting["goodput"]["policies"]["slos-serve"]
+        values = [p["tpot_attainment"] for p in figures["points"] if p["value"] <= figures["goodput_per_s"]]
+        tpot += values
+    return (
+        f"On the {mechanisms['setting']} at {mechanisms['rate_per_s']:g} req/s ({mechanisms['num_requests']:,} "
+        f"requests, seed {mechanisms['seed']}, one run each): {runs}. SLOs-Serve's TPOT attainment at every simulated "
+        f"rate up to its goodput, uniform SLOs: {min(tpot):.1%} to {max(tpot):.1%}. Same run as the goodput table."
+    )
+
+
 PAPER = RESULTS / "paper-reproduction.json"
 LONG_CONTEXT = RESULTS / "long-context.json"
 
@@ -775,6 +798,7 @@ RENDERERS: dict[str, tuple[Path, Callable[[dict[str, Any]], str]]] = {
     "router-overhead": (RESULTS / "router-overhead.json", render_router_overhead),
     "slo-policies-goodput": (RESULTS / "slo-policies.json", render_slo_policies_goodput),
     "slo-policies-classes": (RESULTS / "slo-policies.json", render_slo_policies_classes),
+    "slo-policies-mechanisms": (RESULTS / "slo-policies.json", render_slo_policies_mechanisms),
 }
 """Section name -> (its JSON file, its renderer)."""
 

@@ -402,3 +402,11 @@ def test_slo_policies_results_record_their_run() -> None:
             for by_class in at["policies"].values():
                 assert set(by_class) == set(data["slo_mix"]["classes"])
                 assert all(0 <= value <= 1 for value in by_class.values())
+    mechanisms = data["mechanisms"]
+    assert {(run["policy"], run["option"]) for run in mechanisms["runs"]} == {
+        ("scorpio", "credit_batching"),
+        ("tempo", "pacing"),
+    }
+    for run in mechanisms["runs"]:
+        assert set(run["slo_attainment"]) == {"on", "off"}
+        assert all(0 <= value <= 1 for value in run["slo_attainment"].values())
