@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tropical_sched.core import ConfigError, RouteAction, Slo
 from tropical_sched.predictors import Profile, load_profile, time_scaled, write_profile_file
@@ -552,3 +556,44 @@ def test_a_fake_engine_whose_loop_fails_dies_like_an_engine_instead_of_hanging_i
         late = httpx.post(server.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}, timeout=5)
         assert late.status_code == 500
         assert "boom" in late.json()["error"]["message"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    cuts=st.lists(st.integers(0, 400), max_size=12),
+    ends=st.lists(st.sampled_from(["\n", "\r", "\r\n"]), min_size=8, max_size=8),
+)
+def test_sse_events_are_the_same_whatever_the_chunks_and_line_ends(cuts: list[int], ends: list[str]) -> None:
+    """The one SSE parser (httpx's and aiohttp's responses both go through it): CR, LF and CRLF end lines, a CRLF
+    split across two chunks is one line end, Unicode line breaks inside the text do not split, multi-line data is
+    joined, comments and events without data are skipped, and nothing after [DONE] is an event."""
+    import asyncio
+
+    from tropical_sched.serve.openai import parse_sse
+
+    first = json.dumps({"choices": [{"index": 0, "text": "a\u2028b\x85c"}]}, ensure_ascii=False)
+    lines = [
+        ": comment",
+        "data: " + first,
+        "",
+        "event: ping",
+        "",
+        'data:{"n": 1,',
+        'data:  "m": 2}',
+        "",
+    ]
+    for i in range(len(lines) - 1):  # a CR then an LF is one CRLF: the empty line after a CR must not start with LF
+        if ends[i] == "\r" and ends[i + 1].startswith("\n"):
+            ends[i + 1] = "\r"
+    body = "".join(line + end for line, end in zip(lines, ends, strict=True)) + "data: [DONE]\n\ndata: {}\n\n"
+    raw = body.encode()
+    bounds = sorted({0, len(raw), *(c for c in cuts if c < len(raw))})
+
+    async def chunks() -> Any:
+        for start, stop in itertools.pairwise(bounds):
+            yield raw[start:stop]
+
+    async def read() -> list[Any]:
+        return [event async for event in parse_sse(chunks())]
+
+    assert asyncio.run(read()) == [json.loads(first), {"n": 1, "m": 2}]

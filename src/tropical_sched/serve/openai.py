@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
 import httpx
-from httpx_sse import EventSource, SSEError
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from tropical_sched.core.errors import ConfigError
@@ -29,10 +29,12 @@ __all__ = [
     "PayloadTooLarge",
     "StreamDelta",
     "UnknownModel",
+    "check_event_stream",
     "chunk_delta",
     "error_body",
     "iter_sse",
     "parse_json_body",
+    "parse_sse",
     "prompt_token_count",
     "sse",
     "validate_body",
@@ -272,28 +274,71 @@ def chunk_delta(chunk: dict[str, Any], tokens_so_far: int) -> StreamDelta:
     return StreamDelta(text, num_tokens, completion_tokens, finish, not choices and usage is not None)
 
 
-async def iter_sse(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    """The JSON events of a server-sent-event stream, until ``[DONE]``.
+_END_OF_LINE = re.compile(rb"\r\n|\r|\n")
 
-    Lines are split as the SSE specification says (CR, LF or CRLF only, by ``httpx-sse``): httpx's own
-    ``aiter_lines`` also splits on U+2028, U+0085 and other Unicode line breaks, which engines send unescaped
-    inside generated text, and would cut such an event in two. The body is read to its end even after ``[DONE]``,
-    so that the connection goes back to the pool (a response closed before its end closes its connection).
+
+async def _sse_lines(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """The lines of an event stream read in chunks of any size, split at CR, LF or CRLF only (the SSE
+    specification): engines send generated text unescaped in JSON, and U+2028, U+0085 or U+001C, line breaks for
+    ``str.splitlines`` (and httpx's ``aiter_lines``), must not cut an event in two."""
+    rest = b""
+    async for chunk in chunks:
+        rest += chunk
+        end = len(rest) - 1 if rest.endswith(b"\r") else len(rest)  # a CR may be half of a CRLF
+        *lines, tail = _END_OF_LINE.split(rest[:end])
+        rest = tail + rest[end:]
+        for line in lines:
+            yield line
+    for line in _END_OF_LINE.split(rest) if rest else ():
+        yield line
+
+
+async def parse_sse(chunks: AsyncIterable[bytes]) -> AsyncIterator[dict[str, Any]]:
+    """The JSON events of a server-sent-event stream, given its body in chunks, until ``[DONE]``.
+
+    ``data`` lines are joined with a newline and an empty line dispatches the event; other fields and comments are
+    ignored, events without data are skipped, and an event left without its empty line at the end of the stream is
+    discarded (the SSE specification). The body is read to its end even after ``[DONE]``, so that the connection
+    goes back to the pool (a response closed before its end closes its connection).
+
+    Raises:
+        ValueError: an event is not JSON.
+    """
+    data: list[bytes] = []
+    done = False
+    async for line in _sse_lines(chunks):
+        if line:
+            if line.startswith(b"data:"):
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+            elif line == b"data":
+                data.append(b"")
+            continue
+        payload = b"\n".join(data)
+        data = []
+        if done or not payload:
+            continue
+        if payload == b"[DONE]":
+            done = True
+            continue
+        yield json.loads(payload)
+
+
+def check_event_stream(content_type: str) -> None:
+    """Raise ``ValueError`` unless a response's ``Content-Type`` is ``text/event-stream`` (an engine that answered
+    a stream with something else answered: not a transport failure)."""
+    if "text/event-stream" not in content_type:
+        raise ValueError(f"expected Content-Type text/event-stream, got {content_type!r}")
+
+
+async def iter_sse(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON events of an httpx response's event stream (:func:`parse_sse`).
 
     Raises:
         ValueError: the response is not an event stream, or an event is not JSON.
     """
-    done = False
-    try:
-        async for event in EventSource(response).aiter_sse():
-            if done or not event.data:
-                continue
-            if event.data == "[DONE]":
-                done = True
-                continue
-            yield json.loads(event.data)
-    except SSEError as exc:  # a wrong content type: the engine answered, so not a transport failure
-        raise ValueError(str(exc)) from None
+    check_event_stream(response.headers.get("content-type", ""))
+    async for event in parse_sse(response.aiter_bytes()):
+        yield event
 
 
 def now_unix_s() -> int:

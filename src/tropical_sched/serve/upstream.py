@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ import aiohttp
 
 from tropical_sched.serve.config import RouterConfig
 from tropical_sched.serve.engines import EngineDialect, dialect_for
+from tropical_sched.serve.openai import check_event_stream, parse_sse
 from tropical_sched.serve.state import Instance, Tracked
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
     "TransportFailure",
     "Upstream",
     "UpstreamFailed",
-    "iter_sse_lines",
     "until_failed",
 ]
 
@@ -95,39 +95,6 @@ def _failure(instance: Instance, exc: BaseException) -> TransportFailure:
 
 
 _BELOW_HTTP = (aiohttp.ClientError, asyncio.TimeoutError)
-
-
-async def iter_sse_lines(lines: AsyncIterable[bytes]) -> AsyncIterator[dict[str, Any]]:
-    """The JSON events of a server-sent-event stream read line by line, until ``[DONE]``.
-
-    Lines end at LF (a CR before it is dropped), as engines send them; Unicode line separators inside the text
-    (U+2028, which JSON leaves unescaped) do not split an event. ``data:`` lines are joined with a newline, an
-    empty line ends an event, other fields and comments are ignored (the SSE specification). The stream is read
-    to its end even after ``[DONE]``, so that the connection goes back to the pool.
-
-    Raises:
-        ValueError: an event is not JSON.
-    """
-    data: list[bytes] = []
-    done = False
-    async for raw in lines:
-        line = raw.rstrip(b"\n").rstrip(b"\r")
-        if line:
-            if line.startswith(b"data:"):
-                data.append(line[6:] if line[5:6] == b" " else line[5:])
-            continue
-        if not data:
-            continue
-        payload = b"\n".join(data)
-        data = []
-        if done:
-            continue
-        if payload == b"[DONE]":
-            done = True
-            continue
-        yield json.loads(payload)
-    if data and not done and b"\n".join(data) != b"[DONE]":  # a last event without its blank line
-        yield json.loads(b"\n".join(data))
 
 
 class Upstream:
@@ -200,9 +167,8 @@ class Upstream:
             async with self.session.post(instance.url + path, json=body) as response:
                 if response.status != 200:
                     await self.raise_for_status(instance, response)
-                if response.content_type != "text/event-stream":
-                    raise ValueError(f"{instance.url}{path} answered {response.content_type!r}, not text/event-stream")
-                yield _guarded(instance, iter_sse_lines(response.content))
+                check_event_stream(response.headers.get("content-type", ""))
+                yield _guarded(instance, parse_sse(response.content.iter_any()))
         except _BELOW_HTTP as exc:
             raise _failure(instance, exc) from None
 
