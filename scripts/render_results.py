@@ -223,6 +223,13 @@ def _run_caption(data: dict[str, Any]) -> str:
     )
 
 
+def _goodput_cell(figures: dict[str, Any], *, bold: bool = False) -> str:
+    """A policy's goodput over seeds: ``mean (min-max)``, the mean in bold if asked."""
+    by_seed = figures["goodput_per_s_by_seed"]
+    mean = f"{figures['goodput_per_s']:.2f}"
+    return f"{f'**{mean}**' if bold else mean} ({min(by_seed):.2f}-{max(by_seed):.2f})"
+
+
 def render_paper_goodput(data: dict[str, Any]) -> str:
     """The goodput table of docs/evaluation.md from ``benchmarks/results/paper-reproduction.json``."""
     baselines = data["baselines"]
@@ -236,11 +243,7 @@ def render_paper_goodput(data: dict[str, Any]) -> str:
     ratios = []
     for setting in data["settings"]:
         goodput = setting["goodput"]
-        cells = []
-        for name in policies:
-            figures = goodput["policies"][name]
-            by_seed = figures["goodput_per_s_by_seed"]
-            cells.append(f"{figures['goodput_per_s']:.2f} ({min(by_seed):.2f}-{max(by_seed):.2f})")
+        cells = [_goodput_cell(goodput["policies"][name]) for name in policies]
         best_name, best = _best_baseline(setting, baselines)
         ratio = _ratio(goodput["policies"]["tropical"]["goodput_per_s"], best)
         ratios.append((ratio, setting["label"]))
@@ -610,11 +613,7 @@ def render_long_context_goodput(data: dict[str, Any]) -> str:
     ]
     for s in data["settings"]:
         goodput = s["goodput"]
-        cells = []
-        for name in policies:
-            figures = goodput["policies"][name]
-            by_seed = figures["goodput_per_s_by_seed"]
-            cells.append(f"{figures['goodput_per_s']:.2f} ({min(by_seed):.2f}-{max(by_seed):.2f})")
+        cells = [_goodput_cell(goodput["policies"][name]) for name in policies]
         report = goodput["workload_report"]
         cut = report["num_filtered"] + report["num_prompts_clipped"] + report["num_outputs_clipped"]
         ratio = s["tropical_to_best_other"]
@@ -659,11 +658,7 @@ def render_slo_policies_goodput(data: dict[str, Any]) -> str:
     for setting in data["settings"]:
         figures = setting["goodput"]["policies"]
         best = max(policies, key=lambda name: figures[name]["goodput_per_s"])
-        cells = []
-        for name in policies:
-            by_seed = figures[name]["goodput_per_s_by_seed"]
-            value = f"{figures[name]['goodput_per_s']:.2f}"
-            cells.append(f"{f'**{value}**' if name == best else value} ({min(by_seed):.2f}-{max(by_seed):.2f})")
+        cells = [_goodput_cell(figures[name], bold=name == best) for name in policies]
         other_name, other = _best_baseline(setting, others)
         ratio = _ratio(figures["tropical"]["goodput_per_s"], other)
         ratios.append((ratio, setting["label"]))

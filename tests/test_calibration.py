@@ -112,15 +112,19 @@ def test_the_forgetting_factor_halves_a_weight_over_the_half_life() -> None:
 # -- the estimator -----------------------------------------------------------------------------------------------
 
 
+def _box_problem(seed: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A random strictly convex box QP: (hessian, linear, lower, upper)."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(size + 2, size))
+    linear = rng.normal(size=size) * 10
+    lower = rng.uniform(-2, 0, size)
+    return a.T @ a + 1e-3 * np.eye(size), linear, lower, lower + rng.uniform(0.01, 3, size)
+
+
 @settings(max_examples=200, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), size=st.integers(1, 7))
 def test_the_box_qp_solution_meets_the_optimality_conditions(seed: int, size: int) -> None:
-    rng = np.random.default_rng(seed)
-    a = rng.normal(size=(size + 2, size))
-    hessian = a.T @ a + 1e-3 * np.eye(size)
-    linear = rng.normal(size=size) * 10
-    lower = rng.uniform(-2, 0, size)
-    upper = lower + rng.uniform(0.01, 3, size)
+    hessian, linear, lower, upper = _box_problem(seed, size)
     x = _box_qp(hessian, linear, lower, upper)
     assert np.all(x >= lower - 1e-12)
     assert np.all(x <= upper + 1e-12)
@@ -138,12 +142,7 @@ def test_a_warm_started_box_qp_finds_the_same_minimizer(seed: int, size: int, hi
     """Any active-set hint (right, wrong or partly right) gives the minimizer the cold start finds."""
     from tropical_sched.predictors.calibration import _active_bounds
 
-    rng = np.random.default_rng(seed)
-    a = rng.normal(size=(size + 2, size))
-    hessian = a.T @ a + 1e-3 * np.eye(size)
-    linear = rng.normal(size=size) * 10
-    lower = rng.uniform(-2, 0, size)
-    upper = lower + rng.uniform(0.01, 3, size)
+    hessian, linear, lower, upper = _box_problem(seed, size)
     cold = _box_qp(hessian, linear, lower, upper)
     right = _active_bounds(cold, lower, upper)
     assert np.allclose(_box_qp(hessian, linear, lower, upper, right), cold, rtol=1e-9, atol=1e-9)
