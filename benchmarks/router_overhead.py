@@ -6,16 +6,21 @@ requests per second, so ``c x q`` is the offered rate; workers are closed-loop, 
 achieved rate below the offered one): directly to one engine (the baseline), through the Tropical
 router on its P/D path (policy tropical, prefill-first: a prefill call and a decode call per request) and with one
 upstream call per request (policy vllm over two colocated workers: the code path of a multiplexed request), and
-through sglang-router 0.3.2 and vllm-router 0.1.17 (both Rust, round robin) as anchors.
+through sglang-router 0.3.2 and vllm-router 0.1.17 (both Rust, round robin) as anchors, and through a bare
+Python pass-through proxy (``benchmarks/passthrough_proxy.py``: aiohttp server and client on uvloop, round robin,
+no parsing, no policy, no metrics), the floor of any Python data path on the same machine.
 Because the engines answer at once, a request's total latency is its TTFT plus microseconds; added latency = the
 target's latency minus the baseline's, at P50 and P99, at each offered rate of ``--rates``. The router's own CPU
 time per request (user + system, from /proc) is the figure that carries to other machines: one core sustains about
 1 / that many requests per second. Every component is its own process; on a 2-core machine the load generator,
 the router and the engines share the cores, so the latencies bound from above what a router on its own cores adds.
 
+With ``--repeats N`` every target and rate is run N times, in rounds (each round runs every target once, so a
+drift of the machine's speed reaches every target alike), and each figure is the median of its N runs.
+
 Needs ``hey`` (Debian: apt-get install hey). Usage:
-    python benchmarks/router_overhead.py [--rates 100 500 1000] [--duration 10] [--sglang-router PATH]
-        [--vllm-router PATH] [--json benchmarks/results/router-overhead.json]
+    python benchmarks/router_overhead.py [--rates 100 500 1000] [--duration 10] [--repeats 3]
+        [--sglang-router PATH] [--vllm-router PATH] [--json benchmarks/results/router-overhead.json]
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,6 +83,13 @@ def _hey(url: str, rate: float, duration_s: float, workers: int) -> dict[str, fl
     return figures
 
 
+def _median(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over ``runs`` (a figure missing from a run, such as a percentile ``hey`` did not print
+    for a run without answers, is left out of that figure's median)."""
+    keys = {key for run in runs for key in run}
+    return {key: statistics.median(run[key] for run in runs if key in run) for key in sorted(keys)}
+
+
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` and its children that were waited for (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -118,6 +131,7 @@ def main() -> None:
         help="offered requests per second, one run per rate and target",
     )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per target and rate")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per target and rate (figures: their median)")
     parser.add_argument(
         "--workers-rate",
         type=float,
@@ -183,6 +197,11 @@ def main() -> None:
             ("sglang-router", args.sglang_router, ["launch"], ["--prometheus-port", str(free_port())]),
             ("vllm-router", args.vllm_router, [], []),
         )
+        port = free_port()
+        processes.append(
+            _start([python, str(HERE / "passthrough_proxy.py"), str(port), *engine_urls], workdir / "passthrough.log")
+        )
+        targets.append(("pass-through proxy (aiohttp)", f"http://127.0.0.1:{port}", processes[-1].pid))
         for name, executable, before, after in rust_routers:
             if not executable:
                 continue
@@ -192,24 +211,29 @@ def main() -> None:
                 _start([executable, *before, *common, "--host", "127.0.0.1", *after], workdir / f"{name}.log")
             )
             targets.append((f"{name}, round robin", f"http://127.0.0.1:{port}", processes[-1].pid))
-        results: dict[str, dict[str, dict[str, float]]] = {}
+        runs: dict[str, dict[str, list[dict[str, float]]]] = {name: {} for name, _, _ in targets}
         print(f"logs: {workdir}")
-        for name, url, pid in targets:
+        for _, url, _ in targets:
             _wait(url)
             _hey(url, 50.0, 2, 10)  # warm-up
-            results[name] = {}
-            for rate in args.rates:
-                cpu_before_s = _cpu_s(pid) if pid else 0.0
-                figures = _hey(url, rate, args.duration, max(1, round(rate / args.workers_rate)))
-                if pid and figures.get("ok"):
-                    figures["cpu_ms_per_request"] = (_cpu_s(pid) - cpu_before_s) / figures["ok"] * 1e3
-                results[name][f"{rate:g}"] = figures
+        for _ in range(args.repeats):
+            for name, url, pid in targets:
+                for rate in args.rates:
+                    cpu_before_s = _cpu_s(pid) if pid else 0.0
+                    figures = _hey(url, rate, args.duration, max(1, round(rate / args.workers_rate)))
+                    if pid and figures.get("ok"):
+                        figures["cpu_ms_per_request"] = (_cpu_s(pid) - cpu_before_s) / figures["ok"] * 1e3
+                    runs[name].setdefault(f"{rate:g}", []).append(figures)
+        results = {
+            name: {rate: _median(figures) for rate, figures in by_rate.items()} for name, by_rate in runs.items()
+        }
     finally:
         for process in processes:
             _stop(process)
 
     print(
-        f"hey: rate / {args.workers_rate:g} workers, {args.duration:g} s per target and rate; "
+        f"hey: rate / {args.workers_rate:g} workers, {args.duration:g} s per target and rate, median of "
+        f"{args.repeats} run(s); "
         f"streaming completions of 8 tokens; instant fake engines; {os.cpu_count()} cores shared by all processes"
     )
     print(
@@ -220,6 +244,9 @@ def main() -> None:
         for rate, r in by_rate.items():
             base = results["direct (one engine)"][rate]
             cpu = f"{r['cpu_ms_per_request']:10.2f}" if "cpu_ms_per_request" in r else f"{'-':>10s}"
+            if "latency_p50_ms" not in r or "latency_p99_ms" not in r:
+                print(f"{name:34s} {rate:>7s} {r.get('ok', 0):6.0f} {r['errors']:6.0f}  (no latency figures)")
+                continue
             print(
                 f"{name:34s} {rate:>7s} {r.get('ok', 0):6.0f} {r['errors']:6.0f} "
                 f"{r.get('achieved_rate_per_s', 0):6.1f} "
@@ -233,6 +260,7 @@ def main() -> None:
             "command": "python benchmarks/router_overhead.py " + " ".join(sys.argv[1:]),
             "machine": f"{os.cpu_count()} cores, shared by the load generator, the target and the engines",
             "duration_s": args.duration,
+            "repeats": args.repeats,
             "workers_rate_per_s": args.workers_rate,
             "num_output_tokens": BODY["max_tokens"],
             "targets": results,

@@ -723,6 +723,11 @@ def render_slo_policies_classes(data: dict[str, Any]) -> str:
 # -- router overhead (benchmarks/router_overhead.py --json) -------------------------------------------------------
 
 
+def _repeats(data: dict[str, Any]) -> str:
+    repeats = data.get("repeats", 1)
+    return f", each figure the median of {repeats} runs taken in rounds" if repeats > 1 else ""
+
+
 def render_router_overhead(data: dict[str, Any]) -> str:
     """The router-overhead table of docs/router.md from ``benchmarks/results/router-overhead.json``."""
     targets = data["targets"]
@@ -730,8 +735,8 @@ def render_router_overhead(data: dict[str, Any]) -> str:
     lines = [
         f"Run: `{data['command']}`; instant fake engines streaming {data['num_output_tokens']} tokens, load from "
         f"`hey` (closed-loop workers of {data['workers_rate_per_s']:g} req/s each), {data['duration_s']:g} s per "
-        f"target and rate; {data['machine']}. Added latency: the target's minus the engine's alone at the same rate; "
-        "CPU: the router process's own (user + system) per request served.",
+        f"target and rate{_repeats(data)}; {data['machine']}. Added latency: the target's minus the engine's alone "
+        "at the same rate; CPU: the router process's own (user + system) per request served.",
         "",
         "| target | offered req/s | achieved req/s | added P50 / P99 ms | router CPU ms per request |",
         "|---|---|---|---|---|",

@@ -597,3 +597,73 @@ def test_sse_events_are_the_same_whatever_the_chunks_and_line_ends(cuts: list[in
         return [event async for event in parse_sse(chunks())]
 
     assert asyncio.run(read()) == [json.loads(first), {"n": 1, "m": 2}]
+
+
+_TRICKY_TEXT = st.lists(
+    st.sampled_from(['"', "\\", "{", "}", "[", "]", ":", ",", " ", "a", "\u2028", "é", "\n"])
+    | st.sampled_from(['"usage":{"completion_tokens":99}', '"choices":[]', '"error"', '\\"usage\\":']),
+    max_size=12,
+).map("".join)
+
+
+@st.composite
+def _stream_chunks(draw: st.DrawFn) -> dict[str, Any]:
+    """Stream chunks as vLLM and SGLang send them (and some they do not): any text, usage in any form and place."""
+    members: dict[str, Any] = {"id": draw(_TRICKY_TEXT), "object": "text_completion", "model": "m"}
+    kind = draw(st.sampled_from(["text", "chat", "none", "empty"]))
+    if kind == "text":
+        finish = draw(st.none() | st.just("length"))
+        members["choices"] = [{"index": 0, "text": draw(_TRICKY_TEXT), "finish_reason": finish}]
+    elif kind == "chat":
+        members["choices"] = [{"index": 0, "delta": {"content": draw(st.none() | _TRICKY_TEXT)}, "logprobs": None}]
+    elif kind == "empty":
+        members["choices"] = []
+    usage = draw(st.sampled_from(["absent", "null", "object", "no count"]))
+    if usage == "null":
+        members["usage"] = None
+    elif usage != "absent":
+        counts = {"prompt_tokens": draw(st.integers(0, 10**6)), "total_tokens": draw(st.integers(0, 10**6))}
+        if usage == "object":
+            counts["completion_tokens"] = draw(st.integers(0, 10**6))
+        details = draw(st.sampled_from([None, "null", "object"]))
+        if details is not None:
+            counts["prompt_tokens_details"] = None if details == "null" else {"cached_tokens": draw(st.integers(0, 9))}
+        members["usage"] = dict(draw(st.permutations(list(counts.items()))))
+    if draw(st.booleans()) and draw(st.booleans()):
+        members["error"] = {"message": draw(_TRICKY_TEXT), "code": 500}
+    return dict(draw(st.permutations(list(members.items()))))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    chunk=_stream_chunks(),
+    separators=st.sampled_from([(",", ":"), (", ", ": "), (" ,", " :  ")]),
+    ensure_ascii=st.booleans(),
+    so_far=st.integers(0, 10**6),
+)
+def test_stream_event_scan_equals_the_json_reading(
+    chunk: dict[str, Any], separators: tuple[str, str], ensure_ascii: bool, so_far: int
+) -> None:
+    """The router reads engine events by scanning their bytes (no decode, no re-encode); what it reads, and the
+    event it relays without usage, equal what parsing the JSON gives (the reference: chunk_delta)."""
+    from tropical_sched.serve.openai import StreamEvent, chunk_delta
+
+    payload = json.dumps(chunk, separators=separators, ensure_ascii=ensure_ascii).encode()
+    event = StreamEvent(payload)
+    usage = chunk.get("usage")
+    assert event.is_error == ("error" in chunk)
+    assert event.num_completion_tokens == (usage.get("completion_tokens") if isinstance(usage, dict) else None)
+    assert event.has_choices == bool(chunk.get("choices"))
+    assert event.num_new_tokens(so_far) == chunk_delta(chunk, so_far).num_tokens
+    assert json.loads(event.without_usage()) == {k: v for k, v in chunk.items() if k != "usage"}
+
+
+def test_a_stream_event_that_is_not_a_json_object_is_refused() -> None:
+    from tropical_sched.serve.openai import StreamEvent
+
+    truncated = b'{"usage":{"completion_tokens":1},"choices":[{"text":"a'
+    for payload in (truncated, b"[1]", b"nonsense", b'{"usage": {"completion_tokens": 1}}x', b"  "):
+        with pytest.raises(ValueError, match="not a JSON object"):
+            StreamEvent(payload)
+    with pytest.raises(ValueError, match="Expecting value"):  # no usage: parsed, and refused by the parser
+        StreamEvent(b'{"choices": [}')

@@ -293,17 +293,60 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 def serve_app(app: Any, sock: socket.socket, *, log_level: str, keep_alive_s: float = 5.0) -> int:
-    """Serve an ASGI app with uvicorn on a socket from :func:`listen_socket` until interrupted.
+    """Serve an HTTP app on a socket from :func:`listen_socket` until interrupted: an ``aiohttp.web`` application
+    (the router's) with aiohttp on uvloop, an ASGI one (the fake engine's) with uvicorn.
 
     Args:
-        app: the ASGI application.
+        app: the application.
         sock: the bound socket.
-        log_level: uvicorn's log level.
+        log_level: the servers' log level (``critical`` ... ``debug``).
         keep_alive_s: how long an idle client connection is kept open, seconds (uvicorn's default 5 s).
 
     Returns:
-        The exit status: 0, or 1 if the app failed to start (uvicorn has logged why).
+        The exit status: 0, or 1 if the app failed to start (the server has logged why).
     """
+    from aiohttp import web
+
+    if isinstance(app, web.Application):
+        import asyncio
+        import logging
+
+        from tropical_sched.serve.app import RUNNER_OPTIONS
+
+        loop: asyncio.AbstractEventLoop
+        try:
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+        except ImportError:  # no uvloop on Windows
+            loop = asyncio.new_event_loop()
+
+        logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
+        started = False
+
+        async def on_startup(app: web.Application) -> None:
+            nonlocal started
+            started = True
+
+        app.on_startup.append(on_startup)
+        try:
+            web.run_app(
+                app,
+                sock=sock,
+                print=None,
+                keepalive_timeout=keep_alive_s,
+                shutdown_timeout=5.0,
+                loop=loop,
+                **RUNNER_OPTIONS,
+            )
+        except Exception:
+            logging.getLogger("tropical_sched.serve").exception("the application failed to start")
+            if started:
+                raise
+        finally:
+            sock.close()
+        return 0 if started else 1
+
     import uvicorn
 
     server = uvicorn.Server(

@@ -1,6 +1,10 @@
 """The router's HTTP surface: OpenAI-compatible endpoints, request validation and SLO headers, and the answer
 shaped as the client asked (a stream of events, or one JSON body).
 
+It is an ``aiohttp.web`` application (the same library as the router's upstream client), served on uvloop: on the
+router's hot path it costs less than half the CPU of uvicorn and starlette (``benchmarks/router_overhead.py``;
+docs/router.md, "Overhead").
+
 Everything a client can get wrong is answered here with a 4xx that names the field and the value, before the
 request reaches the policy; what happens to a valid request is the router's (:class:`~tropical_sched.serve.router.
 Router`). Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``,
@@ -9,19 +13,15 @@ Router`). Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import json
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import AsyncIterator, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.applications import Starlette
-from starlette.datastructures import Headers
-from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
 from tropical_sched.core.request import Request, Slo
 from tropical_sched.serve.openai import (
@@ -29,12 +29,12 @@ from tropical_sched.serve.openai import (
     BadRequest,
     GenerationBody,
     PayloadTooLarge,
+    StreamEvent,
     UnknownModel,
     chunk_delta,
     error_body,
     parse_json_body,
     prompt_token_count,
-    sse,
     validate_body,
 )
 from tropical_sched.serve.upstream import HttpError, TransportFailure
@@ -46,6 +46,7 @@ __all__ = [
     "MAX_REQUEST_BODY_BYTES",
     "MAX_REQUEST_HEADER_BYTES",
     "ROUTE_HEADER",
+    "RUNNER_OPTIONS",
     "SLO_HEADERS",
     "SLO_HEADER_RANGE_MS",
     "RouterApp",
@@ -71,11 +72,38 @@ MAX_REQUEST_BODY_BYTES = 32 << 20
 MAX_REQUEST_HEADER_BYTES = 64 << 10
 """Largest total size of a request's headers (431 beyond)."""
 
-_T = TypeVar("_T")
-_DISCONNECTED = object()
+MAX_HEADER_FIELD_BYTES = 2 << 20
+"""Largest single header line the HTTP parser reads; beyond :data:`MAX_REQUEST_HEADER_BYTES` and up to this, the
+router answers 431 naming the size, beyond it the parser answers 400."""
 
 
-def parse_slo_headers(headers: Headers | dict[str, str], default: Slo) -> Slo:
+RUNNER_OPTIONS: Mapping[str, Any] = MappingProxyType(
+    {
+        "handler_cancellation": True,
+        "max_field_size": MAX_HEADER_FIELD_BYTES,
+        "max_line_size": MAX_HEADER_FIELD_BYTES,
+        "access_log": None,
+    }
+)
+"""Keyword arguments of ``aiohttp.web.AppRunner`` (and ``run_app``) that the router's application is served with:
+a client that disconnects cancels its handler, headers up to :data:`MAX_HEADER_FIELD_BYTES` reach the router's
+checks, no access log."""
+
+
+def _json_response(payload: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=json.dumps(payload, separators=(",", ":")).encode(),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+    )
+
+
+def _error_response(message: str, kind: str, status: int) -> web.Response:
+    return _json_response(error_body(message, kind, status), status)
+
+
+def parse_slo_headers(headers: Mapping[str, str], default: Slo) -> Slo:
     """The request's SLOs: its headers (``x-slo-ttft-ms``, ``x-slo-tpot-ms``, or llm-d's
     ``x-llm-d-slo-*-ms``), else ``default``.
 
@@ -103,7 +131,11 @@ def parse_slo_headers(headers: Headers | dict[str, str], default: Slo) -> Slo:
 
 
 class RouterApp:
-    """The ASGI application of a :class:`~tropical_sched.serve.router.Router` (``router.app`` is its ``asgi``).
+    """The HTTP application of a :class:`~tropical_sched.serve.router.Router` (``router.app`` is its ``web``, an
+    ``aiohttp.web.Application``; :meth:`serve` runs it).
+
+    A client that disconnects cancels its handler (aiohttp's ``handler_cancellation``), which aborts its
+    upstream request wherever it is.
 
     Args:
         router: the router whose requests this surface takes and answers.
@@ -113,55 +145,57 @@ class RouterApp:
         self.router = router
         self._slo_spec = router.config.slo.spec()
         self._next_id = 0
-        self.asgi = Starlette(
-            routes=[
-                Route("/v1/completions", self._completions, methods=["POST"]),
-                Route("/v1/chat/completions", self._chat_completions, methods=["POST"]),
-                Route("/health", self._health),
-                Route("/metrics", self._metrics),
-                Route("/v1/models", self._models),
-                Route("/v1/tropical/profile", self._profile_endpoint),
-            ],
-            lifespan=self._lifespan,
+        self.web = web.Application(client_max_size=MAX_REQUEST_BODY_BYTES)
+        self.web.add_routes(
+            [
+                web.post("/v1/completions", self._completions),
+                web.post("/v1/chat/completions", self._chat_completions),
+                web.get("/health", self._health),
+                web.get("/metrics", self._metrics),
+                web.get("/v1/models", self._models),
+                web.get("/v1/tropical/profile", self._profile_endpoint),
+            ]
         )
+        self.web.on_startup.append(self._start)
+        self.web.on_cleanup.append(self._stop)
 
-    @contextlib.asynccontextmanager
-    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+    async def _start(self, app: web.Application) -> None:
         await self.router.start()
-        try:
-            yield
-        finally:
-            await self.router.stop()
+
+    async def _stop(self, app: web.Application) -> None:
+        await self.router.stop()
 
     # -- endpoints ----------------------------------------------------------------------------------------------
 
-    async def _health(self, http: HttpRequest) -> Response:
+    async def _health(self, http: web.Request) -> web.Response:
         instances = [
             {"url": i.url, "role": i.role.value, "healthy": i.healthy, "in_flight": i.num_in_flight}
             for i in self.router.instances
         ]
         ok = any(i.healthy for i in self.router.instances)
-        return JSONResponse(
-            {"status": "ok" if ok else "no healthy instance", "instances": instances}, status_code=200 if ok else 503
+        return _json_response(
+            {"status": "ok" if ok else "no healthy instance", "instances": instances}, 200 if ok else 503
         )
 
-    async def _metrics(self, http: HttpRequest) -> Response:
+    async def _metrics(self, http: web.Request) -> web.Response:
         metrics = self.router.metrics
         for instance in self.router.instances:
             metrics.round_trip.labels(instance.url).set(instance.round_trip_s)
             if instance.calibration is not None:
                 metrics.show_calibration(instance.url, instance.calibration)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def _models(self, http: HttpRequest) -> Response:
+    async def _models(self, http: web.Request) -> web.Response:
         for instance in self.router.instances:
             if instance.healthy:
-                with contextlib.suppress(TransportFailure):
+                try:
                     response = await self.router.upstream.get(instance, "/v1/models", 5.0)
-                    return Response(response.content, status_code=response.status_code, media_type="application/json")
-        return JSONResponse(error_body("no healthy instance", "ServiceUnavailable", 503), status_code=503)
+                except TransportFailure:
+                    continue
+                return web.Response(body=response.content, status=response.status_code, content_type="application/json")
+        return _error_response("no healthy instance", "ServiceUnavailable", 503)
 
-    async def _profile_endpoint(self, http: HttpRequest) -> Response:
+    async def _profile_endpoint(self, http: web.Request) -> web.Response:
         """``GET /v1/tropical/profile[?instance=URL][&calibrated=false]``: the latency profile the router predicts
         with, in the profile-file schema, so that ``tropical simulate --profile`` and ``tropical replay`` can load
         it. Without ``instance``: the router's own offline profile (the one default SLOs are set from). With it:
@@ -169,48 +203,47 @@ class RouterApp:
         or its offline profile with ``calibrated=false`` or while calibration is off. 404 names an unknown
         instance; 400 a ``calibrated`` that is not a boolean."""
         router = self.router
-        url = http.query_params.get("instance")
+        url = http.query.get("instance")
         if url is None:
-            return JSONResponse(router.profile.file.model_dump(mode="json"))
+            return _json_response(router.profile.file.model_dump(mode="json"))
         instance = next((i for i in router.instances if i.url == url.rstrip("/")), None)
         if instance is None:
             message = f"query instance = {url!r} is not one of {[i.url for i in router.instances]}"
-            return JSONResponse(error_body(message, "NotFoundError", 404), status_code=404)
-        raw = http.query_params.get("calibrated", "true").lower()
+            return _error_response(message, "NotFoundError", 404)
+        raw = http.query.get("calibrated", "true").lower()
         if raw not in ("true", "false", "1", "0"):
-            message = f"query calibrated = {raw!r} must be true or false"
-            return JSONResponse(error_body(message, "BadRequestError", 400), status_code=400)
+            return _error_response(f"query calibrated = {raw!r} must be true or false", "BadRequestError", 400)
         profile = router.profile_named(instance.config.profile)
         if instance.calibration is None or raw in ("false", "0"):
-            return JSONResponse(profile.file.model_dump(mode="json"))
+            return _json_response(profile.file.model_dump(mode="json"))
         calibrated = instance.calibration.profile_file(profile.file, f"router, instance {instance.url}")
-        return JSONResponse(calibrated.model_dump(mode="json"))
+        return _json_response(calibrated.model_dump(mode="json"))
 
-    async def _completions(self, http: HttpRequest) -> Response:
+    async def _completions(self, http: web.Request) -> web.StreamResponse:
         return await self._serve(http, chat=False)
 
-    async def _chat_completions(self, http: HttpRequest) -> Response:
+    async def _chat_completions(self, http: web.Request) -> web.StreamResponse:
         return await self._serve(http, chat=True)
 
     # -- validation ---------------------------------------------------------------------------------------------
 
-    async def _read_body(self, http: HttpRequest) -> dict[str, Any]:
+    async def _read_body(self, http: web.Request) -> dict[str, Any]:
         """The request's JSON body, read up to :data:`MAX_REQUEST_BODY_BYTES` (headers checked first).
 
         Raises:
             BadRequest: the headers or body are too large, or the body is not a UTF-8 JSON object.
         """
-        header_bytes = sum(len(name) + len(value) for name, value in http.headers.raw)
+        header_bytes = sum(len(name) + len(value) for name, value in http.raw_headers)
         if header_bytes > MAX_REQUEST_HEADER_BYTES:
             raise PayloadTooLarge(
                 f"request headers of {header_bytes} bytes exceed the limit of {MAX_REQUEST_HEADER_BYTES}", status=431
             )
-        declared = http.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_REQUEST_BODY_BYTES:
+        declared = http.content_length
+        if declared is not None and declared > MAX_REQUEST_BODY_BYTES:
             raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {MAX_REQUEST_BODY_BYTES}")
         chunks: list[bytes] = []
         size = 0
-        async for chunk in http.stream():
+        async for chunk in http.content.iter_any():
             size += len(chunk)
             if size > MAX_REQUEST_BODY_BYTES:
                 raise PayloadTooLarge(f"request body exceeds the limit of {MAX_REQUEST_BODY_BYTES} bytes")
@@ -230,7 +263,7 @@ class RouterApp:
 
     def _new_request(
         self,
-        http: HttpRequest,
+        http: web.Request,
         body: dict[str, Any],
         typed: GenerationBody,
         chat: bool,
@@ -290,7 +323,7 @@ class RouterApp:
 
     # -- one request --------------------------------------------------------------------------------------------
 
-    async def _serve(self, http: HttpRequest, *, chat: bool) -> Response:
+    async def _serve(self, http: web.Request, *, chat: bool) -> web.StreamResponse:
         router = self.router
         try:
             body = await self._read_body(http)
@@ -298,86 +331,72 @@ class RouterApp:
             request = self._new_request(http, body, typed, chat, await self._tokenize(body, chat))
         except BadRequest as exc:
             router.metrics.requests.labels("none", "invalid").inc()
-            return JSONResponse(error_body(str(exc), exc.kind, exc.status), status_code=exc.status)
+            return _error_response(str(exc), exc.kind, exc.status)
         if router.config.model and "model" not in body:
             body["model"] = router.config.model
         if router.dispatcher.num_waiting >= router.config.max_waiting_requests:
             router.metrics.requests.labels("none", "rejected").inc()
-            return JSONResponse(
-                error_body("too many requests waiting at the router", "ServiceUnavailable", 503), status_code=503
-            )
+            return _error_response("too many requests waiting at the router", "ServiceUnavailable", 503)
         tracked, events = router.admit(request, body, chat)
-        wants_stream = bool(body.get("stream"))
+        # A client that goes away cancels this handler: closing ``events`` then aborts the request wherever it is.
         try:
-            primed = await self._until_disconnect(http, events.__anext__())
-        except HttpError as exc:
+            try:
+                first = await events.__anext__()
+            except HttpError as exc:
+                return _error_response(str(exc), exc.kind, exc.status)
+            except StopAsyncIteration:
+                first = []
+            headers = {ROUTE_HEADER: tracked.route or "none"}
+            if body.get("stream"):
+                return await self._relay(http, headers, first, events, body.get("stream_options") or {})
+            status, payload = await self._aggregate(first, events, chat)
+            return _json_response(payload, status, headers)
+        finally:
             await events.aclose()
-            return JSONResponse(error_body(str(exc), exc.kind, exc.status), status_code=exc.status)
-        except StopAsyncIteration:
-            primed = None
-        if primed is _DISCONNECTED:
-            await events.aclose()
-            return Response(status_code=499)
-        first = primed if isinstance(primed, dict) else None
-        headers = {ROUTE_HEADER: tracked.route or "none"}
-        options = body.get("stream_options") or {}
-        if wants_stream:
-            return StreamingResponse(
-                self._relay(first, events, options), media_type="text/event-stream", headers=headers
-            )
-        result = await self._until_disconnect(http, self._aggregate(first, events, chat))
-        if not isinstance(result, tuple):
-            await events.aclose()
-            return Response(status_code=499)
-        status, payload = result
-        return JSONResponse(payload, status_code=status, headers=headers)
-
-    async def _until_disconnect(self, http: HttpRequest, awaitable: Awaitable[_T]) -> _T | object:
-        """Await ``awaitable`` unless the client disconnects first (then cancel it and return a marker)."""
-        work = asyncio.ensure_future(awaitable)
-        watch = asyncio.ensure_future(_wait_disconnect(http))
-        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if work in done:
-            watch.cancel()
-            return work.result()
-        work.cancel()
-        with contextlib.suppress(BaseException):
-            await work
-        return _DISCONNECTED
 
     @staticmethod
     async def _relay(
-        first: dict[str, Any] | None, events: AsyncGenerator[dict[str, Any], None], options: dict[str, Any]
-    ) -> AsyncIterator[bytes]:
-        """Stream events to the client, shaped as it asked (usage only where requested)."""
+        http: web.Request,
+        headers: dict[str, str],
+        first: list[StreamEvent],
+        batches: AsyncIterator[list[StreamEvent]],
+        options: dict[str, Any],
+    ) -> web.StreamResponse:
+        """Stream events to the client as they came (each batch in one write), shaped as it asked: usage only
+        where requested, the bytes of each event otherwise as the engine sent them."""
         continuous = bool(options.get("continuous_usage_stats"))
         include_usage = bool(options.get("include_usage"))
 
-        def shaped(event: dict[str, Any]) -> bytes | None:
-            if "error" in event:
-                return sse(event)
-            if not event.get("choices"):
-                return sse(event) if include_usage else None
-            if not continuous and "usage" in event:
-                event = {k: v for k, v in event.items() if k != "usage"}
-            return sse(event)
+        def shaped(batch: list[StreamEvent]) -> bytes:
+            parts = []
+            for event in batch:
+                if event.is_error:
+                    data = event.payload
+                elif not event.has_choices:  # the final usage chunk
+                    if not include_usage:
+                        continue
+                    data = event.payload
+                else:
+                    data = event.payload if continuous else event.without_usage()
+                parts.append(b"data: " + data + b"\n\n")
+            return b"".join(parts)
 
-        try:
-            if first is not None:
-                data = shaped(first)
-                if data:
-                    yield data
-            async for event in events:
-                data = shaped(event)
-                if data:
-                    yield data
-            yield DONE
-        finally:
-            await events.aclose()  # on a client disconnect this aborts the upstream request
+        response = web.StreamResponse(headers=headers)
+        response.content_type = "text/event-stream"
+        await response.prepare(http)
+        data = shaped(first)
+        if data:
+            await response.write(data)
+        async for batch in batches:
+            data = shaped(batch)
+            if data:
+                await response.write(data)
+        await response.write_eof(DONE)  # with the end of the chunked body: one write
+        return response
 
     @staticmethod
     async def _aggregate(
-        first: dict[str, Any] | None, events: AsyncIterator[dict[str, Any]], chat: bool
+        first: list[StreamEvent], batches: AsyncIterator[list[StreamEvent]], chat: bool
     ) -> tuple[int, dict[str, Any]]:
         """Collect a stream into one completion body."""
         parts: list[str] = []
@@ -386,10 +405,11 @@ class RouterApp:
         head: dict[str, Any] = {}
 
         async def consume() -> AsyncIterator[dict[str, Any]]:
-            if first is not None:
-                yield first
-            async for event in events:
-                yield event
+            for event in first:
+                yield event.json()
+            async for batch in batches:
+                for event in batch:
+                    yield event.json()
 
         async for event in consume():
             if "error" in event:
@@ -414,10 +434,3 @@ class RouterApp:
             "choices": [choice],
             "usage": usage,
         }
-
-
-async def _wait_disconnect(http: HttpRequest) -> None:
-    while True:
-        message = await http.receive()
-        if message["type"] == "http.disconnect":
-            return

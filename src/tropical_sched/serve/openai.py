@@ -28,6 +28,7 @@ __all__ = [
     "GenerationBody",
     "PayloadTooLarge",
     "StreamDelta",
+    "StreamEvent",
     "UnknownModel",
     "check_event_stream",
     "chunk_delta",
@@ -37,6 +38,7 @@ __all__ = [
     "parse_sse",
     "prompt_token_count",
     "sse",
+    "sse_payload_batches",
     "validate_body",
 ]
 
@@ -277,50 +279,187 @@ def chunk_delta(chunk: dict[str, Any], tokens_so_far: int) -> StreamDelta:
 _END_OF_LINE = re.compile(rb"\r\n|\r|\n")
 
 
-async def _sse_lines(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-    """The lines of an event stream read in chunks of any size, split at CR, LF or CRLF only (the SSE
-    specification): engines send generated text unescaped in JSON, and U+2028, U+0085 or U+001C, line breaks for
-    ``str.splitlines`` (and httpx's ``aiter_lines``), must not cut an event in two."""
+class _EventReader:
+    """Events from the lines of an event stream (the SSE specification's rules, data only)."""
+
+    __slots__ = ("data", "done")
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.done = False  # [DONE] was read: nothing after it is an event
+
+    def events(self, lines: list[bytes]) -> list[bytes]:
+        batch: list[bytes] = []
+        for line in lines:
+            if line:
+                if line.startswith(b"data:"):
+                    self.data.append(line[6:] if line[5:6] == b" " else line[5:])
+                elif line == b"data":
+                    self.data.append(b"")
+                continue
+            payload = b"\n".join(self.data)
+            self.data = []
+            if self.done or not payload:
+                continue
+            if payload == b"[DONE]":
+                self.done = True
+                continue
+            batch.append(payload)
+        return batch
+
+
+async def sse_payload_batches(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[bytes]]:
+    """The data of a server-sent-event stream's events, given its body in chunks: one list per chunk, of the events
+    that chunk completed (none is held back to fill a list), until ``[DONE]``.
+
+    Lines end at CR, LF or CRLF only (the SSE specification), also across chunks: engines send generated text
+    unescaped in JSON, and U+2028, U+0085 or U+001C, line breaks for ``str.splitlines`` (and httpx's
+    ``aiter_lines``), must not cut an event in two. ``data`` lines are joined with a newline and an empty line
+    dispatches the event; other fields and comments are ignored, events without data are skipped, and an event
+    left without its empty line at the end of the stream is discarded. The body is read to its end even after
+    ``[DONE]``, so that the connection goes back to the pool (a response closed before its end closes its
+    connection).
+    """
+    reader = _EventReader()
     rest = b""
     async for chunk in chunks:
         rest += chunk
         end = len(rest) - 1 if rest.endswith(b"\r") else len(rest)  # a CR may be half of a CRLF
         *lines, tail = _END_OF_LINE.split(rest[:end])
         rest = tail + rest[end:]
-        for line in lines:
-            yield line
-    for line in _END_OF_LINE.split(rest) if rest else ():
-        yield line
+        if lines and not reader.done:
+            batch = reader.events(lines)
+            if batch:
+                yield batch
+    if rest and not reader.done:  # the last line, if it ended with a CR
+        batch = reader.events(_END_OF_LINE.split(rest)[:-1])
+        if batch:
+            yield batch
 
 
 async def parse_sse(chunks: AsyncIterable[bytes]) -> AsyncIterator[dict[str, Any]]:
-    """The JSON events of a server-sent-event stream, given its body in chunks, until ``[DONE]``.
-
-    ``data`` lines are joined with a newline and an empty line dispatches the event; other fields and comments are
-    ignored, events without data are skipped, and an event left without its empty line at the end of the stream is
-    discarded (the SSE specification). The body is read to its end even after ``[DONE]``, so that the connection
-    goes back to the pool (a response closed before its end closes its connection).
+    """The JSON events of a server-sent-event stream, given its body in chunks, until ``[DONE]``
+    (:func:`sse_payload_batches`, each event parsed).
 
     Raises:
         ValueError: an event is not JSON.
     """
-    data: list[bytes] = []
-    done = False
-    async for line in _sse_lines(chunks):
-        if line:
-            if line.startswith(b"data:"):
-                data.append(line[6:] if line[5:6] == b" " else line[5:])
-            elif line == b"data":
-                data.append(b"")
-            continue
-        payload = b"\n".join(data)
-        data = []
-        if done or not payload:
-            continue
-        if payload == b"[DONE]":
-            done = True
-            continue
-        yield json.loads(payload)
+    async for batch in sse_payload_batches(chunks):
+        for payload in batch:
+            yield json.loads(payload)
+
+
+# Byte patterns of the members of a stream chunk that the router reads. In JSON text a quote inside a string is
+# always escaped (\"), so ``"name"`` followed by a colon is a member name, never a piece of generated text.
+_STRING = rb'"(?:[^"\\]|\\.)*"'
+_FLAT_OBJECT = rb"\{(?:[^{}\"]|" + _STRING + rb")*\}"
+_USAGE_MEMBER = re.compile(rb'"usage"\s*:\s*(null|\{(?:[^{}"]|' + _STRING + rb"|" + _FLAT_OBJECT + rb")*\})")
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+_WHITESPACE = b" \t\r\n"
+
+
+class StreamEvent:
+    """One event of an engine's stream, kept as the bytes it came in: the router counts its tokens and relays it
+    without decoding and encoding it again.
+
+    An engine chunk with continuous usage (``usage.completion_tokens``, which the router asks vLLM and SGLang
+    for) is read by scanning its bytes for the members the router needs (``usage``, ``choices``); any other
+    event (no usage, an ``error`` member, a ``usage`` name that occurs more than once) is parsed as JSON, and
+    reads the same (``test_stream_event_scan_equals_the_json_reading``).
+
+    Args:
+        payload: the event's data, a JSON object (UTF-8).
+
+    Raises:
+        ValueError: ``payload`` is not a JSON object (on the scanned path: it does not start with ``{`` and end
+            with ``}``; its members are not checked further).
+    """
+
+    __slots__ = ("_json", "_usage_span", "has_choices", "is_error", "num_completion_tokens", "payload")
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self._json: dict[str, Any] | None = None
+        self._usage_span: tuple[int, int] | None = None
+        self.is_error = False
+        """The event reports an error (an ``error`` member)."""
+        self.num_completion_tokens: int | None = None
+        """``usage.completion_tokens``: tokens generated so far, or ``None`` if the event has no usage."""
+        self.has_choices = True
+        """The event carries a choice (``False``: the final usage-only chunk of ``include_usage``)."""
+        body = payload.strip(_WHITESPACE)
+        if not (body.startswith(b"{") and body.endswith(b"}")):
+            raise ValueError(f"stream event is not a JSON object: {payload[:80]!r}")
+        if b'"error"' not in payload and payload.count(b'"usage"') == 1:
+            usage = _USAGE_MEMBER.search(payload)
+            if usage is not None:
+                count = _COMPLETION_TOKENS.search(payload, usage.start(1), usage.end(1))
+                if count is not None:
+                    self._usage_span = usage.span()
+                    self.num_completion_tokens = int(count.group(1))
+                    self.has_choices = b'"choices"' in payload and _NO_CHOICES.search(payload) is None
+                    return
+        self._read(self.json())
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StreamEvent:
+        """The event carrying ``data`` (an object the router makes, such as an error)."""
+        event = cls.__new__(cls)
+        event.payload = json.dumps(data, separators=(",", ":")).encode()
+        event._json = data
+        event._usage_span = None
+        event._read(data)
+        return event
+
+    def _read(self, data: dict[str, Any]) -> None:
+        usage = data.get("usage")
+        count = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        self.is_error = "error" in data
+        self.num_completion_tokens = count if isinstance(count, int) else None
+        self.has_choices = bool(data.get("choices"))
+
+    def json(self) -> dict[str, Any]:
+        """The event as a JSON object (parsed once, on first use).
+
+        Raises:
+            ValueError: the payload is not a JSON object.
+        """
+        if self._json is None:
+            data = json.loads(self.payload)
+            if not isinstance(data, dict):
+                raise ValueError(f"stream event is not a JSON object: {self.payload[:80]!r}")
+            self._json = data
+        return self._json
+
+    def num_new_tokens(self, num_tokens_so_far: int) -> int:
+        """Tokens this event adds to a stream that had ``num_tokens_so_far``: from ``usage.completion_tokens``,
+        else one for a chunk with text (:func:`chunk_delta`)."""
+        if self.num_completion_tokens is not None:
+            return max(self.num_completion_tokens - num_tokens_so_far, 0)
+        return chunk_delta(self.json(), num_tokens_so_far).num_tokens
+
+    def without_usage(self) -> bytes:
+        """The payload without its ``usage`` member (for a client that did not ask for continuous usage)."""
+        span = self._usage_span
+        if span is None:
+            data = self.json()
+            if "usage" not in data:
+                return self.payload
+            return json.dumps({k: v for k, v in data.items() if k != "usage"}, separators=(",", ":")).encode()
+        payload = self.payload
+        start, end = span
+        after = end
+        while after < len(payload) and payload[after] in _WHITESPACE:
+            after += 1
+        if payload[after : after + 1] == b",":  # a member follows: take the comma after
+            return payload[:start] + payload[after + 1 :]
+        before = start
+        while before > 0 and payload[before - 1] in _WHITESPACE:
+            before -= 1
+        if payload[before - 1 : before] == b",":  # the last member: take the comma before
+            return payload[: before - 1] + payload[end:]
+        return payload[:start] + payload[end:]  # the only member
 
 
 def check_event_stream(content_type: str) -> None:

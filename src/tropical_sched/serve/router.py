@@ -51,7 +51,7 @@ from tropical_sched.serve.app import (
 from tropical_sched.serve.config import InstanceConfig, RouterConfig
 from tropical_sched.serve.metrics import RouterMetrics
 from tropical_sched.serve.monitor import EngineMonitor
-from tropical_sched.serve.openai import chunk_delta, error_body
+from tropical_sched.serve.openai import StreamEvent, error_body
 from tropical_sched.serve.state import Instance, Phase, Tracked
 from tropical_sched.serve.upstream import (
     ConcurrentPrefill,
@@ -80,7 +80,7 @@ _RETURN_TRANSIT_MARGIN_S = 0.005
 
 
 class Router:
-    """The router service (see the module docstring). ``router.app`` is the ASGI application.
+    """The router service (see the module docstring). ``router.app`` is the HTTP application (``aiohttp.web``).
 
     Args:
         config: the cluster configuration.
@@ -123,7 +123,7 @@ class Router:
         for instance in self.instances:
             self.metrics.instance_up.labels(instance.url, instance.role.value).set(1)
             self.metrics.in_flight.labels(instance.url).set(0)
-        self.app = RouterApp(self).asgi
+        self.app = RouterApp(self).web
 
     # -- set-up -------------------------------------------------------------------------------------------------
 
@@ -283,9 +283,10 @@ class Router:
 
     def admit(
         self, request: Request, body: dict[str, Any], chat: bool
-    ) -> tuple[Tracked, AsyncGenerator[dict[str, Any], None]]:
-        """Take a validated request: track it, and return the generator of its upstream events (routing starts
-        at its first ``__anext__``; closing it aborts the request wherever it is)."""
+    ) -> tuple[Tracked, AsyncGenerator[list[StreamEvent], None]]:
+        """Take a validated request: track it, and return the generator of its upstream events, in batches (the
+        events of one network read; routing starts at its first ``__anext__``; closing it aborts the request
+        wherever it is)."""
         tracked = Tracked(request=request)
         self._tracked[request.request_id] = tracked
         return tracked, self._events(tracked, body, chat)
@@ -335,8 +336,11 @@ class Router:
             return any(i.healthy and i.role.runs_decodes for i in self.instances)
         return any(i.healthy and i.role.runs_prefills for i in self.instances)
 
-    async def _events(self, tracked: Tracked, body: dict[str, Any], chat: bool) -> AsyncGenerator[dict[str, Any], None]:
-        """Route the request and yield the upstream stream's events, retrying while it has produced no token.
+    async def _events(
+        self, tracked: Tracked, body: dict[str, Any], chat: bool
+    ) -> AsyncGenerator[list[StreamEvent], None]:
+        """Route the request and yield the upstream stream's events in batches (those of one network read, as they
+        came), retrying while it has produced no token.
 
         Every exit (finished, failed, rejected, client gone) leaves the request counted nowhere.
         """
@@ -381,11 +385,12 @@ class Router:
                         self._note_sent(tracked, target)
                     upstream = self.upstream.dialect(target).generation_body(body, engine_slo, transfer)
                     async with self.upstream.generation(target, path, upstream) as stream:
-                        async for event in until_failed(stream, prefill):
-                            delta = chunk_delta(event, tracked.num_generated_tokens)
-                            if delta.num_tokens:
-                                self._on_tokens(tracked, target, delta.num_tokens)
-                            yield event
+                        async for batch in until_failed(stream, prefill):
+                            for event in batch:
+                                num_new_tokens = event.num_new_tokens(tracked.num_generated_tokens)
+                                if num_new_tokens:
+                                    self._on_tokens(tracked, target, num_new_tokens)
+                            yield batch
                     outcome = "ok"
                     return
                 except HttpError:
@@ -406,7 +411,7 @@ class Router:
                     message = f"instance {target.url} failed after {tracked.num_generated_tokens} tokens: {exc!r}"
                     if tracked.num_generated_tokens == 0:
                         raise HttpError(502, message, "UpstreamError") from None
-                    yield error_body(message, "UpstreamError", 502)
+                    yield [StreamEvent.from_json(error_body(message, "UpstreamError", 502))]
                     return
                 finally:
                     if prefill is not None:

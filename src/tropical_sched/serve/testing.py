@@ -1,7 +1,9 @@
-"""Run ASGI apps (the router, fake engines) on 127.0.0.1 in background threads, for tests and benchmarks."""
+"""Run HTTP apps (the router's aiohttp application, the fake engines' ASGI ones) on 127.0.0.1 in background
+threads, for tests and benchmarks."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -16,6 +18,7 @@ from typing import Any
 
 import httpx
 import uvicorn
+from aiohttp import web
 
 __all__ = ["ServerProcess", "ServerThread", "free_port", "wait_until_healthy"]
 
@@ -48,24 +51,70 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class _WebServer:
+    """An ``aiohttp.web`` application served on its own event loop (run in the server thread)."""
+
+    def __init__(self, app: web.Application, port: int) -> None:
+        self.app = app
+        self.port = port
+        self.started = False
+        self._loop = asyncio.new_event_loop()
+        self._stopping: asyncio.Event | None = None
+
+    def run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._serve())
+        finally:
+            self._loop.close()
+
+    async def _serve(self) -> None:
+        from tropical_sched.serve.app import RUNNER_OPTIONS
+
+        runner = web.AppRunner(self.app, shutdown_timeout=1.0, **RUNNER_OPTIONS)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            self._stopping = asyncio.Event()
+            self.started = True
+            await self._stopping.wait()
+        finally:
+            await runner.cleanup()
+
+    def stop(self) -> None:
+        if self._stopping is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self._loop.call_soon_threadsafe(self._stopping.set)
+
+
 class ServerThread:
-    """An ASGI app served by uvicorn on 127.0.0.1 in a daemon thread.
+    """An HTTP app served on 127.0.0.1 in a daemon thread: an ``aiohttp.web`` application (the router's) with
+    aiohttp, an ASGI one (the fake engines') with uvicorn.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`. ``url`` is set once started.
 
     Args:
-        app: the ASGI application.
+        app: the application.
         port: the port; default a free one.
     """
 
     def __init__(self, app: Any, port: int | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._server = uvicorn.Server(
-            uvicorn.Config(
-                app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", timeout_graceful_shutdown=1
+        self._server: _WebServer | uvicorn.Server
+        if isinstance(app, web.Application):
+            self._server = _WebServer(app, self.port)
+        else:
+            self._server = uvicorn.Server(
+                uvicorn.Config(
+                    app,
+                    host="127.0.0.1",
+                    port=self.port,
+                    log_level="warning",
+                    lifespan="on",
+                    timeout_graceful_shutdown=1,
+                )
             )
-        )
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
     def start(self, timeout_s: float = 10.0) -> ServerThread:
@@ -84,7 +133,10 @@ class ServerThread:
 
     def stop(self) -> None:
         """Stop serving (connections are closed; the port stops answering)."""
-        self._server.should_exit = True
+        if isinstance(self._server, _WebServer):
+            self._server.stop()
+        else:
+            self._server.should_exit = True
         self._thread.join(timeout=10)
 
     def __enter__(self) -> ServerThread:

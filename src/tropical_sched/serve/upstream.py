@@ -24,7 +24,7 @@ import aiohttp
 
 from tropical_sched.serve.config import RouterConfig
 from tropical_sched.serve.engines import EngineDialect, dialect_for
-from tropical_sched.serve.openai import check_event_stream, parse_sse
+from tropical_sched.serve.openai import StreamEvent, check_event_stream, sse_payload_batches
 from tropical_sched.serve.state import Instance, Tracked
 
 __all__ = [
@@ -153,9 +153,10 @@ class Upstream:
     @contextlib.asynccontextmanager
     async def generation(
         self, instance: Instance, path: str, body: dict[str, Any]
-    ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
-        """Send the half of a request that generates, and yield its stream of events (open while the context is;
-        leaving it early closes the connection, which aborts the request in the engine).
+    ) -> AsyncIterator[AsyncIterator[list[StreamEvent]]]:
+        """Send the half of a request that generates, and yield its stream of events, in batches: the events each
+        network read completed, as soon as it did (open while the context is; leaving it early closes the
+        connection, which aborts the request in the engine).
 
         Raises:
             HttpError: the instance answered 4xx.
@@ -168,7 +169,7 @@ class Upstream:
                 if response.status != 200:
                     await self.raise_for_status(instance, response)
                 check_event_stream(response.headers.get("content-type", ""))
-                yield _guarded(instance, parse_sse(response.content.iter_any()))
+                yield _guarded(instance, response.content.iter_any())
         except _BELOW_HTTP as exc:
             raise _failure(instance, exc) from None
 
@@ -222,11 +223,16 @@ class Upstream:
         return None
 
 
-async def _guarded(instance: Instance, events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-    """``events``, with a failure below HTTP while reading them raised as :class:`TransportFailure`."""
+async def _guarded(instance: Instance, chunks: AsyncIterator[bytes]) -> AsyncIterator[list[StreamEvent]]:
+    """The events of a response body read in ``chunks``, a batch per read, with a failure below HTTP while reading
+    raised as :class:`TransportFailure`.
+
+    Raises:
+        ValueError: an event is not a JSON object.
+    """
     try:
-        async for event in events:
-            yield event
+        async for batch in sse_payload_batches(chunks):
+            yield [StreamEvent(payload) for payload in batch]
     except _BELOW_HTTP as exc:
         raise _failure(instance, exc) from None
 
@@ -257,16 +263,20 @@ class ConcurrentPrefill:
         self.instance.remove(tracked)
 
 
-async def until_failed(
-    events: AsyncIterator[dict[str, Any]], prefill: ConcurrentPrefill | None
-) -> AsyncIterator[dict[str, Any]]:
-    """The decode half's events; raises the prefill half's error as soon as it fails (the decode half would
-    otherwise wait for KV that never comes)."""
+def until_failed(
+    batches: AsyncIterator[list[StreamEvent]], prefill: ConcurrentPrefill | None
+) -> AsyncIterator[list[StreamEvent]]:
+    """The decode half's batches of events (``batches`` itself without a concurrent prefill); raises the prefill
+    half's error as soon as it fails (the decode half would otherwise wait for KV that never comes)."""
     if prefill is None:
-        async for event in events:
-            yield event
-        return
-    iterator = events.__aiter__()
+        return batches
+    return _until_failed(batches, prefill)
+
+
+async def _until_failed(
+    batches: AsyncIterator[list[StreamEvent]], prefill: ConcurrentPrefill
+) -> AsyncIterator[list[StreamEvent]]:
+    iterator = batches.__aiter__()
     while True:
         following = asyncio.ensure_future(iterator.__anext__())
         if not prefill.task.done():
@@ -277,7 +287,7 @@ async def until_failed(
                 await following
             raise prefill.task.exception()  # type: ignore[misc]
         try:
-            event = await following
+            batch = await following
         except StopAsyncIteration:
             return
-        yield event
+        yield batch
