@@ -755,6 +755,61 @@ def render_router_overhead(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _attainment_rows(ways: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One table row per way of running a replay: joint SLO attainment per seed, its mean, TTFT / TPOT means."""
+    rows = []
+    for label, runs in ways.items():
+        joint = [run["slo_attainment"] for run in runs]
+        ttft = sum(run["ttft_attainment"] for run in runs) / len(runs)
+        tpot = sum(run["tpot_attainment"] for run in runs) / len(runs)
+        rows.append(
+            f"| {label} | {' / '.join(f'{value:.1%}' for value in joint)} | {sum(joint) / len(joint):.1%} | "
+            f"{ttft:.1%} / {tpot:.1%} |"
+        )
+    return rows
+
+
+def render_shared_state(data: dict[str, Any]) -> str:
+    """The one-router / two-router table of docs/router.md from ``benchmarks/results/shared-state.json``."""
+    ways = data["ways"]
+    seeds = [run["seed"] for run in next(iter(ways.values()))]
+    lines = [
+        f"Run: `{data['command']}`; {data['trace']}, {data['num_requests']} requests at {data['rate_per_s']:g} req/s "
+        f"per seed (seeds {', '.join(str(s) for s in seeds)}); fake engines "
+        f"({' + '.join(data['roles'])}, {data['profile']} at real speed, Tropical's engine-side scheduler); routers "
+        f"read the live state every {data['live_state_interval_s'] * 1e3:g} ms where they do; {data['machine']}.",
+        "",
+        "| routers | joint SLO attainment per seed | mean | TTFT / TPOT attainment (mean) |",
+        "|---|---|---|---|",
+    ]
+    lines += _attainment_rows(ways)
+    return "\n".join(lines)
+
+
+def render_ray_serve(data: dict[str, Any]) -> str:
+    """Ray Serve against ``tropical serve`` (docs/ray-serve.md) from ``benchmarks/results/ray-serve/``."""
+    ways = data["ways"]
+    seeds = [run["seed"] for run in next(iter(ways.values()))]
+    latency = data["latency"]
+    lines = [
+        f"Run: `{data['command']}`; {data['trace']}, {data['num_requests']} requests at {data['rate_per_s']:g} req/s "
+        f"per seed (seeds {', '.join(str(s) for s in seeds)}); fake engines ({' + '.join(data['roles'])}, "
+        f"{data['profile']} at real speed, Tropical's engine-side scheduler); Ray Serve's routing stats every "
+        f"{data['stats_period_s'] * 1e3:g} ms; {data['machine']}.",
+        "",
+        "| front | joint SLO attainment per seed | mean | TTFT / TPOT attainment (mean) |",
+        "|---|---|---|---|",
+    ]
+    lines += _attainment_rows(ways)
+    lines += [
+        "",
+        f"Added latency, median of {data['num_probes']} sequential one-token requests against the engine's own "
+        f"{latency['engine_alone_p50_ms']:.1f} ms: `tropical serve` {latency['tropical_serve_added_p50_ms']:.1f} ms, "
+        f"Ray Serve {latency['ray_serve_added_p50_ms']:.1f} ms.",
+    ]
+    return "\n".join(lines)
+
+
 def render_slo_policies_mechanisms(data: dict[str, Any]) -> str:
     """The SLO-aware schedulers' mechanisms on and off, and SLOs-Serve's TPOT attainment, from
     ``benchmarks/results/slo-policies.json``."""
@@ -796,6 +851,8 @@ RENDERERS: dict[str, tuple[Path, Callable[[dict[str, Any]], str]]] = {
     "aiconfigurator-cross-check": (LONG_CONTEXT, render_aiconfigurator_cross_check),
     "long-context-goodput": (LONG_CONTEXT, render_long_context_goodput),
     "router-overhead": (RESULTS / "router-overhead.json", render_router_overhead),
+    "shared-state": (RESULTS / "shared-state.json", render_shared_state),
+    "ray-serve": (RESULTS / "ray-serve" / "fake-engines.json", render_ray_serve),
     "slo-policies-goodput": (RESULTS / "slo-policies.json", render_slo_policies_goodput),
     "slo-policies-classes": (RESULTS / "slo-policies.json", render_slo_policies_classes),
     "slo-policies-mechanisms": (RESULTS / "slo-policies.json", render_slo_policies_mechanisms),

@@ -22,10 +22,11 @@ from tropical_sched.workloads.workload import ArrivalProcess, Overlength, Worklo
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip engine- and GPU-marked tests where their engine or GPU is missing."""
+    """Skip engine-, Ray- and GPU-marked tests where their engine, Ray or GPU is missing."""
     skips = {
         "vllm": importlib.util.find_spec("vllm") is None,
         "sglang": importlib.util.find_spec("sglang") is None,
+        "ray": importlib.util.find_spec("ray") is None,
         "gpu": True,
     }
     if importlib.util.find_spec("torch") is not None:

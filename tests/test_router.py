@@ -154,7 +154,9 @@ def test_slo_headers_reach_the_engine_and_llm_d_names_work(prefill_first: Cluste
     # The engines get the TTFT budget left when the request leaves the router (its deadline stays the client's).
     prefill_xargs = prefill_first.prefill.stats.xargs[-1]
     decode_xargs = prefill_first.mux.stats.xargs[-1]
-    assert set(prefill_xargs) == set(decode_xargs) == {"tropical_ttft_slo_ms", "tropical_tpot_slo_ms"}
+    names = {"tropical_ttft_slo_ms", "tropical_tpot_slo_ms", "tropical_request_id"}
+    assert set(prefill_xargs) == set(decode_xargs) == names
+    assert prefill_xargs["tropical_request_id"] == decode_xargs["tropical_request_id"]  # both halves: one id
     assert 1234.0 - 500 < prefill_xargs["tropical_ttft_slo_ms"] <= 1234.0
     assert decode_xargs["tropical_ttft_slo_ms"] <= prefill_xargs["tropical_ttft_slo_ms"]
     assert prefill_xargs["tropical_tpot_slo_ms"] == decode_xargs["tropical_tpot_slo_ms"] == 56.0

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import time
+import secrets
 from collections.abc import AsyncIterator, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -31,7 +31,7 @@ from tropical_sched.serve.openai import (
     PayloadTooLarge,
     StreamEvent,
     UnknownModel,
-    chunk_delta,
+    aggregate_events,
     error_body,
     parse_json_body,
     prompt_token_count,
@@ -51,6 +51,7 @@ __all__ = [
     "SLO_HEADER_RANGE_MS",
     "RouterApp",
     "parse_slo_headers",
+    "shape_events",
 ]
 
 SLO_HEADERS = {
@@ -103,6 +104,24 @@ def _error_response(message: str, kind: str, status: int) -> web.Response:
     return _json_response(error_body(message, kind, status), status)
 
 
+def shape_events(batch: list[StreamEvent], *, include_usage: bool, continuous: bool) -> bytes:
+    """Engine events as the client asked for them, as server-sent events: usage-only events only with
+    ``include_usage``, per-chunk usage only with ``continuous`` (stripped in place otherwise), errors always; the
+    rest of each event's bytes as the engine sent them."""
+    parts = []
+    for event in batch:
+        if event.is_error:
+            data = event.payload
+        elif not event.has_choices:  # the final usage chunk
+            if not include_usage:
+                continue
+            data = event.payload
+        else:
+            data = event.payload if continuous else event.without_usage()
+        parts.append(b"data: " + data + b"\n\n")
+    return b"".join(parts)
+
+
 def parse_slo_headers(headers: Mapping[str, str], default: Slo) -> Slo:
     """The request's SLOs: its headers (``x-slo-ttft-ms``, ``x-slo-tpot-ms``, or llm-d's
     ``x-llm-d-slo-*-ms``), else ``default``.
@@ -145,6 +164,7 @@ class RouterApp:
         self.router = router
         self._slo_spec = router.config.slo.spec()
         self._next_id = 0
+        self._id_prefix = f"trop-{secrets.token_hex(4)}"  # ids differ between routers that share engines
         self.web = web.Application(client_max_size=MAX_REQUEST_BODY_BYTES)
         self.web.add_routes(
             [
@@ -314,7 +334,7 @@ class RouterApp:
         slo = parse_slo_headers(http.headers, default)
         self._next_id += 1
         return Request(
-            request_id=f"trop-{self._next_id}",
+            request_id=f"{self._id_prefix}-{self._next_id}",
             arrival_at_s=router.now_s(),
             num_prompt_tokens=num_prompt_tokens,
             slo=slo,
@@ -349,7 +369,7 @@ class RouterApp:
             headers = {ROUTE_HEADER: tracked.route or "none"}
             if body.get("stream"):
                 return await self._relay(http, headers, first, events, body.get("stream_options") or {})
-            status, payload = await self._aggregate(first, events, chat)
+            status, payload = await aggregate_events(first, events, chat)
             return _json_response(payload, status, headers)
         finally:
             await events.aclose()
@@ -368,18 +388,7 @@ class RouterApp:
         include_usage = bool(options.get("include_usage"))
 
         def shaped(batch: list[StreamEvent]) -> bytes:
-            parts = []
-            for event in batch:
-                if event.is_error:
-                    data = event.payload
-                elif not event.has_choices:  # the final usage chunk
-                    if not include_usage:
-                        continue
-                    data = event.payload
-                else:
-                    data = event.payload if continuous else event.without_usage()
-                parts.append(b"data: " + data + b"\n\n")
-            return b"".join(parts)
+            return shape_events(batch, include_usage=include_usage, continuous=continuous)
 
         response = web.StreamResponse(headers=headers)
         response.content_type = "text/event-stream"
@@ -393,44 +402,3 @@ class RouterApp:
                 await response.write(data)
         await response.write_eof(DONE)  # with the end of the chunked body: one write
         return response
-
-    @staticmethod
-    async def _aggregate(
-        first: list[StreamEvent], batches: AsyncIterator[list[StreamEvent]], chat: bool
-    ) -> tuple[int, dict[str, Any]]:
-        """Collect a stream into one completion body."""
-        parts: list[str] = []
-        finish = None
-        usage = None
-        head: dict[str, Any] = {}
-
-        async def consume() -> AsyncIterator[dict[str, Any]]:
-            for event in first:
-                yield event.json()
-            async for batch in batches:
-                for event in batch:
-                    yield event.json()
-
-        async for event in consume():
-            if "error" in event:
-                return event["error"].get("code", 502), event
-            head = head or event
-            delta = chunk_delta(event, 0)
-            parts.append(delta.text)
-            finish = delta.finish_reason or finish
-            if isinstance(event.get("usage"), dict):
-                usage = event["usage"]
-        text = "".join(parts)
-        choice: dict[str, Any] = (
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-            if chat
-            else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        )
-        return 200, {
-            "id": head.get("id", ""),
-            "object": "chat.completion" if chat else "text_completion",
-            "created": head.get("created", int(time.time())),
-            "model": head.get("model", ""),
-            "choices": [choice],
-            "usage": usage,
-        }

@@ -217,6 +217,10 @@ class RouterConfig(_Strict):
         chars_per_token: characters per token for ``estimate``.
         health_interval_s: how often instances are probed on ``/health`` (down ones until they answer).
         metrics_interval_s: how often engine ``/metrics`` are read to correct the router's view (0 to disable).
+        live_state_interval_s: how often each engine's live state (``GET /v1/tropical/state``,
+            :class:`~tropical_sched.live_state.EngineLiveState`) is read, seconds; the router then decides from
+            it (every router's requests, not only its own), which keeps several routers in front of the same
+            engines consistent. 0 (the default): off, the router counts what it sent.
         max_waiting_requests: requests held at the router beyond this get HTTP 503.
         request_timeout_s: upstream read timeout, and the longest a request may wait at the router.
         max_retries: times a request that produced no token is retried on another instance after a failure.
@@ -235,6 +239,7 @@ class RouterConfig(_Strict):
     chars_per_token: PositiveFloat = 4.0
     health_interval_s: PositiveFloat = 1.0
     metrics_interval_s: Annotated[float, Field(ge=0)] = 2.0
+    live_state_interval_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     max_waiting_requests: Annotated[int, Field(ge=1)] = 4096
     request_timeout_s: PositiveFloat = 600.0
     max_retries: Annotated[int, Field(ge=0)] = 2

@@ -24,6 +24,7 @@ from tropical_sched.core.request import Slo
 from tropical_sched.serve.config import Engine, InstanceConfig
 
 __all__ = [
+    "REQUEST_ID_KEY",
     "EngineDialect",
     "LoadReading",
     "LoadSource",
@@ -111,17 +112,23 @@ class EngineDialect(Protocol):
         either answers); ``None`` for sequential ones (their decode half needs the prefill's response)."""
         ...
 
-    def generation_body(self, body: dict[str, Any], slo: Slo, transfer: dict[str, Any] | None) -> dict[str, Any]:
+    def generation_body(
+        self, body: dict[str, Any], slo: Slo, transfer: dict[str, Any] | None, *, request_id: str | None = None
+    ) -> dict[str, Any]:
         """The body of the request that streams tokens back (multiplexed, colocated, or the decode half of P/D).
 
         Args:
             body: the client's body.
             slo: the request's SLOs (they travel to the engine-side scheduler).
             transfer: what pairs the decode half with its prefill (the prefill's response or the handoff).
+            request_id: the router's id of the request, which travels with the SLOs (``tropical_request_id``)
+                so that the engine's live state names it (:mod:`tropical_sched.live_state`).
         """
         ...
 
-    def prefill_body(self, body: dict[str, Any], slo: Slo, handoff: dict[str, Any] | None) -> dict[str, Any]:
+    def prefill_body(
+        self, body: dict[str, Any], slo: Slo, handoff: dict[str, Any] | None, *, request_id: str | None = None
+    ) -> dict[str, Any]:
         """The body of the prefill half of P/D (prefill only, keep the KV cache for a remote decoder)."""
         ...
 
@@ -140,34 +147,40 @@ class VllmDialect:
     and continuous usage statistics so that every streamed chunk carries the token count."""
 
     @staticmethod
-    def _slo_xargs(body: dict[str, Any], slo: Slo) -> dict[str, Any]:
+    def _slo_xargs(body: dict[str, Any], slo: Slo, request_id: str | None) -> dict[str, Any]:
         xargs = dict(body.get("vllm_xargs") or {})
         xargs["tropical_ttft_slo_ms"] = round(slo.ttft_s * 1e3, 3)
         xargs["tropical_tpot_slo_ms"] = round(slo.tpot_s * 1e3, 3)
+        if request_id is not None:
+            xargs[REQUEST_ID_KEY] = request_id
         return xargs
 
     def handoff(self, prefill_instance: InstanceConfig) -> dict[str, Any] | None:
         """See :class:`EngineDialect` (vLLM's P/D is sequential: ``None``)."""
         return None
 
-    def generation_body(self, body: dict[str, Any], slo: Slo, transfer: dict[str, Any] | None) -> dict[str, Any]:
+    def generation_body(
+        self, body: dict[str, Any], slo: Slo, transfer: dict[str, Any] | None, *, request_id: str | None = None
+    ) -> dict[str, Any]:
         """See :class:`EngineDialect`."""
         upstream = dict(body)
         upstream["stream"] = True
         upstream["stream_options"] = _STREAM_OPTIONS
-        upstream["vllm_xargs"] = self._slo_xargs(body, slo)
+        upstream["vllm_xargs"] = self._slo_xargs(body, slo, request_id)
         if transfer is not None:
             upstream["kv_transfer_params"] = transfer
         return upstream
 
-    def prefill_body(self, body: dict[str, Any], slo: Slo, handoff: dict[str, Any] | None) -> dict[str, Any]:
+    def prefill_body(
+        self, body: dict[str, Any], slo: Slo, handoff: dict[str, Any] | None, *, request_id: str | None = None
+    ) -> dict[str, Any]:
         """See :class:`EngineDialect` (vLLM's P/D proxy protocol: one token, no streaming)."""
         upstream = {k: v for k, v in body.items() if k not in ("stream_options", "min_tokens", "n")}
         upstream["stream"] = False
         upstream["max_tokens"] = 1
         upstream.pop("max_completion_tokens", None)
         upstream["kv_transfer_params"] = {"do_remote_decode": True, "do_remote_prefill": False}
-        upstream["vllm_xargs"] = self._slo_xargs(body, slo)
+        upstream["vllm_xargs"] = self._slo_xargs(body, slo, request_id)
         return upstream
 
     def transfer_params(self, response: dict[str, Any]) -> dict[str, Any]:
@@ -195,11 +208,13 @@ class SglangDialect:
         self._rng = rng or random.SystemRandom()
 
     @staticmethod
-    def _with_slo(body: dict[str, Any], slo: Slo) -> dict[str, Any]:
+    def _with_slo(body: dict[str, Any], slo: Slo, request_id: str | None) -> dict[str, Any]:
         upstream = dict(body)
         custom = dict(body.get("custom_params") or {})
         custom["tropical_ttft_slo_ms"] = round(slo.ttft_s * 1e3, 3)
         custom["tropical_tpot_slo_ms"] = round(slo.tpot_s * 1e3, 3)
+        if request_id is not None:
+            custom[REQUEST_ID_KEY] = request_id
         upstream["custom_params"] = custom
         return upstream
 
@@ -211,21 +226,25 @@ class SglangDialect:
             "bootstrap_room": self._rng.randrange(2**63),
         }
 
-    def generation_body(self, body: dict[str, Any], slo: Slo, transfer: dict[str, Any] | None) -> dict[str, Any]:
+    def generation_body(
+        self, body: dict[str, Any], slo: Slo, transfer: dict[str, Any] | None, *, request_id: str | None = None
+    ) -> dict[str, Any]:
         """See :class:`EngineDialect`."""
-        upstream = self._with_slo(body, slo)
+        upstream = self._with_slo(body, slo, request_id)
         upstream["stream"] = True
         upstream["stream_options"] = _STREAM_OPTIONS
         if transfer is not None:
             upstream.update(transfer)
         return upstream
 
-    def prefill_body(self, body: dict[str, Any], slo: Slo, handoff: dict[str, Any] | None) -> dict[str, Any]:
+    def prefill_body(
+        self, body: dict[str, Any], slo: Slo, handoff: dict[str, Any] | None, *, request_id: str | None = None
+    ) -> dict[str, Any]:
         """See :class:`EngineDialect`: the same request with the handoff, not streamed (SGLang's prefill server
         generates one token whatever ``max_tokens`` says)."""
         if handoff is None:
             raise ValueError("SGLang's prefill half needs the bootstrap handoff")
-        upstream = self._with_slo(body, slo)
+        upstream = self._with_slo(body, slo, request_id)
         upstream["stream"] = False
         upstream.pop("stream_options", None)
         upstream.update(handoff)
@@ -240,6 +259,11 @@ class SglangDialect:
         (``sglang:token_usage``, ``sglang:num_running_reqs``, ``sglang:num_queue_reqs``; needs
         ``--enable-metrics``)."""
         return (_SGLANG_LOADS, _PROMETHEUS)
+
+
+REQUEST_ID_KEY = "tropical_request_id"
+"""Where the router's request id travels to the engine, beside the SLOs (vLLM: ``vllm_xargs``, SGLang:
+``custom_params``): an engine that reports its live state names the request by it."""
 
 
 def dialect_for(engine: Engine) -> EngineDialect:

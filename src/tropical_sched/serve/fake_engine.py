@@ -29,10 +29,12 @@ from starlette.routing import Route
 
 from tropical_sched.core.request import Request, Slo
 from tropical_sched.core.snapshot import WorkerRole
+from tropical_sched.live_state import LIVE_STATE_PATH, EngineLiveState
 from tropical_sched.policies.base import EngineSettings, LocalScheduler, PolicyContext
 from tropical_sched.policies.local import FcfsScheduler
 from tropical_sched.policies.registry import make_policy
 from tropical_sched.predictors.profile import Profile
+from tropical_sched.serve.engines import REQUEST_ID_KEY
 from tropical_sched.serve.openai import DONE, BadRequest, error_body, now_unix_s, prompt_token_count, sse
 from tropical_sched.sim.worker import Job, SimWorker
 
@@ -140,6 +142,7 @@ class FakeEngine:
             report_tokens=True,
         )
         self._streams: dict[str, asyncio.Queue[int | None]] = {}  # request id -> token counts, None at the end
+        self._router_ids: dict[str, str] = {}  # request id -> the router's id of it (tropical_request_id)
         self._ids = itertools.count()
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -152,6 +155,7 @@ class FakeEngine:
                 Route("/metrics", self._metrics),
                 Route("/v1/models", self._models),
                 Route("/tokenize", self._tokenize, methods=["POST"]),
+                Route(LIVE_STATE_PATH, self._live_state),
             ],
             lifespan=self._lifespan,
         )
@@ -245,6 +249,12 @@ class FakeEngine:
         )
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
+    async def _live_state(self, request: HttpRequest) -> Response:
+        """``GET /v1/tropical/state``: what the engine runs (:class:`~tropical_sched.live_state.EngineLiveState`),
+        durations in wall seconds, requests named by the router's ids where they came with one."""
+        state = EngineLiveState.from_snapshot(self._worker.snapshot(), self._now(), self.time_scale, self._router_ids)
+        return Response(state.model_dump_json(), media_type="application/json")
+
     async def _completions(self, request: HttpRequest) -> Response:
         return await self._serve(request, chat=False)
 
@@ -306,6 +316,9 @@ class FakeEngine:
         )
         queue: asyncio.Queue[int | None] = asyncio.Queue()
         self._streams[request_id] = queue
+        router_id = xargs.get(REQUEST_ID_KEY)
+        if isinstance(router_id, str):
+            self._router_ids[request_id] = router_id
         if remote_prefill:
             # The KV cache arrives from the prefill instance (after the hop): decode from the start, no prefill
             # here. Its TPOT clock starts when it arrives (the first token the client sees comes from this engine).
@@ -381,6 +394,7 @@ class FakeEngine:
                 produced += 1
         finally:
             self._streams.pop(request_id, None)
+            self._router_ids.pop(request_id, None)
             if job.finished_at_s is None and not job.aborted:
                 self.stats.num_aborted += 1
                 self._worker.abort(job)

@@ -4,14 +4,17 @@ An instance is marked down when its ``GET /health`` fails or a call to it is ref
 answers 200 again; a healthy instance's ``/v1/models`` gives its model names and context limit; its own load
 (KV-cache usage, requests running and waiting) is read where its dialect says
 (:meth:`~tropical_sched.serve.engines.EngineDialect.load_sources`). The probe's round trip is kept per instance:
-the calibration takes it out of a lone prefill's time.
+the calibration takes it out of a lone prefill's time. With ``live_state_interval_s`` set, each engine's live
+state (:mod:`tropical_sched.live_state`) is read as often: what it runs for every router.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 
+from tropical_sched.core.errors import DataFormatError
+from tropical_sched.live_state import LIVE_STATE_PATH, parse_live_state
 from tropical_sched.serve.config import RouterConfig
 from tropical_sched.serve.metrics import RouterMetrics
 from tropical_sched.serve.state import Instance
@@ -32,6 +35,7 @@ class EngineMonitor:
         metrics: the router's metrics (``instance_up``, ``engine_kv_usage``).
         now_s: the router's clock.
         on_healthy: called when an instance comes back (the router dispatches what waits).
+        own_request_ids: the ids of the router's requests not finished yet (taken out of live-state reports).
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class EngineMonitor:
         metrics: RouterMetrics,
         now_s: Callable[[], float],
         on_healthy: Callable[[], None],
+        own_request_ids: Callable[[], Collection[str]] = frozenset,
     ) -> None:
         self._config = config
         self._instances = instances
@@ -49,6 +54,7 @@ class EngineMonitor:
         self._metrics = metrics
         self._now_s = now_s
         self._on_healthy = on_healthy
+        self._own_request_ids = own_request_ids
         self._background_tasks: set[asyncio.Future[None]] = set()
 
     def tasks(self) -> list[asyncio.Task[None]]:
@@ -56,7 +62,37 @@ class EngineMonitor:
         tasks = [asyncio.create_task(self._watch_health())]
         if self._config.metrics_interval_s > 0:
             tasks.append(asyncio.create_task(self._watch_engine_metrics()))
+        if self._config.live_state_interval_s > 0:
+            tasks.append(asyncio.create_task(self._watch_live_state()))
         return tasks
+
+    async def read_live_state(self, instance: Instance) -> None:
+        """Read an instance's live state; without one (down, no such endpoint, a malformed answer) the router's
+        own counts stand alone for it until the next reading."""
+        if not instance.healthy:
+            instance.set_live_state(None, self._now_s())
+            return
+        sent_at_s = self._now_s()
+        own_then = set(self._own_request_ids())
+        try:
+            response = await self._upstream.get(instance, LIVE_STATE_PATH, _PROBE_TIMEOUT_S)
+            state = (
+                parse_live_state(response.content, instance.url + LIVE_STATE_PATH)
+                if response.status_code == 200
+                else None
+            )
+        except (TransportFailure, DataFormatError):
+            state = None
+        # Taken, as far as the router can tell, halfway through the call; the router's own requests are those it
+        # had when it asked or has now (one that ended meanwhile may still be in the report).
+        own_ids = own_then | set(self._own_request_ids())
+        instance.set_live_state(state, (sent_at_s + self._now_s()) / 2, own_ids)
+
+    async def _watch_live_state(self) -> None:
+        while True:
+            await asyncio.gather(*(self.read_live_state(instance) for instance in self._instances))
+            self._on_healthy()  # waiting requests are decided again on the new view
+            await asyncio.sleep(self._config.live_state_interval_s)
 
     def cancel_background(self) -> None:
         """Cancel the probes started by :meth:`on_transport_error`."""

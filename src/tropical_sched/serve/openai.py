@@ -30,6 +30,7 @@ __all__ = [
     "StreamDelta",
     "StreamEvent",
     "UnknownModel",
+    "aggregate_events",
     "check_event_stream",
     "chunk_delta",
     "error_body",
@@ -478,6 +479,48 @@ async def iter_sse(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
     check_event_stream(response.headers.get("content-type", ""))
     async for event in parse_sse(response.aiter_bytes()):
         yield event
+
+
+async def aggregate_events(
+    first: list[StreamEvent], batches: AsyncIterator[list[StreamEvent]], chat: bool
+) -> tuple[int, dict[str, Any]]:
+    """Collect a stream's events (``first``, then ``batches``) into one completion body: ``(200, body)``, or the
+    status and body of the first error event."""
+    parts: list[str] = []
+    finish = None
+    usage = None
+    head: dict[str, Any] = {}
+
+    async def consume() -> AsyncIterator[dict[str, Any]]:
+        for event in first:
+            yield event.json()
+        async for batch in batches:
+            for event in batch:
+                yield event.json()
+
+    async for event in consume():
+        if "error" in event:
+            return event["error"].get("code", 502), event
+        head = head or event
+        delta = chunk_delta(event, 0)
+        parts.append(delta.text)
+        finish = delta.finish_reason or finish
+        if isinstance(event.get("usage"), dict):
+            usage = event["usage"]
+    text = "".join(parts)
+    choice: dict[str, Any] = (
+        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        if chat
+        else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    )
+    return 200, {
+        "id": head.get("id", ""),
+        "object": "chat.completion" if chat else "text_completion",
+        "created": head.get("created", int(time.time())),
+        "model": head.get("model", ""),
+        "choices": [choice],
+        "usage": usage,
+    }
 
 
 def now_unix_s() -> int:

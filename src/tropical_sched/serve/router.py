@@ -112,8 +112,10 @@ class Router:
         self.metrics = RouterMetrics()
         self.upstream = Upstream(config)
         self._started = time.monotonic()
-        self.monitor = EngineMonitor(config, self.instances, self.upstream, self.metrics, self.now_s, self._dispatch)
         self._tracked: dict[str, Tracked] = {}  # request id -> request not finished yet
+        self.monitor = EngineMonitor(
+            config, self.instances, self.upstream, self.metrics, self.now_s, self._dispatch, self._tracked.keys
+        )
         self._route_waiters: dict[str, asyncio.Future[RouteDecision]] = {}
         self._placement_waiters: dict[str, asyncio.Future[DecodePlacement]] = {}
         self._snapshot_key: tuple[float, ...] = ()
@@ -195,7 +197,7 @@ class Router:
             self._snapshot_refreshed_at_s = now
         key = (now, *(instance.version for instance in self.instances))
         if self._snapshot is None or key != self._snapshot_key:
-            self._snapshot = ClusterSnapshot(now_s=now, workers=tuple(i.snapshot() for i in self.instances))
+            self._snapshot = ClusterSnapshot(now_s=now, workers=tuple(i.snapshot(now) for i in self.instances))
             self._snapshot_key = key
         return self._snapshot
 
@@ -249,7 +251,7 @@ class Router:
         """The decode step of ``instance`` once ``request`` streams there, next to the decodes streaming there now
         (its predicted TPOT; O(1), from the instance's running totals)."""
         return self._step_time(instance).decode_step_time_s(
-            instance.num_streaming + 1, instance.streaming_context_tokens + request.num_prompt_tokens + 1
+            instance.num_decoding + 1, instance.decoding_context_tokens + request.num_prompt_tokens + 1
         )
 
     def _count_in_flight(self, index: int) -> None:
@@ -383,7 +385,9 @@ class Router:
                         tracked.decode_sent_at_s = self.now_s()
                     else:
                         self._note_sent(tracked, target)
-                    upstream = self.upstream.dialect(target).generation_body(body, engine_slo, transfer)
+                    upstream = self.upstream.dialect(target).generation_body(
+                        body, engine_slo, transfer, request_id=request.request_id
+                    )
                     async with self.upstream.generation(target, path, upstream) as stream:
                         async for batch in until_failed(stream, prefill):
                             for event in batch:
@@ -439,7 +443,7 @@ class Router:
         """Run the prefill half of P/D; returns the transfer parameters for the decoding instance (the handoff
         itself for concurrent engines)."""
         dialect = self.upstream.dialect(instance)
-        upstream = dialect.prefill_body(body, slo, handoff)
+        upstream = dialect.prefill_body(body, slo, handoff, request_id=tracked.request.request_id)
         self._note_sent(tracked, instance)
         answer = await self.upstream.post(instance, path, upstream)
         transfer = handoff if handoff is not None else dialect.transfer_params(answer)
@@ -493,7 +497,8 @@ class Router:
             or tracked.sent_at_s is None
             or not tracked.sent_alone
             or instance.num_admitted != tracked.sent_admissions
-            or instance.num_streaming
+            or instance.num_decoding
+            or instance.foreign_num_prefills
         ):
             return False
         instance.calibration.observe_prefill(
@@ -518,7 +523,7 @@ class Router:
         request_id = tracked.request.request_id
         # What waits once this one leaves: exactly one request (prefills only), or not that case.
         others = [key for key in instance.prefills if key != request_id]
-        sole = others[0] if len(others) == 1 and not instance.decodes and not instance.num_streaming else None
+        sole = others[0] if len(others) == 1 and not instance.decodes and instance.no_other_work else None
         instance.last_prefill_return_at_s, instance.sole_waiting_id = now, sole
         instance.admissions_at_last_return = instance.num_admitted
         calibration = instance.calibration
@@ -531,7 +536,7 @@ class Router:
             and tracked.sent_at_s < previous_at_s - _RETURN_TRANSIT_MARGIN_S
             and instance.num_admitted == admissions_then
             and not instance.decodes
-            and not instance.num_streaming
+            and instance.no_other_work
         ):
             calibration.observe_prefill(
                 num_prompt_tokens=tracked.request.num_prompt_tokens, duration_s=now - previous_at_s
@@ -561,9 +566,9 @@ class Router:
             return
         model = self._step_time(instance)
         num_prompt_tokens = tracked.request.num_prompt_tokens
-        busy_s = model.decode_step_time_s(instance.num_streaming, instance.streaming_context_tokens)
+        busy_s = model.decode_step_time_s(instance.num_decoding, instance.decoding_context_tokens)
         step_s = model.decode_step_time_s(
-            instance.num_streaming + 1, instance.streaming_context_tokens + num_prompt_tokens + 1
+            instance.num_decoding + 1, instance.decoding_context_tokens + num_prompt_tokens + 1
         )
         prefiller.observe_pd_hop(
             num_prompt_tokens=num_prompt_tokens, hop_s=now - tracked.decode_sent_at_s - step_s - busy_s / 2

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 from tropical_sched.core.request import Request
 from tropical_sched.core.snapshot import DecodeBatch, PrefillState, WorkerRole, WorkerSnapshot
+from tropical_sched.live_state import EngineLiveState, LiveDecode, LivePrefill, merge_live_state
 from tropical_sched.policies.base import LocalScheduler
 from tropical_sched.predictors.calibration import InstanceCalibration
 from tropical_sched.predictors.profile import ServingOverheads
@@ -121,6 +123,14 @@ class Instance:
         self.decodes: dict[str, Tracked] = {}  # request id -> request producing (or about to produce) tokens
         self.engine_kv_usage_fraction: float | None = None  # last value read from the engine's /metrics
         self.engine_num_requests: int | None = None  # running + waiting, as the engine reports
+        self.live_state: EngineLiveState | None = None  # what the engine runs, all routers' requests (shared state)
+        self.live_state_taken_at_s = 0.0  # when it was taken, router clock
+        # Other routers' requests in the latest report (0 without reports, or with reports that carry no ids):
+        self.foreign_num_prefills = 0
+        self.foreign_num_decodes = 0
+        self.foreign_context_tokens = 0  # their decodes' prompt + generated tokens
+        self.live_state_has_ids = False  # the engine names requests by the router's ids (its report then holds
+        # the other routers' requests only, once the router takes its own out)
         self.served_models: tuple[str, ...] = ()  # model ids its /v1/models lists (empty until read)
         self.max_model_len: int | None = None  # context limit its /v1/models reports, tokens
         self.calibration = calibration
@@ -147,6 +157,33 @@ class Instance:
         """Requests counted on this instance."""
         return len(self.prefills) + len(self.decodes)
 
+    def set_live_state(self, state: EngineLiveState | None, taken_at_s: float, own_ids: Container[str] = ()) -> None:
+        """The engine's own report of what it runs (``None``: none to be had; the router's counts then stand alone),
+        taken at ``taken_at_s`` on the router's clock. ``own_ids``: the router's requests then; a report that
+        names them by the router's ids is kept without them (the router sees its own more freshly)."""
+        entries: list[LivePrefill | LiveDecode] = [
+            *(state.prefills if state else ()),
+            *(state.decodes if state else ()),
+        ]
+        if any(entry.request_id is not None for entry in entries):
+            self.live_state_has_ids = True  # the engine reports ids: an empty report means nothing runs there
+        if state is not None and self.live_state_has_ids:
+            state = state.foreign(own_ids)
+            self.foreign_num_prefills = len(state.prefills)
+            self.foreign_num_decodes = len(state.decodes)
+            self.foreign_context_tokens = sum(d.num_context_tokens for d in state.decodes)
+        else:
+            self.foreign_num_prefills = self.foreign_num_decodes = self.foreign_context_tokens = 0
+        self.live_state = state
+        self.live_state_taken_at_s = taken_at_s
+        self.version += 1
+
+    def _sent_since_live_state(self, tracked: Tracked, *, decode: bool) -> bool:
+        """Whether the engine's report cannot hold ``tracked``: the router sent it there after the report was
+        taken, or has yet to send it."""
+        sent_at_s = tracked.decode_sent_at_s if decode and tracked.route == "prefill" else tracked.sent_at_s
+        return sent_at_s is None or sent_at_s > self.live_state_taken_at_s
+
     def add_prefill(self, tracked: Tracked) -> None:
         """Count a request whose prefill was sent here."""
         self.prefills[tracked.request.request_id] = tracked
@@ -164,8 +201,29 @@ class Instance:
 
     @property
     def runs_alone(self) -> bool:
-        """Whether only one request is counted here and no decode streams (its prefill would run alone)."""
-        return len(self.prefills) + len(self.decodes) <= 1 and not self.num_streaming
+        """Whether only one request is counted here, no decode streams and no other router's request runs (its
+        prefill would run alone)."""
+        return (
+            len(self.prefills) + len(self.decodes) <= 1
+            and not self.num_streaming
+            and not (self.foreign_num_prefills or self.foreign_num_decodes)
+        )
+
+    @property
+    def no_other_work(self) -> bool:
+        """Whether no decode runs here (this router's streams, other routers' requests) and no other router's
+        prefill: what this router counts of prefills is all there is."""
+        return not self.num_decoding and not self.foreign_num_prefills
+
+    @property
+    def num_decoding(self) -> int:
+        """Decodes running here: those streaming through this router and, with live state, other routers'."""
+        return self.num_streaming + self.foreign_num_decodes
+
+    @property
+    def decoding_context_tokens(self) -> int:
+        """Their prompt + generated tokens."""
+        return self.streaming_context_tokens + self.foreign_context_tokens
 
     def start_stream(self, tracked: Tracked) -> None:
         """A request's first token came from here: count it among the streaming decodes."""
@@ -181,13 +239,13 @@ class Instance:
         steps, each giving this request one token).
         """
         self.streaming_context_tokens += count
-        if self.prefills or tracked.gap_epoch != self.prefill_epoch:
+        if self.prefills or self.foreign_num_prefills or tracked.gap_epoch != self.prefill_epoch:
             tracked.gap_epoch = self.prefill_epoch
             return
         tracked.gap_s += gap_s
         tracked.gap_steps += count
-        tracked.gap_seq_steps += self.num_streaming * count
-        tracked.gap_context_steps += self.streaming_context_tokens * count
+        tracked.gap_seq_steps += self.num_decoding * count
+        tracked.gap_context_steps += self.decoding_context_tokens * count
 
     def add_decode(self, tracked: Tracked) -> None:
         """Count a request that decodes here (moved from prefills if it prefilled here)."""
@@ -210,12 +268,14 @@ class Instance:
             tracked.stream_instance = None
         self.version += 1
 
-    def snapshot(self) -> WorkerSnapshot:
+    def snapshot(self, now_s: float | None = None) -> WorkerSnapshot:
         """The instance as the policy sees it (cached until it changes).
 
         Prefills show no computed tokens (the router cannot see inside a prefill); decodes show the tokens
         streamed so far. KV usage is the router's count, or the engine's reported usage if that is higher (other
-        clients, or the router's estimate drifting low). With calibration on, the snapshot carries the calibrated
+        clients, or the router's estimate drifting low). With the engine's live state (``set_live_state``), the
+        engine's report plus what the router sent after it was taken, carried forward to ``now_s``
+        (:func:`~tropical_sched.live_state.merge_live_state`). With calibration on, the snapshot carries the calibrated
         step-time model and the learned P/D hop as of its building; off, the model of the instance's own profile
         (none when it has the policy's: the policy's own) and the hop of the instance's profile, if it records one.
         """
@@ -224,15 +284,17 @@ class Instance:
         if self._snapshot is not None and self._snapshot_version == self.version:
             return self._snapshot
         calibration = self.calibration
-        prefills = sorted(
-            (PrefillState.from_request(t.request) for t in self.prefills.values()),
-            key=self.local.prefill_sort_key,
-        )
+        live = self.live_state
+        own_prefills = list(self.prefills.values())
         decodes = list(self.decodes.values())
+        if live is not None and not self.live_state_has_ids:  # the report holds what was there when taken
+            own_prefills = [t for t in own_prefills if self._sent_since_live_state(t, decode=False)]
+            decodes = [t for t in decodes if self._sent_since_live_state(t, decode=True)]
+        prefills = sorted((PrefillState.from_request(t.request) for t in own_prefills), key=self.local.prefill_sort_key)
         generated = tuple(max(t.num_generated_tokens, 1) for t in decodes)
         context = tuple(t.request.num_prompt_tokens + g for t, g in zip(decodes, generated, strict=True))
         kv_used = sum(p.num_prompt_tokens for p in prefills) + sum(context)
-        if self.engine_kv_usage_fraction is not None:
+        if live is None and self.engine_kv_usage_fraction is not None:
             kv_used = max(kv_used, int(self.engine_kv_usage_fraction * self.capacity))
         step_time: StepTimeModel | None
         if calibration is not None:
@@ -246,20 +308,26 @@ class Instance:
             step_time = self.profile_step_time
             hop_fixed_s = serving.pd_hop_fixed_s if serving else 0.0
             hop_per_token_s = serving.pd_hop_per_prompt_token_s if serving else 0.0
+        batch = DecodeBatch(
+            request_ids=tuple(t.request.request_id for t in decodes),
+            first_token_at_s=tuple(
+                t.first_token_at_s if t.first_token_at_s is not None else (t.prefill_done_at_s or 0.0) for t in decodes
+            ),
+            num_generated_tokens=generated,
+            tpot_slo_s=tuple(t.request.slo.tpot_s for t in decodes),
+            num_context_tokens=context,
+        )
+        all_prefills: tuple[PrefillState, ...] = tuple(prefills)
+        if live is not None:
+            taken_at_s = self.live_state_taken_at_s
+            all_prefills, batch, kv_used = merge_live_state(
+                live, taken_at_s, taken_at_s if now_s is None else now_s, prefills, batch, kv_used
+            )
         self._snapshot = WorkerSnapshot(
             worker_id=self.index,
             role=self.role,
-            prefills=tuple(prefills),
-            decodes=DecodeBatch(
-                request_ids=tuple(t.request.request_id for t in decodes),
-                first_token_at_s=tuple(
-                    t.first_token_at_s if t.first_token_at_s is not None else (t.prefill_done_at_s or 0.0)
-                    for t in decodes
-                ),
-                num_generated_tokens=generated,
-                tpot_slo_s=tuple(t.request.slo.tpot_s for t in decodes),
-                num_context_tokens=context,
-            ),
+            prefills=all_prefills,
+            decodes=batch,
             num_kv_tokens_used=min(kv_used, self.capacity),
             num_kv_tokens_capacity=self.capacity,
             max_num_seqs=self.config.max_num_seqs,

@@ -1,0 +1,118 @@
+"""Tropical inside Ray Serve (marked ``ray``; runs in its own virtual environment from .ci/run): a local Ray
+cluster, fake engines as the instances, requests through Ray Serve's HTTP proxy."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+with warnings.catch_warnings():  # Ray's import warns (pydantic deprecations), and warnings are errors here
+    warnings.simplefilter("ignore")
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from tropical_sched.integrations.ray_serve import build_tropical_app
+
+from tropical_sched.predictors import Profile, load_profile, time_scaled, write_profile_file
+from tropical_sched.serve.fake_engine import FakeEngine
+from tropical_sched.serve.testing import ServerThread, free_port
+
+pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore")]
+
+SCALE = 0.05
+
+
+class RayCluster:
+    def __init__(self, tmp: Any) -> None:
+        scaled = time_scaled(load_profile("a100-llama2-70b-tp4").file, SCALE)
+        path = tmp / "scaled.json"
+        write_profile_file(scaled, path)
+        profile = Profile(scaled)
+        roles = ("prefill", "multiplexing", "multiplexing")
+        self.engines = [
+            FakeEngine(profile, engine_id=f"e{i}", policy="tropical", role=role)  # type: ignore[arg-type]
+            for i, role in enumerate(roles)
+        ]
+        self.servers = [ServerThread(engine.app).start() for engine in self.engines]
+        config = {
+            "policy": "tropical",
+            "policy_options": {"route_order": "prefill-first"},
+            "profile": str(path),
+            "model": "fake-model",
+            "instances": [{"url": s.url, "role": role} for s, role in zip(self.servers, roles, strict=True)],
+        }
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_tropical_app(config, stats_period_s=0.1), route_prefix="/")
+        self.url = f"http://127.0.0.1:{port}"
+
+    def close(self) -> None:
+        serve.shutdown()
+        ray.shutdown()
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    running = RayCluster(tmp_path_factory.mktemp("ray"))
+    yield running
+    running.close()
+
+
+def test_requests_through_ray_serve_are_routed_by_tropical(cluster: RayCluster) -> None:
+    """Streamed and whole completions come back through Ray Serve's HTTP proxy; the requests the policy sent
+    through P/D reached the prefill engine with the decode half on a multiplexing one, with the SLOs and the
+    request id the ingress gave them."""
+    with httpx.Client(base_url=cluster.url, timeout=60) as client:
+        for i in range(6):
+            body = {"prompt": [1] * (200 + 50 * i), "max_tokens": 8, "stream": i % 2 == 0}
+            response = client.post("/v1/completions", json=body, headers={"x-slo-tpot-ms": "90"})
+            assert response.status_code == 200, response.text
+            assert response.headers["x-tropical-route"] in ("prefill", "multiplex")
+            if body["stream"]:
+                events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+                assert events[-1] == "[DONE]"
+                chunks = [json.loads(event) for event in events[:-1]]
+                assert sum(bool(chunk["choices"][0]["text"]) for chunk in chunks) == 8
+                assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+                assert all("usage" not in chunk for chunk in chunks)  # per-chunk usage: not asked for
+            else:
+                answer = response.json()
+                assert answer["usage"]["completion_tokens"] == 8
+    prefill, *multiplexing = cluster.engines
+    assert prefill.stats.num_remote_decodes >= 1
+    assert sum(engine.stats.num_remote_prefills for engine in multiplexing) == prefill.stats.num_remote_decodes
+    xargs = prefill.stats.xargs[-1]
+    assert str(xargs["tropical_request_id"]).startswith("ray-")
+    assert xargs["tropical_tpot_slo_ms"] == 90.0
+
+
+def test_a_malformed_request_gets_a_4xx_naming_the_field(cluster: RayCluster) -> None:
+    with httpx.Client(base_url=cluster.url, timeout=60) as client:
+        bad = client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": -3})
+        assert bad.status_code == 400
+        assert "max_tokens" in bad.json()["error"]["message"]
+        slo = client.post("/v1/completions", json={"prompt": [1, 2]}, headers={"x-slo-ttft-ms": "soon"})
+        assert slo.status_code == 400
+        assert "x-slo-ttft-ms" in slo.json()["error"]["message"]
+        assert client.post("/v1/completions", json={"prompt": [1] * 50, "max_tokens": 2}).status_code == 200
+
+
+def test_an_sglang_prefill_instance_is_refused_with_the_reason() -> None:
+    from tropical_sched.core import ConfigError
+
+    config = {
+        "instances": [
+            {"url": "http://127.0.0.1:9001", "role": "prefill", "engine": "sglang", "bootstrap_port": 8998},
+            {"url": "http://127.0.0.1:9002", "role": "multiplexing", "engine": "sglang"},
+        ]
+    }
+    with pytest.raises(ConfigError, match=r"instances\[0\]: a sglang prefill instance"):
+        build_tropical_app(config)
