@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from shared_state import PROFILE, ROLES, TRACE, _engines, _replay, _routers
+from shared_state import PROFILE, ROLES, TRACE, _engines, _record_header, _replay, _routers
 
 from tropical_sched.serve.testing import ServerProcess, free_port
 
@@ -134,13 +133,7 @@ def main() -> None:
     )
     if args.json:
         record = {
-            "schema_version": 1,
-            "command": "python benchmarks/ray_serve.py " + " ".join(sys.argv[1:]),
-            "trace": TRACE,
-            "profile": PROFILE,
-            "roles": list(ROLES),
-            "rate_per_s": args.rate,
-            "num_requests": args.num_requests,
+            **_record_header("ray_serve.py", args),
             "stats_period_s": args.stats_period_ms / 1e3,
             "num_probes": args.probes,
             "machine": machine,

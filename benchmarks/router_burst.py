@@ -39,7 +39,9 @@ TIME_SCALE = 0.01
 TROPICAL = [sys.executable, "-m", "tropical_sched.cli.main"]
 
 
-def _engine(port: int, role: str, profile: Path, log_dir: Path) -> ServerProcess:
+def _engine(port: int, role: str, profile: str | Path, log_dir: Path) -> ServerProcess:
+    """A ``tropical fake-engine`` of ``role`` (Tropical's engine-side scheduler) on ``port``, its log in
+    ``log_dir``."""
     command = [
         *TROPICAL,
         "fake-engine",

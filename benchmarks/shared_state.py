@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from router_burst import _engine
+
 from tropical_sched.serve.testing import ServerProcess, free_port
 
 TROPICAL = [sys.executable, "-m", "tropical_sched.cli.main"]
@@ -40,25 +42,9 @@ ROLES = ("prefill", "multiplexing", "multiplexing")
 
 
 def _engines(log_dir: Path) -> tuple[list[ServerProcess], list[str]]:
-    processes, urls = [], []
-    for index, role in enumerate(ROLES):
-        port = free_port()
-        command = [
-            *TROPICAL,
-            "fake-engine",
-            "--profile",
-            PROFILE,
-            "--port",
-            str(port),
-            "--policy",
-            "tropical",
-            "--role",
-            role,
-            "--engine-id",
-            f"{role}-{index}",
-        ]
-        processes.append(ServerProcess(command, log_dir / f"engine-{index}-{time.monotonic_ns()}.log"))
-        urls.append(f"http://127.0.0.1:{port}")
+    ports = [free_port() for _ in ROLES]
+    processes = [_engine(port, role, PROFILE, log_dir) for port, role in zip(ports, ROLES, strict=True)]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
     for process, url in zip(processes, urls, strict=True):
         process.wait_healthy(url, timeout_s=60)
     return processes, urls
@@ -116,6 +102,19 @@ def _replay(urls: list[str], args: argparse.Namespace, seed: int, label: str, lo
     return {key: figures[key] for key in keys}
 
 
+def _record_header(script: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields every replay benchmark's JSON starts with: its command, the trace, the engines, the load."""
+    return {
+        "schema_version": 1,
+        "command": f"python benchmarks/{script} " + " ".join(sys.argv[1:]),
+        "trace": TRACE,
+        "profile": PROFILE,
+        "roles": list(ROLES),
+        "rate_per_s": args.rate,
+        "num_requests": args.num_requests,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=7.0, help="mean request rate, req/s")
@@ -165,13 +164,7 @@ def main() -> None:
         print(f"{label:26s} mean joint SLO attainment {mean:6.1%}")
     if args.json:
         record = {
-            "schema_version": 1,
-            "command": "python benchmarks/shared_state.py " + " ".join(sys.argv[1:]),
-            "trace": TRACE,
-            "profile": PROFILE,
-            "roles": list(ROLES),
-            "rate_per_s": args.rate,
-            "num_requests": args.num_requests,
+            **_record_header("shared_state.py", args),
             "live_state_interval_s": args.interval_ms / 1e3,
             "machine": f"{os.cpu_count()} cores, shared by the replay client, the routers and the engines, unpinned",
             "ways": results,

@@ -18,7 +18,7 @@ replica reports the same document as its routing stats.
 
 from __future__ import annotations
 
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -150,12 +150,13 @@ class EngineLiveState(_Strict):
             num_kv_tokens_capacity=snapshot.num_kv_tokens_capacity,
         )
 
-    def foreign(self, own_ids: Container[str]) -> EngineLiveState:
-        """The report without the requests whose ``request_id`` is in ``own_ids`` (a router's own, which it sees
-        more freshly itself); KV usage is then that of the rest (prompt tokens of the prefills, context of the
+    def foreign(self, own_prefix: str) -> EngineLiveState:
+        """The report without the requests whose ``request_id`` starts with ``own_prefix`` (a router's own: every
+        id it gives starts with its prefix; it sees them more freshly itself, including one that ended after the
+        report was taken); KV usage is then that of the rest (prompt tokens of the prefills, context of the
         decodes), counted as the router counts its own."""
-        prefills = tuple(p for p in self.prefills if p.request_id is None or p.request_id not in own_ids)
-        decodes = tuple(d for d in self.decodes if d.request_id is None or d.request_id not in own_ids)
+        prefills = tuple(p for p in self.prefills if p.request_id is None or not p.request_id.startswith(own_prefix))
+        decodes = tuple(d for d in self.decodes if d.request_id is None or not d.request_id.startswith(own_prefix))
         kv = sum(p.num_prompt_tokens for p in prefills) + sum(d.num_context_tokens for d in decodes)
         return self.model_copy(update={"prefills": prefills, "decodes": decodes, "num_kv_tokens_used": kv})
 

@@ -48,7 +48,7 @@ from tropical_sched.live_state import LIVE_STATE_PATH, parse_live_state
 from tropical_sched.policies.base import PolicyContext
 from tropical_sched.policies.registry import make_policy
 from tropical_sched.predictors.profile import load_profile
-from tropical_sched.serve.app import parse_slo_headers, shape_events
+from tropical_sched.serve.app import request_slo, shape_events
 from tropical_sched.serve.config import RouterConfig
 from tropical_sched.serve.engines import dialect_for
 from tropical_sched.serve.openai import (
@@ -194,7 +194,7 @@ class TropicalIngress:
         self._config = RouterConfig.model_validate(config)
         self._profile = load_profile(self._config.profile)
         self._slo_spec = self._config.slo.spec()
-        self._id_prefix = f"ray-{secrets.token_hex(4)}"
+        self._id_prefix = f"ray-{secrets.token_hex(4)}-"
         self._next_id = 0
 
     async def __call__(self, http: HttpRequest) -> Response:
@@ -238,16 +238,10 @@ class TropicalIngress:
 
     def _facts(self, http: HttpRequest, body: dict[str, Any], chat: bool) -> RequestFacts:
         num_prompt_tokens, _ = prompt_token_count(body, chat=chat, chars_per_token=self._config.chars_per_token)
-        model = self._profile.step_time
-        default = self._slo_spec.slo_for(
-            num_prompt_tokens,
-            isolated_prefill_s=model.prefill_time_s,
-            isolated_decode_step_s=lambda context: model.decode_step_time_s(1, context),
-        )
-        slo = parse_slo_headers(http.headers, default)
+        slo = request_slo(self._slo_spec, self._profile.step_time, num_prompt_tokens, http.headers)
         self._next_id += 1
         return RequestFacts(
-            request_id=f"{self._id_prefix}-{self._next_id}",
+            request_id=f"{self._id_prefix}{self._next_id}",
             num_prompt_tokens=num_prompt_tokens,
             ttft_slo_s=slo.ttft_s,
             tpot_slo_s=slo.tpot_s,

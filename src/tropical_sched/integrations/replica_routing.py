@@ -79,6 +79,11 @@ def replica_stats(role: WorkerRole, state: EngineLiveState | None, taken_at_unix
     }
 
 
+def _taken_at_unix_s(stats: Mapping[str, Any]) -> float:
+    """When a replica's report was read (``-inf``: it has none)."""
+    return float((stats.get(STATS_KEY) or {}).get("taken_at_unix_s", -math.inf))
+
+
 @dataclass(slots=True)
 class _Decided:
     at_unix_s: float
@@ -124,7 +129,7 @@ class ReplicaRouting:
                 if raw is not None
                 else EngineLiveState(num_kv_tokens_capacity=self.num_kv_cache_tokens)
             )
-            taken_at_s = float(entry.get("taken_at_unix_s", -math.inf))
+            taken_at_s = _taken_at_unix_s(stats)
             own = [d for d in self._decided.get(replica_id, []) if d.at_unix_s > taken_at_s]
             own_prefills = [d.prefill for d in own if d.prefill is not None]
             placed = [d for d in own if d.prefill is None]
@@ -199,10 +204,7 @@ class ReplicaRouting:
         return [chosen, *(i for i in runs if i != chosen and cluster.workers[i].role is role)]
 
     def _forget(self, replicas: Sequence[tuple[str, Mapping[str, Any]]], now_unix_s: float) -> None:
-        taken = {
-            replica_id: float((stats.get(STATS_KEY) or {}).get("taken_at_unix_s", -math.inf))
-            for replica_id, stats in replicas
-        }
+        taken = {replica_id: _taken_at_unix_s(stats) for replica_id, stats in replicas}
         for replica_id in list(self._decided):
             kept = [
                 d

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import secrets
 from collections.abc import AsyncIterator, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tropical_sched.core.request import Request, Slo
+from tropical_sched.core.slo import SloSpec
+from tropical_sched.predictors.step_time import StepTimeModel
 from tropical_sched.serve.openai import (
     DONE,
     BadRequest,
@@ -51,6 +52,7 @@ __all__ = [
     "SLO_HEADER_RANGE_MS",
     "RouterApp",
     "parse_slo_headers",
+    "request_slo",
     "shape_events",
 ]
 
@@ -122,6 +124,21 @@ def shape_events(batch: list[StreamEvent], *, include_usage: bool, continuous: b
     return b"".join(parts)
 
 
+def request_slo(spec: SloSpec, step_time: StepTimeModel, num_prompt_tokens: int, headers: Mapping[str, str]) -> Slo:
+    """A request's SLOs: its SLO headers (:func:`parse_slo_headers`), else the defaults ``spec`` sets for its
+    prompt length from ``step_time`` (the profile: isolated prefill, one lone decode step).
+
+    Raises:
+        BadRequest: an SLO header is malformed or out of range.
+    """
+    default = spec.slo_for(
+        num_prompt_tokens,
+        isolated_prefill_s=step_time.prefill_time_s,
+        isolated_decode_step_s=lambda context: step_time.decode_step_time_s(1, context),
+    )
+    return parse_slo_headers(headers, default)
+
+
 def parse_slo_headers(headers: Mapping[str, str], default: Slo) -> Slo:
     """The request's SLOs: its headers (``x-slo-ttft-ms``, ``x-slo-tpot-ms``, or llm-d's
     ``x-llm-d-slo-*-ms``), else ``default``.
@@ -164,7 +181,6 @@ class RouterApp:
         self.router = router
         self._slo_spec = router.config.slo.spec()
         self._next_id = 0
-        self._id_prefix = f"trop-{secrets.token_hex(4)}"  # ids differ between routers that share engines
         self.web = web.Application(client_max_size=MAX_REQUEST_BODY_BYTES)
         self.web.add_routes(
             [
@@ -325,16 +341,10 @@ class RouterApp:
                 f"field prompt: {num_prompt_tokens} prompt tokens + max_tokens {max_tokens or 1} exceed the model's "
                 f"context of {max_model_len} tokens"
             )
-        model = router.profile.step_time
-        default = self._slo_spec.slo_for(
-            num_prompt_tokens,
-            isolated_prefill_s=model.prefill_time_s,
-            isolated_decode_step_s=lambda context: model.decode_step_time_s(1, context),
-        )
-        slo = parse_slo_headers(http.headers, default)
+        slo = request_slo(self._slo_spec, router.profile.step_time, num_prompt_tokens, http.headers)
         self._next_id += 1
         return Request(
-            request_id=f"{self._id_prefix}-{self._next_id}",
+            request_id=f"{router.request_id_prefix}{self._next_id}",
             arrival_at_s=router.now_s(),
             num_prompt_tokens=num_prompt_tokens,
             slo=slo,
@@ -384,20 +394,18 @@ class RouterApp:
     ) -> web.StreamResponse:
         """Stream events to the client as they came (each batch in one write), shaped as it asked: usage only
         where requested, the bytes of each event otherwise as the engine sent them."""
-        continuous = bool(options.get("continuous_usage_stats"))
-        include_usage = bool(options.get("include_usage"))
-
-        def shaped(batch: list[StreamEvent]) -> bytes:
-            return shape_events(batch, include_usage=include_usage, continuous=continuous)
-
+        shape = {
+            "include_usage": bool(options.get("include_usage")),
+            "continuous": bool(options.get("continuous_usage_stats")),
+        }
         response = web.StreamResponse(headers=headers)
         response.content_type = "text/event-stream"
         await response.prepare(http)
-        data = shaped(first)
+        data = shape_events(first, **shape)
         if data:
             await response.write(data)
         async for batch in batches:
-            data = shaped(batch)
+            data = shape_events(batch, **shape)
             if data:
                 await response.write(data)
         await response.write_eof(DONE)  # with the end of the chunked body: one write

@@ -11,7 +11,7 @@ state (:mod:`tropical_sched.live_state`) is read as often: what it runs for ever
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from tropical_sched.core.errors import DataFormatError
 from tropical_sched.live_state import LIVE_STATE_PATH, parse_live_state
@@ -35,7 +35,8 @@ class EngineMonitor:
         metrics: the router's metrics (``instance_up``, ``engine_kv_usage``).
         now_s: the router's clock.
         on_healthy: called when an instance comes back (the router dispatches what waits).
-        own_request_ids: the ids of the router's requests not finished yet (taken out of live-state reports).
+        own_request_prefix: what every request id of this router starts with (its requests are taken out of
+            live-state reports).
     """
 
     def __init__(
@@ -46,7 +47,7 @@ class EngineMonitor:
         metrics: RouterMetrics,
         now_s: Callable[[], float],
         on_healthy: Callable[[], None],
-        own_request_ids: Callable[[], Collection[str]] = frozenset,
+        own_request_prefix: str = "",
     ) -> None:
         self._config = config
         self._instances = instances
@@ -54,7 +55,7 @@ class EngineMonitor:
         self._metrics = metrics
         self._now_s = now_s
         self._on_healthy = on_healthy
-        self._own_request_ids = own_request_ids
+        self._own_request_prefix = own_request_prefix
         self._background_tasks: set[asyncio.Future[None]] = set()
 
     def tasks(self) -> list[asyncio.Task[None]]:
@@ -73,7 +74,6 @@ class EngineMonitor:
             instance.set_live_state(None, self._now_s())
             return
         sent_at_s = self._now_s()
-        own_then = set(self._own_request_ids())
         try:
             response = await self._upstream.get(instance, LIVE_STATE_PATH, _PROBE_TIMEOUT_S)
             state = (
@@ -83,10 +83,8 @@ class EngineMonitor:
             )
         except (TransportFailure, DataFormatError):
             state = None
-        # Taken, as far as the router can tell, halfway through the call; the router's own requests are those it
-        # had when it asked or has now (one that ended meanwhile may still be in the report).
-        own_ids = own_then | set(self._own_request_ids())
-        instance.set_live_state(state, (sent_at_s + self._now_s()) / 2, own_ids)
+        # Taken, as far as the router can tell, halfway through the call.
+        instance.set_live_state(state, (sent_at_s + self._now_s()) / 2, self._own_request_prefix)
 
     async def _watch_live_state(self) -> None:
         while True:

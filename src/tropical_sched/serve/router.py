@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import secrets
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -113,8 +114,10 @@ class Router:
         self.upstream = Upstream(config)
         self._started = time.monotonic()
         self._tracked: dict[str, Tracked] = {}  # request id -> request not finished yet
+        self.request_id_prefix = f"trop-{secrets.token_hex(4)}-"
+        """What every request id of this router starts with (ids differ between routers that share engines)."""
         self.monitor = EngineMonitor(
-            config, self.instances, self.upstream, self.metrics, self.now_s, self._dispatch, self._tracked.keys
+            config, self.instances, self.upstream, self.metrics, self.now_s, self._dispatch, self.request_id_prefix
         )
         self._route_waiters: dict[str, asyncio.Future[RouteDecision]] = {}
         self._placement_waiters: dict[str, asyncio.Future[DecodePlacement]] = {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Container
 from dataclasses import dataclass, field
 
 from tropical_sched.core.request import Request
@@ -157,10 +156,11 @@ class Instance:
         """Requests counted on this instance."""
         return len(self.prefills) + len(self.decodes)
 
-    def set_live_state(self, state: EngineLiveState | None, taken_at_s: float, own_ids: Container[str] = ()) -> None:
+    def set_live_state(self, state: EngineLiveState | None, taken_at_s: float, own_prefix: str = "") -> None:
         """The engine's own report of what it runs (``None``: none to be had; the router's counts then stand alone),
-        taken at ``taken_at_s`` on the router's clock. ``own_ids``: the router's requests then; a report that
-        names them by the router's ids is kept without them (the router sees its own more freshly)."""
+        taken at ``taken_at_s`` on the router's clock. ``own_prefix``: what the router's request ids start with; a
+        report that names requests by the routers' ids is kept without this router's own (it sees them more
+        freshly)."""
         entries: list[LivePrefill | LiveDecode] = [
             *(state.prefills if state else ()),
             *(state.decodes if state else ()),
@@ -168,7 +168,7 @@ class Instance:
         if any(entry.request_id is not None for entry in entries):
             self.live_state_has_ids = True  # the engine reports ids: an empty report means nothing runs there
         if state is not None and self.live_state_has_ids:
-            state = state.foreign(own_ids)
+            state = state.foreign(own_prefix)
             self.foreign_num_prefills = len(state.prefills)
             self.foreign_num_decodes = len(state.decodes)
             self.foreign_context_tokens = sum(d.num_context_tokens for d in state.decodes)
