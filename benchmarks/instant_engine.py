@@ -2,7 +2,8 @@
 
 Streams ``max_tokens`` one-word chunks (default 8) with usage, then ``[DONE]``; honours vLLM's P/D
 ``kv_transfer_params`` (``do_remote_decode``: one token and transfer parameters back). ``/health`` and
-``/metrics`` answer 200. Usage: python benchmarks/instant_engine.py PORT
+``/metrics`` answer 200; ``/v1/tropical/state`` reports an engine that holds nothing (it answers at once).
+Usage: python benchmarks/instant_engine.py PORT
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import uvicorn
 
 _HEADERS_SSE = [(b"content-type", b"text/event-stream")]
 _HEADERS_JSON = [(b"content-type", b"application/json")]
+_GET_PAYLOADS = {
+    "/v1/models": b'{"object":"list","data":[{"id":"fake-model","object":"model"}]}',
+    "/v1/tropical/state": b'{"schema_version":1,"num_kv_tokens_capacity":1000000}',
+}
 
 
 async def _body(receive) -> bytes:  # type: ignore[no-untyped-def]
@@ -36,7 +41,7 @@ async def app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
                 return
     path = scope["path"]
     if scope["method"] == "GET":
-        payload = b'{"object":"list","data":[{"id":"fake-model","object":"model"}]}' if path == "/v1/models" else b""
+        payload = _GET_PAYLOADS.get(path, b"")
         await send({"type": "http.response.start", "status": 200, "headers": _HEADERS_JSON})
         await send({"type": "http.response.body", "body": payload})
         return

@@ -355,6 +355,11 @@ DIAGNOSIS_RUNS = {
     "tropical-knee-stock-engines": "Tropical's router (2M), the engines' own scheduling (no slack cap)",
     "tropical-overloaded-stock-engines": "overloaded: Tropical's router (2M), the engines' own scheduling (no slack "
     "cap)",
+    # --variant best-effort-watermark --router-option 'policy_options={"best_effort_decode_watermark": true}'
+    "tropical-light-best-effort-watermark": "light load: Tropical (2M) with best_effort_decode_watermark (a request "
+    "no path serves in time waits rather than push a worker's decode step past the watermark)",
+    "tropical-knee-best-effort-watermark": "Tropical (2M) with best_effort_decode_watermark",
+    "tropical-overloaded-best-effort-watermark": "overloaded: Tropical (2M) with best_effort_decode_watermark",
 }
 
 

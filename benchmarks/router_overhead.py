@@ -44,8 +44,11 @@ HERE = Path(__file__).resolve().parent
 BODY = {"model": "fake-model", "prompt": "word " * 80, "max_tokens": 8, "stream": True}  # ~100 tokens of text
 
 
-def _hey(url: str, rate: float, duration_s: float, workers: int) -> dict[str, float]:
-    """Run hey against ``url``; returns latency percentiles (ms), achieved rate and non-200 answers."""
+def _hey(
+    url: str, rate: float, duration_s: float, workers: int, path: str = "/v1/completions", headers: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """Run hey against ``url + path`` with BODY (and ``headers``, ``Name: value``); returns latency percentiles
+    (ms), achieved rate and non-200 answers."""
     body_file = Path(tempfile.mkstemp(suffix=".json")[1])
     body_file.write_text(json.dumps(BODY))
     command = [
@@ -62,7 +65,8 @@ def _hey(url: str, rate: float, duration_s: float, workers: int) -> dict[str, fl
         "application/json",
         "-D",
         str(body_file),
-        url + "/v1/completions",
+        *(arg for header in headers for arg in ("-H", header)),
+        url + path,
     ]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     figures: dict[str, float] = {}

@@ -122,6 +122,9 @@ async def _stream_times(
             raise ConfigError(f"{url}: HTTP {response.status_code}: {(await response.aread())[:300]!r}")
         async for event in iter_sse(response):
             now = time.perf_counter()
+            if event.get("error") is not None or event.get("object") == "error":
+                # SGLang refuses a too-long prompt with HTTP 200 and an error event: no token, no step
+                raise ConfigError(f"{url}: the server refused the request: {str(event)[:300]}")
             usage = event.get("usage") or {}
             has_text = any(choice.get("text") for choice in event.get("choices") or [])
             count = usage.get("completion_tokens")
@@ -241,6 +244,7 @@ def profile_endpoint(
             (int(m.get("max_model_len") or 0) for m in models.get("data", []) if m.get("id") == served_model_name), 0
         ) or json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings", 2048)
         version = ""
+        max_num_prompt_tokens = max_model_len - 1
         for path in ("/version", "/get_server_info"):
             response = httpx.get(url + path, timeout=10)
             if response.status_code == 200:
@@ -248,6 +252,9 @@ def profile_endpoint(
                 version = version or str(info.get("version", ""))
                 if num_kv_cache_tokens is None and info.get("max_total_num_tokens"):
                     num_kv_cache_tokens = int(info["max_total_num_tokens"])
+                # SGLang takes prompts shorter than its max_req_input_len (its context less a few tokens)
+                if info.get("max_req_input_len"):
+                    max_num_prompt_tokens = min(max_num_prompt_tokens, int(info["max_req_input_len"]) - 1)
         if num_kv_cache_tokens is None:
             num_kv_cache_tokens = kv_cache_tokens_from_metrics(httpx.get(url + "/metrics", timeout=10).text)
     except (httpx.HTTPError, ValueError) as exc:
@@ -257,7 +264,7 @@ def profile_endpoint(
     grid, scenarios = plan_sweep(
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_model_len - 1,
+        max_num_batched_tokens=max_num_prompt_tokens,
         num_kv_cache_tokens=num_kv_cache_tokens,
         quick=quick,
         repetitions=repetitions,

@@ -100,8 +100,11 @@ def render_fidelity(data: dict[str, Any]) -> str:
 _DEPLOYMENT_NAMES = {
     "vllm-round-robin": "vLLM, round robin (2 colocated)",
     "vllm-pd": "vLLM P/D (1 prefill + 1 decode)",
+    "sglang-round-robin": "SGLang, round robin (2 colocated)",
+    "sglang-pd": "SGLang P/D (1 prefill + 1 decode)",
     "tropical": "Tropical",
 }
+_LOAD_MEANING = {"light": "light half of it", "overloaded": "overloaded 1.5x"}
 
 
 def _pct(value: float | None) -> str:
@@ -109,13 +112,14 @@ def _pct(value: float | None) -> str:
 
 
 def render_real_engines(data: dict[str, Any]) -> str:
-    """The real-engine comparison of docs/evaluation.md from ``benchmarks/results/real-engines/vllm-cpu.json``
+    """A real-engine comparison of docs/evaluation.md from ``benchmarks/results/real-engines/{vllm,sglang}-cpu.json``
     (issue 14's schema): every deployment at every load, measured, with the simulator's joint attainment beside it
     and the ranking both give."""
+    others = [_LOAD_MEANING[load["name"]] for load in data["loads"] if load["name"] in _LOAD_MEANING]
     lines = [
         f"Engine {data['engine']}; model {data['model']}; trace {data['trace']}; SLOs {data['slo']}. Cores: "
         f"{data['cores']}. Loads: the knee is the best stock policy's simulated goodput on the profile "
-        f"({data['knee_per_s']:g} req/s), light half of it, overloaded 1.5x.",
+        f"({data['knee_per_s']:g} req/s){''.join(', ' + other for other in others)}.",
         "",
         "| load | rate (req/s) | deployment | requests | joint attainment | TTFT att. | TPOT att. | TTFT P90 ms | "
         "TPOT P90 ms | simulated joint att. |",
@@ -155,7 +159,7 @@ def render_real_engines(data: dict[str, Any]) -> str:
     if diagnosis:
         lines += [
             "",
-            f"Diagnosis runs (at the knee, {data['loads'][1]['rate_per_s']:g} req/s, unless marked) and what "
+            f"Diagnosis runs (at the knee, {data['knee_per_s']:g} req/s, unless marked) and what "
             "vLLM's own metrics say per engine "
             "(engine 0 on core 0 beside the client and any proxy, engine 1 alone on core 1): mean inter-token "
             "latency, steps run, mean prefill time (scheduled to first token), tokens generated.",
@@ -755,6 +759,78 @@ def render_router_overhead(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_router_profile(data: dict[str, Any]) -> str:
+    """Where the router's CPU goes (docs/router.md) from ``benchmarks/results/router-profile.json``."""
+    paths = data["paths"]
+    names = {"one-call": "one call (vllm policy)", "pd": "P/D path (tropical, prefill-first)"}
+    lines = [
+        f"Run: `{data['command']}`; py-spy at {data['sample_rate_per_s']:g} Hz on the router while `hey` offers "
+        f"{data['rate_per_s']:g} req/s ({data['duration_s']:g} s per path); {data['machine']}. Each sample goes to "
+        "the first category one of its frames matches, from the innermost out; ms: the share times the router's "
+        "CPU per request in the same run.",
+        "",
+        "| job | " + " | ".join(f"{names.get(name, name)}: share / ms per request" for name in paths) + " |",
+        "|---|" + "---|" * len(paths),
+    ]
+    categories = list(next(iter(paths.values()))["shares"])
+    for category in categories:
+        cells = []
+        for result in paths.values():
+            share = result["shares"][category]
+            cells.append(f"{share:.1%} / {share * result['cpu_ms_per_request']:.3f}")
+        lines.append(f"| {category} | {' | '.join(cells)} |")
+    totals = " | ".join(
+        f"{result['cpu_ms_per_request']:.3f} ms ({result['num_samples']:,} samples)" for result in paths.values()
+    )
+    lines.append(f"| **router CPU per request** | {totals} |")
+    return "\n".join(lines)
+
+
+def render_router_split(data: dict[str, Any]) -> str:
+    """Python deciding, a Rust gateway carrying the bytes (docs/router.md) from
+    ``benchmarks/results/router-split.json``."""
+    targets = data["targets"]
+    base = targets["direct (one engine)"]
+    lines = [
+        f"Run: `{data['command']}`; instant fake engines streaming {data['num_output_tokens']} tokens, load from "
+        f"`hey`, {data['duration_s']:g} s per target and rate{_repeats(data)}; {data['machine']}. The split's "
+        "figures are the sums of its two hops (the gateway's own call to the decider would add a loopback round "
+        "trip). Latency: the gateway's minus the engine's alone at the same rate; the decider's is its own round "
+        "trip, client included (it answers the gateway, not the client).",
+        "",
+        "| hop | offered req/s | achieved req/s | added P50 / P99 ms | CPU ms per request |",
+        "|---|---|---|---|---|",
+    ]
+    for name, by_rate in targets.items():
+        if name == "direct (one engine)":
+            continue
+        for rate, figures in by_rate.items():
+            if name.startswith("decider"):  # its own latency: it answers the gateway, not the client
+                p50, p99 = figures["latency_p50_ms"], figures["latency_p99_ms"]
+            else:
+                p50 = figures["latency_p50_ms"] - base[rate]["latency_p50_ms"]
+                p99 = figures["latency_p99_ms"] - base[rate]["latency_p99_ms"]
+            lines.append(
+                f"| {name} | {float(rate):,.0f} | {figures['achieved_rate_per_s']:,.0f} | {p50:.1f} / {p99:.1f} | "
+                f"{figures['cpu_ms_per_request']:.2f} |"
+            )
+    for rate, figures in data["split"].items():
+        lines.append(
+            f"| **split: decider + gateway** | {float(rate):,.0f} | - | {figures['added_latency_p50_ms']:.1f} / "
+            f"{figures['added_latency_p99_ms']:.1f} | {figures['cpu_ms_per_request']:.2f} |"
+        )
+    counters = ", ".join(f"`{name}` {value:,.0f}" for name, value in data["pin_counters"].items())
+    lines.append("")
+    if counters:
+        lines.append(f"sglang-router's pin counters over the run: {counters}.")
+    else:
+        lines.append(
+            "sglang-router's Prometheus page has no pin counters (`*target_worker*`): that it honoured the pin is not "
+            "checked; its relay cost is what this measures."
+        )
+    return "\n".join(lines)
+
+
 def _attainment_rows(ways: dict[str, list[dict[str, Any]]]) -> list[str]:
     """One table row per way of running a replay: joint SLO attainment per seed, its mean, TTFT / TPOT means."""
     rows = []
@@ -839,6 +915,8 @@ LONG_CONTEXT = RESULTS / "long-context.json"
 RENDERERS: dict[str, tuple[Path, Callable[[dict[str, Any]], str]]] = {
     "fidelity": (RESULTS / "fidelity.json", render_fidelity),
     "real-engines-vllm-cpu": (RESULTS / "real-engines" / "vllm-cpu.json", render_real_engines),
+    "real-engines-sglang-cpu": (RESULTS / "real-engines" / "sglang-cpu.json", render_real_engines),
+    "plan-cpu-served-llama-sglang": (RESULTS / "real-engines" / "plan-cpu-served-llama-sglang.json", render_plan),
     "plan-cpu-served-llama": (RESULTS / "real-engines" / "plan-cpu-served-llama.json", render_plan),
     "paper-goodput": (PAPER, render_paper_goodput),
     "paper-latency": (PAPER, render_paper_latency),
@@ -851,6 +929,8 @@ RENDERERS: dict[str, tuple[Path, Callable[[dict[str, Any]], str]]] = {
     "aiconfigurator-cross-check": (LONG_CONTEXT, render_aiconfigurator_cross_check),
     "long-context-goodput": (LONG_CONTEXT, render_long_context_goodput),
     "router-overhead": (RESULTS / "router-overhead.json", render_router_overhead),
+    "router-profile": (RESULTS / "router-profile.json", render_router_profile),
+    "router-split": (RESULTS / "router-split.json", render_router_split),
     "shared-state": (RESULTS / "shared-state.json", render_shared_state),
     "ray-serve": (RESULTS / "ray-serve" / "fake-engines.json", render_ray_serve),
     "slo-policies-goodput": (RESULTS / "slo-policies.json", render_slo_policies_goodput),

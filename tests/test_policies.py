@@ -90,6 +90,9 @@ def test_registry_is_explicit_and_complete() -> None:
 URGENT = make_prefill(request_id="urgent", num_prompt_tokens=200, ttft_slo_s=0.035)
 RELAXED_DECODES = make_decodes(4, first_token_at_s=0.0, num_generated_tokens=100)  # 10 s of TPOT slack each
 LATE_DECODES = make_decodes(4, first_token_at_s=-10.0, num_generated_tokens=2)  # 9.8 s late
+# 8 decodes of 9,800 context tokens: a step of 10 + 0.8 + 78.4 ms, within the 90 ms watermark (0.9 x the 100 ms
+# TPOT SLO); 92.3 ms with a 3,000-token prompt more, past it
+HEAVY_DECODES = make_decodes(8, first_token_at_s=0.0, num_generated_tokens=100, num_context_tokens=9_800)
 
 
 @pytest.mark.parametrize(
@@ -415,6 +418,25 @@ def test_a_late_request_never_waits_while_a_worker_that_can_run_it_idles(
         assert decision.reason.startswith("best effort")
     rejecting = tropical(reject_unattainable=True).route(late, cluster)
     assert rejecting.action is RouteAction.REJECT
+
+
+def test_the_best_effort_watermark_holds_a_late_request_that_would_push_decodes_past_it() -> None:
+    late = make_request(num_prompt_tokens=3000, slo=Slo(ttft_s=1.0, tpot_s=0.1))  # arrived at 0, deadline at 1 s
+    down = make_worker(0, P, is_available=False)
+    heavy, relaxed = make_worker(1, M, decodes=HEAVY_DECODES), make_worker(2, M, decodes=RELAXED_DECODES)
+    watermark = tropical(best_effort_decode_watermark=True)
+    # off (the default): a late request joins whichever worker finishes its prefill first, heavy decodes or not
+    decision = tropical().route(late, make_cluster(down, heavy, now_s=5.0))
+    assert (decision.action, decision.worker_id) == (RouteAction.MULTIPLEX, 1), decision.reason
+    # on: it waits rather than push the heavy worker's step past 90% of the 100 ms TPOT SLO ...
+    assert watermark.route(late, make_cluster(down, heavy, now_s=5.0)).action is RouteAction.WAIT
+    # ... and goes where the decodes stay under it
+    decision = watermark.route(late, make_cluster(down, heavy, relaxed, now_s=5.0))
+    assert (decision.action, decision.worker_id) == (RouteAction.MULTIPLEX, 2), decision.reason
+    assert decision.reason.startswith("best effort")
+    # an idle worker still takes it
+    decision = watermark.route(late, make_cluster(down, heavy, make_worker(3, M), now_s=5.0))
+    assert (decision.action, decision.worker_id) == (RouteAction.MULTIPLEX, 3), decision.reason
 
 
 # -- per-worker models: a worker's calibrated step times and learned P/D hop -------------------------------------

@@ -328,6 +328,33 @@ def test_cli_errors_exit_2_with_a_message(tmp_path: Path, capsys: pytest.Capture
     assert "--repetitions: must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_an_error_event_is_not_taken_for_a_first_token() -> None:
+    """SGLang refuses a prompt beyond its input limit with HTTP 200 and an error event; read as a token, it made a
+    2,303-token "prefill" take milliseconds and the real long prefills look like stalls."""
+    import asyncio
+
+    import httpx
+
+    from tropical_sched.profiling.endpoint import _stream_times
+
+    refusal = (
+        b'data: {"object": "error", "message": "Input length (2303 tokens) exceeds the maximum allowed length '
+        b'(2298 tokens).", "type": "BadRequestError", "code": 400}\n\ndata: [DONE]\n\n'
+    )
+    token = b'data: {"choices": [{"index": 0, "text": "a"}], "usage": {"completion_tokens": 1}}\n\ndata: [DONE]\n\n'
+
+    async def stream(body: bytes) -> tuple[float, list[tuple[float, int]]]:
+        headers = {"content-type": "text/event-stream"}
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body, headers=headers))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await _stream_times(client, "http://engine", "m", [1, 2, 3], 1)
+
+    _, arrivals = asyncio.run(stream(token))
+    assert [count for _, count in arrivals] == [1]
+    with pytest.raises(ConfigError, match=r"refused the request: .*2298 tokens"):
+        asyncio.run(stream(refusal))
+
+
 def test_decode_estimate_is_robust_to_tokens_delivered_in_bursts() -> None:
     from tropical_sched.profiling.endpoint import decode_step_estimate_s
 

