@@ -417,6 +417,23 @@ def _diagnosis() -> list[dict[str, Any]]:
     return runs
 
 
+def collected_entry(path: Path, validate_args: list[str], shape: str, tropical: bool) -> dict[str, Any] | None:
+    """One deployment's figures from its raw ``tropical validate`` run (``None``, with a note, if it is missing):
+    measured and simulated, the validate arguments, and Tropical's shape."""
+    if not path.exists():
+        print(f"{path}: not measured; skipped", file=sys.stderr)
+        return None
+    run = json.loads(path.read_text())
+    (simulated,) = run["simulated"].values()
+    entry: dict[str, Any] = {name: run["measured"][name] for name in FIGURES}
+    entry["num_requests"] = run["num_requests"]
+    entry["simulated"] = {name: simulated[name] for name in FIGURES}
+    entry["validate_args"] = " ".join(validate_args)
+    if tropical:
+        entry["shape"] = shape
+    return entry
+
+
 def collect(args: argparse.Namespace) -> dict[str, Any]:
     """The raw validate runs as ``vllm-cpu.json`` (issue 14's schema, plus the simulated figures and commands)."""
     plan_data = _plan()
@@ -427,19 +444,10 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     for load, rate in loads().items():
         deployments: dict[str, Any] = {}
         for deployment in DEPLOYMENTS:
-            path = RAW / f"{deployment}-{load}.json"
-            if not path.exists():
-                print(f"{path}: not measured; skipped", file=sys.stderr)
-                continue
-            run = json.loads(path.read_text())
-            (simulated,) = run["simulated"].values()
-            entry: dict[str, Any] = {name: run["measured"][name] for name in FIGURES}
-            entry["num_requests"] = run["num_requests"]
-            entry["simulated"] = {name: simulated[name] for name in FIGURES}
-            entry["validate_args"] = " ".join(_validate_args(deployment, rate, prefill_workers, hop))
-            if deployment == "tropical":
-                entry["shape"] = shape
-            deployments[deployment] = entry
+            validate_args = _validate_args(deployment, rate, prefill_workers, hop)
+            entry = collected_entry(RAW / f"{deployment}-{load}.json", validate_args, shape, deployment == "tropical")
+            if entry is not None:
+                deployments[deployment] = entry
         result_loads.append({"name": load, "rate_per_s": rate, "deployments": deployments})
     data = {
         "schema_version": 1,

@@ -36,7 +36,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from real_engines import FIGURES, NUM_REQUESTS, _knee_per_s, _tropical, _tropical_prefill_workers
+from real_engines import NUM_REQUESTS, _knee_per_s, _tropical, _tropical_prefill_workers, collected_entry
+from sglang_cpu_real_run import ENV
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "real-engines"
@@ -44,7 +45,6 @@ RAW = OUT / "sglang-cpu"
 PROFILE_FILE = RAW / "cpu-served-llama-sglang.json"
 PLAN = OUT / "plan-cpu-served-llama-sglang.json"
 RESULT = OUT / "sglang-cpu.json"
-SHIM = HERE.parent / "tests" / "engines" / "sglang_cpu_shim"
 TRACE = "azure-conv-2023"
 SEED = 0
 SERVED_MODEL_NAME = "served"
@@ -56,14 +56,6 @@ CORES = (
     "engine A pinned to core 0, engine B to core 1 (SGLANG_CPU_OMP_THREADS_BIND and taskset); the client and the "
     "router (where there is one) on core 0 beside engine A"
 )
-ENV = {
-    "SGLANG_USE_CPU_ENGINE": "1",
-    "SGLANG_HOST_IP": "127.0.0.1",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TROPICAL_SGLANG_CPU_PD_FIX": "1",
-    "PYTHONPATH": str(SHIM),
-}
 # The vLLM runs' engine limits (2,304-token context and chunk budget, 32 sequences, 1 GiB of KV cache: 65,536
 # tokens of this model's 16 KiB per token) in SGLang's flags. SGLang takes prompts of at most its context length
 # less 6 tokens: the profiled server has the 2,304-token context (the profile's, which cuts the workload), the
@@ -269,19 +261,10 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     rate = _knee_per_s(plan_data)
     deployments: dict[str, Any] = {}
     for deployment in DEPLOYMENTS:
-        path = RAW / f"{deployment}-knee.json"
-        if not path.exists():
-            print(f"{path}: not measured; skipped", file=sys.stderr)
-            continue
-        run = json.loads(path.read_text())
-        (simulated,) = run["simulated"].values()
-        entry: dict[str, Any] = {name: run["measured"][name] for name in FIGURES}
-        entry["num_requests"] = run["num_requests"]
-        entry["simulated"] = {name: simulated[name] for name in FIGURES}
-        entry["validate_args"] = " ".join(_validate_args(deployment, rate, prefill_workers, NUM_REQUESTS))
-        if deployment == "tropical":
-            entry["shape"] = shape
-        deployments[deployment] = entry
+        validate_args = _validate_args(deployment, rate, prefill_workers, NUM_REQUESTS)
+        entry = collected_entry(RAW / f"{deployment}-knee.json", validate_args, shape, deployment == "tropical")
+        if entry is not None:
+            deployments[deployment] = entry
     data = {
         "schema_version": 1,
         "engine": (RAW / "engine.txt").read_text().strip(),

@@ -125,6 +125,21 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+def start_router(
+    workdir: Path, name: str, policy: str, options: dict[str, object], engine_urls: list[str], roles: tuple[str, ...]
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``tropical serve`` with ``policy`` over the engines (one role each), metrics polling off; its process and
+    URL."""
+    port = free_port()
+    config = workdir / f"{name}.yaml"
+    instances = [{"url": url, "role": role} for url, role in zip(engine_urls, roles, strict=True)]
+    cluster = {"policy": policy, "model": "fake-model", "policy_options": options, "metrics_interval_s": 0}
+    config.write_text(json.dumps({**cluster, "instances": instances}))
+    serve = ["serve", "--config", str(config), "--port", str(port), "--log-level", "warning"]
+    process = _start([sys.executable, "-m", "tropical_sched.cli.main", *serve], workdir / f"router-{name}.log")
+    return process, f"http://127.0.0.1:{port}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -165,37 +180,9 @@ def main() -> None:
             ("pd", "tropical", {"route_order": "prefill-first"}, ("prefill", "multiplexing"), "tropical, P/D path"),
             ("one-call", "vllm", {}, ("colocated", "colocated"), "router, one call (vllm policy)"),
         ):
-            port = free_port()
-            config = workdir / f"{name}.yaml"
-            config.write_text(
-                json.dumps(
-                    {
-                        "policy": policy,
-                        "model": "fake-model",
-                        "policy_options": options,
-                        "metrics_interval_s": 0,
-                        "instances": [{"url": url, "role": role} for url, role in zip(engine_urls, roles, strict=True)],
-                    }
-                )
-            )
-            processes.append(
-                _start(
-                    [
-                        python,
-                        "-m",
-                        "tropical_sched.cli.main",
-                        "serve",
-                        "--config",
-                        str(config),
-                        "--port",
-                        str(port),
-                        "--log-level",
-                        "warning",
-                    ],
-                    workdir / f"router-{name}.log",
-                )
-            )
-            targets.append((label, f"http://127.0.0.1:{port}", processes[-1].pid))
+            router, url = start_router(workdir, name, policy, options, engine_urls, roles)
+            processes.append(router)
+            targets.append((label, url, router.pid))
         # The Rust routers, round robin over the same engines: (label, executable, arguments before the common ones)
         rust_routers = (
             ("sglang-router", args.sglang_router, ["launch"], ["--prometheus-port", str(free_port())]),

@@ -31,9 +31,10 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
-from router_overhead import _cpu_s, _hey, _start, _stop, _wait
+from router_overhead import _cpu_s, _hey, _start, _stop, _wait, start_router
 
 from tropical_sched.serve.testing import free_port
 
@@ -80,24 +81,8 @@ def profile_path(name: str, rate: float, duration_s: float, sample_rate: int, wo
     ]
     policy, options, roles = PATHS[name]
     try:
-        port = free_port()
-        config = workdir / f"{name}.yaml"
-        instances = [{"url": url, "role": role} for url, role in zip(engine_urls, roles, strict=True)]
-        config.write_text(
-            json.dumps(
-                {
-                    "policy": policy,
-                    "model": "fake-model",
-                    "policy_options": options,
-                    "metrics_interval_s": 0,
-                    "instances": instances,
-                }
-            )
-        )
-        serve = ["serve", "--config", str(config), "--port", str(port), "--log-level", "warning"]
-        router = _start([python, "-m", "tropical_sched.cli.main", *serve], workdir / f"router-{name}.log")
+        router, url = start_router(workdir, name, policy, options, engine_urls, roles)
         processes.append(router)
-        url = f"http://127.0.0.1:{port}"
         _wait(url)
         _hey(url, 50.0, 2, 10)  # warm-up
         raw = workdir / f"{name}.raw.txt"
@@ -108,7 +93,7 @@ def profile_path(name: str, rate: float, duration_s: float, sample_rate: int, wo
         ]  # fmt: skip
 
         def record() -> None:
-            threading.Event().wait(2)  # the middle of the load
+            time.sleep(2)  # the middle of the load
             subprocess.run(spy, check=True, capture_output=True)
 
         recorder = threading.Thread(target=record)
