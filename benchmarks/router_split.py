@@ -7,8 +7,8 @@ and never sees the answer's bytes. Its two hops are measured apart, with ``hey``
 rates as ``benchmarks/router_overhead.py``:
 
 * the decider: ``POST /decide`` with the client's body (the gateway's call to it; a small JSON answer);
-* the gateway: streamed 8-token completions through sglang-router with the pin header (its hits are read from its
-  Prometheus counters to check that the pin held).
+* the gateway: streamed 8-token completions through sglang-router with the pin header (any pin counters on its
+  Prometheus page are recorded; 0.3.2's page has none, so the run does not check that the pin held).
 
 The split's cost per request is the sum: CPU of both processes, added latency of both hops (the gateway's call to
 the decider would add a loopback round trip more, not measured here). Against it: ``tropical serve`` on its

@@ -54,7 +54,7 @@ class Decider:
         self.id_prefix = f"split-{secrets.token_hex(4)}-"
         self.next_id = 0
 
-    async def poll(self, app: web.Application) -> None:
+    async def poll(self) -> None:
         """Read every engine's live state each period (an engine that does not answer keeps its last report)."""
         async with aiohttp.ClientSession() as session:
             while True:
@@ -101,7 +101,7 @@ def main() -> None:
     app.add_routes([web.post("/decide", decider.decide)])
 
     async def start_polling(app: web.Application) -> None:
-        app["poller"] = asyncio.get_running_loop().create_task(decider.poll(app))
+        app["poller"] = asyncio.get_running_loop().create_task(decider.poll())
 
     app.on_startup.append(start_polling)
     web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None, loop=uvloop.new_event_loop())

@@ -545,12 +545,12 @@ class TropicalPolicy:
                 continue
             if len(decodes) >= worker.max_num_seqs or worker.num_free_kv_tokens < request.num_prompt_tokens + 1:
                 continue
-            if len(decodes) and self.config.best_effort_decode_watermark:
-                step_s = self._model(worker).decode_step_time_s(
-                    len(decodes) + 1, decodes.total_context_tokens + request.num_prompt_tokens + 1
-                )
-                if step_s > self.config.decode_step_watermark_fraction * min((*decodes.tpot_slo_s, request.slo.tpot_s)):
-                    continue
+            if (
+                len(decodes)
+                and self.config.best_effort_decode_watermark
+                and not self._decode_step_with(worker, request)[1]
+            ):
+                continue
             if worker.prefills:  # queued behind the engine's own prefills (predicted_first_token's bound)
                 new = PrefillState.from_request(request)
                 finish_at_s = self.predicted_first_token(worker, new, now_s).finish_at_s
@@ -575,6 +575,17 @@ class TropicalPolicy:
             predicted={"predicted_ttft_s": finish_at_s - request.arrival_at_s} if math.isfinite(finish_at_s) else {},
         )
 
+    def _decode_step_with(self, worker: WorkerSnapshot, request: Request) -> tuple[float, bool]:
+        """The worker's predicted decode step with ``request`` decoding there too (its prompt and first token
+        added to the context), seconds, and whether it stays within ``decode_step_watermark_fraction`` of the
+        tightest TPOT SLO there, the request's own included (design doc section 5, rule 4)."""
+        decodes = worker.decodes
+        step_s = self._model(worker).decode_step_time_s(
+            len(decodes) + 1, decodes.total_context_tokens + request.num_prompt_tokens + 1
+        )
+        tightest_s = min((*decodes.tpot_slo_s, request.slo.tpot_s))
+        return step_s, step_s <= self.config.decode_step_watermark_fraction * tightest_s
+
     def place_decode(self, request: Request, cluster: ClusterSnapshot) -> DecodePlacement:
         """Design doc section 5, rule 4: the multiplexing worker with the fewest decode context tokens whose
         decodes stay TPOT-feasible with the new one; if none is feasible, the least loaded one with room."""
@@ -585,12 +596,10 @@ class TropicalPolicy:
             decodes = worker.decodes
             if len(decodes) >= worker.max_num_seqs or worker.num_free_kv_tokens < needed:
                 continue
-            context_tokens = decodes.total_context_tokens
-            step_s = self._model(worker).decode_step_time_s(len(decodes) + 1, context_tokens + needed)
-            tightest_s = min((*decodes.tpot_slo_s, request.slo.tpot_s))
-            entry = (context_tokens, worker.worker_id, step_s)
+            step_s, stays_feasible = self._decode_step_with(worker, request)
+            entry = (decodes.total_context_tokens, worker.worker_id, step_s)
             with_room.append(entry)
-            if step_s <= self.config.decode_step_watermark_fraction * tightest_s:
+            if stays_feasible:
                 feasible.append(entry)
         if feasible:
             context_tokens, worker_id, step_s = min(feasible)
