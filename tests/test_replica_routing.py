@@ -109,6 +109,22 @@ def test_the_role_a_decision_needs_is_the_only_fallback() -> None:
     assert len(roles) == 1
 
 
+def test_a_replica_that_has_not_reported_its_role_is_never_chosen() -> None:
+    """A replica whose first stats have not come yet (just started) has no known role: a prefill replica taken
+    for a multiplexing one would get the decode half of a P/D request (seen as a flaky Ray Serve test)."""
+    routing = _routing(route_order="prefill-first")
+    p = ("p", replica_stats(WorkerRole.PREFILL, _state(), NOW))
+    m = ("m", replica_stats(WorkerRole.MULTIPLEXING, _state(), NOW))
+    silent = ("new", {})
+    placed = routing.choose([silent, m], _facts(800, phase="decode"), NOW)
+    assert placed == [1]
+    order = routing.choose([p, silent, m], _facts(800), NOW)
+    assert order is not None
+    assert 1 not in order
+    assert order[0] == 0  # prefill-first still finds the prefill replica behind the silent one
+    assert routing.choose([silent, ("also new", {})], _facts(800), NOW) is None
+
+
 def test_malformed_stats_are_refused_naming_the_field() -> None:
     bad = {STATS_KEY: {"role": "multiplexing", "state": {"num_kv_tokens_capacity": -1}, "taken_at_unix_s": NOW}}
     with pytest.raises(ValueError, match="num_kv_tokens_capacity"):

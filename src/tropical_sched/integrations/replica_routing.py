@@ -175,7 +175,17 @@ class ReplicaRouting:
         ``None`` (ask again shortly); without, the replicas that could take it, least loaded first (fewest
         outstanding prompt tokens for a prefill, least decode context for a decode), so that it waits in an
         engine's queue instead. The decision is remembered until a report read after it comes.
+
+        A replica that has not reported Tropical stats yet (one just started) is left out: its role is unknown,
+        and taken for a multiplexing one it could be sent the decode half of a P/D request while it is a prefill
+        instance. With no replica reported yet: ``None`` (ask again shortly).
         """
+        reported = [i for i, (_, stats) in enumerate(replicas) if STATS_KEY in stats]
+        if len(reported) < len(replicas):
+            if not reported:
+                return None
+            order = self.choose([replicas[i] for i in reported], facts, now_unix_s)
+            return None if order is None else [reported[i] for i in order]
         self._forget(replicas, now_unix_s)
         cluster = self.snapshot(replicas, now_unix_s)
         request = facts.request()
