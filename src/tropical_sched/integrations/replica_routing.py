@@ -278,8 +278,6 @@ class ReplicaRouting:
         self._forget(replicas, now_unix_s)
         cluster = self.snapshot(replicas, now_unix_s)
         request = facts.request()
-        if facts.phase == "route":
-            self._routed.setdefault(facts.request_id, (request, False))
         chosen: int | None
         if facts.phase == "decode":
             chosen = self.policy.place_decode(request, cluster).worker_id
@@ -349,7 +347,9 @@ class ReplicaRouting:
         return self._dispatcher.num_waiting + self._dispatcher.num_pending_decodes
 
     def submit(self, facts: RequestFacts) -> None:
-        """Hold a request until :meth:`dispatch` decides it (``phase`` ``decode``: it waits for a decode slot)."""
+        """Hold a request until :meth:`dispatch` decides it (``phase`` ``decode``: it waits for a decode slot).
+        A new one is remembered, for :meth:`first_token` and :meth:`finished`, until :meth:`finished` or for
+        ``_REQUEST_MEMORY_S`` (a caller of :meth:`choose` alone keeps no such memory)."""
         request = facts.request()
         if facts.phase == "decode":
             self._dispatcher.submit_decode(request)
