@@ -33,7 +33,7 @@ from tropical_sched.core.snapshot import ClusterSnapshot, DecodeBatch, PrefillSt
 from tropical_sched.live_state import EngineLiveState, merge_live_state
 from tropical_sched.policies.base import Policy
 from tropical_sched.policies.dispatcher import Dispatcher
-from tropical_sched.predictors.calibration import CalibrationConfig, HopCalibrator
+from tropical_sched.predictors.calibration import CalibrationConfig, HopCalibrator, observed_pd_hop_s
 from tropical_sched.predictors.step_time import StepTimeModel
 
 __all__ = [
@@ -153,8 +153,8 @@ class _HopWatch:
     num_prompt_tokens: int
     at_unix_s: float  # the route decision
     decode_decided_at_unix_s: float | None = None
-    first_step_s: float = 0.0  # predicted decode step with it, on the decoding replica at placement
-    busy_step_s: float = 0.0  # predicted decode step without it there (0: nothing decoding)
+    num_decoding: int = 0  # decodes on the decoding replica at placement
+    num_decoding_context_tokens: int = 0  # their context tokens
 
 
 @dataclass
@@ -333,13 +333,8 @@ class ReplicaRouting:
         if watch is None:
             return
         watch.decode_decided_at_unix_s = decided.at_unix_s
-        if self.step_time is not None:
-            decodes = worker.decodes
-            context = decodes.total_context_tokens
-            watch.first_step_s = self.step_time.decode_step_time_s(
-                len(decodes) + 1, context + decided.num_context_tokens
-            )
-            watch.busy_step_s = self.step_time.decode_step_time_s(len(decodes), context) if len(decodes) else 0.0
+        watch.num_decoding = len(worker.decodes)
+        watch.num_decoding_context_tokens = worker.decodes.total_context_tokens
 
     @property
     def num_held(self) -> int:
@@ -455,7 +450,18 @@ class ReplicaRouting:
                 hop = HopCalibrator(self.hop_prior_fixed_s, self.hop_prior_per_token_s, self.hop_calibration)
                 self._hops[watch.prefill_replica_id] = hop
             waited_s = at_unix_s - watch.decode_decided_at_unix_s
-            hop.observe(watch.num_prompt_tokens, waited_s - watch.first_step_s - watch.busy_step_s / 2)
+            hop.observe(
+                watch.num_prompt_tokens,
+                waited_s
+                if self.step_time is None
+                else observed_pd_hop_s(
+                    self.step_time,
+                    waited_s=waited_s,
+                    num_decoding=watch.num_decoding,
+                    num_decoding_context_tokens=watch.num_decoding_context_tokens,
+                    num_prompt_tokens=watch.num_prompt_tokens,
+                ),
+            )
         for replica_id, decisions in self._decided.items():
             for index, decided in enumerate(decisions):
                 if decided.request_id != request_id:

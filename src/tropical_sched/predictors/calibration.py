@@ -72,6 +72,7 @@ __all__ = [
     "HopCalibrator",
     "InstanceCalibration",
     "StepTimeCalibrator",
+    "observed_pd_hop_s",
     "served_step_time",
 ]
 
@@ -621,6 +622,35 @@ class HopCalibrator(_Calibrator):
 
 
 # -- one instance -----------------------------------------------------------------------------------------------
+
+
+def observed_pd_hop_s(
+    step_time: StepTimeModel,
+    *,
+    waited_s: float,
+    num_decoding: int,
+    num_decoding_context_tokens: int,
+    num_prompt_tokens: int,
+) -> float:
+    """A sequential P/D hop as a router observes it, for :meth:`HopCalibrator.observe`.
+
+    ``waited_s`` (from sending the decode half to its first token) less the first decode step on the decoding
+    instance (its ``num_decoding`` decodes and this one) and, when it was decoding, half a step of those decodes
+    (the step in flight that the transferred request waits for, on average).
+
+    Args:
+        step_time: the decoding instance's step-time model.
+        waited_s: seconds from sending the decode half to its first token.
+        num_decoding: decodes on the decoding instance when the decode half was sent (or arrived), >= 0.
+        num_decoding_context_tokens: their context tokens, >= 0.
+        num_prompt_tokens: the request's prompt length, tokens, >= 1.
+
+    Returns:
+        The hop, seconds (may be slightly negative from noise: the calibrator takes that).
+    """
+    first_step_s = step_time.decode_step_time_s(num_decoding + 1, num_decoding_context_tokens + num_prompt_tokens + 1)
+    busy_s = step_time.decode_step_time_s(num_decoding, num_decoding_context_tokens)
+    return waited_s - first_step_s - busy_s / 2
 
 
 def served_step_time(model: StepTimeModel, serving: ServingOverheads) -> StepTimeModel:

@@ -37,7 +37,7 @@ from tropical_sched.core.snapshot import ClusterSnapshot
 from tropical_sched.policies.base import PolicyContext
 from tropical_sched.policies.dispatcher import Dispatcher
 from tropical_sched.policies.registry import make_policy
-from tropical_sched.predictors.calibration import InstanceCalibration
+from tropical_sched.predictors.calibration import InstanceCalibration, observed_pd_hop_s
 from tropical_sched.predictors.profile import Profile, load_profile
 from tropical_sched.predictors.step_time import StepTimeModel
 from tropical_sched.serve.app import (
@@ -567,15 +567,15 @@ class Router:
         prefiller = self.instances[tracked.prefill_instance].calibration
         if prefiller is None:
             return
-        model = self._step_time(instance)
         num_prompt_tokens = tracked.request.num_prompt_tokens
-        busy_s = model.decode_step_time_s(instance.num_decoding, instance.decoding_context_tokens)
-        step_s = model.decode_step_time_s(
-            instance.num_decoding + 1, instance.decoding_context_tokens + num_prompt_tokens + 1
+        hop_s = observed_pd_hop_s(
+            self._step_time(instance),
+            waited_s=now - tracked.decode_sent_at_s,
+            num_decoding=instance.num_decoding,
+            num_decoding_context_tokens=instance.decoding_context_tokens,
+            num_prompt_tokens=num_prompt_tokens,
         )
-        prefiller.observe_pd_hop(
-            num_prompt_tokens=num_prompt_tokens, hop_s=now - tracked.decode_sent_at_s - step_s - busy_s / 2
-        )
+        prefiller.observe_pd_hop(num_prompt_tokens=num_prompt_tokens, hop_s=hop_s)
 
     def _observe_stream(self, tracked: Tracked) -> None:
         """A request finished streaming: its clean inter-token gaps price the decode batches it saw."""
