@@ -18,7 +18,7 @@ replica reports the same document as its routing stats.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -158,6 +158,20 @@ class EngineLiveState(_Strict):
         prefills = tuple(p for p in self.prefills if p.request_id is None or not p.request_id.startswith(own_prefix))
         decodes = tuple(d for d in self.decodes if d.request_id is None or not d.request_id.startswith(own_prefix))
         kv = sum(p.num_prompt_tokens for p in prefills) + sum(d.num_context_tokens for d in decodes)
+        return self.model_copy(update={"prefills": prefills, "decodes": decodes, "num_kv_tokens_used": kv})
+
+    def without(self, request_ids: Set[str]) -> EngineLiveState:
+        """The report without the requests named in ``request_ids`` (they ended, or moved on, after it was taken);
+        their KV tokens (prompt tokens of a prefill, context of a decode) are taken off the engine's KV usage.
+        Returns the report itself when it names none of them."""
+        prefills = tuple(p for p in self.prefills if p.request_id not in request_ids)
+        decodes = tuple(d for d in self.decodes if d.request_id not in request_ids)
+        if len(prefills) == len(self.prefills) and len(decodes) == len(self.decodes):
+            return self
+        freed = sum(p.num_prompt_tokens for p in self.prefills if p.request_id in request_ids) + sum(
+            d.num_context_tokens for d in self.decodes if d.request_id in request_ids
+        )
+        kv = max(self.num_kv_tokens_used - freed, 0)
         return self.model_copy(update={"prefills": prefills, "decodes": decodes, "num_kv_tokens_used": kv})
 
     def prefill_states(self, taken_at_s: float, prefix: str = "live") -> tuple[PrefillState, ...]:

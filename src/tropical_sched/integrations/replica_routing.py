@@ -502,20 +502,7 @@ class ReplicaRouting:
         """
         ended = self._ended.get(replica_id, {})
         if ended:
-            gone = {request_id for request_id, at_s in ended.items() if at_s > taken_at_s}
-            gone_prefills = [p for p in state.prefills if p.request_id in gone]
-            gone_decodes = [d for d in state.decodes if d.request_id in gone]
-            if gone_prefills or gone_decodes:
-                freed = sum(p.num_prompt_tokens for p in gone_prefills) + sum(
-                    d.num_context_tokens for d in gone_decodes
-                )
-                state = state.model_copy(
-                    update={
-                        "prefills": tuple(p for p in state.prefills if p.request_id not in gone),
-                        "decodes": tuple(d for d in state.decodes if d.request_id not in gone),
-                        "num_kv_tokens_used": max(state.num_kv_tokens_used - freed, 0),
-                    }
-                )
+            state = state.without({request_id for request_id, at_s in ended.items() if at_s > taken_at_s})
         named = {p.request_id for p in state.prefills} | {d.request_id for d in state.decodes}
         names_requests = (named - {None}) or not (state.prefills or state.decodes)
         own = [
