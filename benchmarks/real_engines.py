@@ -126,6 +126,11 @@ def _tropical_prefill_workers(plan_data: dict[str, Any]) -> int:
     return int(best["prefill_workers"])
 
 
+def tropical_shape(prefill_workers: int) -> str:
+    """The two engines' split as the results name it: ``1P+1M``, or ``2M`` with no prefill worker."""
+    return f"{prefill_workers}P+{2 - prefill_workers}M" if prefill_workers else "2M"
+
+
 def loads() -> dict[str, float]:
     """Load name -> rate, req/s."""
     knee = _knee_per_s(_plan())
@@ -442,7 +447,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     """The raw validate runs as ``vllm-cpu.json`` (issue 14's schema, plus the simulated figures and commands)."""
     plan_data = _plan()
     prefill_workers = _tropical_prefill_workers(plan_data)
-    shape = f"{prefill_workers}P+{2 - prefill_workers}M" if prefill_workers else "2M"
+    shape = tropical_shape(prefill_workers)
     hop = _hop()
     result_loads = []
     for load, rate in loads().items():

@@ -37,7 +37,15 @@ from pathlib import Path
 from typing import Any
 
 from fidelity import installed_version
-from real_engines import NUM_REQUESTS, _knee_per_s, _router, _tropical, _tropical_prefill_workers, collected_entry
+from real_engines import (
+    NUM_REQUESTS,
+    _knee_per_s,
+    _router,
+    _tropical,
+    _tropical_prefill_workers,
+    collected_entry,
+    tropical_shape,
+)
 from sglang_cpu_real_run import ENV
 
 HERE = Path(__file__).resolve().parent
@@ -231,7 +239,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     """The raw validate runs as ``sglang-cpu.json`` (``vllm-cpu.json``'s schema, the knee only)."""
     plan_data = _plan()
     prefill_workers = _tropical_prefill_workers(plan_data)
-    shape = f"{prefill_workers}P+{2 - prefill_workers}M" if prefill_workers else "2M"
+    shape = tropical_shape(prefill_workers)
     rate = _knee_per_s(plan_data)
     deployments: dict[str, Any] = {}
     for deployment in DEPLOYMENTS:

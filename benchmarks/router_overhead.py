@@ -117,6 +117,17 @@ def _start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def start_instant_engines(workdir: Path, count: int = 2) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
+    """``count`` instant engines (``instant_engine.py``) on free ports, logging under ``workdir``: the processes
+    and their URLs (wait for them with :func:`_wait`)."""
+    ports = [free_port() for _ in range(count)]
+    processes = [
+        _start([sys.executable, str(HERE / "instant_engine.py"), str(port)], workdir / f"engine-{port}.log")
+        for port in ports
+    ]
+    return processes, [f"http://127.0.0.1:{port}" for port in ports]
+
+
 def _stop(process: subprocess.Popen[bytes]) -> None:
     os.killpg(process.pid, signal.SIGTERM)
     try:
@@ -166,11 +177,7 @@ def main() -> None:
 
     python = sys.executable
     workdir = Path(tempfile.mkdtemp(prefix="router-overhead-"))
-    ports = [free_port(), free_port()]
-    engine_urls = [f"http://127.0.0.1:{port}" for port in ports]
-    processes = [
-        _start([python, str(HERE / "instant_engine.py"), str(port)], workdir / f"engine-{port}.log") for port in ports
-    ]
+    processes, engine_urls = start_instant_engines(workdir)
     targets: list[tuple[str, str, int | None]] = [("direct (one engine)", engine_urls[0], None)]
     try:
         # P/D path: tropical with a prefill and a multiplexing worker, prefill-first (two upstream calls per

@@ -34,11 +34,8 @@ import threading
 import time
 from pathlib import Path
 
-from router_overhead import _cpu_s, _hey, _start, _stop, _wait, start_router
+from router_overhead import _cpu_s, _hey, _stop, _wait, start_instant_engines, start_router
 
-from tropical_sched.serve.testing import free_port
-
-HERE = Path(__file__).resolve().parent
 PATHS = {
     # name: (policy, policy options, roles)
     "one-call": ("vllm", {}, ("colocated", "colocated")),
@@ -73,12 +70,7 @@ def categorize(stack: str) -> str:
 
 def profile_path(name: str, rate: float, duration_s: float, sample_rate: int, workdir: Path) -> dict[str, object]:
     """One router path under load: its CPU per request and the share of its samples per category."""
-    python = sys.executable
-    ports = [free_port(), free_port()]
-    engine_urls = [f"http://127.0.0.1:{port}" for port in ports]
-    processes = [
-        _start([python, str(HERE / "instant_engine.py"), str(port)], workdir / f"engine-{port}.log") for port in ports
-    ]
+    processes, engine_urls = start_instant_engines(workdir)
     policy, options, roles = PATHS[name]
     try:
         router, url = start_router(workdir, name, policy, options, engine_urls, roles)

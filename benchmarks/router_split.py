@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import httpx
-from router_overhead import BODY, _cpu_s, _median, _start, _stop, _wait
+from router_overhead import BODY, _cpu_s, _median, _start, _stop, _wait, start_instant_engines
 from router_overhead import _hey as hey
 
 from tropical_sched.serve.testing import free_port
@@ -65,11 +65,7 @@ def main() -> None:
 
     python = sys.executable
     workdir = Path(tempfile.mkdtemp(prefix="router-split-"))
-    ports = [free_port(), free_port()]
-    engine_urls = [f"http://127.0.0.1:{port}" for port in ports]
-    processes = [
-        _start([python, str(HERE / "instant_engine.py"), str(port)], workdir / f"engine-{port}.log") for port in ports
-    ]
+    processes, engine_urls = start_instant_engines(workdir)
     try:
         config = workdir / "cluster.json"
         instances = [{"url": url, "role": "multiplexing"} for url in engine_urls]
