@@ -7,6 +7,7 @@ from tropical_sched.predictors.calibration import (
     HopCalibrator,
     InstanceCalibration,
     StepTimeCalibrator,
+    observed_pd_hop_s,
     served_step_time,
 )
 from tropical_sched.predictors.output_length import LengthSamples, OutputLengthBound
@@ -70,6 +71,7 @@ __all__ = [
     "bundled_profile_names",
     "calibrated_profile_file",
     "load_profile",
+    "observed_pd_hop_s",
     "profile_from_json",
     "served_step_time",
     "split_step",
