@@ -369,6 +369,19 @@ DIAGNOSIS_RUNS = {
     "no path serves in time waits rather than push a worker's decode step past the watermark)",
     "tropical-knee-best-effort-watermark": "Tropical (2M) with best_effort_decode_watermark",
     "tropical-overloaded-best-effort-watermark": "overloaded: Tropical (2M) with best_effort_decode_watermark",
+    # Three ways to apply that watermark only in overload, each a temporary patch of TropicalPolicy's best-effort
+    # path (not kept), and the watermark at 100% of the TPOT SLO
+    # (--router-option 'policy_options={"best_effort_decode_watermark": true, "decode_step_watermark_fraction": 1}').
+    "tropical-knee-behind-pace-watermark": "the watermark only on a worker where some decode is behind its TPOT pace "
+    "(patch, not kept)",
+    "tropical-overloaded-behind-pace-watermark": "overloaded: the watermark only where some decode is behind its "
+    "TPOT pace (patch, not kept)",
+    "tropical-knee-late-watermark": "the watermark only for a request already past its TTFT deadline (patch, not kept)",
+    "tropical-overloaded-late-watermark": "overloaded: the watermark only for a request already past its TTFT "
+    "deadline (patch, not kept)",
+    "tropical-knee-watermark-at-slo": "best_effort_decode_watermark with decode_step_watermark_fraction 1.0",
+    "tropical-overloaded-watermark-at-slo": "overloaded: best_effort_decode_watermark with "
+    "decode_step_watermark_fraction 1.0",
 }
 
 
