@@ -24,6 +24,7 @@ from tropical_sched.policies.registry import make_policy
 from tropical_sched.predictors.calibration import StepTimeCalibrator
 from tropical_sched.predictors.profile import load_profile
 from tropical_sched.predictors.step_time import StepTimeModel, split_step
+from tropical_sched.serve.engines import REQUEST_ID_KEY
 
 __all__ = ["EngineSide", "EngineSideConfig", "classify_step", "parse_engine_side_section"]
 
@@ -48,6 +49,9 @@ class EngineSideConfig(BaseModel):
             composition and duration, :class:`~tropical_sched.predictors.calibration.StepTimeCalibrator`: starts
             at ``profile``, corrections clamped, old steps forgotten, outliers resisted), and predict with it.
         calibration_refresh_steps: observed steps between two refreshes of the model the predictions use.
+        live_state_interval_s: how often, at most, the engine writes its live state for ``GET /v1/tropical/state``
+            while it runs, seconds, >= 0 (and at once when a request arrives or leaves;
+            :mod:`tropical_sched.adapters.live_state`); ``None``: never.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -61,6 +65,7 @@ class EngineSideConfig(BaseModel):
     reject_unattainable: bool = False
     online_calibration: bool = True
     calibration_refresh_steps: Annotated[int, Field(ge=1)] = 32
+    live_state_interval_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = 0.02
 
 
 def classify_step(
@@ -217,6 +222,11 @@ class EngineSide:
             float(extra.get("tropical_ttft_slo_ms", self.config.default_ttft_slo_ms)),
             float(extra.get("tropical_tpot_slo_ms", self.config.default_tpot_slo_ms)),
         )
+
+    def router_request_id(self, request: Any) -> str | None:
+        """The id the router gave a request (``tropical_request_id`` beside its SLOs), or ``None``."""
+        value = (self._slo_args(request) or {}).get(REQUEST_ID_KEY)
+        return value if isinstance(value, str) else None
 
     def prefill_state(self, request: Any) -> PrefillState:
         """A request waiting for (or in) its prefill, as the policy sees it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -10,7 +11,13 @@ import pytest
 
 from tropical_sched.core import DataFormatError, PrefillState, WorkerRole, WorkerSnapshot
 from tropical_sched.core.snapshot import DecodeBatch
-from tropical_sched.live_state import LIVE_STATE_PATH, EngineLiveState, merge_live_state, parse_live_state
+from tropical_sched.live_state import (
+    LIVE_STATE_PATH,
+    EngineLiveState,
+    LiveStepTime,
+    merge_live_state,
+    parse_live_state,
+)
 from tropical_sched.predictors import Profile, load_profile, time_scaled, write_profile_file
 from tropical_sched.serve.config import RouterConfig
 from tropical_sched.serve.fake_engine import FakeEngine
@@ -199,3 +206,37 @@ def test_a_router_sees_the_decodes_another_router_sent(scaled_profile: tuple[str
     finally:
         for server in servers:
             server.stop()
+
+
+def test_a_report_carries_the_engines_step_time_model_and_older_reports_parse_without_it() -> None:
+    profile = load_profile("a100-llama2-70b-tp4")
+    calibrated = profile.step_time.scaled(1.5)
+    snapshot = _snapshot()
+    with_model = dataclasses.replace(snapshot, step_time=calibrated)
+    state = EngineLiveState.from_snapshot(with_model, now_s=12.0)
+    assert state.step_time == LiveStepTime.from_model(calibrated)
+    model = parse_live_state(state.model_dump_json(), "test").step_time.model(profile.step_time)  # type: ignore[union-attr]
+    assert model.coefficients == calibrated.coefficients
+    assert model.valid_range == profile.step_time.valid_range
+    assert model.decode_step_time_s(8, 8000) == pytest.approx(1.5 * profile.step_time.decode_step_time_s(8, 8000))
+    assert EngineLiveState.from_snapshot(snapshot, now_s=12.0).step_time is None
+    assert parse_live_state('{"num_kv_tokens_capacity": 10}', "test").step_time is None  # a report without one
+    with pytest.raises(DataFormatError, match=r"step_time\.const_s"):
+        parse_live_state('{"num_kv_tokens_capacity": 10, "step_time": {"const_s": -1}}', "engine")
+
+
+def test_a_router_predicts_an_engine_with_the_model_its_report_carries() -> None:
+    profile = load_profile("a100-llama2-70b-tp4")
+    router = Router(
+        RouterConfig.model_validate({"policy": "tropical", "instances": [{"url": "http://a", "role": "multiplexing"}]})
+    )
+    [instance] = router.instances
+    reported = LiveStepTime.from_model(profile.step_time.scaled(2.0))
+    instance.set_live_state(EngineLiveState(num_kv_tokens_capacity=1000, step_time=reported), taken_at_s=0.0)
+    first = instance.snapshot(now_s=0.0).step_time
+    assert first is not None
+    assert LiveStepTime.from_model(first) == reported
+    instance.set_live_state(EngineLiveState(num_kv_tokens_capacity=1000, step_time=reported), taken_at_s=0.1)
+    assert instance.snapshot(now_s=0.1).step_time is first  # the same model while the engine's stays the same
+    instance.set_live_state(EngineLiveState(num_kv_tokens_capacity=1000), taken_at_s=0.2)
+    assert instance.snapshot(now_s=0.2).step_time is not first  # no model reported: the router's own again

@@ -8,7 +8,7 @@ import pytest
 
 from tropical_sched.core import WorkerRole
 from tropical_sched.integrations.replica_routing import STATS_KEY, ReplicaRouting, RequestFacts, replica_stats
-from tropical_sched.live_state import EngineLiveState, LiveDecode, LivePrefill
+from tropical_sched.live_state import EngineLiveState, LiveDecode, LivePrefill, LiveStepTime
 from tropical_sched.policies.base import PolicyContext
 from tropical_sched.policies.registry import make_policy
 from tropical_sched.predictors import load_profile
@@ -271,3 +271,22 @@ def test_first_tokens_and_ends_feed_the_policys_toggle_windows(monkeypatch: pyte
     routing.finished("r1", 0.04, NOW + 2.0)
     routing.first_token("unknown", NOW)
     assert seen == [("ttft", "r1", pytest.approx(0.25)), ("tpot", "r1", 0.04)]
+
+
+def test_a_replica_is_predicted_with_the_step_time_model_its_report_carries() -> None:
+    context = PolicyContext(step_time=PROFILE.step_time, max_model_len=PROFILE.max_model_len)
+    routing = ReplicaRouting(
+        make_policy("tropical", context, {}), PROFILE.num_kv_cache_tokens, step_time=PROFILE.step_time
+    )
+    reported = LiveStepTime.from_model(PROFILE.step_time.scaled(3.0))
+    state = _state(2).model_copy(update={"step_time": reported})
+    replicas = [
+        ("a", replica_stats(WorkerRole.MULTIPLEXING, state, NOW)),
+        ("b", replica_stats(WorkerRole.MULTIPLEXING, _state(2), NOW)),
+    ]
+    first, second = routing.snapshot(replicas, NOW).workers
+    assert first.step_time is not None
+    assert LiveStepTime.from_model(first.step_time) == reported
+    assert first.step_time.valid_range == PROFILE.step_time.valid_range
+    assert second.step_time is None  # the policy's own
+    assert routing.snapshot(replicas, NOW + 0.1).workers[0].step_time is first.step_time  # kept while unchanged

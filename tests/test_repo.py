@@ -106,6 +106,7 @@ def test_the_documented_vllm_gpu_launch_has_the_options_of_the_tested_cpu_one() 
     for role, command in gpu.items():
         assert command.argv[:2] == ("vllm", "serve")
         assert command.option("--scheduler-cls") == cpu[role].option("--scheduler-cls")
+        assert command.option("--middleware") == cpu[role].option("--middleware")
         assert json.loads(command.option("--kv-transfer-config")) == json.loads(
             cpu[role].option("--kv-transfer-config")
         )

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -356,6 +357,74 @@ def test_replay_through_the_router_produces_the_report(servers: tuple[VllmServer
     assert 0 <= data["policies"]["replay"]["slo_attainment"] <= 1
     # The scheduler class refits its engine's step-time model from the steps it ran (engine-side calibration).
     assert "tropical online calibration: " in mux.log()
+
+
+def _live_state(server: VllmServer) -> Any:
+    from tropical_sched.live_state import LIVE_STATE_PATH, parse_live_state
+
+    response = httpx.get(server.url + LIVE_STATE_PATH, timeout=10)
+    assert response.status_code == 200, response.text
+    return parse_live_state(response.content, server.url + LIVE_STATE_PATH)
+
+
+def test_engines_serve_their_live_state_with_the_routers_request_ids(servers: tuple[VllmServer, VllmServer]) -> None:
+    _, mux = servers
+    slos = {"tropical_ttft_slo_ms": 5000, "tropical_tpot_slo_ms": 250}
+    body = {
+        "model": "tiny",
+        "prompt": tokens(200, 60),
+        "max_tokens": 400,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "vllm_xargs": {**slos, "tropical_request_id": "live-1"},
+    }
+    decoding = None
+    with httpx.stream("POST", mux.url + "/v1/completions", json=body, timeout=120) as response:
+        for line in response.iter_lines():
+            if decoding is None and line.startswith("data: {"):
+                decoding = _live_state(mux)  # after its first token: it decodes there
+    assert decoding is not None
+    [decode] = [d for d in decoding.decodes if d.request_id == "live-1"]
+    assert decode.tpot_slo_s == 0.25
+    assert decode.num_context_tokens >= 201
+    assert decoding.num_kv_tokens_used >= 201
+    assert decoding.num_kv_tokens_capacity > decoding.num_kv_tokens_used
+    # written at once when the request left: the idle engine's report is empty
+    deadline = time.monotonic() + 10
+    while (state := _live_state(mux)).decodes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state.decodes == ()
+    assert state.prefills == ()
+
+
+def test_a_second_router_sees_the_decode_the_first_sent_through_the_engines_live_state(
+    servers: tuple[VllmServer, VllmServer],
+) -> None:
+    prefill, mux = servers
+    config = {
+        "model": "tiny",
+        "profile": "cpu-tiny-llama",
+        "live_state_interval_s": 0.02,
+        "policy_options": {"route_order": "multiplex-first"},
+        "instances": [{"url": prefill.url, "role": "prefill"}, {"url": mux.url, "role": "multiplexing"}],
+    }
+    first, second = (Router(RouterConfig.model_validate(config)) for _ in range(2))
+    body = {"prompt": tokens(150, 90), "max_tokens": 600, "temperature": 0, "ignore_eos": True, "stream": True}
+    with ServerThread(first.app) as one, ServerThread(second.app):
+        seen_by_second = seen_by_first = 0
+        with httpx.stream("POST", one.url + "/v1/completions", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {") and not seen_by_second:
+                    deadline = time.monotonic() + 2  # 100 readings of the live state
+                    while not seen_by_second and time.monotonic() < deadline:
+                        seen_by_second = sum(len(w.decodes) for w in second.snapshot().workers)
+                        time.sleep(0.02)
+                    seen_by_first = sum(len(w.decodes) for w in first.snapshot().workers)
+                    assert first.num_tracked == 1, "the request ended before the second router was watched"
+    assert second.num_tracked == 0
+    assert seen_by_second == 1  # the first router's request, from the engine's report
+    assert seen_by_first == 1  # its own, found in the same reports by its id: counted once
 
 
 # -- tropical-profile vllm ----------------------------------------------------------------------------------------

@@ -8,6 +8,10 @@
   prefill listed before the decodes cannot take their tokens.
 * Policies that select decodes (``scorpio``'s credit-based batching, ``tempo``'s pacing) leave the decodes that
   sit a step out off the running list for that ``schedule()`` call; they keep their KV cache and rejoin after.
+* Live state: after every step (at most every ``live_state_interval_s``, and at once when a request arrives or
+  leaves) the engine's report is written where the API server's ``--middleware
+  tropical_sched.adapters.live_state.serve_live_state`` serves it at ``GET /v1/tropical/state``
+  (:mod:`tropical_sched.adapters.live_state`); P/D decodes waiting for their KV cache count as decodes.
 * Online calibration: every step's composition (read from its ``SchedulerOutput``) and wall time (from the start
   of ``schedule()`` to the end of ``update_from_output()``: scheduling, the forward pass, sampling, output
   processing) refit the engine's step-time model, which the cap then predicts with
@@ -23,6 +27,7 @@ import heapq
 import itertools
 import logging
 import math
+import os
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -33,6 +38,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from tropical_sched.adapters.engine_side import classify_step
+from tropical_sched.adapters.live_state import LiveStateWriter, engine_live_state, live_state_file
 from tropical_sched.adapters.vllm.config import parse_engine_side_config
 from tropical_sched.adapters.vllm.logic import make_engine_side
 from tropical_sched.adapters.vllm.version import check_vllm_version
@@ -108,6 +114,11 @@ class _TropicalMixin:
         # n + 1 before step n's output returns, so several can be pending.
         self._pending_steps: dict[int, tuple[float, tuple[int, int, tuple[tuple[int, int], ...]]]] = {}
         self._calibration_logged_at_s = -math.inf
+        interval_s = config.live_state_interval_s
+        # The engine core is a child of the API server, which serves the file.
+        self._live_state = None if interval_s is None else LiveStateWriter(live_state_file(os.getppid()), interval_s)
+        if self._live_state is not None:
+            self._live_state.remove()  # a previous engine's
         logger.info(
             "tropical scheduler active: role=%s policy=%s profile=%s base=%s",
             config.role.value,
@@ -191,7 +202,35 @@ class _TropicalMixin:
             requests[request_id] for request_id in scheduler_output.num_scheduled_tokens if request_id in requests
         )
         self.tropical.forget(request_id for request_id in scheduler_output.finished_req_ids)
+        if self._live_state is not None:
+            self._write_live_state()
         return outputs
+
+    def _write_live_state(self) -> None:
+        assert self._live_state is not None
+        waiting = list(self.waiting)
+        running = list(self.running)  # type: ignore[has-type]
+        incoming = [r for r in waiting if (getattr(r, "kv_transfer_params", None) or {}).get("do_remote_prefill")]
+        queued = [r for r in waiting if r not in incoming] if incoming else waiting
+        cache_config = self.cache_config  # type: ignore[attr-defined]
+        capacity = int(cache_config.num_gpu_blocks or 0) * int(self.block_size)  # type: ignore[attr-defined]
+        used = round(self.kv_cache_manager.usage * capacity)  # type: ignore[attr-defined]
+        self._live_state.maybe_write(
+            (r.request_id for r in (*waiting, *running)),
+            lambda: engine_live_state(
+                self.tropical,
+                queued,
+                running,
+                incoming=incoming,
+                num_kv_tokens_used=used,
+                num_kv_tokens_capacity=capacity,
+            ),
+        )
+
+    def shutdown(self) -> None:
+        if self._live_state is not None:
+            self._live_state.remove()
+        super().shutdown()  # type: ignore[misc]
 
 
 class TropicalScheduler(_TropicalMixin, Scheduler):

@@ -12,8 +12,9 @@ how long a decode has streamed), not timestamps: engines and routers need no com
 on its own clock at the moment the report was taken, which it takes to be the middle of the request that fetched
 it.
 
-Served at ``GET /v1/tropical/state`` by the fake engine (and by any engine wrapper that implements it); a Ray Serve
-replica reports the same document as its routing stats.
+Served at ``GET /v1/tropical/state`` by the fake engine and by vLLM with the Tropical scheduler class
+(:mod:`tropical_sched.adapters.live_state`); a Ray Serve replica reports the same document as its routing stats.
+A report may carry the engine's own (calibrated) step-time model, which routers then predict that engine with.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tropical_sched.core.errors import DataFormatError
 from tropical_sched.core.locate import validation_message
 from tropical_sched.core.snapshot import DecodeBatch, PrefillState, WorkerSnapshot
+from tropical_sched.predictors.step_time import StepTimeCoefficients, StepTimeModel
 
 __all__ = [
     "LIVE_STATE_PATH",
     "EngineLiveState",
     "LiveDecode",
     "LivePrefill",
+    "LiveStepTime",
     "merge_live_state",
     "parse_live_state",
 ]
@@ -86,6 +89,42 @@ class LiveDecode(_Strict):
     tpot_slo_s: _PositiveSeconds
 
 
+class LiveStepTime(_Strict):
+    """The engine's step-time model as it predicts with it now (its online calibration's, where it runs one):
+    the coefficients of :class:`~tropical_sched.predictors.step_time.StepTimeCoefficients`, each in seconds per
+    unit of its feature, >= 0."""
+
+    const_s: _Seconds
+    per_batched_token_s: _Seconds
+    per_prefill_seq_s: _Seconds
+    per_prefill_attention_pair_s: _Seconds
+    per_decode_seq_s: _Seconds
+    per_decode_context_token_s: _Seconds
+
+    @classmethod
+    def from_model(cls, model: StepTimeModel) -> LiveStepTime:
+        """The coefficients of ``model``."""
+        c = model.coefficients
+        return cls(
+            const_s=c.const_s,
+            per_batched_token_s=c.per_batched_token_s,
+            per_prefill_seq_s=c.per_prefill_seq_s,
+            per_prefill_attention_pair_s=c.per_prefill_attention_pair_s,
+            per_decode_seq_s=c.per_decode_seq_s,
+            per_decode_context_token_s=c.per_decode_context_token_s,
+        )
+
+    def model(self, like: StepTimeModel) -> StepTimeModel:
+        """A step-time model with these coefficients and the valid range of ``like`` (the profile the engine
+        started from), named ``"<like's name> (engine-calibrated)"``."""
+        return StepTimeModel(
+            StepTimeCoefficients(**self.model_dump()),
+            like.valid_range,
+            f"{like.name} (engine-calibrated)",
+            warned_like=like,
+        )
+
+
 class EngineLiveState(_Strict):
     """What an engine runs, as it reports it (JSON at :data:`LIVE_STATE_PATH`).
 
@@ -95,6 +134,8 @@ class EngineLiveState(_Strict):
         decodes: running decodes.
         num_kv_tokens_used: KV-cache tokens held, >= 0.
         num_kv_tokens_capacity: KV-cache capacity in tokens, >= 1.
+        step_time: the step-time model the engine predicts with (its calibrated one), or ``None``: routers then
+            predict its steps with their own model of it.
     """
 
     schema_version: Literal[1] = 1
@@ -102,6 +143,7 @@ class EngineLiveState(_Strict):
     decodes: tuple[LiveDecode, ...] = ()
     num_kv_tokens_used: _Count = 0
     num_kv_tokens_capacity: Annotated[int, Field(ge=1)]
+    step_time: LiveStepTime | None = None
 
     @classmethod
     def from_snapshot(
@@ -148,6 +190,7 @@ class EngineLiveState(_Strict):
             decodes=decodes,
             num_kv_tokens_used=snapshot.num_kv_tokens_used,
             num_kv_tokens_capacity=snapshot.num_kv_tokens_capacity,
+            step_time=LiveStepTime.from_model(snapshot.step_time) if snapshot.step_time is not None else None,
         )
 
     def foreign(self, own_prefix: str) -> EngineLiveState:
@@ -159,6 +202,21 @@ class EngineLiveState(_Strict):
         decodes = tuple(d for d in self.decodes if d.request_id is None or not d.request_id.startswith(own_prefix))
         kv = sum(p.num_prompt_tokens for p in prefills) + sum(d.num_context_tokens for d in decodes)
         return self.model_copy(update={"prefills": prefills, "decodes": decodes, "num_kv_tokens_used": kv})
+
+    def aged(self, age_s: float) -> EngineLiveState:
+        """The report as it would read ``age_s`` seconds after it was taken, with nothing having run meanwhile: every
+        prefill has waited and every decode has streamed ``age_s`` longer (an engine that serves a report taken
+        earlier, e.g. written at its last step, serves it aged by the time since). ``age_s <= 0``: the report."""
+        if age_s <= 0:
+            return self
+        return self.model_copy(
+            update={
+                "prefills": tuple(p.model_copy(update={"waited_s": p.waited_s + age_s}) for p in self.prefills),
+                "decodes": tuple(
+                    d.model_copy(update={"decoding_for_s": d.decoding_for_s + age_s}) for d in self.decodes
+                ),
+            }
+        )
 
     def without(self, request_ids: Set[str]) -> EngineLiveState:
         """The report without the requests named in ``request_ids`` (they ended, or moved on, after it was taken);

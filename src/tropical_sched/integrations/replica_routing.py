@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tropical_sched.core.decisions import DecodePlacement, RouteAction, RouteDecision
 from tropical_sched.core.request import Request, Slo
 from tropical_sched.core.snapshot import ClusterSnapshot, DecodeBatch, PrefillState, WorkerRole, WorkerSnapshot
-from tropical_sched.live_state import EngineLiveState, merge_live_state
+from tropical_sched.live_state import EngineLiveState, LiveStepTime, merge_live_state
 from tropical_sched.policies.base import Policy
 from tropical_sched.policies.dispatcher import Dispatcher
 from tropical_sched.predictors.calibration import CalibrationConfig, HopCalibrator, observed_pd_hop_s
@@ -166,7 +166,9 @@ class ReplicaRouting:
         num_kv_cache_tokens: KV capacity assumed for a replica whose engine reports none.
         max_num_seqs: the engines' batch limit.
         step_time: the step-time model the policy predicts with; with ``hop_calibration``, the first decode step
-            is taken out of an observed P/D hop with it.
+            is taken out of an observed P/D hop with it. A replica whose report carries its engine's own model
+            (:attr:`~tropical_sched.live_state.EngineLiveState.step_time`) is predicted with that one, in this
+            model's valid range.
         hop_calibration: learn each prefill replica's P/D hop online from the first tokens the router is told of
             (:meth:`first_token`), as ``tropical serve`` does from the tokens it relays (the same
             :class:`~tropical_sched.predictors.calibration.HopCalibrator`); ``None``: the prior hop throughout.
@@ -188,6 +190,8 @@ class ReplicaRouting:
     _routed: dict[str, tuple[Request, bool]] = field(default_factory=dict)  # id -> (request, first token seen)
     _decided: dict[str, list[_Decided]] = field(default_factory=dict)
     _ended: dict[str, dict[str, float]] = field(default_factory=dict)  # replica id -> request id -> when
+    _engine_models: dict[str, tuple[LiveStepTime, StepTimeModel]] = field(default_factory=dict)  # replica id ->
+    # the step-time model its latest report carries (kept while the report's coefficients stay the same)
     _dispatcher: Dispatcher = field(init=False)
 
     def __post_init__(self) -> None:
@@ -246,11 +250,23 @@ class ReplicaRouting:
                     num_kv_tokens_used=min(kv_used, state.num_kv_tokens_capacity),
                     num_kv_tokens_capacity=state.num_kv_tokens_capacity,
                     max_num_seqs=self.max_num_seqs,
+                    step_time=self._engine_model(replica_id, state.step_time),
                     pd_hop_fixed_s=hop.fixed_s if hop is not None else self.hop_prior_fixed_s,
                     pd_hop_per_prompt_token_s=hop.per_prompt_token_s if hop is not None else self.hop_prior_per_token_s,
                 )
             )
         return ClusterSnapshot(now_s=now_unix_s, workers=tuple(workers))
+
+    def _engine_model(self, replica_id: str, reported: LiveStepTime | None) -> StepTimeModel | None:
+        """The step-time model a replica's report carries (its engine's calibrated one), or ``None`` (the
+        policy's); needs :attr:`step_time` for the valid range."""
+        if reported is None or self.step_time is None:
+            return None
+        kept = self._engine_models.get(replica_id)
+        if kept is None or kept[0] != reported:
+            kept = (reported, reported.model(self.step_time))
+            self._engine_models[replica_id] = kept
+        return kept[1]
 
     def choose(
         self, replicas: Sequence[tuple[str, Mapping[str, Any]]], facts: RequestFacts, now_unix_s: float

@@ -106,6 +106,7 @@ class Router:
                 calibration=self._calibration(instance),
                 serving=self.profile_named(instance.profile).serving,
                 step_time=self._own_step_time(instance),
+                prior_step_time=self.profile_named(instance.profile).step_time,
             )
             for index, instance in enumerate(config.instances)
         ]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from tropical_sched.core.request import Request
 from tropical_sched.core.snapshot import DecodeBatch, PrefillState, WorkerRole, WorkerSnapshot
-from tropical_sched.live_state import EngineLiveState, LiveDecode, LivePrefill, merge_live_state
+from tropical_sched.live_state import EngineLiveState, LiveDecode, LivePrefill, LiveStepTime, merge_live_state
 from tropical_sched.policies.base import LocalScheduler
 from tropical_sched.predictors.calibration import InstanceCalibration
 from tropical_sched.predictors.profile import ServingOverheads
@@ -98,6 +98,8 @@ class Instance:
         serving: its profile's serving overheads (the P/D hop snapshots carry while calibration is off).
         step_time: its own profile's step-time model, when it has a profile other than the policy's (a
             heterogeneous cluster): snapshots carry it while calibration is off; ``None``: the policy's.
+        prior_step_time: the step-time model of its profile (whichever it is), whose valid range a model that the
+            engine reports in its live state takes; ``None``: reported models are not used.
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class Instance:
         calibration: InstanceCalibration | None = None,
         serving: ServingOverheads | None = None,
         step_time: StepTimeModel | None = None,
+        prior_step_time: StepTimeModel | None = None,
     ) -> None:
         self.index = index
         self.config = config
@@ -135,6 +138,8 @@ class Instance:
         self.calibration = calibration
         self.serving = serving
         self.profile_step_time = step_time
+        self.prior_step_time = prior_step_time
+        self.engine_step_time: StepTimeModel | None = None  # the model the engine's latest report carries
         # When its latest P/D prefill call returned, the one request then left waiting here (None: none, or
         # several), and num_admitted then: a request that waited alone behind a prefill ran alone right after it.
         self.last_prefill_return_at_s: float | None = None
@@ -176,6 +181,12 @@ class Instance:
             self.foreign_num_prefills = self.foreign_num_decodes = self.foreign_context_tokens = 0
         self.live_state = state
         self.live_state_taken_at_s = taken_at_s
+        reported = state.step_time if state is not None else None
+        if reported is None or self.prior_step_time is None:
+            self.engine_step_time = None
+        elif self.engine_step_time is None or LiveStepTime.from_model(self.engine_step_time) != reported:
+            # a new model only when the engine's changed: the model's memo of queued prefills carries over
+            self.engine_step_time = reported.model(self.prior_step_time)
         self.version += 1
 
     def _sent_since_live_state(self, tracked: Tracked, *, decode: bool) -> bool:
@@ -278,6 +289,7 @@ class Instance:
         (:func:`~tropical_sched.live_state.merge_live_state`). With calibration on, the snapshot carries the calibrated
         step-time model and the learned P/D hop as of its building; off, the model of the instance's own profile
         (none when it has the policy's: the policy's own) and the hop of the instance's profile, if it records one.
+        A step-time model in the engine's live state (its own calibrated one) takes the place of either.
         """
         # A new calibration does not invalidate the cached snapshot by itself: the next change of the instance (or
         # the router's periodic refresh, every few milliseconds) picks it up, which spares a rebuild per observation.
@@ -308,6 +320,8 @@ class Instance:
             step_time = self.profile_step_time
             hop_fixed_s = serving.pd_hop_fixed_s if serving else 0.0
             hop_per_token_s = serving.pd_hop_per_prompt_token_s if serving else 0.0
+        if self.engine_step_time is not None and live is not None:
+            step_time = self.engine_step_time  # the engine's own (calibrated) model, from its live state
         batch = DecodeBatch(
             request_ids=tuple(t.request.request_id for t in decodes),
             first_token_at_s=tuple(
