@@ -65,7 +65,7 @@ class EngineSideConfig(BaseModel):
     reject_unattainable: bool = False
     online_calibration: bool = True
     calibration_refresh_steps: Annotated[int, Field(ge=1)] = 32
-    live_state_interval_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = 0.02
+    live_state_interval_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = 0.05
 
 
 def classify_step(

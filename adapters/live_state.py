@@ -104,7 +104,7 @@ class LiveStateWriter:
         clock: seconds, monotonic (tests pass a fake one).
     """
 
-    def __init__(self, path: Path, interval_s: float = 0.02, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, path: Path, interval_s: float = 0.05, clock: Callable[[], float] = time.monotonic) -> None:
         if not interval_s >= 0:
             raise ValueError(f"interval_s must be >= 0, got {interval_s!r}")
         self.path = path

@@ -156,3 +156,13 @@ async def _serve_through_the_middleware(starlette_app: Starlette, path: Path) ->
         assert wrong.status_code == 405
         assert "answers GET only, got POST" in wrong.json()["error"]["message"]
         assert (await client.post("/v1/completions")).text == "the engine's own route"
+
+
+def test_the_engines_live_state_interval_is_configured_in_its_tropical_section() -> None:
+    from tropical_sched.adapters.vllm.config import parse_engine_side_config
+    from tropical_sched.core import ConfigError
+
+    assert parse_engine_side_config({"tropical": {}}).live_state_interval_s == 0.05
+    assert parse_engine_side_config({"tropical": {"live_state_interval_s": None}}).live_state_interval_s is None
+    with pytest.raises(ConfigError, match=r"--additional-config tropical\.live_state_interval_s.*-1"):
+        parse_engine_side_config({"tropical": {"live_state_interval_s": -1}})
