@@ -50,7 +50,7 @@ class EngineSideConfig(BaseModel):
             at ``profile``, corrections clamped, old steps forgotten, outliers resisted), and predict with it.
         calibration_refresh_steps: observed steps between two refreshes of the model the predictions use.
         live_state_interval_s: how often, at most, the engine writes its live state for ``GET /v1/tropical/state``
-            while it runs, seconds, >= 0 (and at once when a request arrives or leaves;
+            while it runs and a router reads it, seconds, >= 0 (and at once when a request arrives or leaves;
             :mod:`tropical_sched.adapters.live_state`); ``None``: never.
     """
 

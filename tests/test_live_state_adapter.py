@@ -12,17 +12,16 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from tests.test_vllm_logic import side, vllm_request
 from tropical_sched.adapters.live_state import (
     LIVE_STATE_FILE_ENV,
+    LiveStateMiddleware,
     LiveStateWriter,
     engine_live_state,
     live_state_file,
-    serve_live_state,
 )
 from tropical_sched.live_state import (
     LIVE_STATE_PATH,
@@ -91,9 +90,11 @@ def _report(num_decodes: int) -> EngineLiveState:
 
 
 def test_the_writer_throttles_but_writes_at_once_when_requests_come_or_go(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock, wall = FakeClock(), FakeClock()
     path = tmp_path / "state.json"
-    writer = LiveStateWriter(path, interval_s=0.02, clock=clock)
+    writer = LiveStateWriter(path, interval_s=0.02, clock=clock, wall_clock=wall)
+    (tmp_path / "state.json.wanted").touch()  # a router reads it
+    wall.now = time.time()
     assert writer.maybe_write(["a"], lambda: _report(1))
     clock.now = 0.01
     assert not writer.maybe_write(["a"], lambda: _report(1))  # same requests, within the interval
@@ -103,12 +104,36 @@ def test_the_writer_throttles_but_writes_at_once_when_requests_come_or_go(tmp_pa
     clock.now = 0.05
     assert writer.maybe_write([], lambda: _report(0))  # the interval passed
     assert writer.num_writes == 4
-    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.json.wanted"]  # no temporary file
     writer.remove()
     assert not path.exists()
+    assert not (tmp_path / "state.json.wanted").exists()
     writer.remove()  # already gone: fine
     with pytest.raises(ValueError, match="interval_s must be >= 0, got -1"):
         LiveStateWriter(path, interval_s=-1)
+    with pytest.raises(ValueError, match="reader_timeout_s must be > 0, got 0"):
+        LiveStateWriter(path, reader_timeout_s=0)
+
+
+def test_the_writer_writes_only_while_a_router_reads_and_removes_what_it_wrote_when_none_does(
+    tmp_path: Path,
+) -> None:
+    clock, wall = FakeClock(), FakeClock()
+    path = tmp_path / "state.json"
+    wanted = tmp_path / "state.json.wanted"
+    writer = LiveStateWriter(path, interval_s=0.02, reader_timeout_s=5.0, clock=clock, wall_clock=wall)
+    assert not writer.maybe_write(["a"], lambda: _report(1))  # nobody has asked
+    assert not path.exists()
+    wanted.touch()
+    read_at = wanted.stat().st_mtime
+    wall.now = read_at + 1.0
+    assert not writer.maybe_write(["a"], lambda: _report(1))  # checked again only after the interval ...
+    assert writer.maybe_write(["a", "b"], lambda: _report(2))  # ... or at once when a request comes
+    assert path.exists()
+    clock.now, wall.now = 0.1, read_at + 6.0  # no read for 6 s
+    assert not writer.maybe_write(["a", "b"], lambda: _report(2))
+    assert not path.exists()  # the next reader gets 404, not this old report
+    assert writer.num_writes == 1
 
 
 def test_the_file_is_named_by_the_api_servers_pid_unless_the_environment_names_it(
@@ -129,8 +154,8 @@ def app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Starlette, Pat
         return PlainTextResponse("the engine's own route")
 
     routes = [Route("/v1/completions", completions, methods=["POST"])]
-    # as vLLM's api_server adds a coroutine given to --middleware: app.middleware("http")(function)
-    return Starlette(routes=routes, middleware=[Middleware(BaseHTTPMiddleware, dispatch=serve_live_state)]), path
+    # as vLLM's api_server adds a class given to --middleware: app.add_middleware(cls)
+    return Starlette(routes=routes, middleware=[Middleware(LiveStateMiddleware)]), path
 
 
 def test_the_middleware_serves_the_file_aged_and_leaves_other_routes_alone(app: tuple[Starlette, Path]) -> None:
@@ -143,6 +168,7 @@ async def _serve_through_the_middleware(starlette_app: Starlette, path: Path) ->
         missing = await client.get(LIVE_STATE_PATH)
         assert missing.status_code == 404
         assert "runs without the Tropical scheduler" in missing.json()["error"]["message"]
+        assert path.with_name("state.json.wanted").exists()  # the read asked the engine for reports
 
         LiveStateWriter(path).maybe_write(["a"], lambda: _report(1))
         written_at_s = time.time() - 2.0

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from tests.doc_commands import ShellCommand, doc_block_commands
+from tests.live_state_reader import reading_live_state
 from tropical_sched.serve.config import RouterConfig
 from tropical_sched.serve.router import Router
 from tropical_sched.serve.testing import ServerThread, free_port, wait_until_healthy
@@ -359,14 +360,6 @@ def test_replay_through_the_router_produces_the_report(servers: tuple[VllmServer
     assert "tropical online calibration: " in mux.log()
 
 
-def _live_state(server: VllmServer) -> Any:
-    from tropical_sched.live_state import LIVE_STATE_PATH, parse_live_state
-
-    response = httpx.get(server.url + LIVE_STATE_PATH, timeout=10)
-    assert response.status_code == 200, response.text
-    return parse_live_state(response.content, server.url + LIVE_STATE_PATH)
-
-
 def test_engines_serve_their_live_state_with_the_routers_request_ids(servers: tuple[VllmServer, VllmServer]) -> None:
     _, mux = servers
     slos = {"tropical_ttft_slo_ms": 5000, "tropical_tpot_slo_ms": 250}
@@ -379,23 +372,24 @@ def test_engines_serve_their_live_state_with_the_routers_request_ids(servers: tu
         "stream": True,
         "vllm_xargs": {**slos, "tropical_request_id": "live-1"},
     }
-    decoding = None
-    with httpx.stream("POST", mux.url + "/v1/completions", json=body, timeout=120) as response:
-        for line in response.iter_lines():
-            if decoding is None and line.startswith("data: {"):
-                decoding = _live_state(mux)  # after its first token: it decodes there
-    assert decoding is not None
+    with reading_live_state(mux.url) as states:  # as a router does, every 50 ms
+        with httpx.stream("POST", mux.url + "/v1/completions", json=body, timeout=120) as response:
+            for _ in response.iter_lines():
+                pass
+        decoding = next((s for s in states if any(d.request_id == "live-1" for d in s.decodes)), None)
+        deadline = time.monotonic() + 10
+        while (not states or states[-1].decodes) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        last = states[-1]
+    assert decoding is not None, "the decode never showed in the engine's report"
     [decode] = [d for d in decoding.decodes if d.request_id == "live-1"]
     assert decode.tpot_slo_s == 0.25
     assert decode.num_context_tokens >= 201
     assert decoding.num_kv_tokens_used >= 201
     assert decoding.num_kv_tokens_capacity > decoding.num_kv_tokens_used
-    # written at once when the request left: the idle engine's report is empty
-    deadline = time.monotonic() + 10
-    while (state := _live_state(mux)).decodes and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert state.decodes == ()
-    assert state.prefills == ()
+    assert decoding.step_time is not None  # the scheduler class's calibrated model
+    assert last.decodes == ()  # written at once when the request left
+    assert last.prefills == ()
 
 
 def test_a_second_router_sees_the_decode_the_first_sent_through_the_engines_live_state(

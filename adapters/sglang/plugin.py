@@ -17,6 +17,12 @@ where it is set, it checks SGLang and registers hooks through SGLang's ``HookReg
   (``get_next_batch_to_run``: chunked prefill, mixed chunks, the merge into the running batch) on that queue
   after merging the requests whose KV cache arrived. No kernel or SGLang source is changed.
 
+* live state: after every batch (at most every ``live_state_interval_s``, and at once when a request comes or
+  goes) the scheduler writes the engine's report, and the HTTP server answers ``GET /v1/tropical/state`` with it
+  (:mod:`tropical_sched.adapters.live_state`; the middleware is added to SGLang's FastAPI app when the plug-in
+  loads in the launcher, before it serves). A decode-mode server counts the requests whose KV cache is
+  on its way or has arrived as decodes.
+
 ``TROPICAL_SGLANG_CPU_PD_FIX=1`` (independent of the configuration) turns off the Mooncake sender's
 pinned-memory index path, which needs CUDA, so that P/D over ``mooncake_tcp`` runs on SGLang's CPU engine
 (tests and CPU trials; see docs/sglang.md).
@@ -51,6 +57,8 @@ _SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 _POLICY_MODULE = "sglang.srt.managers.schedule_policy"
 _DECODE_MIXIN = "sglang.srt.disaggregation.decode.SchedulerDisaggregationDecodeMixin"
 _LOCAL_QUEUE_ATTR = "_tropical_local_queue"
+_LIVE_STATE_ATTR = "_tropical_live_state"
+_HTTP_SERVER = "sglang.srt.entrypoints.http_server"
 CPU_PD_FIX_ENV = "TROPICAL_SGLANG_CPU_PD_FIX"
 _CONFIG_ENV = "TROPICAL_SGLANG_CONFIG"  # logic.CONFIG_ENV, repeated to keep this import light (tested)
 
@@ -161,6 +169,8 @@ def register() -> None:
         HookRegistry.register(
             f"{_DECODE_MIXIN}.get_next_disagg_decode_batch_to_run", _around_decode_next_batch, HookType.AROUND
         )
+    if config.live_state_interval_s is not None:
+        _serve_live_state()
     logger.info(
         "tropical-sched: policy %s, role %s, on SGLang %s (prefill cap: %s, multiplexing: %s)",
         config.policy,
@@ -169,6 +179,27 @@ def register() -> None:
         _side.local.caps_prefill_tokens,
         config.role is WorkerRole.MULTIPLEXING,
     )
+
+
+def _serve_live_state() -> None:
+    """In the HTTP server's process (the launcher: no multiprocessing parent; it loads plug-ins before it imports
+    its FastAPI app, which it serves right after): answer ``GET /v1/tropical/state`` from the file the scheduler
+    writes. In SGLang's spawned processes (scheduler, detokenizer): nothing."""
+    import importlib
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:
+        return
+    app = getattr(importlib.import_module(_HTTP_SERVER), "app", None)
+    if app is None:
+        logger.warning("tropical-sched: %s has no app; GET /v1/tropical/state not served", _HTTP_SERVER)
+        return
+    from tropical_sched.adapters.live_state import LiveStateMiddleware
+
+    try:
+        app.add_middleware(LiveStateMiddleware)
+    except RuntimeError as exc:  # the app already serves: no middleware can be added
+        logger.warning("tropical-sched: GET /v1/tropical/state not served: %s", exc)
 
 
 def _apply_cpu_pd_fix() -> None:
@@ -216,6 +247,13 @@ def _after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any
                 "in SGLang's normal decode loop)"
             )
         setattr(scheduler, _LOCAL_QUEUE_ATTR, [])
+    interval_s = _engine_side().config.live_state_interval_s
+    if interval_s is not None:
+        from tropical_sched.adapters.live_state import LiveStateWriter, live_state_file
+
+        writer = LiveStateWriter(live_state_file(os.getppid()), interval_s)  # the HTTP server is the parent
+        writer.remove()  # a previous server's
+        setattr(scheduler, _LIVE_STATE_ATTR, writer)
     return None
 
 
@@ -317,7 +355,57 @@ def _after_process_batch_result(result: Any, scheduler: Any, batch: Any, *args: 
     side.observe_outputs(SglangRequestView(req, now) for req in reqs)
     side.forget(str(req.rid) for req in reqs if req.finished())
     _observe_step(scheduler, batch, side)
+    writer = getattr(scheduler, _LIVE_STATE_ATTR, None)
+    if writer is not None:
+        _write_live_state(scheduler, side, writer)
     return result
+
+
+def _queued(scheduler: Any, attr: str) -> list[Any]:
+    """The requests of one of a decode-mode scheduler's KV queues (entries hold them as ``.req``)."""
+    queue = getattr(getattr(scheduler, attr, None), "queue", None) or ()
+    return [getattr(entry, "req", entry) for entry in queue]
+
+
+def _write_live_state(scheduler: Any, side: EngineSide, writer: Any) -> None:
+    """The engine's report after a batch: its prefills (the local queue of a multiplexing worker, else the waiting
+    queue, and the prefill in chunks), its running requests, and on a decode-mode server the requests whose KV
+    cache is on its way or has arrived, as decodes; KV usage from the token pool."""
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+
+    from tropical_sched.adapters.live_state import engine_live_state
+    from tropical_sched.adapters.sglang.logic import views
+
+    local = getattr(scheduler, _LOCAL_QUEUE_ATTR, None)
+    decode_mode = scheduler.disaggregation_mode == DisaggregationMode.DECODE
+    running = [r for r in (getattr(scheduler.running_batch, "reqs", None) or ()) if not r.finished()]
+    chunked = scheduler.chunked_req
+    if chunked is not None and all(r is not chunked for r in running):
+        running.append(chunked)
+    if local is not None:
+        queued = list(local)
+    else:
+        queued = [] if decode_mode else list(scheduler.waiting_queue)
+    incoming = []
+    if decode_mode:
+        incoming = [
+            *_queued(scheduler, "disagg_decode_prealloc_queue"),
+            *_queued(scheduler, "disagg_decode_transfer_queue"),
+            *scheduler.waiting_queue,  # KV arrived, about to join the running batch
+        ]
+    capacity = int(scheduler.max_total_num_tokens)
+    used = capacity - int(scheduler.token_to_kv_pool_allocator.available_size())
+    writer.maybe_write(
+        (str(r.rid) for r in (*queued, *running, *incoming)),
+        lambda: engine_live_state(
+            side,
+            views(side, queued),
+            views(side, running),
+            incoming=views(side, incoming),
+            num_kv_tokens_used=used,
+            num_kv_tokens_capacity=capacity,
+        ),
+    )
 
 
 def _observe_step(scheduler: Any, batch: Any, side: EngineSide) -> None:

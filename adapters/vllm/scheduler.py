@@ -10,7 +10,7 @@
   sit a step out off the running list for that ``schedule()`` call; they keep their KV cache and rejoin after.
 * Live state: after every step (at most every ``live_state_interval_s``, and at once when a request arrives or
   leaves) the engine's report is written where the API server's ``--middleware
-  tropical_sched.adapters.live_state.serve_live_state`` serves it at ``GET /v1/tropical/state``
+  tropical_sched.adapters.live_state.LiveStateMiddleware`` serves it at ``GET /v1/tropical/state``
   (:mod:`tropical_sched.adapters.live_state`); P/D decodes waiting for their KV cache count as decodes.
 * Online calibration: every step's composition (read from its ``SchedulerOutput``) and wall time (from the start
   of ``schedule()`` to the end of ``update_from_output()``: scheduling, the forward pass, sampling, output

@@ -12,7 +12,7 @@ how long a decode has streamed), not timestamps: engines and routers need no com
 on its own clock at the moment the report was taken, which it takes to be the middle of the request that fetched
 it.
 
-Served at ``GET /v1/tropical/state`` by the fake engine and by vLLM with the Tropical scheduler class
+Served at ``GET /v1/tropical/state`` by the fake engine, and by vLLM and SGLang with the Tropical adapters
 (:mod:`tropical_sched.adapters.live_state`); a Ray Serve replica reports the same document as its routing stats.
 A report may carry the engine's own (calibrated) step-time model, which routers then predict that engine with.
 """
