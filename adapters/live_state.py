@@ -8,7 +8,7 @@ seconds), replaced atomically; an ASGI middleware in the API server (:class:`Liv
 the engine's last step reads as of the moment it is served.
 
 Where the file is: ``$TROPICAL_LIVE_STATE_FILE`` if set (in both processes), else
-``<tempdir>/tropical-live-state-<API server pid>.json``: the scheduler runs in a child process of the API server
+``/dev/shm/tropical-live-state-<API server pid>.json`` (the temporary directory where there is no ``/dev/shm``): the scheduler runs in a child process of the API server
 (vLLM's engine core, SGLang's scheduler), so it names the file by its parent's pid and the middleware by its own.
 """
 
@@ -38,12 +38,14 @@ LIVE_STATE_FILE_ENV = "TROPICAL_LIVE_STATE_FILE"
 
 
 def live_state_file(api_server_pid: int) -> Path:
-    """The live-state file of the engine whose API server runs as ``api_server_pid``
-    (``$TROPICAL_LIVE_STATE_FILE`` when set)."""
+    """The live-state file of the engine whose API server runs as ``api_server_pid``: in ``/dev/shm`` (memory,
+    no disk write per report) where there is one, else the temporary directory; ``$TROPICAL_LIVE_STATE_FILE``
+    when set."""
     explicit = os.environ.get(LIVE_STATE_FILE_ENV)
     if explicit:
         return Path(explicit)
-    return Path(tempfile.gettempdir()) / f"tropical-live-state-{api_server_pid}.json"
+    directory = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
+    return directory / f"tropical-live-state-{api_server_pid}.json"
 
 
 def engine_live_state(
