@@ -32,19 +32,15 @@ from shared_state import PROFILE, ROLES, TRACE, _engines, _record_header, _repla
 from tropical_sched.serve.testing import ServerProcess, free_port
 
 
-def _ray_app(engine_urls: list[str], stats_period_s: float) -> str:
+def start_ray_app(config: dict[str, Any], stats_period_s: float) -> str:
+    """A local Ray cluster on 127.0.0.1 serving ``build_tropical_app(config)``; its URL (stop it with
+    :func:`ray_down`)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import ray
         from ray import serve
 
         from tropical_sched.integrations.ray_serve import build_tropical_app
-    config = {
-        "policy": "tropical",
-        "profile": PROFILE,
-        "model": "fake-model",
-        "instances": [{"url": url, "role": role} for url, role in zip(engine_urls, ROLES, strict=True)],
-    }
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -52,7 +48,17 @@ def _ray_app(engine_urls: list[str], stats_period_s: float) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def _ray_down() -> None:
+def _ray_app(engine_urls: list[str], stats_period_s: float) -> str:
+    config = {
+        "policy": "tropical",
+        "profile": PROFILE,
+        "model": "fake-model",
+        "instances": [{"url": url, "role": role} for url, role in zip(engine_urls, ROLES, strict=True)],
+    }
+    return start_ray_app(config, stats_period_s)
+
+
+def ray_down() -> None:
     import ray
     from ray import serve
 
@@ -100,7 +106,7 @@ def main() -> None:
                 figures = _replay(urls, args, seed, label, log_dir)
             finally:
                 if label == "ray serve":
-                    _ray_down()
+                    ray_down()
                 for process in [*routers, *engines]:
                     process.stop()
             results[label].append({"seed": seed, **figures})
@@ -114,7 +120,7 @@ def main() -> None:
         router_s = _probe(router_urls[0], args.probes)
         routers[0].stop()
         ray_s = _probe(_ray_app(engine_urls, args.stats_period_ms / 1e3), args.probes)
-        _ray_down()
+        ray_down()
     finally:
         for process in [*routers, *engines]:
             process.stop()

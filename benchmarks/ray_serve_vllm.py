@@ -26,14 +26,12 @@ import json
 import os
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
 from fidelity import PROFILE, SERVED_MODEL_NAME, TRACE
+from ray_serve import ray_down, start_ray_app
 from real_engines import NUM_REQUESTS, _engine, _hop, _router, _tropical, _validate_args, loads
-
-from tropical_sched.serve.testing import free_port
 
 WAYS = ("tropical serve", "ray serve")
 CORES = (
@@ -53,28 +51,6 @@ def _cluster(engine_urls: list[str]) -> dict[str, Any]:
     }
 
 
-def _ray_app(engine_urls: list[str], stats_period_s: float) -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import ray
-        from ray import serve
-
-        from tropical_sched.integrations.ray_serve import build_tropical_app
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_tropical_app(_cluster(engine_urls), stats_period_s=stats_period_s), route_prefix="/")
-    return f"http://127.0.0.1:{port}"
-
-
-def _ray_down() -> None:
-    import ray
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
-
-
 def _run(way: str, args: argparse.Namespace, rate: float, workdir: Path) -> dict[str, Any]:
     """Fresh engines, the front, one ``tropical validate``; the measured figures and the engines' last report."""
     import httpx
@@ -90,7 +66,7 @@ def _run(way: str, args: argparse.Namespace, rate: float, workdir: Path) -> dict
         for process, url in engines:
             process.wait_healthy(url)
         if way == "ray serve":
-            front = _ray_app(urls, args.stats_period_ms / 1e3)
+            front = start_ray_app(_cluster(urls), args.stats_period_ms / 1e3)
         else:
             router, front = _router(workdir, "tropical-serve", "tropical", _cluster(urls)["instances"])
             processes.append(router)
@@ -101,7 +77,7 @@ def _run(way: str, args: argparse.Namespace, rate: float, workdir: Path) -> dict
         states = [httpx.get(url + "/v1/tropical/state", timeout=10).json() for url in urls]
     finally:
         if way == "ray serve":
-            _ray_down()
+            ray_down()
         for process in reversed(processes):
             process.stop()
     measured = json.loads(out.read_text())["measured"]

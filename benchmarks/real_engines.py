@@ -394,8 +394,7 @@ DIAGNOSIS_RUNS = {
     # The engines writing their live state (issue 16) whether or not a router read it, as first built (every 50 ms
     # and at each arrival and end, to /tmp; now only while a router reads it, to /dev/shm), and with it off
     # (--engine-option live_state_interval_s=null); the same configuration as the collected run otherwise.
-    "tropical-knee-live-state-writer-on": "the engines writing their live state every 50 ms, unread (first "
-    "version)",
+    "tropical-knee-live-state-writer-on": "the engines writing their live state every 50 ms, unread (first version)",
     "tropical-knee-live-state-writer-off": "the same with the live-state writer off",
     # The collected configuration again, twice, round robin and Tropical interleaved (--variant repeat-2, repeat-3;
     # the engines write no live state: no router reads it)
