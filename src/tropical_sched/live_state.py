@@ -19,6 +19,7 @@ A report may carry the engine's own (calibrated) step-time model, which routers 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence, Set
 from typing import Annotated, Literal
 
@@ -104,15 +105,7 @@ class LiveStepTime(_Strict):
     @classmethod
     def from_model(cls, model: StepTimeModel) -> LiveStepTime:
         """The coefficients of ``model``."""
-        c = model.coefficients
-        return cls(
-            const_s=c.const_s,
-            per_batched_token_s=c.per_batched_token_s,
-            per_prefill_seq_s=c.per_prefill_seq_s,
-            per_prefill_attention_pair_s=c.per_prefill_attention_pair_s,
-            per_decode_seq_s=c.per_decode_seq_s,
-            per_decode_context_token_s=c.per_decode_context_token_s,
-        )
+        return cls(**dataclasses.asdict(model.coefficients))
 
     def model(self, like: StepTimeModel) -> StepTimeModel:
         """A step-time model with these coefficients and the valid range of ``like`` (the profile the engine
@@ -123,6 +116,13 @@ class LiveStepTime(_Strict):
             f"{like.name} (engine-calibrated)",
             warned_like=like,
         )
+
+    def model_kept(self, like: StepTimeModel, kept: StepTimeModel | None) -> StepTimeModel:
+        """:meth:`model`, or ``kept`` when it already has these coefficients (a router keeps the same model
+        object while an engine's model stays the same: the model's memo of queued prefills carries over)."""
+        if kept is not None and LiveStepTime.from_model(kept) == self:
+            return kept
+        return self.model(like)
 
 
 class EngineLiveState(_Strict):

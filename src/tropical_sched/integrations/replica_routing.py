@@ -190,8 +190,8 @@ class ReplicaRouting:
     _routed: dict[str, tuple[Request, bool]] = field(default_factory=dict)  # id -> (request, first token seen)
     _decided: dict[str, list[_Decided]] = field(default_factory=dict)
     _ended: dict[str, dict[str, float]] = field(default_factory=dict)  # replica id -> request id -> when
-    _engine_models: dict[str, tuple[LiveStepTime, StepTimeModel]] = field(default_factory=dict)  # replica id ->
-    # the step-time model its latest report carries (kept while the report's coefficients stay the same)
+    _engine_models: dict[str, StepTimeModel] = field(default_factory=dict)  # replica id -> the step-time model
+    # its latest report carries
     _dispatcher: Dispatcher = field(init=False)
 
     def __post_init__(self) -> None:
@@ -262,11 +262,9 @@ class ReplicaRouting:
         policy's); needs :attr:`step_time` for the valid range."""
         if reported is None or self.step_time is None:
             return None
-        kept = self._engine_models.get(replica_id)
-        if kept is None or kept[0] != reported:
-            kept = (reported, reported.model(self.step_time))
-            self._engine_models[replica_id] = kept
-        return kept[1]
+        model = reported.model_kept(self.step_time, self._engine_models.get(replica_id))
+        self._engine_models[replica_id] = model
+        return model
 
     def choose(
         self, replicas: Sequence[tuple[str, Mapping[str, Any]]], facts: RequestFacts, now_unix_s: float

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from tropical_sched.core.request import Request
 from tropical_sched.core.snapshot import DecodeBatch, PrefillState, WorkerRole, WorkerSnapshot
-from tropical_sched.live_state import EngineLiveState, LiveDecode, LivePrefill, LiveStepTime, merge_live_state
+from tropical_sched.live_state import EngineLiveState, LiveDecode, LivePrefill, merge_live_state
 from tropical_sched.policies.base import LocalScheduler
 from tropical_sched.predictors.calibration import InstanceCalibration
 from tropical_sched.predictors.profile import ServingOverheads
@@ -182,11 +182,11 @@ class Instance:
         self.live_state = state
         self.live_state_taken_at_s = taken_at_s
         reported = state.step_time if state is not None else None
-        if reported is None or self.prior_step_time is None:
-            self.engine_step_time = None
-        elif self.engine_step_time is None or LiveStepTime.from_model(self.engine_step_time) != reported:
-            # a new model only when the engine's changed: the model's memo of queued prefills carries over
-            self.engine_step_time = reported.model(self.prior_step_time)
+        self.engine_step_time = (
+            None
+            if reported is None or self.prior_step_time is None
+            else reported.model_kept(self.prior_step_time, self.engine_step_time)
+        )
         self.version += 1
 
     def _sent_since_live_state(self, tracked: Tracked, *, decode: bool) -> bool:
