@@ -210,21 +210,24 @@ class _TropicalMixin:
         assert self._live_state is not None
         waiting = list(self.waiting)
         running = list(self.running)  # type: ignore[has-type]
-        incoming = [r for r in waiting if (getattr(r, "kv_transfer_params", None) or {}).get("do_remote_prefill")]
-        queued = [r for r in waiting if r not in incoming] if incoming else waiting
-        cache_config = self.cache_config  # type: ignore[attr-defined]
-        capacity = int(cache_config.num_gpu_blocks or 0) * int(self.block_size)  # type: ignore[attr-defined]
-        used = round(self.kv_cache_manager.usage * capacity)  # type: ignore[attr-defined]
         self._live_state.maybe_write(
-            (r.request_id for r in (*waiting, *running)),
-            lambda: engine_live_state(
-                self.tropical,
-                queued,
-                running,
-                incoming=incoming,
-                num_kv_tokens_used=used,
-                num_kv_tokens_capacity=capacity,
-            ),
+            (r.request_id for r in (*waiting, *running)), lambda: self._live_report(waiting, running)
+        )
+
+    def _live_report(self, waiting: list[Request], running: list[Request]) -> Any:
+        """The engine's report (built only when it is written: :meth:`LiveStateWriter.maybe_write`)."""
+        incoming, queued = [], []
+        for request in waiting:
+            remote = (getattr(request, "kv_transfer_params", None) or {}).get("do_remote_prefill")
+            (incoming if remote else queued).append(request)
+        capacity = int(self.cache_config.num_gpu_blocks or 0) * int(self.block_size)  # type: ignore[attr-defined]
+        return engine_live_state(
+            self.tropical,
+            queued,
+            running,
+            incoming=incoming,
+            num_kv_tokens_used=round(self.kv_cache_manager.usage * capacity),  # type: ignore[attr-defined]
+            num_kv_tokens_capacity=capacity,
         )
 
     def shutdown(self) -> None:
