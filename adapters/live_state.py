@@ -8,8 +8,9 @@ seconds), replaced atomically; an ASGI middleware in the API server (:class:`Liv
 the engine's last step reads as of the moment it is served.
 
 Where the file is: ``$TROPICAL_LIVE_STATE_FILE`` if set (in both processes), else
-``/dev/shm/tropical-live-state-<API server pid>.json`` (the temporary directory where there is no ``/dev/shm``): the scheduler runs in a child process of the API server
-(vLLM's engine core, SGLang's scheduler), so it names the file by its parent's pid and the middleware by its own.
+``/dev/shm/tropical-live-state-<API server pid>.json`` (the temporary directory where there is no ``/dev/shm``):
+the scheduler runs in a child process of the API server (vLLM's engine core, SGLang's scheduler), so it names the
+file by its parent's pid and the middleware by its own.
 """
 
 from __future__ import annotations
