@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 
@@ -32,3 +34,21 @@ def reading_live_state(url: str, interval_s: float = 0.05) -> Iterator[list[Engi
     finally:
         done.set()
         reader.join(timeout=30)
+
+
+def stream_while_reading(
+    url: str, body: dict[str, Any], request_id: str, timeout_s: float = 180
+) -> tuple[EngineLiveState | None, EngineLiveState]:
+    """Stream one completion from ``url`` while reading its live state as a router does; the first report that
+    shows ``request_id`` decoding (``None`` if none did) and the last report, read once the engine's report has no
+    decode left (or after 10 s)."""
+    with reading_live_state(url) as states:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=timeout_s) as response:
+            assert response.status_code == 200
+            for _ in response.iter_lines():
+                pass
+        decoding = next((s for s in states if any(d.request_id == request_id for d in s.decodes)), None)
+        deadline = time.monotonic() + 10
+        while (not states or states[-1].decodes) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return decoding, states[-1]

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.live_state_reader import reading_live_state
+from tests.live_state_reader import stream_while_reading
 from tropical_sched.serve.config import RouterConfig
 from tropical_sched.serve.router import Router
 from tropical_sched.serve.testing import ServerThread, free_port, wait_until_healthy
@@ -215,17 +215,7 @@ def test_the_multiplexing_worker_serves_its_live_state_with_the_routers_ids(engi
         "stream": True,
         "custom_params": {"tropical_tpot_slo_ms": 250, "tropical_request_id": "live-s1"},
     }
-    decoding = None
-    with reading_live_state(mux) as states:  # as a router does, every 50 ms
-        with httpx.stream("POST", mux + "/v1/completions", json=body, timeout=180) as response:
-            assert response.status_code == 200
-            for _ in response.iter_lines():
-                pass
-        decoding = next((s for s in states if any(d.request_id == "live-s1" for d in s.decodes)), None)
-        deadline = time.monotonic() + 10
-        while (not states or states[-1].decodes) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        last = states[-1]
+    decoding, last = stream_while_reading(mux, body, "live-s1")
     assert decoding is not None, "the decode never showed in the engine's report"
     [decode] = [d for d in decoding.decodes if d.request_id == "live-s1"]
     assert decode.tpot_slo_s == 0.25

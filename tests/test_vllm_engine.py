@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tests.doc_commands import ShellCommand, doc_block_commands
-from tests.live_state_reader import reading_live_state
+from tests.live_state_reader import stream_while_reading
 from tropical_sched.serve.config import RouterConfig
 from tropical_sched.serve.router import Router
 from tropical_sched.serve.testing import ServerThread, free_port, wait_until_healthy
@@ -372,15 +372,7 @@ def test_engines_serve_their_live_state_with_the_routers_request_ids(servers: tu
         "stream": True,
         "vllm_xargs": {**slos, "tropical_request_id": "live-1"},
     }
-    with reading_live_state(mux.url) as states:  # as a router does, every 50 ms
-        with httpx.stream("POST", mux.url + "/v1/completions", json=body, timeout=120) as response:
-            for _ in response.iter_lines():
-                pass
-        decoding = next((s for s in states if any(d.request_id == "live-1" for d in s.decodes)), None)
-        deadline = time.monotonic() + 10
-        while (not states or states[-1].decodes) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        last = states[-1]
+    decoding, last = stream_while_reading(mux.url, body, "live-1", timeout_s=120)
     assert decoding is not None, "the decode never showed in the engine's report"
     [decode] = [d for d in decoding.decodes if d.request_id == "live-1"]
     assert decode.tpot_slo_s == 0.25
