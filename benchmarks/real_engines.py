@@ -402,6 +402,22 @@ DIAGNOSIS_RUNS = {
     "tropical-knee-repeat-2": "Tropical, as collected (run 2)",
     "vllm-round-robin-knee-repeat-3": "plain vLLM, client round robin, as collected (run 3)",
     "tropical-knee-repeat-3": "Tropical, as collected (run 3)",
+    # Stop 26, in this order within about 40 minutes. Two router changes (kept): the toggle no longer switches the
+    # slack-tested path off where no prefill worker exists (it had switched off in every run at the knee and above,
+    # leaving every request to best effort), and the router's queue retries requests past their TTFT deadline after
+    # the others. "old" runs are the code before both (a worktree of the previous commit, PYTHONPATH), "new" with
+    # both; round robin once as the control of the period.
+    "tropical-knee-wm-latelast": "both changes, with best_effort_decode_watermark",
+    "tropical-overloaded-wm-latelast": "overloaded: both changes, with best_effort_decode_watermark",
+    "tropical-knee-toggle-latelast": "both changes (new, run 1)",
+    "tropical-overloaded-toggle-latelast": "overloaded: both changes",
+    "vllm-round-robin-knee-control-s26": "plain vLLM, client round robin, as collected (control of this period)",
+    "tropical-knee-ab-old-1": "the code before both changes (old, run 1)",
+    "tropical-knee-ab-new-2": "both changes (new, run 2)",
+    "tropical-knee-ab-old-2": "the code before both changes (old, run 2)",
+    "tropical-knee-margin0.3": "both changes, slack_margin_fraction 0.3 on the engines and the router",
+    "tropical-knee-pyspy": "both changes, py-spy sampling an engine core for 45 s (which showed the Tropical "
+    "scheduler's own Python at about 1.5% of the engine core's samples)",
 }
 
 

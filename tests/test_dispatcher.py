@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from tests.conftest import make_cluster, make_request, make_worker
-from tropical_sched.core import ClusterSnapshot, DecodePlacement, Request, RouteAction, RouteDecision, WorkerRole
+from tropical_sched.core import (
+    ClusterSnapshot,
+    DecodePlacement,
+    Request,
+    RouteAction,
+    RouteDecision,
+    Slo,
+    WorkerRole,
+)
 from tropical_sched.policies import Dispatcher
 
 
@@ -89,3 +97,55 @@ def test_decodes_are_placed_oldest_first_and_the_head_blocks() -> None:
     _, placed = _run(dispatcher)
     assert placed == ["y", "z"]
     assert dispatcher.num_pending_decodes == 0
+
+
+def _waiting_at(now_s: float, dispatcher: Dispatcher) -> list[str]:
+    """Retry every waiting request at ``now_s`` (none is placed) and return the order the policy was asked in."""
+    policy = dispatcher.policy
+    assert isinstance(policy, ScriptedPolicy)
+    policy.asked.clear()
+    cluster = make_cluster(make_worker(0, WorkerRole.PREFILL), now_s=now_s)
+    dispatcher.dispatch(lambda: cluster, lambda request, decision: None, lambda request, placement: None)
+    return list(policy.asked)
+
+
+def _queue(dispatcher: Dispatcher) -> None:
+    # shortest prompt first is the policy's order; "short" missed its TTFT deadline at 1 s, "mid" misses it at 3 s
+    for rid, tokens, arrival_at_s, ttft_s in (
+        ("long", 900, 0.5, 4.0),
+        ("short", 100, 0.0, 1.0),
+        ("mid", 500, 1.0, 2.0),
+    ):
+        dispatcher.submit(
+            make_request(
+                request_id=rid, num_prompt_tokens=tokens, arrival_at_s=arrival_at_s, slo=Slo(ttft_s=ttft_s, tpot_s=0.1)
+            )
+        )
+    _run(dispatcher, retry_waiting=False)
+
+
+def test_requests_past_their_ttft_deadline_are_retried_after_the_others_each_part_in_policy_order() -> None:
+    dispatcher = Dispatcher(ScriptedPolicy(), max_consecutive_waits=10)
+    _queue(dispatcher)
+    assert _waiting_at(0.5, dispatcher) == ["short", "mid", "long"]  # none is late yet: the policy's order
+    assert _waiting_at(2.0, dispatcher) == ["mid", "long", "short"]
+    assert _waiting_at(3.5, dispatcher) == ["long", "short", "mid"]
+    # a request that arrives now is put in the policy's order, and the next round partitions again
+    dispatcher.submit(
+        make_request(request_id="tiny", num_prompt_tokens=10, arrival_at_s=3.5, slo=Slo(ttft_s=1.0, tpot_s=0.1))
+    )
+    _run(dispatcher, retry_waiting=False)
+    assert _waiting_at(3.6, dispatcher) == ["tiny", "long", "short", "mid"]
+    assert _waiting_at(10.0, dispatcher) == ["tiny", "short", "mid", "long"]  # all late: the policy's order
+
+
+def test_late_requests_last_off_keeps_the_policys_order() -> None:
+    dispatcher = Dispatcher(ScriptedPolicy(), max_consecutive_waits=10, late_requests_last=False)
+    _queue(dispatcher)
+    assert _waiting_at(2.0, dispatcher) == ["short", "mid", "long"]
+
+
+def test_a_round_that_stops_early_reaches_the_late_requests_last() -> None:
+    dispatcher = Dispatcher(ScriptedPolicy(), max_consecutive_waits=2)
+    _queue(dispatcher)
+    assert _waiting_at(2.0, dispatcher) == ["mid", "long"]

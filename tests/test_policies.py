@@ -239,6 +239,23 @@ def test_toggle_off_stops_multiplexing() -> None:
     assert "switched off by the attainment toggle" in decision.reason
 
 
+def test_toggle_off_keeps_the_slack_test_where_no_prefill_worker_exists() -> None:
+    """With no prefill worker there is no disaggregated path to fall back on: switching the slack-tested path off
+    would leave only best effort, which protects the decodes less, so the toggle changes nothing there."""
+    policy = tropical(toggle=ToggleConfig(min_samples=1, hold_s=0.0))
+    request = make_request(num_prompt_tokens=50)
+    policy.on_finished(request, tpot_s=1.0, now_s=0.0)
+    assert not policy.toggle.multiplexing_on
+    cluster = make_cluster(make_worker(0, M, decodes=HEAVY_DECODES), make_worker(1, M, decodes=RELAXED_DECODES))
+    decision = policy.route(request, cluster)
+    assert (decision.action, decision.worker_id) == (RouteAction.MULTIPLEX, 1), decision.reason
+    assert decision.reason.startswith("decodes can absorb the prefill")
+    down = make_worker(2, P, is_available=False)  # all prefill workers down: none to fall back on either
+    assert policy.route(request, make_cluster(*cluster.workers, down)).reason == decision.reason
+    decision = policy.route(request, make_cluster(*cluster.workers, make_worker(2, P)))
+    assert (decision.action, decision.worker_id) == (RouteAction.PREFILL, 2), decision.reason
+
+
 def test_whole_prefill_slack_test_is_the_prototypes() -> None:
     # T_pf(50) = 15 ms; decodes have slack 0.1 * 100 - 9.95 = 0.05 s; margin 0.1 * 0.1 s = 10 ms.
     decodes = make_decodes(4, first_token_at_s=-9.95, num_generated_tokens=100)

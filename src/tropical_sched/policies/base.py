@@ -167,7 +167,8 @@ class Policy(Protocol):
         ...
 
     def waiting_sort_key(self, request: Request) -> float:
-        """Order in which requests waiting at the router are retried: lower first."""
+        """Order in which requests waiting at the router are retried: lower first (the
+        :class:`~tropical_sched.policies.Dispatcher` retries those past their TTFT deadline after the others)."""
         ...
 
     def route(self, request: Request, cluster: ClusterSnapshot) -> RouteDecision:

@@ -20,6 +20,10 @@ from tropical_sched.policies.base import Policy
 __all__ = ["DispatchStats", "Dispatcher"]
 
 
+def _policy_order(entry: tuple[float, int, Request]) -> tuple[float, int]:
+    return entry[0], entry[1]
+
+
 @dataclass(slots=True)
 class DispatchStats:
     """Counters of a dispatcher's work.
@@ -38,21 +42,26 @@ class DispatchStats:
 class Dispatcher:
     """Routes requests with a policy, holding those told to wait and retrying them when state changes.
 
-    Waiting requests are retried in the policy's ``waiting_sort_key`` order (ties by arrival). One round stops
-    after ``max_consecutive_waits`` WAIT answers in a row, which bounds the router's work per state change when
-    a long queue builds up under overload: the policy's order puts the most placeable requests first.
+    Waiting requests are retried in the policy's ``waiting_sort_key`` order (ties by arrival), those still within
+    their TTFT deadline first: a request whose deadline has passed has missed its SLO whatever happens next, and
+    placed first it would push the ones behind it past theirs (with ``late_requests_last``, the default). One
+    round stops after ``max_consecutive_waits`` WAIT answers in a row, which bounds the router's work per state
+    change when a long queue builds up under overload: the policy's order puts the most placeable requests first.
     Prefilled requests waiting for a decode worker are placed first, oldest first.
 
     Args:
         policy: the policy that decides.
         max_consecutive_waits: WAIT answers in a row that end a round, >= 1.
+        late_requests_last: retry requests past their TTFT deadline after the others; ``False``: the policy's
+            order alone.
     """
 
-    def __init__(self, policy: Policy, *, max_consecutive_waits: int = 8) -> None:
+    def __init__(self, policy: Policy, *, max_consecutive_waits: int = 8, late_requests_last: bool = True) -> None:
         if max_consecutive_waits < 1:
             raise ConfigError(f"max_consecutive_waits must be >= 1, got {max_consecutive_waits!r}")
         self.policy = policy
         self._max_waits = max_consecutive_waits
+        self._late_last = late_requests_last
         self._waiting: list[tuple[float, int, Request]] = []  # sorted by (policy key, arrival sequence)
         self._new: list[Request] = []  # submitted, not yet routed once
         self._pending_decodes: list[Request] = []  # FIFO of prefilled requests without a decode worker
@@ -135,8 +144,15 @@ class Dispatcher:
         for request in new:
             if not self._route(request, snapshot, apply_route):
                 bisect.insort(self._waiting, (policy.waiting_sort_key(request), next(self._sequence), request))
-        if not retry_waiting:
+        if not retry_waiting or not self._waiting:
             return
+        partitioned = False
+        if self._late_last:
+            now_s = snapshot().now_s
+            on_time = [entry for entry in self._waiting if entry[2].ttft_deadline_at_s >= now_s]
+            if len(on_time) < len(self._waiting):  # stable: each part keeps the policy's order
+                self._waiting = on_time + [entry for entry in self._waiting if entry[2].ttft_deadline_at_s < now_s]
+                partitioned = True
         index = 0
         consecutive_waits = 0
         while index < len(self._waiting):
@@ -149,6 +165,8 @@ class Dispatcher:
             if consecutive_waits >= self._max_waits:
                 break
             index += 1
+        if partitioned:  # back to the policy's order, which insort relies on
+            self._waiting.sort(key=_policy_order)
 
     def _route(
         self,

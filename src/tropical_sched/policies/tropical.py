@@ -107,7 +107,8 @@ class TropicalConfig:
             transfer's set-up, the extra HTTP hop, the decoding instance's first step. Milliseconds on NVLink or
             RDMA (0, the paper's assumption); measure it where the hop is slow (e.g. KV through a disk, as
             ExampleConnector does) so the router weighs the two paths by what they really cost.
-        toggle: the attainment-driven toggle.
+        toggle: the attainment-driven toggle. It switches the slack-tested multiplexing path off only while a
+            prefill worker is available to take the prefills instead; with none, it changes nothing.
     """
 
     route_order: RouteOrder = RouteOrder.EARLIEST_FIRST_TOKEN
@@ -414,7 +415,9 @@ class TropicalPolicy:
     def _try_multiplexing_workers(self, request: Request, cluster: ClusterSnapshot) -> tuple[RouteDecision | None, str]:
         """A MULTIPLEX decision if some multiplexing worker passes the slack test, else why not."""
         cfg = self.config
-        if not self.toggle.multiplexing_on:
+        # Off, the toggle sends prefills to the prefill workers; with none available it has nothing to fall back on,
+        # and turning this path off would leave every request to best effort, which protects the decodes less.
+        if not self.toggle.multiplexing_on and cluster.with_role(WorkerRole.PREFILL):
             return None, "multiplexing is switched off by the attainment toggle"
         num_prompt_tokens = request.num_prompt_tokens
         if num_prompt_tokens > cfg.max_multiplexed_prompt_tokens:
