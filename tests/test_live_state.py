@@ -9,7 +9,6 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import make_model
 from tropical_sched.core import DataFormatError, PrefillState, WorkerRole, WorkerSnapshot
 from tropical_sched.core.snapshot import DecodeBatch
 from tropical_sched.live_state import (
@@ -84,33 +83,6 @@ def test_merging_adds_what_the_router_sent_after_the_report() -> None:
     assert decodes.first_token_at_s == (100.5 - 3.0, 99.0)  # the report's decode carried forward by its age
     assert decodes.total_context_tokens == 149
     assert kv_used == 457 + 122
-
-
-def test_merging_leaves_out_the_reported_prefills_that_must_have_ended_by_now() -> None:
-    """A report read 40 ms after it was taken: the engine's first prefill (200 tokens left, 30 ms at the fastest)
-    must have ended; the one behind it (50 tokens, 15 ms more) may still run; the router's own stay."""
-    model = make_model()  # 10 ms per step + 0.1 ms per token
-    state = EngineLiveState.from_snapshot(_snapshot(), now_s=12.0)
-    own = PrefillState(
-        request_id="mine", arrival_at_s=99.9, num_prompt_tokens=80, num_computed_tokens=0, ttft_slo_s=1.0
-    )
-    no_decodes = DecodeBatch()
-
-    def remaining(age_s: float) -> list[int]:
-        prefills, _, kv_used = merge_live_state(state, 100.0, 100.0 + age_s, [own], no_decodes, 80, model)
-        assert kv_used == 457 + 80  # an ended prefill's KV stays: it decodes now
-        return [p.num_prompt_tokens for p in prefills]
-
-    assert model.remaining_prefill_time_s(300, 100) == pytest.approx(0.030)
-    assert remaining(0.0) == [300, 50, 80]
-    assert remaining(0.029) == [300, 50, 80]
-    assert remaining(0.040) == [50, 80]
-    assert remaining(0.060) == [80]
-    assert [p.num_prompt_tokens for p in merge_live_state(state, 100.0, 100.06, [own], no_decodes, 80)[0]] == [
-        300,
-        50,
-        80,
-    ]  # without a model: as reported
 
 
 @pytest.mark.parametrize(

@@ -283,7 +283,6 @@ def merge_live_state(
     own_prefills: Sequence[PrefillState],
     own_decodes: DecodeBatch,
     own_kv_tokens: int,
-    step_time: StepTimeModel | None = None,
 ) -> tuple[tuple[PrefillState, ...], DecodeBatch, int]:
     """One engine's prefills, decodes and KV tokens used, from its report and this router's own requests there.
 
@@ -293,12 +292,7 @@ def merge_live_state(
     ``now_s`` at the pace they kept (their first token moved by the report's age): a decode's achieved TPOT is what
     its slack is priced from, and read against a token count that stopped at the report it would look slower with
     every millisecond until the next one, which would turn the policy away from multiplexing for no reason.
-    Prefills keep their arrival (their TTFT deadline is absolute) and the progress the report saw. With
-    ``step_time``, the reported prefills the engine must have finished by ``now_s`` even at its fastest are left
-    out: in the report's order, each as if run alone and unchunked after the ones before it (a lower bound of
-    :meth:`~tropical_sched.predictors.step_time.StepTimeModel.remaining_prefill_time_s` per prefill). A router
-    reads a report some tens of milliseconds old; without this, another router's prefill that has ended bars
-    multiplexing on that engine (a multiplexing worker takes one prefill at a time) until the next report.
+    Prefills keep their arrival (their TTFT deadline is absolute) and the progress the report saw.
 
     Args:
         state: what the engine reported, less the router's own requests.
@@ -307,16 +301,12 @@ def merge_live_state(
         own_prefills: the router's own prefills on the engine, in order.
         own_decodes: its own decodes there.
         own_kv_tokens: the KV tokens those hold.
-        step_time: the engine's step-time model, to age the report's prefills by; ``None``: kept as reported.
 
     Returns:
         ``(prefills, decodes, num_kv_tokens_used)``: the report's prefills then the router's own (the engine
         queues newcomers behind what it has), the decodes of both, and the report's KV usage plus the router's.
     """
-    reported = state.prefill_states(taken_at_s)
-    if step_time is not None and reported and now_s > taken_at_s:
-        reported = _not_done_by(reported, now_s - taken_at_s, step_time)
-    prefills = reported + tuple(own_prefills)
+    prefills = state.prefill_states(taken_at_s) + tuple(own_prefills)
     ids, first, generated, tpot, context = state.decode_columns(max(now_s, taken_at_s))
     decodes = DecodeBatch(
         request_ids=ids + own_decodes.request_ids,
@@ -326,16 +316,3 @@ def merge_live_state(
         num_context_tokens=context + own_decodes.num_context_tokens,
     )
     return prefills, decodes, state.num_kv_tokens_used + own_kv_tokens
-
-
-def _not_done_by(
-    prefills: tuple[PrefillState, ...], age_s: float, step_time: StepTimeModel
-) -> tuple[PrefillState, ...]:
-    """``prefills`` less the leading ones that end within ``age_s`` even at their fastest (see
-    :func:`merge_live_state`)."""
-    done_in_s = 0.0
-    for index, prefill in enumerate(prefills):
-        done_in_s += step_time.remaining_prefill_time_s(prefill.num_prompt_tokens, prefill.num_computed_tokens)
-        if done_in_s > age_s:
-            return prefills[index:]
-    return ()

@@ -233,7 +233,6 @@ class ReplicaRouting:
                 num_context_tokens=contexts,
             )
             own_kv = sum(p.num_prompt_tokens for p in own_prefills) + sum(contexts)
-            model = self._engine_model(replica_id, state.step_time)
             prefills, decodes, kv_used = merge_live_state(
                 state,
                 min(taken_at_s, now_unix_s) if math.isfinite(taken_at_s) else now_unix_s,
@@ -241,7 +240,6 @@ class ReplicaRouting:
                 own_prefills,
                 own_decodes,
                 own_kv,
-                model if model is not None else self.step_time,
             )
             workers.append(
                 WorkerSnapshot(
@@ -252,7 +250,7 @@ class ReplicaRouting:
                     num_kv_tokens_used=min(kv_used, state.num_kv_tokens_capacity),
                     num_kv_tokens_capacity=state.num_kv_tokens_capacity,
                     max_num_seqs=self.max_num_seqs,
-                    step_time=model,
+                    step_time=self._engine_model(replica_id, state.step_time),
                     pd_hop_fixed_s=hop.fixed_s if hop is not None else self.hop_prior_fixed_s,
                     pd_hop_per_prompt_token_s=hop.per_prompt_token_s if hop is not None else self.hop_prior_per_token_s,
                 )

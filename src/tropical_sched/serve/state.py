@@ -335,13 +335,7 @@ class Instance:
         if live is not None:
             taken_at_s = self.live_state_taken_at_s
             all_prefills, batch, kv_used = merge_live_state(
-                live,
-                taken_at_s,
-                taken_at_s if now_s is None else now_s,
-                prefills,
-                batch,
-                kv_used,
-                step_time if step_time is not None else self.prior_step_time,
+                live, taken_at_s, taken_at_s if now_s is None else now_s, prefills, batch, kv_used
             )
         self._snapshot = WorkerSnapshot(
             worker_id=self.index,
