@@ -20,10 +20,6 @@ from tropical_sched.policies.base import Policy
 __all__ = ["DispatchStats", "Dispatcher"]
 
 
-def _policy_order(entry: tuple[float, int, Request]) -> tuple[float, int]:
-    return entry[0], entry[1]
-
-
 @dataclass(slots=True)
 class DispatchStats:
     """Counters of a dispatcher's work.
@@ -149,9 +145,12 @@ class Dispatcher:
         partitioned = False
         if self._late_last:
             now_s = snapshot().now_s
-            on_time = [entry for entry in self._waiting if entry[2].ttft_deadline_at_s >= now_s]
-            if len(on_time) < len(self._waiting):  # stable: each part keeps the policy's order
-                self._waiting = on_time + [entry for entry in self._waiting if entry[2].ttft_deadline_at_s < now_s]
+            on_time: list[tuple[float, int, Request]] = []
+            late: list[tuple[float, int, Request]] = []
+            for entry in self._waiting:  # stable: each part keeps the policy's order
+                (on_time if entry[2].ttft_deadline_at_s >= now_s else late).append(entry)
+            if late:
+                self._waiting = on_time + late
                 partitioned = True
         index = 0
         consecutive_waits = 0
@@ -165,8 +164,8 @@ class Dispatcher:
             if consecutive_waits >= self._max_waits:
                 break
             index += 1
-        if partitioned:  # back to the policy's order, which insort relies on
-            self._waiting.sort(key=_policy_order)
+        if partitioned:  # back to the policy's order, which insort relies on (sequence numbers are unique)
+            self._waiting.sort()
 
     def _route(
         self,
