@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -460,11 +461,24 @@ def test_tropical_profile_measures_the_engine_and_writes_a_loadable_profile(
     profile = load_profile(out)
     kinds = {step_kind(s) for s in profile.file.samples}
     assert {"prefill", "chunk", "decode", "mixed"} <= kinds
-    # steps of about a millisecond on one core: a few stalls of 10-20 ms (measured here) weigh on R^2, not on the
-    # median error. R^2 was 0.76 on one CI run, above 0.8 on others; a fit that missed the prefill term (the steps
-    # span 1-25 ms, prefills the top of that) would be near 0
-    assert profile.file.fit.median_relative_error < 0.15
-    assert profile.file.fit.r2 > 0.6
+    # Each kind of step, predicted at its median. Steps of about a millisecond on one core carry timer and scheduler
+    # jitter: the median relative error over all steps (decode steps are 70% of them) was 0.10 here and 0.19 on one CI
+    # run, as high as a fit to samples whose prefill chunks were shuffled (0.19), so it tells nothing. Per kind, the
+    # median ratio of prediction to measurement was 0.82-1.06 here (prefills lowest); fits that lost the prefill
+    # composition (chunks shuffled among samples, or capped at 16 tokens) gave 0.14-0.36 for the prefill-bearing kinds
+    used = [s for s in profile.file.samples if s.used_in_fit]
+    ratios: dict[str, list[float]] = {}
+    for sample in used:
+        predicted_s = profile.step_time.step_time_s(
+            num_decode_seqs=sample.num_decode_seqs,
+            num_decode_context_tokens=sample.num_decode_context_tokens,
+            prefill_chunks=sample.prefill_chunks,
+        )
+        ratios.setdefault(step_kind(sample), []).append(predicted_s / sample.step_time_s)
+    medians = {kind: statistics.median(values) for kind, values in ratios.items()}
+    assert all(0.6 < ratio < 1.6 for ratio in medians.values()), medians
+    # R^2 was 0.76 on one CI run (stalls), 0.97 here; 0.07 or below for the fits that lost the prefill composition
+    assert profile.file.fit.r2 > 0.5
     assert profile.num_kv_cache_tokens % 128 == 0  # whole CPU KV blocks, as vLLM allocated them
     environment = profile.metadata.environment
     assert environment["engine"].startswith("vllm")
