@@ -134,6 +134,36 @@ def test_the_fake_engine_reports_what_it_runs(scaled_profile: tuple[str, Profile
     assert busy.num_kv_tokens_used >= 201
 
 
+def test_the_fake_engine_reports_a_pd_decode_with_its_tpot_clock_where_the_router_starts_it() -> None:
+    """A decode whose KV cache comes over P/D counts its TPOT from its arrival until its first token (as the router
+    counts its own from its prefill's end), then from the first token its first decode step produced, which is the
+    first the client sees: not from the engine's start (an incoming decode reported as streaming for the engine's
+    whole uptime has no slack, which barred multiplexing on that engine for every hop), nor from the KV's arrival a
+    step before its first token (every other router then saw each P/D decode with a step less slack than it had)."""
+    profile = load_profile("a100-llama2-70b-tp4")  # real speed: a decode step of about 44 ms
+    engine = FakeEngine(profile, pd_hop_fixed_s=0.2)
+    transfer = {"do_remote_prefill": True, "remote_engine_id": "p", "remote_request_id": "r"}
+    body = {"prompt": [1] * 200, "max_tokens": 400, "stream": True, "kv_transfer_params": transfer}
+    body["vllm_xargs"] = {"tropical_tpot_slo_ms": 200}
+    with ServerThread(engine.app) as server:
+        time.sleep(0.3)  # the engine has run a while
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as response:
+            sent_at_s = time.monotonic()
+            during_hop = parse_live_state(httpx.get(server.url + LIVE_STATE_PATH).content, server.url)
+            read_at_s = time.monotonic()
+            lines = response.iter_lines()  # kept: a dropped iterator closes the stream, which aborts it
+            next(line for line in lines if line.startswith("data: {"))  # the first token
+            first_token_at_s = time.monotonic()
+            decoding = parse_live_state(httpx.get(server.url + LIVE_STATE_PATH).content, server.url)
+            decoding_read_at_s = time.monotonic()
+    assert first_token_at_s - sent_at_s > 0.2  # it came after the hop
+    (incoming,) = during_hop.decodes
+    assert incoming.num_generated_tokens == 1
+    assert incoming.decoding_for_s <= read_at_s - sent_at_s + 0.02
+    (decode,) = decoding.decodes
+    assert decode.decoding_for_s <= decoding_read_at_s - first_token_at_s + 0.02  # a step is 44 ms
+
+
 def _router(profile_path: str, urls: list[str], interval_s: float) -> Router:
     return Router(
         RouterConfig.model_validate(

@@ -213,7 +213,6 @@ class FakeEngine:
         if job.aborted:
             self._worker.cancel_incoming(job)
             return
-        job.first_token_at_s = self._now()
         self._worker.receive(job)
         assert self._wake is not None
         self._wake.set()
@@ -321,7 +320,10 @@ class FakeEngine:
             self._router_ids[request_id] = router_id
         if remote_prefill:
             # The KV cache arrives from the prefill instance (after the hop): decode from the start, no prefill
-            # here. Its TPOT clock starts when it arrives (the first token the client sees comes from this engine).
+            # here. Its first token is the one its first decode step here produces (the first the client sees, as
+            # vLLM's engine counts it); until then its TPOT clock counts from its arrival here, as the router counts
+            # its own from its prefill's end.
+            job.placed_at_s = now
             worker.reserve_incoming(job)
             hop_s = self.pd_hop_fixed_s + self.pd_hop_per_prompt_token_s * num_prompt_tokens
             if hop_s > 0:
