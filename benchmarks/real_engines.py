@@ -418,6 +418,16 @@ DIAGNOSIS_RUNS = {
     "tropical-knee-margin0.3": "both changes, slack_margin_fraction 0.3 on the engines and the router",
     "tropical-knee-pyspy": "both changes, py-spy sampling an engine core for 45 s (which showed the Tropical "
     "scheduler's own Python at about 1.5% of the engine core's samples)",
+    # Stop 27, in this order within about 15 minutes, with the engines' step logs (TROPICAL_STEP_LOG; summaries by
+    # benchmarks/step_log.py in diagnosis/<name>.steps.json; the first run's log was written by a first version of
+    # the same hook, space-separated, and converted): Tropical as collected, Tropical's router over the same
+    # scheduler class with vLLM's own scheduling (--engine-option policy=vllm-chunked --engine-option role=colocated:
+    # no prefill cap), round robin, Tropical again.
+    "tropical-knee-steplog-cap": "Tropical, as collected, with the engines' step logs (run 1)",
+    "tropical-knee-steplog-nocap": "Tropical's router, the engines' own scheduling (vllm-chunked in the scheduler "
+    "class: no prefill cap), with step logs",
+    "vllm-round-robin-knee-control-s27": "plain vLLM, client round robin, as collected (control of this period)",
+    "tropical-knee-steplog-cap-2": "Tropical, as collected, with the engines' step logs (run 2)",
 }
 
 

@@ -163,11 +163,23 @@ def _mixed_step_prefill_tokens(model: Path, cache_root: Path, role: str, policy:
     return mixed, scheduler
 
 
-def test_multiplexing_worker_caps_prefill_tokens_next_to_decodes(tiny_model: Path, cache_root: Path) -> None:
+def test_multiplexing_worker_caps_prefill_tokens_next_to_decodes(
+    tiny_model: Path, cache_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TROPICAL_STEP_LOG", str(tmp_path / "steps"))  # the engine core's step log
     capped, scheduler = _mixed_step_prefill_tokens(tiny_model, cache_root, "multiplexing", "tropical")
+    monkeypatch.delenv("TROPICAL_STEP_LOG")
     assert capped, "no step mixed a prefill with decodes"
     assert max(capped) <= 32
     assert scheduler.tropical.num_capped_steps >= len(capped)
+    # The step log holds every step with its composition and the cap it ran under (benchmarks/step_log.py reads it)
+    (log,) = tmp_path.glob("steps.*.jsonl")
+    steps = [json.loads(line) for line in log.read_text().splitlines()]
+    logged = [s for s in steps if s["num_decode_seqs"] and s["prefill_chunks"]]
+    assert [sum(c for _, c in s["prefill_chunks"]) for s in logged] == capped
+    assert all(sum(c for _, c in s["prefill_chunks"]) <= s["prefill_token_cap"] <= 32 for s in logged)
+    assert all(s["duration_s"] > 0 for s in steps)
+    assert steps[0]["prefill_token_cap"] is None  # the first prompt's prefill, with no decode beside it
     uncapped, scheduler = _mixed_step_prefill_tokens(tiny_model, cache_root, "colocated", "vllm-chunked")
     assert max(uncapped) > 32  # the same schedule on a plain chunked-prefill engine
     assert scheduler.tropical.num_capped_steps == 0

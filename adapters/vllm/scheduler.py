@@ -16,6 +16,11 @@
   of ``schedule()`` to the end of ``update_from_output()``: scheduling, the forward pass, sampling, output
   processing) refit the engine's step-time model, which the cap then predicts with
   (:meth:`~tropical_sched.adapters.engine_side.EngineSide.observe_step`).
+* Step log (diagnosis, off by default): with ``$TROPICAL_STEP_LOG`` set to a path prefix, the engine core appends
+  every step to ``<prefix>.<pid>.jsonl``, one JSON object per line: ``started_at_s`` (``time.perf_counter``),
+  ``duration_s`` (as the calibration times it), ``num_decode_seqs``, ``num_decode_context_tokens``,
+  ``prefill_chunks`` (``[num_prefix_tokens, num_chunk_tokens]`` each) and ``prefill_token_cap`` (the cap this step
+  ran under, ``null`` when none). ``benchmarks/step_log.py`` sets a log against a profile's predictions.
 
 ``make_scheduler`` picks ``AsyncScheduler`` as the base when vLLM runs with async scheduling (its default on GPUs)
 and ``Scheduler`` otherwise (the CPU platform forces synchronous scheduling).
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import logging
 import math
 import os
@@ -46,6 +52,9 @@ from tropical_sched.adapters.vllm.version import check_vllm_version
 __all__ = ["KeyedRequestQueue", "TropicalAsyncScheduler", "TropicalScheduler", "make_scheduler"]
 
 logger = logging.getLogger("vllm.tropical_sched")  # under vLLM's logger, so its handlers print it
+
+STEP_LOG_ENV = "TROPICAL_STEP_LOG"
+"""Environment variable: the path prefix of the engine core's step log (see the module's docstring)."""
 
 
 class KeyedRequestQueue(RequestQueue):
@@ -110,9 +119,12 @@ class _TropicalMixin:
         if self.waiting:  # type: ignore[has-type]
             raise RuntimeError("the waiting queue must be empty when the Tropical scheduler starts")
         self.waiting = KeyedRequestQueue(self.tropical.sort_key)
-        # id(SchedulerOutput) -> (when its schedule() started, its composition): the async scheduler plans step
-        # n + 1 before step n's output returns, so several can be pending.
-        self._pending_steps: dict[int, tuple[float, tuple[int, int, tuple[tuple[int, int], ...]]]] = {}
+        # id(SchedulerOutput) -> (when its schedule() started, its composition, its prefill cap): the async
+        # scheduler plans step n + 1 before step n's output returns, so several can be pending.
+        self._pending_steps: dict[int, tuple[float, tuple[int, int, tuple[tuple[int, int], ...]], int | None]] = {}
+        self._step_cap: int | None = None  # the prefill cap of the schedule() call in progress
+        prefix = os.environ.get(STEP_LOG_ENV)
+        self._step_log = open(f"{prefix}.{os.getpid()}.jsonl", "a", buffering=1) if prefix else None  # noqa: SIM115
         self._calibration_logged_at_s = -math.inf
         interval_s = config.live_state_interval_s
         # The engine core is a child of the API server, which serves the file.
@@ -129,8 +141,9 @@ class _TropicalMixin:
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         started_at_s = time.perf_counter()
+        self._step_cap = None
         output = self._schedule_selected(*args, **kwargs)
-        if self.tropical.calibrator is not None:
+        if self.tropical.calibrator is not None or self._step_log is not None:
             self._note_step(output, started_at_s)
         return output
 
@@ -163,7 +176,7 @@ class _TropicalMixin:
         )
         if len(self._pending_steps) > 64:  # outputs that never came back (an aborted step): forget them
             self._pending_steps.clear()
-        self._pending_steps[id(output)] = (started_at_s, composition)
+        self._pending_steps[id(output)] = (started_at_s, composition, self._step_cap)
 
     def _schedule_capped(self, *args: Any, **kwargs: Any) -> Any:
         waiting_head = self.waiting.peek_request() if self.waiting else None
@@ -171,6 +184,7 @@ class _TropicalMixin:
         if capped is None:
             return super().schedule(*args, **kwargs)  # type: ignore[misc]
         num_decodes, cap = capped
+        self._step_cap = cap
         budget = self.max_num_scheduled_tokens  # type: ignore[has-type]
         scheduler_config = self.scheduler_config  # type: ignore[attr-defined]
         threshold = scheduler_config.long_prefill_token_threshold
@@ -186,8 +200,18 @@ class _TropicalMixin:
         outputs = super().update_from_output(scheduler_output, model_runner_output)  # type: ignore[misc]
         pending = self._pending_steps.pop(id(scheduler_output), None)
         if pending is not None:
-            started_at_s, (num_decodes, context_tokens, chunks) = pending
+            started_at_s, (num_decodes, context_tokens, chunks), cap = pending
             now_s = time.perf_counter()
+            if self._step_log is not None:
+                step = {
+                    "started_at_s": round(started_at_s, 6),
+                    "duration_s": round(now_s - started_at_s, 6),
+                    "num_decode_seqs": num_decodes,
+                    "num_decode_context_tokens": context_tokens,
+                    "prefill_chunks": [list(chunk) for chunk in chunks],
+                    "prefill_token_cap": cap,
+                }
+                self._step_log.write(json.dumps(step) + "\n")
             refreshed = self.tropical.observe_step(
                 num_decode_seqs=num_decodes,
                 num_decode_context_tokens=context_tokens,
@@ -233,6 +257,8 @@ class _TropicalMixin:
     def shutdown(self) -> None:
         if self._live_state is not None:
             self._live_state.remove()
+        if self._step_log is not None:
+            self._step_log.close()
         super().shutdown()  # type: ignore[misc]
 
 
