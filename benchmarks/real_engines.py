@@ -428,6 +428,11 @@ DIAGNOSIS_RUNS = {
     "class: no prefill cap), with step logs",
     "vllm-round-robin-knee-control-s27": "plain vLLM, client round robin, as collected (control of this period)",
     "tropical-knee-steplog-cap-2": "Tropical, as collected, with the engines' step logs (run 2)",
+    # Then round robin and Tropical interleaved twice more, as collected (--variant repeat-s27-3, repeat-s27-4).
+    "vllm-round-robin-knee-repeat-s27-3": "plain vLLM, client round robin, as collected (stop 27, run 2)",
+    "tropical-knee-repeat-s27-3": "Tropical, as collected (stop 27, run 3)",
+    "vllm-round-robin-knee-repeat-s27-4": "plain vLLM, client round robin, as collected (stop 27, run 3)",
+    "tropical-knee-repeat-s27-4": "Tropical, as collected (stop 27, run 4)",
 }
 
 
