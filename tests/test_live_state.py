@@ -14,10 +14,13 @@ from tropical_sched.core.snapshot import DecodeBatch
 from tropical_sched.live_state import (
     LIVE_STATE_PATH,
     EngineLiveState,
+    LivePrefill,
     LiveStepTime,
     merge_live_state,
     parse_live_state,
 )
+from tropical_sched.policies.base import PolicyContext
+from tropical_sched.policies.registry import make_policy
 from tropical_sched.predictors import Profile, load_profile, time_scaled, write_profile_file
 from tropical_sched.serve.config import RouterConfig
 from tropical_sched.serve.fake_engine import FakeEngine
@@ -83,6 +86,62 @@ def test_merging_adds_what_the_router_sent_after_the_report() -> None:
     assert decodes.first_token_at_s == (100.5 - 3.0, 99.0)  # the report's decode carried forward by its age
     assert decodes.total_context_tokens == 149
     assert kv_used == 457 + 122
+
+
+def _queued(request_id: str, arrival_at_s: float, num_prompt_tokens: int) -> PrefillState:
+    return PrefillState(
+        request_id=request_id,
+        arrival_at_s=arrival_at_s,
+        num_prompt_tokens=num_prompt_tokens,
+        num_computed_tokens=0,
+        ttft_slo_s=30.0,
+    )
+
+
+def test_a_prefill_workers_queue_is_merged_in_its_own_order_and_predicted_as_one_routers() -> None:
+    """On a shortest-remaining-first prefill worker, the report's prefills and the router's own interleave by
+    remaining tokens, so that a new prompt's predicted first token does not depend on which router sent what:
+    the same queue, half reported and half the router's own, predicts as the router's own whole."""
+    profile = load_profile("a100-llama2-70b-tp4")
+    policy = make_policy("tropical", PolicyContext(step_time=profile.step_time, max_model_len=4096))
+    key = policy.local_scheduler(WorkerRole.PREFILL).prefill_sort_key
+    lengths = [200, 1500, 400, 2500, 700, 900, 1800, 300]
+    queue = sorted((_queued(f"q{i}", 9.0 + i / 100, n) for i, n in enumerate(lengths)), key=key)
+    reported, own = queue[1::2], queue[0::2]  # another router's, then this router's own
+    state = EngineLiveState(
+        prefills=tuple(
+            LivePrefill(
+                num_prompt_tokens=p.num_prompt_tokens,
+                num_computed_tokens=0,
+                waited_s=10.0 - p.arrival_at_s,
+                ttft_slo_s=p.ttft_slo_s,
+            )
+            for p in reported
+        ),
+        num_kv_tokens_capacity=100_000,
+    )
+    no_decodes = DecodeBatch()
+    merged, _, _ = merge_live_state(state, 10.0, 10.0, own, no_decodes, 0, sort_key=key)
+    assert [p.num_prompt_tokens for p in merged] == sorted(lengths)
+    concatenated, _, _ = merge_live_state(state, 10.0, 10.0, own, no_decodes, 0)
+    assert [p.num_prompt_tokens for p in concatenated] == [p.num_prompt_tokens for p in reported + own]
+
+    def first_token_at_s(prefills: tuple[PrefillState, ...]) -> float:
+        worker = WorkerSnapshot(
+            worker_id=0,
+            role=WorkerRole.PREFILL,
+            prefills=prefills,
+            decodes=no_decodes,
+            num_kv_tokens_used=0,
+            num_kv_tokens_capacity=100_000,
+            max_num_seqs=64,
+        )
+        new = _queued("new", 10.0, 1000)
+        return policy.predicted_first_token(worker, new, 10.0).finish_at_s
+
+    alone = first_token_at_s(tuple(queue))
+    assert first_token_at_s(merged) == pytest.approx(alone)
+    assert first_token_at_s(concatenated) < alone - 0.05  # the router's own shorter prefills left out ahead of it
 
 
 @pytest.mark.parametrize(

@@ -240,6 +240,7 @@ class ReplicaRouting:
                 own_prefills,
                 own_decodes,
                 own_kv,
+                sort_key=self.policy.local_scheduler(role).prefill_sort_key,
             )
             workers.append(
                 WorkerSnapshot(

@@ -335,7 +335,13 @@ class Instance:
         if live is not None:
             taken_at_s = self.live_state_taken_at_s
             all_prefills, batch, kv_used = merge_live_state(
-                live, taken_at_s, taken_at_s if now_s is None else now_s, prefills, batch, kv_used
+                live,
+                taken_at_s,
+                taken_at_s if now_s is None else now_s,
+                prefills,
+                batch,
+                kv_used,
+                sort_key=self.local.prefill_sort_key,
             )
         self._snapshot = WorkerSnapshot(
             worker_id=self.index,
