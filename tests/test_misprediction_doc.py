@@ -3,14 +3,14 @@ the script's rendering of the committed JSON, the figure is there, and each clai
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "evaluation.md"
@@ -19,13 +19,7 @@ BASELINES = ("vllm", "vllm-chunked", "distserve")
 
 
 def _script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("misprediction", ROOT / "benchmarks" / "misprediction.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/misprediction.py")
 
 
 @pytest.fixture(scope="module")

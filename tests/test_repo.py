@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.doc_commands import ShellCommand, doc_block_commands
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -177,14 +178,7 @@ def test_the_documented_sglang_cpu_install_is_what_ci_runs() -> None:
 
 
 def _render_results() -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("render_results", ROOT / "scripts" / "render_results.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/render_results.py")
 
 
 def _generated_sections() -> dict[str, list[Path]]:

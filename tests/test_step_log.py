@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from tests.scripts import load_script
 from tropical_sched.core.errors import DataFormatError
 from tropical_sched.predictors import load_profile
 
@@ -16,12 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("step_log", ROOT / "benchmarks" / "step_log.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/step_log.py")
 
 
 def _step(at_s: float, duration_s: float, decodes: int, context: int, chunks: list[list[int]], cap: int | None) -> str:
