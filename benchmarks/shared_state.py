@@ -76,6 +76,13 @@ def _routers(
     return processes, urls
 
 
+def _cpu_times() -> tuple[float, float]:
+    """(busy, total) CPU time of the whole machine so far, in clock ticks, from Linux's ``/proc/stat``."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def _replay(urls: list[str], args: argparse.Namespace, seed: int, label: str, log_dir: Path) -> dict[str, Any]:
     out = log_dir / f"replay-{label.replace(' ', '-').replace(',', '')}-{seed}.json"
     command = [
@@ -96,10 +103,15 @@ def _replay(urls: list[str], args: argparse.Namespace, seed: int, label: str, lo
         str(out),
         "--no-progress",
     ]
+    busy_before, total_before = _cpu_times()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    busy_after, total_after = _cpu_times()
     figures = json.loads(out.read_text())["policies"][label]
     keys = ("slo_attainment", "ttft_attainment", "tpot_attainment", "num_multiplexed", "num_rejected")
-    return {key: figures[key] for key in keys}
+    # How busy the machine's cores were during the replay (client, routers, engines and all): near 1, the
+    # components wait for a core and the comparison measures contention as much as decisions.
+    cpu = {"cpu_busy_fraction": round((busy_after - busy_before) / max(total_after - total_before, 1.0), 3)}
+    return {**{key: figures[key] for key in keys}, **cpu}
 
 
 def _record_header(script: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -151,7 +163,8 @@ def main() -> None:
             results[label].append({"seed": seed, **figures})
             print(
                 f"seed {seed} {label:26s} joint {figures['slo_attainment']:6.1%}  TTFT "
-                f"{figures['ttft_attainment']:6.1%}  TPOT {figures['tpot_attainment']:6.1%}",
+                f"{figures['ttft_attainment']:6.1%}  TPOT {figures['tpot_attainment']:6.1%}  cores busy "
+                f"{figures['cpu_busy_fraction']:.0%}",
                 flush=True,
             )
     print(

@@ -111,6 +111,25 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
+def _requests(figures: dict[str, Any]) -> str:
+    """Requests per run, and the number of runs when there are several."""
+    runs = figures.get("num_runs", 1)
+    return f"{figures['num_requests']}" if runs == 1 else f"{figures['num_requests']} x {runs} runs"
+
+
+def _joint(figures: dict[str, Any]) -> str:
+    """Joint attainment: the mean over the runs, with their range when there are several."""
+    runs = [run["slo_attainment"] for run in figures.get("runs", [])]
+    if len(runs) < 2:
+        return _pct(figures["slo_attainment"])
+    return f"{_pct(figures['slo_attainment'])} ({min(runs):.1%}-{max(runs):.1%})"
+
+
+def _ms_or_dash(seconds: float | None, spec: str) -> str:
+    """Seconds as milliseconds in ``spec``, or ``-`` when there is no figure."""
+    return "-" if seconds is None else format(seconds * 1e3, spec)
+
+
 def render_real_engines(data: dict[str, Any]) -> str:
     """A real-engine comparison of docs/evaluation.md from ``benchmarks/results/real-engines/{vllm,sglang}-cpu.json``
     (issue 14's schema): every deployment at every load, measured, with the simulator's joint attainment beside it
@@ -131,11 +150,17 @@ def render_real_engines(data: dict[str, Any]) -> str:
             if "shape" in figures:
                 name += f" ({figures['shape']})"
             lines.append(
-                f"| {load['name']} | {load['rate_per_s']:g} | {name} | {figures['num_requests']} | "
-                f"{_pct(figures['slo_attainment'])} | {_pct(figures['ttft_attainment'])} | "
+                f"| {load['name']} | {load['rate_per_s']:g} | {name} | {_requests(figures)} | "
+                f"{_joint(figures)} | {_pct(figures['ttft_attainment'])} | "
                 f"{_pct(figures['tpot_attainment'])} | {_ms(figures['ttft_p90_s'])} | {_ms(figures['tpot_p90_s'])} | "
                 f"{_pct(figures['simulated']['slo_attainment'])} |"
             )
+    if any(figures.get("num_runs", 1) > 1 for load in data["loads"] for figures in load["deployments"].values()):
+        lines += [
+            "",
+            "A cell with several runs (each on fresh engines, the deployments of a load interleaved) shows the mean "
+            "of each figure over them, and the range of the joint attainment in brackets.",
+        ]
     lines.append("")
     for load in sorted(data["loads"], key=lambda entry: _LOAD_ORDER.get(entry["name"], 9)):
         deployments = load["deployments"]
@@ -161,7 +186,8 @@ def render_real_engines(data: dict[str, Any]) -> str:
             "",
             f"Diagnosis runs (at the knee, {data['knee_per_s']:g} req/s, unless marked) and what "
             "vLLM's own metrics say per engine "
-            "(engine 0 on core 0 beside the client and any proxy, engine 1 alone on core 1): mean inter-token "
+            "(engine 0 on core 0 beside the client, engine 1 on core 1; the router or proxy, where there is one, on "
+            "core 0 beside the client unless the run says core 1): mean inter-token "
             "latency, steps run, mean prefill time (scheduled to first token), tokens generated.",
             "",
             "| run | joint | TTFT att. | TPOT att. | engine 0: ITL ms / steps / prefill ms / tokens | "
@@ -170,8 +196,8 @@ def render_real_engines(data: dict[str, Any]) -> str:
         ]
         for run in diagnosis:
             cells = [
-                f"{e['itl_mean_s'] * 1e3:.1f} / {e['num_steps']:,.0f} / {e['prefill_mean_s'] * 1e3:,.0f} / "
-                f"{e['num_generation_tokens']:,.0f}"
+                f"{_ms_or_dash(e['itl_mean_s'], '.1f')} / {e['num_steps']:,.0f} / "
+                f"{_ms_or_dash(e['prefill_mean_s'], ',.0f')} / {e['num_generation_tokens']:,.0f}"
                 for e in run["engines"]
             ] or ["-", "-"]
             lines.append(
@@ -883,6 +909,12 @@ def render_ray_serve(data: dict[str, Any]) -> str:
         f"{latency['engine_alone_p50_ms']:.1f} ms: `tropical serve` {latency['tropical_serve_added_p50_ms']:.1f} ms, "
         f"Ray Serve {latency['ray_serve_added_p50_ms']:.1f} ms.",
     ]
+    busy = {
+        label: [run["cpu_busy_fraction"] for run in runs if "cpu_busy_fraction" in run] for label, runs in ways.items()
+    }
+    if all(busy.values()):
+        parts = [f"{label} {min(v):.0%}-{max(v):.0%}" for label, v in busy.items()]
+        lines[-1] += f" The machine's cores were busy during the replays (all processes, per seed): {', '.join(parts)}."
     return "\n".join(lines)
 
 
@@ -955,6 +987,7 @@ RENDERERS: dict[str, tuple[Path, Callable[[dict[str, Any]], str]]] = {
     "router-split": (RESULTS / "router-split.json", render_router_split),
     "shared-state": (RESULTS / "shared-state.json", render_shared_state),
     "ray-serve": (RESULTS / "ray-serve" / "fake-engines.json", render_ray_serve),
+    "ray-serve-headroom": (RESULTS / "ray-serve" / "fake-engines-headroom.json", render_ray_serve),
     "ray-serve-vllm-cpu": (RESULTS / "ray-serve" / "vllm-cpu.json", render_ray_serve_vllm),
     "slo-policies-goodput": (RESULTS / "slo-policies.json", render_slo_policies_goodput),
     "slo-policies-classes": (RESULTS / "slo-policies.json", render_slo_policies_classes),

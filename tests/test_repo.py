@@ -261,6 +261,36 @@ def test_real_engine_results_follow_the_issues_schema() -> None:
             joint, ttft, tpot = (deployment[k] for k in ("slo_attainment", "ttft_attainment", "tpot_attainment"))
             assert 0 <= joint <= min(ttft, tpot)
             assert ("shape" in deployment) == (name == "tropical")
+            runs = deployment.get("runs", [])
+            assert deployment.get("num_runs", 1) == max(len(runs), 1)
+            for key in figures if runs else ():
+                assert deployment[key] == pytest.approx(sum(run[key] for run in runs) / len(runs))
+
+
+def test_real_engine_collect_averages_a_cells_runs_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``benchmarks/real_engines.py collect``: a cell's figures are the mean of its run and its ``-runN`` repeats,
+    taken in the order of N (run10 after run3), and other raw files of the same cell (diagnosis variants) stay out."""
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    real = load_script("benchmarks/real_engines.py")
+    monkeypatch.setattr(real, "RAW", tmp_path)
+    figures = ("slo_attainment", "ttft_attainment", "tpot_attainment", "ttft_p90_s", "tpot_p90_s")
+    for name, joint in (("", 0.8), ("-run2", 0.9), ("-run10", 0.7), ("-run3", 1.0), ("-steplog", 0.1)):
+        run = {name: joint for name in figures}
+        (tmp_path / f"tropical-knee{name}.json").write_text(
+            json.dumps({"num_requests": 200, "measured": run, "simulated": {"tropical": run}})
+        )
+    paths = real.run_paths("tropical", "knee")
+    assert [p.stem.removeprefix("tropical-knee") for p in paths] == ["", "-run2", "-run3", "-run10"]
+    entry = real.collected_entry(paths, ["--rate", "1.81"], "2M", tropical=True)
+    assert entry["num_runs"] == 4
+    assert entry["slo_attainment"] == pytest.approx(0.85)
+    assert entry["simulated"]["tpot_p90_s"] == pytest.approx(0.85)
+    assert [run["slo_attainment"] for run in entry["runs"]] == [0.8, 0.9, 1.0, 0.7]
+    assert entry["shape"] == "2M"
+    assert real.run_paths("vllm-pd", "knee") == []
+    assert real.collected_entry([], ["--rate", "1.81"], "2M", tropical=False) is None
 
 
 def test_sglang_real_engine_results_follow_the_issues_schema() -> None:
