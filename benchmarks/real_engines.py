@@ -456,6 +456,10 @@ DIAGNOSIS_RUNS = {
     # Stop 28: the collected runs moved Tropical's router to core 1, beside engine B (ROUTER_CORES). vLLM P/D's first
     # light run with its router there too, beside the decode engine (kept on core 0 after it):
     "vllm-pd-light-router-core1": "light load: vLLM P/D with its router on core 1, beside the decode engine",
+    # The knee runs the table held before stop 28 (one run each, router on core 0), kept for the readings above
+    "vllm-round-robin-knee-collected-before-s28": "plain vLLM, client round robin: the knee run collected before "
+    "stop 28",
+    "tropical-knee-collected-before-s28": "Tropical: the knee run collected before stop 28 (router on core 0)",
 }
 
 
