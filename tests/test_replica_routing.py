@@ -198,6 +198,41 @@ def test_the_p_d_hop_is_learned_from_first_tokens() -> None:
     assert routing.snapshot(replicas, NOW + 12).workers[1].pd_hop_s(500) == 0.0  # only prefill replicas hop
 
 
+@pytest.mark.parametrize("via", ["choose", "submit"])
+def test_the_p_d_hop_starts_where_the_prefill_replica_had_the_answer(via: str) -> None:
+    """The decode half's facts say when its prefill replica had the engine's answer: the crossings between that and
+    the decode's placement (the answer back to the ingress, the decode half's routing call) are part of the hop the
+    router learns, whichever way the decode half is placed."""
+    context = PolicyContext(step_time=PROFILE.step_time, max_model_len=PROFILE.max_model_len)
+    routing = ReplicaRouting(
+        make_policy("tropical", context, {"route_order": "prefill-first"}),
+        PROFILE.num_kv_cache_tokens,
+        step_time=PROFILE.step_time,
+        hop_calibration=CalibrationConfig(min_samples=5),
+    )
+    replicas = [
+        ("p", replica_stats(WorkerRole.PREFILL, _state(), NOW)),
+        ("m", replica_stats(WorkerRole.MULTIPLEXING, _state(), NOW)),
+    ]
+    first_step_s = PROFILE.step_time.decode_step_time_s(1, 501)
+    for i in range(12):
+        at = NOW + i
+        assert routing.choose(replicas, _facts(500, request_id=f"r{i}"), at) == [0]
+        routing.ended("p", f"r{i}", at + 0.3)
+        decode = _facts(500, phase="decode", request_id=f"r{i}").model_copy(update={"prefill_done_at_unix_s": at + 0.2})
+        if via == "choose":
+            assert routing.choose(replicas, decode, at + 0.3) == [1]
+        else:
+            routing.submit(decode)
+            assert routing.dispatch(replicas, at + 0.3) == {f"r{i}": [1]}
+        routing.first_token(f"r{i}", at + 0.3 + 0.15 + first_step_s)
+        routing.ended("m", f"r{i}", at + 0.9)
+    # 0.1 s from the prefill replica's answer to the placement, 0.15 s from there to the first decode step
+    assert routing.snapshot(replicas, NOW + 12).workers[0].pd_hop_s(500) == pytest.approx(0.25, rel=0.2)
+    with pytest.raises(ValueError, match="prefill_done_at_unix_s"):
+        RequestFacts.model_validate({**_facts().model_dump(), "prefill_done_at_unix_s": float("nan")})
+
+
 def test_p_d_routes_to_a_prefill_replica_and_places_the_decode_on_slack() -> None:
     """Prefill-first: a new request goes to the prefill replica; its decode half goes to the multiplexing replica
     with TPOT slack, not to the one whose decodes are at their SLO."""

@@ -276,7 +276,8 @@ class EngineReplica:
         self, body: dict[str, Any], *, path: str, facts: dict[str, Any], transfer: dict[str, Any] | None = None
     ) -> AsyncIterator[Any]:
         """Send a request to the engine. Yields a first item ``{"role": ...}`` then the answer's bytes, or, for
-        the prefill half of P/D (a prefill replica routing a new request), ``{"kv_transfer_params": ...}`` only; an
+        the prefill half of P/D (a prefill replica routing a new request), ``{"kv_transfer_params": ...,
+        "prefill_done_at_unix_s": ...}`` only (when the engine's answer came: the P/D hop starts there); an
         engine error is one item ``{"error": ..., "status": ...}``."""
         request = RequestFacts.model_validate(facts)
         left_s = request.arrival_at_unix_s + request.ttft_slo_s - time.time()
@@ -289,7 +290,8 @@ class EngineReplica:
                 if response.status != 200:
                     yield {"error": content.decode(errors="replace"), "status": response.status}
                     return
-            yield {"kv_transfer_params": self._dialect.transfer_params(parse_json_body(content))}
+            params = self._dialect.transfer_params(parse_json_body(content))
+            yield {"kv_transfer_params": params, "prefill_done_at_unix_s": time.time()}
             return
         upstream = self._dialect.generation_body(body, slo, transfer, request_id=request.request_id)
         async with session.post(self.url + path, json=upstream) as response:
@@ -339,7 +341,8 @@ class TropicalIngress:
             route = "multiplex" if first.get("role") == "multiplexing" else first.get("role", "")
             if "kv_transfer_params" in first:  # P/D: the decode half, placed by the router
                 route = "prefill"
-                decode = facts.model_copy(update={"phase": "decode"}).model_dump()
+                done_at_s = first.get("prefill_done_at_unix_s")
+                decode = facts.model_copy(update={"phase": "decode", "prefill_done_at_unix_s": done_at_s}).model_dump()
                 transfer = first["kv_transfer_params"]
                 answer = self._engines.generate.remote(body, path=path, facts=decode, transfer=transfer)
                 first = await answer.__anext__()

@@ -65,6 +65,10 @@ class RequestFacts(BaseModel):
         tpot_slo_s: > 0, seconds.
         arrival_at_unix_s: when it reached the ingress, Unix seconds.
         phase: ``route`` (where its prefill runs) or ``decode`` (where it decodes after a remote prefill).
+        prefill_done_at_unix_s: the decode half of P/D: when the prefill replica had its engine's answer (Unix
+            seconds), or ``None``. The P/D hop the router learns starts there rather than at the decode's
+            placement, so that the orchestrator's crossings between the two (the answer back to the ingress, the
+            decode half's routing call) count in the hop that ``route`` predicts the first token with.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -75,6 +79,7 @@ class RequestFacts(BaseModel):
     tpot_slo_s: float = Field(gt=0, allow_inf_nan=False)
     arrival_at_unix_s: float = Field(allow_inf_nan=False)
     phase: Literal["route", "decode"] = "route"
+    prefill_done_at_unix_s: float | None = Field(default=None, allow_inf_nan=False)
 
     def request(self) -> Request:
         """The request as the policy sees it (its clock: Unix seconds)."""
@@ -153,6 +158,7 @@ class _HopWatch:
     num_prompt_tokens: int
     at_unix_s: float  # the route decision
     decode_decided_at_unix_s: float | None = None
+    prefill_done_at_unix_s: float | None = None  # when the prefill replica had the engine's answer, if told
     num_decoding: int = 0  # decodes on the decoding replica at placement
     num_decoding_context_tokens: int = 0  # their context tokens
 
@@ -295,6 +301,7 @@ class ReplicaRouting:
         request = facts.request()
         chosen: int | None
         if facts.phase == "decode":
+            self._note_prefill_done(facts)
             chosen = self.policy.place_decode(request, cluster).worker_id
             runs = [w.worker_id for w in cluster.workers if w.role.runs_decodes]
             decided = _Decided(
@@ -335,6 +342,12 @@ class ReplicaRouting:
             self._watch_hop(replica_id, worker, decided)
         return [chosen, *(i for i in runs if i != chosen and cluster.workers[i].role is role)]
 
+    def _note_prefill_done(self, facts: RequestFacts) -> None:
+        """Where the decode half of a P/D request says its prefill ended, its hop starts there."""
+        watch = self._hop_watch.get(facts.request_id)
+        if watch is not None and facts.prefill_done_at_unix_s is not None:
+            watch.prefill_done_at_unix_s = facts.prefill_done_at_unix_s
+
     def _watch_hop(self, replica_id: str, worker: WorkerSnapshot, decided: _Decided) -> None:
         """Note what a P/D hop's observation needs: the prefill replica, then where and when the decode half went."""
         prefill = decided.prefill
@@ -362,6 +375,7 @@ class ReplicaRouting:
         ``_REQUEST_MEMORY_S`` (a caller of :meth:`choose` alone keeps no such memory)."""
         request = facts.request()
         if facts.phase == "decode":
+            self._note_prefill_done(facts)
             self._dispatcher.submit_decode(request)
         else:
             self._routed.setdefault(facts.request_id, (request, False))
@@ -450,7 +464,9 @@ class ReplicaRouting:
         The policy is told the request's TTFT (``Policy.on_first_token``: the attainment toggle's TTFT window).
 
         A P/D request's first token (from its decoding replica) is an observation of its prefill replica's hop
-        with ``hop_calibration``: the time since the decode half was placed, less the first decode step there and,
+        with ``hop_calibration``: the time since the decode half was placed (since its prefill replica had the
+        engine's answer, when the decode half's facts say when: ``prefill_done_at_unix_s``), less the first decode
+        step there and,
         when that replica was decoding, half a step (the step in flight the request waits for, on average), as
         ``tropical serve`` observes it. Unknown ids are ignored."""
         routed = self._routed.get(request_id)
@@ -464,7 +480,10 @@ class ReplicaRouting:
             if hop is None:
                 hop = HopCalibrator(self.hop_prior_fixed_s, self.hop_prior_per_token_s, self.hop_calibration)
                 self._hops[watch.prefill_replica_id] = hop
-            waited_s = at_unix_s - watch.decode_decided_at_unix_s
+            started_at_s = watch.decode_decided_at_unix_s
+            if watch.prefill_done_at_unix_s is not None:
+                started_at_s = min(started_at_s, watch.prefill_done_at_unix_s)
+            waited_s = at_unix_s - started_at_s
             hop.observe(
                 watch.num_prompt_tokens,
                 waited_s
