@@ -170,9 +170,9 @@ def test_a_multiplexed_first_token_ends_its_prefill_at_once() -> None:
     assert len(later.workers[0].decodes) == 0
 
 
-def test_the_p_d_hop_is_learned_from_first_tokens() -> None:
-    """Through an orchestrator the hop holds its crossings: learned per prefill replica from the time between
-    placing the decode half and its first token, less the first decode step, and carried in the snapshot."""
+def _hop_learning_cluster() -> tuple[ReplicaRouting, list[tuple[str, dict[str, Any]]]]:
+    """A router that learns the P/D hop (prefill first), over an idle prefill replica ``p`` and an idle
+    multiplexing replica ``m``."""
     context = PolicyContext(step_time=PROFILE.step_time, max_model_len=PROFILE.max_model_len)
     routing = ReplicaRouting(
         make_policy("tropical", context, {"route_order": "prefill-first"}),
@@ -184,6 +184,13 @@ def test_the_p_d_hop_is_learned_from_first_tokens() -> None:
         ("p", replica_stats(WorkerRole.PREFILL, _state(), NOW)),
         ("m", replica_stats(WorkerRole.MULTIPLEXING, _state(), NOW)),
     ]
+    return routing, replicas
+
+
+def test_the_p_d_hop_is_learned_from_first_tokens() -> None:
+    """Through an orchestrator the hop holds its crossings: learned per prefill replica from the time between
+    placing the decode half and its first token, less the first decode step, and carried in the snapshot."""
+    routing, replicas = _hop_learning_cluster()
     assert routing.snapshot(replicas, NOW).workers[0].pd_hop_s(500) == 0.0  # the prior
     first_step_s = PROFILE.step_time.decode_step_time_s(1, 501)
     for i in range(12):
@@ -203,17 +210,7 @@ def test_the_p_d_hop_starts_where_the_prefill_replica_had_the_answer(via: str) -
     """The decode half's facts say when its prefill replica had the engine's answer: the crossings between that and
     the decode's placement (the answer back to the ingress, the decode half's routing call) are part of the hop the
     router learns, whichever way the decode half is placed."""
-    context = PolicyContext(step_time=PROFILE.step_time, max_model_len=PROFILE.max_model_len)
-    routing = ReplicaRouting(
-        make_policy("tropical", context, {"route_order": "prefill-first"}),
-        PROFILE.num_kv_cache_tokens,
-        step_time=PROFILE.step_time,
-        hop_calibration=CalibrationConfig(min_samples=5),
-    )
-    replicas = [
-        ("p", replica_stats(WorkerRole.PREFILL, _state(), NOW)),
-        ("m", replica_stats(WorkerRole.MULTIPLEXING, _state(), NOW)),
-    ]
+    routing, replicas = _hop_learning_cluster()
     first_step_s = PROFILE.step_time.decode_step_time_s(1, 501)
     for i in range(12):
         at = NOW + i

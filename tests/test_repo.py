@@ -276,9 +276,9 @@ def test_real_engine_collect_averages_a_cells_runs_in_order(tmp_path: Path, monk
     real = load_script("benchmarks/real_engines.py")
     monkeypatch.setattr(real, "RAW", tmp_path)
     figures = ("slo_attainment", "ttft_attainment", "tpot_attainment", "ttft_p90_s", "tpot_p90_s")
-    for name, joint in (("", 0.8), ("-run2", 0.9), ("-run10", 0.7), ("-run3", 1.0), ("-steplog", 0.1)):
-        run = {name: joint for name in figures}
-        (tmp_path / f"tropical-knee{name}.json").write_text(
+    for suffix, joint in (("", 0.8), ("-run2", 0.9), ("-run10", 0.7), ("-run3", 1.0), ("-steplog", 0.1)):
+        run = {key: joint for key in figures}
+        (tmp_path / f"tropical-knee{suffix}.json").write_text(
             json.dumps({"num_requests": 200, "measured": run, "simulated": {"tropical": run}})
         )
     paths = real.run_paths("tropical", "knee")
