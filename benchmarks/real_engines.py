@@ -223,10 +223,16 @@ def _hop() -> tuple[float, float]:
 
 
 def _router(
-    workdir: Path, name: str, policy: str, instances: list[dict[str, Any]], core: int = 0, profile: str = PROFILE
+    workdir: Path,
+    name: str,
+    policy: str,
+    instances: list[dict[str, Any]],
+    core: int = 0,
+    profile: str = PROFILE,
+    decision_log: Path | None = None,
 ) -> tuple[Any, str]:
     """``tropical serve`` pinned to ``core`` with ``policy`` over ``instances``, SLOs 5x from ``profile`` (plus the
-    diagnosis variant's router options and nice level, if any)."""
+    diagnosis variant's router options and nice level, if any), writing its decision log to ``decision_log``."""
     from tropical_sched.serve.testing import ServerProcess, free_port
 
     port = free_port()
@@ -239,6 +245,7 @@ def _router(
                 "model": SERVED_MODEL_NAME,
                 "slo": {"ttft_slo_scale": 5, "tpot_slo_scale": 5},
                 "instances": instances,
+                **({"decision_log": str(decision_log)} if decision_log is not None else {}),
                 **(VARIANT["router"] if policy == "tropical" else {}),
             }
         )
@@ -295,8 +302,8 @@ def _run(
     suffix = f"-{VARIANT['name']}" if VARIANT["name"] else ""
     out = RAW / f"{deployment}-{load}{suffix}.json"
     processes: list[Any] = []
+    engine_roles, policy, tropical, connector = _shape(deployment, prefill_workers)
     try:
-        engine_roles, policy, tropical, connector = _shape(deployment, prefill_workers)
         engines = [
             _engine(model, core, workdir, kv_dir, role, tropical=tropical, connector=connector)
             for core, role in zip((0, 1), engine_roles, strict=True)
@@ -309,7 +316,8 @@ def _run(
                 for u, role in zip(urls, engine_roles, strict=True)
             ]
             core = VARIANT["router_core"] if VARIANT["router_core"] is not None else ROUTER_CORES[deployment]
-            router, url = _router(workdir, f"{deployment}-{load}", policy, instances, core)
+            decisions = workdir / f"{out.stem}.decisions.jsonl"
+            router, url = _router(workdir, f"{deployment}-{load}", policy, instances, core, decision_log=decisions)
             processes.append(router)
             urls = [url]
         elif deployment == "vllm-router-round-robin":
@@ -334,6 +342,18 @@ def _run(
     finally:
         for process in reversed(processes):
             process.stop()
+    if policy is not None:
+        _print_decisions(workdir / f"{out.stem}.decisions.jsonl")
+
+
+def _print_decisions(path: Path) -> None:
+    """The router's decision log of a run, per route (benchmarks/decision_log.py prints more of it)."""
+    from tropical_sched.serve.decision_log import read_decision_log, summarize_decision_log
+
+    if path.exists():
+        print(f"decision log {path}:")
+        for summary in summarize_decision_log(read_decision_log(path)).values():
+            print(f"  {summary}")
 
 
 def _options(pairs: list[str]) -> dict[str, Any]:

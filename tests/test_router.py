@@ -669,3 +669,73 @@ def test_a_stream_event_that_is_not_a_json_object_is_refused() -> None:
             StreamEvent(payload)
     with pytest.raises(ValueError, match="Expecting value"):  # no usage: parsed, and refused by the parser
         StreamEvent(b'{"choices": [}')
+
+
+def test_the_decision_log_has_one_line_per_request_with_its_route_workers_and_times(
+    scaled_profile: tuple[str, Profile], tmp_path: Path
+) -> None:
+    from tropical_sched.serve.decision_log import read_decision_log, summarize_decision_log
+
+    path = tmp_path / "decisions.jsonl"
+    for order in ("prefill-first", "multiplex-first"):
+        cluster = Cluster(scaled_profile, policy_options={"route_order": order}, decision_log=str(path))
+        try:
+            body = {"prompt": PROMPT, "max_tokens": 6}
+            assert httpx.post(cluster.url + "/v1/completions", json=body, timeout=30).status_code == 200
+            bad = httpx.post(cluster.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": -1}, timeout=30)
+            assert bad.status_code == 400  # refused before routing: not a decision
+            cluster.wait_idle()
+            urls = {"prefill": cluster.p_server.url, "multiplexing": cluster.m_server.url}
+        finally:
+            cluster.close()  # stops the router, which writes what is queued and closes the file
+        entries = read_decision_log(path)
+        entry = entries[-1]
+        assert (entry["outcome"], entry["num_output_tokens"], entry["num_prompt_tokens"]) == ("ok", 6, 800)
+        assert entry["reason"]
+        assert entry["arrival_at_s"] <= entry["routed_at_s"] <= entry["first_token_at_s"] <= entry["last_token_at_s"]
+        assert entry["ttft_s"] == pytest.approx(entry["first_token_at_s"] - entry["arrival_at_s"])
+        assert entry["tpot_s"] == pytest.approx((entry["last_token_at_s"] - entry["first_token_at_s"]) / 5)
+        assert entry["met_ttft"] == (entry["ttft_s"] <= entry["ttft_slo_s"])
+        assert entry["predicted"]["tpot_s"] > 0
+        if order == "prefill-first":
+            assert entry["route"] == "prefill"
+            assert (entry["worker"], entry["decode_worker"]) == (urls["prefill"], urls["multiplexing"])
+            assert entry["routed_at_s"] <= entry["prefill_done_at_s"] <= entry["decode_placed_at_s"]
+            assert entry["decode_placed_at_s"] <= entry["first_token_at_s"]
+        else:
+            assert entry["route"] == "multiplex"
+            assert (entry["worker"], entry["decode_worker"]) == (urls["multiplexing"], None)
+            assert (entry["prefill_done_at_s"], entry["decode_placed_at_s"]) == (None, None)
+    assert len(entries) == 2  # appended, one line per routed request
+    summaries = summarize_decision_log(entries)
+    assert list(summaries) == ["prefill", "multiplex"]
+    assert all(s.num_requests == 1 for s in summaries.values())
+
+
+def test_a_decision_log_that_cannot_be_opened_fails_at_start(
+    scaled_profile: tuple[str, Profile], tmp_path: Path
+) -> None:
+    path = tmp_path / "missing" / "decisions.jsonl"
+    config = RouterConfig.model_validate(
+        {
+            "profile": scaled_profile[0],
+            "decision_log": str(path),
+            "instances": [{"url": "http://127.0.0.1:9", "role": "multiplexing"}],
+        }
+    )
+    with pytest.raises(ConfigError, match=r"decision_log: cannot append to .*missing/decisions.jsonl"):
+        Router(config)
+
+
+def test_a_corrupt_decision_log_fails_at_load_with_its_path_and_line(tmp_path: Path) -> None:
+    from tropical_sched.serve.decision_log import read_decision_log
+
+    good = {k: 0 for k in ("request_id", "outcome", "route", "arrival_at_s", "ttft_slo_s", "tpot_slo_s")}
+    good.update(ttft_s=None, tpot_s=None)
+    path = tmp_path / "decisions.jsonl"
+    path.write_text(json.dumps(good) + "\n" + '{"request_id": "1", "outcome": "ok"\n')
+    with pytest.raises(ConfigError, match=r"decisions.jsonl:2: not a JSON object"):
+        read_decision_log(path)
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps({"request_id": "2"}) + "\n")
+    with pytest.raises(ConfigError, match=r"decisions.jsonl:3: a decision-log entry lacks outcome, route"):
+        read_decision_log(path)

@@ -203,6 +203,60 @@ def test_engine_settings_are_validated(field: str, value: float) -> None:
         ClusterConfig(**{field: value})
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("engine_step_noise", -0.1),
+        ("engine_step_noise", math.nan),
+        ("engine_step_noise", 3.0),
+        ("engine_step_noise_correlation", 1.0),
+        ("engine_step_noise_correlation", -0.5),
+        ("engine_noise_seed", -1),
+    ],
+)
+def test_engine_step_noise_settings_are_validated(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=f"ClusterConfig.{field} is out of range"):
+        ClusterConfig(**{field: value})
+
+
+def _lone_decode_tpot_s(**noise: Any) -> float:
+    """TPOT of one request decoding 2,000 tokens alone on one colocated worker (steps of one composition but the
+    context), with the cluster's step noise."""
+    workload = make_workload([0.0], [500], [2000])
+    result = simulate(workload, PROFILE, "vllm", cluster=ClusterConfig(num_workers=1, **noise))
+    return result.records[0].tpot_s
+
+
+def test_engine_step_noise_has_mean_one_and_is_seeded() -> None:
+    """Independent log-normal factors (sigma 0.3) leave a 2,000-token decode's mean step within 3% of the noiseless
+    one (the mean of 2,000 factors has a standard deviation of about 0.7%); the same seed gives the same run, another
+    seed and a correlated stream another one."""
+    plain = _lone_decode_tpot_s()
+    noisy = _lone_decode_tpot_s(engine_step_noise=0.3, engine_noise_seed=1)
+    assert noisy != plain
+    assert noisy == pytest.approx(plain, rel=0.03)
+    assert _lone_decode_tpot_s(engine_step_noise=0.3, engine_noise_seed=1) == noisy
+    assert _lone_decode_tpot_s(engine_step_noise=0.3, engine_noise_seed=2) != noisy
+    correlated = _lone_decode_tpot_s(engine_step_noise=0.3, engine_step_noise_correlation=0.99, engine_noise_seed=1)
+    assert correlated != noisy
+
+
+def test_correlated_step_noise_makes_slow_and_fast_periods() -> None:
+    """With correlation 0.99 the factors wander in long periods: 40 requests decoding one after another see mean
+    steps far more spread out than with independent factors of the same spread."""
+    import statistics
+
+    def spread(correlation: float) -> float:
+        workload = make_workload([10.0 * i for i in range(40)], [200] * 40, [100] * 40)
+        cluster = ClusterConfig(num_workers=1, engine_step_noise=0.2, engine_step_noise_correlation=correlation)
+        tpots = [r.tpot_s for r in simulate(workload, PROFILE, "vllm", cluster=cluster).records]
+        return statistics.pstdev(tpots) / statistics.fmean(tpots)
+
+    independent, correlated = spread(0.0), spread(0.99)
+    assert independent < 0.05  # the mean of 99 independent factors: about 2%
+    assert correlated > 2 * independent
+
+
 # Digests of the records of every policy on AZURE (IN_RANGE) before the simulator learned serving overheads,
 # engine profiles and calibration (computed with that code). With all of those at their defaults the records must
 # stay byte for byte what they were; change a digest only with a deliberate change of the simulator's behaviour.
@@ -431,6 +485,8 @@ def test_simulate_cli_runs_a_mispredicted_calibrated_deployment(tmp_path: Path) 
         "engine_time_scale": 2.0,
         "engine_pd_hop_fixed_s": 0.1,
         "engine_pd_hop_per_prompt_token_s": 1e-5,
+        "engine_step_noise": 0.0,
+        "engine_step_noise_correlation": 0.0,
         "first_token_at": "after-hop",
         "calibration": True,
         "worker_profiles": None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from tropical_sched.cli._common import collect_warnings, http_url, progress_bar, report_notes_and_json, wide_console
@@ -14,6 +15,7 @@ from tropical_sched.cli.simulate import (
     build_slo_spec,
     render_summaries,
 )
+from tropical_sched.core.request import RequestRecord
 from tropical_sched.metrics.attainment import summarize
 from tropical_sched.predictors.profile import load_profile, profile_from_json
 from tropical_sched.sim.experiment import DEFAULT_PROFILE
@@ -90,22 +92,32 @@ def run(args: argparse.Namespace) -> int:
         "slo": slo.describe(),
         "workload": workload.report.describe(),
         "policies": {args.label: {k: v for k, v in summary.as_dict().items() if k != "num_requests"}},
-        "records": [
-            {
-                "request_id": r.request_id,
-                "arrival_at_s": r.arrival_at_s,
-                "num_prompt_tokens": r.num_prompt_tokens,
-                "num_output_tokens": r.num_output_tokens,
-                "ttft_s": None if r.rejected else r.ttft_s,
-                "tpot_s": None if r.rejected else r.tpot_s,
-                "failed": r.rejected,
-                "reason": r.reject_reason,
-            }
-            for r in records
-        ],
+        "records": record_dicts(records),
     }
     report_notes_and_json(notes, args.json, data)
     return 0
+
+
+def record_dicts(records: Sequence[RequestRecord]) -> list[dict[str, Any]]:
+    """Per-request results as written to ``--json`` (``tropical replay`` and ``tropical validate``): the request's
+    id, arrival (seconds since the replay started), prompt and output tokens, SLOs, TTFT and TPOT (seconds;
+    ``None`` for a failed request), whether the router multiplexed it, and why it failed ("" if it did not)."""
+    return [
+        {
+            "request_id": r.request_id,
+            "arrival_at_s": r.arrival_at_s,
+            "num_prompt_tokens": r.num_prompt_tokens,
+            "num_output_tokens": r.num_output_tokens,
+            "ttft_slo_s": r.ttft_slo_s,
+            "tpot_slo_s": r.tpot_slo_s,
+            "ttft_s": None if r.rejected else r.ttft_s,
+            "tpot_s": None if r.rejected else r.tpot_s,
+            "multiplexed": r.multiplexed,
+            "failed": r.rejected,
+            "reason": r.reject_reason,
+        }
+        for r in records
+    ]
 
 
 def add_request_arguments(group: Any) -> None:

@@ -27,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
             f"tropical serve needs the serve extra ({exc.name} is missing): pip install 'tropical-sched[serve]'"
         ) from None
     config = load_router_config(args.config)
+    if args.decision_log:
+        config = config.model_copy(update={"decision_log": args.decision_log})
     router = Router(config)
     sock = listen_socket(args.host, args.port)  # a taken port fails here, as one line, not among uvicorn's logs
     roles = ", ".join(f"{i.url} ({i.role.value})" for i in router.instances)
@@ -53,5 +55,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--config", required=True, help="cluster configuration (YAML)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=port_number, default=8000, help="port, 1-65535 (default 8000)")
+    parser.add_argument(
+        "--decision-log",
+        metavar="PATH",
+        help="append one JSON line per finished request (route, wait, workers, the policy's reason and predictions, "
+        "measured TTFT and TPOT) to this file; overrides decision_log in the cluster file",
+    )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(func=run, prog=parser.prog)

@@ -265,6 +265,22 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="the engines' P/D hop per prompt token, ms (default: the engine profile's)",
     )
     engine.add_argument(
+        "--engine-step-noise",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="SIGMA",
+        help="the engines' steps vary around the profile's times: each is multiplied by a mean-1 log-normal factor "
+        "whose log has this standard deviation (0.1: about 10%% step to step; default 0)",
+    )
+    engine.add_argument(
+        "--engine-step-noise-correlation",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="RHO",
+        help="that factor's correlation from one step to the next, below 1 (0.99: slow and fast periods of about a "
+        "hundred steps; default 0, independent steps)",
+    )
+    engine.add_argument(
         "--worker-profiles",
         metavar="P1,P2,...",
         help="a heterogeneous cluster: one profile per worker, comma-separated (each worker's engine runs its own "
@@ -360,6 +376,8 @@ def build_experiment(args: argparse.Namespace) -> Experiment:
         first_token_at=args.first_token_at,
         engine_profile=args.engine_profile,
         engine_time_scale=args.engine_time_scale,
+        engine_step_noise=args.engine_step_noise,
+        engine_step_noise_correlation=args.engine_step_noise_correlation,
         engine_pd_hop_fixed_s=args.engine_pd_hop_ms / 1e3 if args.engine_pd_hop_ms is not None else None,
         engine_pd_hop_per_prompt_token_s=args.engine_pd_hop_per_token_ms / 1e3
         if args.engine_pd_hop_per_token_ms is not None
@@ -381,8 +399,12 @@ def describe_engines(exp: Experiment) -> str:
             f", P/D hop {(exp.engine_pd_hop_fixed_s or 0.0) * 1e3:g} ms + "
             f"{(exp.engine_pd_hop_per_prompt_token_s or 0.0) * 1e3:g} ms per prompt token"
         )
+    noise = ""
+    if exp.engine_step_noise:
+        noise = f", step noise {exp.engine_step_noise:g} (correlation {exp.engine_step_noise_correlation:g})"
     return (
-        f"engines: {engine['engine_profile']} x{exp.engine_time_scale:g}{hop}; policies predict with {exp.profile}; "
+        f"engines: {engine['engine_profile']} x{exp.engine_time_scale:g}{hop}{noise}; "
+        f"policies predict with {exp.profile}; "
         f"online calibration {'on' if exp.calibration else 'off'}; P/D first token at {engine['first_token_at']}"
     )
 

@@ -10,7 +10,7 @@ from typing import Any
 from rich.table import Table
 
 from tropical_sched.cli._common import collect_warnings, http_url, progress_bar, report_notes_and_json, wide_console
-from tropical_sched.cli.replay import add_request_arguments, replay_settings
+from tropical_sched.cli.replay import add_request_arguments, record_dicts, replay_settings
 from tropical_sched.cli.simulate import add_experiment_arguments, build_experiment
 from tropical_sched.metrics.attainment import summarize
 from tropical_sched.metrics.fidelity import fidelity_rows
@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         profile, workload = result.profile, result.workload
         requests = build_requests(workload, profile, experiment.slo)
         start("replay", len(requests))
-        measured = summarize(replay_sync(workload, requests, settings, progress=advance))
+        records = replay_sync(workload, requests, settings, progress=advance)
+        measured = summarize(records)
     simulated = {name: outcome.summary for name, outcome in result.outcomes.items()}
     console = wide_console()
     data: dict[str, Any] = {
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(table)
         data["simulated"][name] = summary.as_dict()
         data["relative_error"][name] = {row.metric: row.relative_error for row in rows}
+    data["records"] = record_dicts(records)  # the measured requests, one by one
     console.print(f"workload: {workload.report.describe()}")
     report_notes_and_json(notes, args.json, data)
     return 0

@@ -12,6 +12,7 @@ from tropical_sched.serve.config import (
     engine_address,
     load_router_config,
 )
+from tropical_sched.serve.decision_log import DecisionLog, RouteSummary, read_decision_log, summarize_decision_log
 from tropical_sched.serve.fake_engine import FakeEngine, FakeEngineStats
 from tropical_sched.serve.replay import EndpointInfo, ReplaySettings, probe_endpoint, replay, replay_sync
 from tropical_sched.serve.router import (
@@ -32,12 +33,14 @@ __all__ = [
     "SLO_HEADER_RANGE_MS",
     "CalibrationSettings",
     "ClusterFileError",
+    "DecisionLog",
     "EndpointInfo",
     "Engine",
     "FakeEngine",
     "FakeEngineStats",
     "InstanceConfig",
     "ReplaySettings",
+    "RouteSummary",
     "Router",
     "RouterConfig",
     "SloDefaults",
@@ -46,6 +49,8 @@ __all__ = [
     "load_router_config",
     "parse_slo_headers",
     "probe_endpoint",
+    "read_decision_log",
     "replay",
     "replay_sync",
+    "summarize_decision_log",
 ]

@@ -227,6 +227,9 @@ class RouterConfig(_Strict):
         unavailable_grace_s: a request that can only wait for instances that are all down gets HTTP 503 after
             this long (a restarting instance has this long to come back).
         calibration: online calibration of each instance's step times and P/D hop (on by default).
+        decision_log: append one JSON line per finished request to this file: its route, wait, workers, the
+            policy's reason and predictions, and its measured TTFT and TPOT
+            (:mod:`~tropical_sched.serve.decision_log`); ``None`` (the default): no log.
     """
 
     policy: str = "tropical"
@@ -245,6 +248,7 @@ class RouterConfig(_Strict):
     max_retries: Annotated[int, Field(ge=0)] = 2
     unavailable_grace_s: PositiveFloat = 5.0
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
+    decision_log: str | None = None
 
     @model_validator(mode="after")
     def _unique_engines(self) -> RouterConfig:

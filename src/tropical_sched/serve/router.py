@@ -50,6 +50,7 @@ from tropical_sched.serve.app import (
     parse_slo_headers,
 )
 from tropical_sched.serve.config import InstanceConfig, RouterConfig
+from tropical_sched.serve.decision_log import DecisionLog
 from tropical_sched.serve.metrics import RouterMetrics
 from tropical_sched.serve.monitor import EngineMonitor
 from tropical_sched.serve.openai import StreamEvent, error_body
@@ -126,6 +127,8 @@ class Router:
         self._snapshot: ClusterSnapshot | None = None
         self._snapshot_refreshed_at_s = 0.0
         self._tasks: list[asyncio.Task[None]] = []
+        self.decision_log = DecisionLog(config.decision_log) if config.decision_log else None
+        """Where every finished request's line goes (``config.decision_log``); ``None``: nowhere."""
         for instance in self.instances:
             self.metrics.instance_up.labels(instance.url, instance.role.value).set(1)
             self.metrics.in_flight.labels(instance.url).set(0)
@@ -184,6 +187,8 @@ class Router:
             task.cancel()
         self.monitor.cancel_background()
         await self.upstream.close()
+        if self.decision_log is not None:
+            self.decision_log.close()
 
     # -- clock, snapshots, dispatch -----------------------------------------------------------------------------
 
@@ -214,6 +219,9 @@ class Router:
 
     def _apply_route(self, request: Request, decision: RouteDecision) -> None:
         tracked = self._tracked[request.request_id]
+        tracked.routed_at_s = self.now_s()
+        tracked.reason = decision.reason
+        tracked.decision_predicted = dict(decision.predicted)
         if decision.worker_id is not None:
             tracked.phase = Phase.PREFILL
             tracked.route = decision.action.value
@@ -237,6 +245,9 @@ class Router:
         tracked = self._tracked[request.request_id]
         assert placement.worker_id is not None
         tracked.phase = Phase.AWAITING_DECODE
+        tracked.decode_placed_at_s = self.now_s()
+        tracked.decode_reason = placement.reason
+        tracked.decode_instance = placement.worker_id
         instance = self.instances[placement.worker_id]
         tracked.predicted["tpot_s"] = placement.predicted.get(
             "decode_step_s", self._predicted_decode_step_s(instance, request)
@@ -604,6 +615,8 @@ class Router:
     def _finish(self, tracked: Tracked, outcome: str) -> None:
         """The request is over: forget it everywhere, record its outcome, feed the policy and the calibration."""
         request = tracked.request
+        if self.decision_log is not None:
+            self.decision_log.write(self._decision_entry(tracked, outcome))
         if outcome == "ok":
             self._observe_stream(tracked)
         self._untrack(tracked)
@@ -625,6 +638,48 @@ class Router:
         if outcome != "aborted":
             self.metrics.observe_finished(met_ttft, met_tpot)
         self._dispatch()
+
+    def _decision_entry(self, tracked: Tracked, outcome: str) -> dict[str, Any]:
+        """The request's line in the decision log (fields: :mod:`~tropical_sched.serve.decision_log`)."""
+        request = tracked.request
+        n = tracked.num_generated_tokens
+        first_at, last_at = tracked.first_token_at_s, tracked.last_token_at_s
+        ttft_s = first_at - request.arrival_at_s if outcome == "ok" and first_at is not None else None
+        tpot_s = None
+        if ttft_s is not None:
+            tpot_s = (last_at - first_at) / (n - 1) if n > 1 and last_at is not None and first_at is not None else 0.0
+        pd = tracked.route == RouteAction.PREFILL.value
+        worker = tracked.prefill_instance if pd else tracked.instance
+        return {
+            "request_id": request.request_id,
+            "outcome": outcome,
+            "route": tracked.route,
+            "attempts": tracked.attempts,
+            "arrival_at_s": request.arrival_at_s,
+            "num_prompt_tokens": request.num_prompt_tokens,
+            "num_output_tokens": n,
+            "ttft_slo_s": request.slo.ttft_s,
+            "tpot_slo_s": request.slo.tpot_s,
+            "routed_at_s": tracked.routed_at_s,
+            "worker": self.instances[worker].url if worker is not None else None,
+            "reason": tracked.reason,
+            "predicted": {
+                **tracked.decision_predicted,
+                **{k: v for k, v in tracked.predicted.items() if k == "tpot_s"},
+            },
+            "prefill_done_at_s": tracked.prefill_done_at_s if pd else None,
+            "decode_worker": self.instances[tracked.decode_instance].url
+            if pd and tracked.decode_instance is not None
+            else None,
+            "decode_placed_at_s": tracked.decode_placed_at_s if pd else None,
+            "decode_reason": tracked.decode_reason if pd else "",
+            "first_token_at_s": first_at,
+            "last_token_at_s": last_at,
+            "ttft_s": ttft_s,
+            "tpot_s": tpot_s,
+            "met_ttft": ttft_s is not None and ttft_s <= request.slo.ttft_s,
+            "met_tpot": tpot_s is not None and tpot_s <= request.slo.tpot_s,
+        }
 
     @property
     def num_tracked(self) -> int:

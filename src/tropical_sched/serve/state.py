@@ -58,6 +58,12 @@ class Tracked:
         gap_steps: decode steps those gaps cover (tokens).
         gap_seq_steps: sum over those steps of the instance's streaming decodes.
         gap_context_steps: sum over those steps of their context tokens.
+        routed_at_s: when its route was decided (its latest attempt's), for the decision log.
+        reason: the policy's reason for that route.
+        decision_predicted: the predicted figures behind it (``RouteDecision.predicted``).
+        decode_placed_at_s: P/D: when its decode was placed.
+        decode_reason: P/D: the policy's reason for that placement.
+        decode_instance: P/D: index of the instance its decode was placed on.
     """
 
     request: Request
@@ -81,6 +87,12 @@ class Tracked:
     gap_steps: int = 0
     gap_seq_steps: int = 0
     gap_context_steps: int = 0
+    routed_at_s: float | None = None
+    reason: str = ""
+    decision_predicted: dict[str, float] = field(default_factory=dict)
+    decode_placed_at_s: float | None = None
+    decode_reason: str = ""
+    decode_instance: int | None = None
 
 
 class Instance:

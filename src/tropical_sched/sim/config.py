@@ -63,6 +63,16 @@ class ClusterConfig:
             transfer, from a P/D prefill's end to the decoding worker taking the request.
         engine_pd_hop_per_prompt_token_s: the hop's part per prompt token, seconds per token, >= 0, in place of
             the profile's; ``None`` keeps the profile's.
+        engine_step_noise: the spread of the simulated engines' step times around their profile's (times
+            ``engine_time_scale``), in [0, 2]: each step's time is multiplied by a log-normal factor with mean 1 and
+            this standard deviation of its logarithm (0: every step takes exactly what the profile says; 0.1:
+            about 10% step to step). A real engine's steps vary with what else runs on its cores; the policies
+            still predict the mean.
+        engine_step_noise_correlation: how much of a step's factor carries into the next one, in [0, 1): the
+            logarithm of the factor is an AR(1) process with this coefficient and the stationary spread
+            ``engine_step_noise`` (0: independent steps; 0.99: slow and fast periods lasting about a hundred
+            steps, as when something else on the machine comes and goes).
+        engine_noise_seed: seed of the step-time noise (each worker draws its own stream from it).
         calibration: run the router's online calibration in the simulator with these settings: each worker's
             step-time model and P/D hop are learned from what the simulated engines did, and the policies (and
             their engine-local schedulers) predict with them; ``None``: off, the policies predict with the
@@ -83,6 +93,9 @@ class ClusterConfig:
     engine_time_scale: float = 1.0
     engine_pd_hop_fixed_s: float | None = None
     engine_pd_hop_per_prompt_token_s: float | None = None
+    engine_step_noise: float = 0.0
+    engine_step_noise_correlation: float = 0.0
+    engine_noise_seed: int = 0
     calibration: CalibrationConfig | None = None
 
     def __post_init__(self) -> None:
@@ -99,5 +112,8 @@ class ClusterConfig:
             or (math.isfinite(self.engine_pd_hop_fixed_s) and self.engine_pd_hop_fixed_s >= 0),
             "engine_pd_hop_per_prompt_token_s": self.engine_pd_hop_per_prompt_token_s is None
             or (math.isfinite(self.engine_pd_hop_per_prompt_token_s) and self.engine_pd_hop_per_prompt_token_s >= 0),
+            "engine_step_noise": math.isfinite(self.engine_step_noise) and 0 <= self.engine_step_noise <= 2,
+            "engine_step_noise_correlation": 0 <= self.engine_step_noise_correlation < 1,
+            "engine_noise_seed": self.engine_noise_seed >= 0,
         }
         check_fields(self, checks)

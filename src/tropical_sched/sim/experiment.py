@@ -72,6 +72,10 @@ class Experiment:
         engine_time_scale: the engines' times are the engine profile's times this factor, > 0.
         engine_pd_hop_fixed_s: the engines' P/D hop, fixed part, seconds; ``None``: the engine profile's.
         engine_pd_hop_per_prompt_token_s: the hop's part per prompt token, seconds; ``None``: the profile's.
+        engine_step_noise: the engines' step-to-step spread around the profile (``ClusterConfig.engine_step_noise``:
+            the standard deviation of the log of a mean-1 factor on each step), in [0, 2]; its stream is seeded
+            with ``seed``.
+        engine_step_noise_correlation: that factor's correlation from one step to the next, in [0, 1).
         calibration: run the router's online calibration (default settings) in the simulator.
         worker_profiles: a heterogeneous cluster: one bundled profile name or path per worker (worker-id order,
             the policy's roles first to last), what that worker's engine runs and what the policy predicts it with
@@ -100,6 +104,8 @@ class Experiment:
     engine_time_scale: float = 1.0
     engine_pd_hop_fixed_s: float | None = None
     engine_pd_hop_per_prompt_token_s: float | None = None
+    engine_step_noise: float = 0.0
+    engine_step_noise_correlation: float = 0.0
     calibration: bool = False
     worker_profiles: tuple[str, ...] | None = None
 
@@ -126,6 +132,9 @@ class Experiment:
             engine_time_scale=self.engine_time_scale,
             engine_pd_hop_fixed_s=self.engine_pd_hop_fixed_s,
             engine_pd_hop_per_prompt_token_s=self.engine_pd_hop_per_prompt_token_s,
+            engine_step_noise=self.engine_step_noise,
+            engine_step_noise_correlation=self.engine_step_noise_correlation,
+            engine_noise_seed=self.seed,
             calibration=CalibrationConfig() if self.calibration else None,
         )
 
@@ -156,6 +165,8 @@ class Experiment:
             "engine_time_scale": self.engine_time_scale,
             "engine_pd_hop_fixed_s": self.engine_pd_hop_fixed_s,
             "engine_pd_hop_per_prompt_token_s": self.engine_pd_hop_per_prompt_token_s,
+            "engine_step_noise": self.engine_step_noise,
+            "engine_step_noise_correlation": self.engine_step_noise_correlation,
             "first_token_at": FirstTokenAt(self.first_token_at).value,
             "calibration": self.calibration,
             "worker_profiles": list(self.worker_profiles) if self.worker_profiles is not None else None,

@@ -234,6 +234,9 @@ class _Simulation:
                 num_kv_cache_tokens=cluster.num_kv_cache_tokens or engines[i].num_kv_cache_tokens,
                 max_num_seqs=cluster.max_num_seqs,
                 serving=engines[i].serving,
+                step_noise=cluster.engine_step_noise,
+                step_noise_correlation=cluster.engine_step_noise_correlation,
+                noise_seed=cluster.engine_noise_seed,
             )
             for i, role in enumerate(roles)
         ]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
+import math
+import random
 from dataclasses import dataclass, field
 
 from tropical_sched.core.errors import SimulationError
@@ -155,6 +157,10 @@ class SimWorker:
         serving: what serving the engine adds to each step (``ServingOverheads``: ``per_step_s`` to every step,
             ``per_streamed_token_s`` per token the step produces, ``per_request_s`` in the step that schedules a
             request's first chunk); its P/D hop is the simulator's business. ``None``: nothing.
+        step_noise: the spread of its step times around the model's, the standard deviation of the log of a
+            mean-1 log-normal factor, >= 0 (``ClusterConfig.engine_step_noise``; 0: none).
+        step_noise_correlation: the factor's AR(1) coefficient from step to step, in [0, 1).
+        noise_seed: seed of its noise (combined with ``worker_id``).
     """
 
     def __init__(
@@ -169,8 +175,20 @@ class SimWorker:
         max_num_seqs: int,
         report_tokens: bool = False,
         serving: ServingOverheads | None = None,
+        step_noise: float = 0.0,
+        step_noise_correlation: float = 0.0,
+        noise_seed: int = 0,
     ) -> None:
         self.worker_id = worker_id
+        # Step-time noise (ClusterConfig.engine_step_noise): log factor x_t = rho x_{t-1} + sqrt(1 - rho^2) sigma z_t,
+        # stationary N(0, sigma^2); the step is multiplied by exp(x_t - sigma^2 / 2), whose mean is 1.
+        self._noise_sigma = step_noise
+        self._noise_rho = step_noise_correlation
+        self._noise_innovation = step_noise * math.sqrt(1.0 - step_noise_correlation**2)
+        self._noise_log = 0.0
+        self._noise_rng = random.Random(f"{noise_seed}/{worker_id}") if step_noise else None
+        if self._noise_rng is not None:  # start from the stationary distribution, not from the mean
+            self._noise_log = self._noise_rng.gauss(0.0, step_noise)
         self._report_tokens = report_tokens
         self._step_decode_jobs: list[Job] = []
         self._aborted: list[Job] = []
@@ -466,6 +484,9 @@ class SimWorker:
                 + self._per_token_s * (num_decodes + num_completed)
                 + self._per_request_s * num_new_requests
             )
+        if self._noise_rng is not None:
+            self._noise_log = self._noise_rho * self._noise_log + self._noise_rng.gauss(0.0, self._noise_innovation)
+            duration_s *= math.exp(self._noise_log - 0.5 * self._noise_sigma**2)
         self._note_kv()
         # The chunks are always a prefix of the queue (planning stops at the first prefill it cannot take); they
         # leave the queue while they run and partial ones are re-queued with a fresh key when the step ends.

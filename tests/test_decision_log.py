@@ -1,0 +1,113 @@
+"""The router's decision log summed up (tropical_sched.serve.decision_log, benchmarks/decision_log.py), and the
+paired engine A/B's figures (benchmarks/engine_ab.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.scripts import ROOT, load_script
+from tropical_sched.serve.decision_log import DecisionLog, read_decision_log, summarize_decision_log
+
+
+def _entry(request_id: str, route: str, **fields: Any) -> dict[str, Any]:
+    entry = {
+        "request_id": request_id,
+        "outcome": "ok",
+        "route": route,
+        "arrival_at_s": 10.0,
+        "routed_at_s": 10.0,
+        "num_output_tokens": 11,
+        "ttft_slo_s": 1.0,
+        "tpot_slo_s": 0.05,
+        "ttft_s": 0.5,
+        "tpot_s": 0.04,
+        "predicted": {"predicted_ttft_s": 0.4, "tpot_s": 0.03},
+    }
+    entry.update(fields)
+    return entry
+
+
+ENTRIES = [
+    _entry("1", "multiplex"),
+    _entry("2", "multiplex", tpot_s=0.06, routed_at_s=10.2),  # misses TPOT; waited 0.2 s
+    _entry("3", "prefill", ttft_s=1.5, predicted={"predicted_ttft_s": 0.5}),  # misses TTFT
+    _entry("4", "", outcome="rejected", ttft_s=None, tpot_s=None, routed_at_s=None, predicted={}),
+    _entry("5", "multiplex", outcome="aborted", ttft_s=None, tpot_s=None),  # left out
+]
+
+
+def test_summary_per_route_counts_misses_waits_and_prediction_errors() -> None:
+    summaries = summarize_decision_log(ENTRIES)
+    assert list(summaries) == ["multiplex", "prefill", ""]
+    mux = summaries["multiplex"]
+    assert (mux.num_requests, mux.ttft_attainment, mux.tpot_attainment, mux.slo_attainment) == (2, 1.0, 0.5, 0.5)
+    assert mux.wait_p50_s == pytest.approx(0.1)
+    assert mux.ttft_over_predicted_p50_s == pytest.approx(0.1)
+    assert mux.tpot_over_predicted_p50_s == pytest.approx(0.02)  # 0.01 and 0.03 over the predicted 0.03
+    assert mux.tpot_over_slo_p50 == pytest.approx(1.0)  # 0.8 and 1.2
+    pd = summaries["prefill"]
+    assert (pd.ttft_attainment, pd.tpot_attainment, pd.slo_attainment) == (0.0, 1.0, 0.0)
+    assert math.isnan(pd.tpot_over_predicted_p50_s)  # no predicted decode step
+    rejected = summaries[""]
+    assert (rejected.num_requests, rejected.slo_attainment) == (1, 0.0)
+    assert math.isnan(rejected.wait_p50_s)
+
+
+def test_the_log_writes_from_its_thread_appends_and_writes_non_finite_numbers_as_null(tmp_path: Path) -> None:
+    path = tmp_path / "decisions.jsonl"
+    for entries in (ENTRIES[:2], ENTRIES[2:]):
+        log = DecisionLog(path)
+        for entry in entries:
+            log.write({**entry, "predicted": {**entry["predicted"], "min_tpot_slack_s": math.inf}})
+        log.close()
+        log.close()  # idempotent
+        log.write(ENTRIES[0])  # after close: dropped, not an error
+    loaded = read_decision_log(path)
+    assert [e["request_id"] for e in loaded] == ["1", "2", "3", "4", "5"]
+    assert all(e["predicted"]["min_tpot_slack_s"] is None for e in loaded)
+
+
+def test_the_summary_script_prints_and_writes_the_tpot_deciles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = load_script("benchmarks/decision_log.py")
+    path = tmp_path / "decisions.jsonl"
+    ratios = [0.5, 0.95, 0.97, 1.05, 1.2]  # TPOT / SLO
+    path.write_text(
+        "".join(json.dumps(_entry(str(i), "multiplex", tpot_s=0.05 * r)) + "\n" for i, r in enumerate(ratios))
+    )
+    out = tmp_path / "summary.json"
+    monkeypatch.setattr(sys, "argv", ["decision_log.py", str(path), "--json", str(out)])
+    assert script.main() == 0
+    printed = capsys.readouterr().out
+    assert "multiplex     5 requests" in printed
+    summary = json.loads(out.read_text())["logs"][0]
+    assert summary["num_tpot_within_10pct_below_slo"] == 2
+    assert summary["num_tpot_within_10pct_over_slo"] == 1
+    assert len(summary["tpot_over_slo_deciles"]) == 9
+    assert summary["routes"]["multiplex"]["tpot_attainment"] == pytest.approx(0.6)
+
+
+def test_engine_ab_figures_count_failed_requests_as_misses() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        script = load_script("benchmarks/engine_ab.py")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    records = [
+        {"failed": False, "ttft_s": 0.1, "ttft_slo_s": 0.2, "tpot_s": 0.01, "tpot_slo_s": 0.02, "num_output_tokens": 5},
+        {"failed": False, "ttft_s": 0.3, "ttft_slo_s": 0.2, "tpot_s": 0.01, "tpot_slo_s": 0.02, "num_output_tokens": 5},
+        {"failed": True, "ttft_s": None, "ttft_slo_s": 0.2, "tpot_s": None, "tpot_slo_s": 0.02, "num_output_tokens": 0},
+    ]
+    figures = script._figures(records)
+    assert figures["num_requests"] == 3
+    assert figures["slo_attainment"] == pytest.approx(1 / 3)
+    assert figures["ttft_attainment"] == pytest.approx(1 / 3)
+    assert figures["tpot_attainment"] == pytest.approx(2 / 3)
+    assert figures["ttft_p50_s"] == pytest.approx(0.2)
