@@ -116,7 +116,8 @@ def main() -> int:
             flush=True,
         )
         halves.append(dict(zip(names, _half(names, model, workdir, args.rate, args.num_requests), strict=True)))
-    result: dict[str, Any] = {"schema_version": 1, "rate_per_s": args.rate, "num_requests": args.num_requests}
+    result: dict[str, Any] = {"schema_version": 1, "command": " ".join(["python", *sys.argv])}
+    result.update(rate_per_s=args.rate, num_requests=args.num_requests)
     result["cores"] = "each engine and its client pinned to one core (taskset; VLLM_CPU_OMP_THREADS_BIND), then swapped"
     pooled: dict[str, list[dict[str, Any]]] = {args.a: [], args.b: []}
     ratios: dict[str, list[float]] = {"tpot": [], "ttft": []}

@@ -48,13 +48,15 @@ def start_ray_app(config: dict[str, Any], stats_period_s: float) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def _ray_app(engine_urls: list[str], stats_period_s: float) -> str:
-    config = {
+def _ray_app(engine_urls: list[str], stats_period_s: float, decision_log: Path | None = None) -> str:
+    config: dict[str, Any] = {
         "policy": "tropical",
         "profile": PROFILE,
         "model": "fake-model",
         "instances": [{"url": url, "role": role} for url, role in zip(engine_urls, ROLES, strict=True)],
     }
+    if decision_log is not None:
+        config["decision_log"] = str(decision_log)
     return start_ray_app(config, stats_period_s)
 
 
@@ -98,11 +100,13 @@ def main() -> None:
         for label in results:
             engines, engine_urls = _engines(log_dir)
             routers: list[ServerProcess] = []
+            # each front's routing decisions, per request (benchmarks/decision_log.py sums them up)
+            decisions = log_dir / f"{label.replace(' ', '-')}-seed{seed}.decisions.jsonl"
             try:
                 if label == "ray serve":
-                    urls = [_ray_app(engine_urls, args.stats_period_ms / 1e3)]
+                    urls = [_ray_app(engine_urls, args.stats_period_ms / 1e3, decisions)]
                 else:
-                    routers, urls = _routers(1, engine_urls, 0.0, log_dir)
+                    routers, urls = _routers(1, engine_urls, 0.0, log_dir, decisions)
                 figures = _replay(urls, args, seed, label, log_dir)
             finally:
                 if label == "ray serve":

@@ -65,7 +65,9 @@ LOAD_FACTORS = {"light": 0.5, "knee": 1.0, "overloaded": 1.5}
 DEPLOYMENTS = ("vllm-round-robin", "vllm-pd", "tropical")
 # Diagnosis: round robin through a stock proxy on core 0 (vllm-router), and stock engines behind our router with
 # the colocated vllm-chunked policy (least loaded): what a proxy in the path costs, apart from Tropical's policy.
-EXTRA_DEPLOYMENTS = ("vllm-router-round-robin", "vllm-colocated-router")
+# Stop 29: round robin through a bare Python pass-through proxy (benchmarks/passthrough_proxy.py: aiohttp, no parsing,
+# no policy) on core 1 where Tropical's router runs: what relaying every token costs, apart from the router's own work.
+EXTRA_DEPLOYMENTS = ("vllm-router-round-robin", "vllm-colocated-router", "vllm-proxy-round-robin")
 VLLM_ROUTER = {"command": "vllm-router"}
 CORES = (
     "engine A pinned to core 0, engine B to core 1 (VLLM_CPU_OMP_THREADS_BIND and taskset); the client on core 0 "
@@ -202,7 +204,7 @@ def _validate_args(
     argv = ["--profile", PROFILE, "--trace", TRACE, "--rate", f"{rate:g}", "--arrival", "poisson"]
     argv += ["--num-requests", str(num_requests), "--seed", str(SEED), *SLO_ARGS, "--max-num-seqs", "32"]
     argv += ["--workers", "2", "--model", SERVED_MODEL_NAME, "--vocab-size", "300", "--no-progress"]
-    if deployment in ("vllm-round-robin", "vllm-router-round-robin", "vllm-colocated-router"):
+    if deployment in ("vllm-round-robin", "vllm-router-round-robin", "vllm-colocated-router", "vllm-proxy-round-robin"):
         argv += ["--policies", "vllm-chunked"]
         argv += ["--policy-option", f"vllm-chunked.max_num_batched_tokens={MAX_MODEL_LEN}"]
     elif deployment == "vllm-pd":
@@ -327,6 +329,13 @@ def _run(
             command = ["taskset", "-c", "0", VLLM_ROUTER["command"], "--worker-urls", *urls]
             command += ["--policy", "round_robin", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
             processes.append(ServerProcess(command, workdir / f"vllm-router-{load}.log"))
+            urls = [f"http://127.0.0.1:{port}"]
+        elif deployment == "vllm-proxy-round-robin":
+            from tropical_sched.serve.testing import ServerProcess, free_port
+
+            port = free_port()
+            command = ["taskset", "-c", "1", sys.executable, str(HERE / "passthrough_proxy.py"), str(port), *urls]
+            processes.append(ServerProcess(command, workdir / f"proxy-{load}.log"))
             urls = [f"http://127.0.0.1:{port}"]
         for process, engine_url in engines:
             process.wait_healthy(engine_url)
@@ -480,6 +489,20 @@ DIAGNOSIS_RUNS = {
     "vllm-round-robin-knee-collected-before-s28": "plain vLLM, client round robin: the knee run collected before "
     "stop 28",
     "tropical-knee-collected-before-s28": "Tropical: the knee run collected before stop 28 (router on core 0)",
+    # Stop 29: what a router in the path costs at the knee, in this order within about 15 minutes (right after the
+    # knee pairs run7-run10): the stock engines behind tropical serve with the colocated vllm-chunked policy (least
+    # loaded; the router on core 1 as Tropical's), Tropical as collected, client round robin, the stock engines
+    # behind the router again (--variant s29-router-tax-1 ... -4).
+    "vllm-colocated-router-knee-s29-router-tax-1": "stop 29: stock engines behind tropical serve (vllm-chunked, "
+    "router on core 1), run 1",
+    "tropical-knee-s29-router-tax-2": "stop 29: Tropical, as collected",
+    "vllm-round-robin-knee-s29-router-tax-3": "stop 29: plain vLLM, client round robin, as collected",
+    "vllm-colocated-router-knee-s29-router-tax-4": "stop 29: stock engines behind tropical serve (vllm-chunked, "
+    "router on core 1), run 2",
+    # then round robin through a bare pass-through proxy on core 1, and client round robin again
+    "vllm-proxy-round-robin-knee-s29-router-tax-5": "stop 29: round robin through a bare Python pass-through proxy "
+    "on core 1",
+    "vllm-round-robin-knee-s29-router-tax-6": "stop 29: plain vLLM, client round robin, as collected (run 2)",
 }
 
 

@@ -51,8 +51,9 @@ def _engines(log_dir: Path) -> tuple[list[ServerProcess], list[str]]:
 
 
 def _routers(
-    count: int, engine_urls: list[str], interval_s: float, log_dir: Path
+    count: int, engine_urls: list[str], interval_s: float, log_dir: Path, decision_log: Path | None = None
 ) -> tuple[list[ServerProcess], list[str]]:
+    """``count`` routers over the engines (each with its own decision log ``<decision_log>.<index>``, if given)."""
     config = log_dir / f"router-{time.monotonic_ns()}.json"
     config.write_text(
         json.dumps(
@@ -69,6 +70,8 @@ def _routers(
     for index in range(count):
         port = free_port()
         command = [*TROPICAL, "serve", "--config", str(config), "--port", str(port), "--log-level", "warning"]
+        if decision_log is not None:
+            command += ["--decision-log", f"{decision_log}.{index}"]
         processes.append(ServerProcess(command, log_dir / f"router-{index}-{time.monotonic_ns()}.log"))
         urls.append(f"http://127.0.0.1:{port}")
     for process, url in zip(processes, urls, strict=True):

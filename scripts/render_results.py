@@ -207,6 +207,78 @@ def render_real_engines(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_paired_ab(data: dict[str, Any]) -> str:
+    """The paired measurements of docs/evaluation.md from ``benchmarks/results/real-engines/paired-ab.json``
+    (``benchmarks/paired_ab.py``): engine A/Bs, deployment A/Bs on shared cores, and the knee pairs by window."""
+    lines = [
+        "Engines side by side (`benchmarks/engine_ab.py`): two single engines at once, each with its own client on its "
+        "own core, then swapped; the same requests at the same moments. Per-request ratios are B's over A's (medians).",
+        "",
+        "| A | B | rate per engine (req/s) | requests per engine | A: joint / TTFT / TPOT att. | "
+        "B: joint / TTFT / TPOT att. | TPOT B/A | TTFT B/A |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for pair in data["engine_pairs"]:
+        a, b = pair["engines"]
+        fa, fb = pair["engines"][a], pair["engines"][b]
+        ratios = pair[f"{b}_over_{a}_p50"]
+        lines.append(
+            f"| {a} | {b} | {pair['rate_per_s']:g} | {fa['num_requests']} | {_pct(fa['slo_attainment'])} / "
+            f"{_pct(fa['ttft_attainment'])} / {_pct(fa['tpot_attainment'])} | {_pct(fb['slo_attainment'])} / "
+            f"{_pct(fb['ttft_attainment'])} / {_pct(fb['tpot_attainment'])} | {ratios['tpot']:.3f} | "
+            f"{ratios['ttft']:.3f} |"
+        )
+    lines += [
+        "",
+        "Commands: " + "; ".join(f"`{pair['command']}`" for pair in data["engine_pairs"]) + ".",
+        "",
+        "Deployments at once (`benchmarks/deployment_ab.py`): round robin over two stock engines and Tropical (2M, its "
+        "router, online calibration on), all four engines up together, "
+        f"{data['deployment_pairs'][0]['cores'] if data['deployment_pairs'] else ''}; each engine shares its core "
+        "with the other deployment's, so both run slower than alone and see the same period.",
+        "",
+        "| rate per deployment (req/s) | requests | round robin: joint / TTFT / TPOT att. | "
+        "Tropical: joint / TTFT / TPOT att. |",
+        "|---|---|---|---|",
+    ]
+    for pair in data["deployment_pairs"]:
+        rr, tr = pair["deployments"]["vllm-round-robin"], pair["deployments"]["tropical"]
+        lines.append(
+            f"| {pair['rate_per_s']:g} | {pair['num_requests']} | {_pct(rr['slo_attainment'])} / "
+            f"{_pct(rr['ttft_attainment'])} / {_pct(rr['tpot_attainment'])} | {_pct(tr['slo_attainment'])} / "
+            f"{_pct(tr['ttft_attainment'])} / {_pct(tr['tpot_attainment'])} |"
+        )
+    lines += ["", "Commands: " + "; ".join(f"`{pair['command']}`" for pair in data["deployment_pairs"]) + "."]
+    pairs = data["knee_pairs"]
+    if pairs:
+        window = data["window_s"]
+        lines += [
+            "",
+            f"The knee pairs of the table above that keep every request, by arrival time ({window:g} s windows; "
+            "round robin's run and Tropical's a few minutes apart, the same requests at the same offsets): requests "
+            "that met both SLOs, round robin / Tropical.",
+            "",
+            "| arrival (s) | requests | " + " | ".join(p["variant"] for p in pairs) + " |",
+            "|---|---|" + "---|" * len(pairs),
+        ]
+        for i, row in enumerate(pairs[0]["windows"]):
+            cells = []
+            for pair in pairs:
+                met = pair["windows"][i]["met"] if i < len(pair["windows"]) else None
+                cells.append("-" if met is None else f"{met['vllm-round-robin']} / {met['tropical']}")
+            end = row["start_s"] + window
+            lines.append(f"| {row['start_s']:g}-{end:g} | {row['num_requests']} | " + " | ".join(cells) + " |")
+        lines.append(
+            "| joint attainment | | "
+            + " | ".join(
+                f"{_pct(p['slo_attainment']['vllm-round-robin'])} / {_pct(p['slo_attainment']['tropical'])}"
+                for p in pairs
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def render_plan(data: dict[str, Any]) -> str:
     """A ``tropical plan`` result (its ``--json``): every candidate, best first."""
     lines = [
@@ -969,6 +1041,7 @@ LONG_CONTEXT = RESULTS / "long-context.json"
 RENDERERS: dict[str, tuple[Path, Callable[[dict[str, Any]], str]]] = {
     "fidelity": (RESULTS / "fidelity.json", render_fidelity),
     "real-engines-vllm-cpu": (RESULTS / "real-engines" / "vllm-cpu.json", render_real_engines),
+    "real-engines-paired": (RESULTS / "real-engines" / "paired-ab.json", render_paired_ab),
     "real-engines-sglang-cpu": (RESULTS / "real-engines" / "sglang-cpu.json", render_real_engines),
     "plan-cpu-served-llama-sglang": (RESULTS / "real-engines" / "plan-cpu-served-llama-sglang.json", render_plan),
     "plan-cpu-served-llama": (RESULTS / "real-engines" / "plan-cpu-served-llama.json", render_plan),

@@ -111,3 +111,37 @@ def test_engine_ab_figures_count_failed_requests_as_misses() -> None:
     assert figures["ttft_attainment"] == pytest.approx(1 / 3)
     assert figures["tpot_attainment"] == pytest.approx(2 / 3)
     assert figures["ttft_p50_s"] == pytest.approx(0.2)
+
+
+def test_paired_knee_windows_count_the_same_requests_in_both_runs(tmp_path: Path) -> None:
+    """benchmarks/paired_ab.py: a knee pair's requests by round robin's send time, met-both counts per deployment;
+    a run without per-request records (before stop 29) is no pair."""
+    script = load_script("benchmarks/paired_ab.py")
+
+    def record(i: int, arrival: float, ttft_s: float | None) -> dict[str, Any]:
+        return {
+            "request_id": str(i),
+            "arrival_at_s": arrival,
+            "failed": ttft_s is None,
+            "ttft_s": ttft_s,
+            "tpot_s": None if ttft_s is None else 0.01,
+            "ttft_slo_s": 0.5,
+            "tpot_slo_s": 0.02,
+        }
+
+    arrivals = [1.0, 5.0, 25.0, 41.0]
+    rr = [record(i, a, 0.1) for i, a in enumerate(arrivals)]
+    tropical = [record(0, 1.2, 0.1), record(1, 5.3, 0.9), record(2, 24.9, None), record(3, 41.1, 0.2)]
+    for name, records in (("vllm-round-robin", rr), ("tropical", tropical)):
+        (tmp_path / f"{name}-knee-run3.json").write_text(json.dumps({"records": records}))
+    (tmp_path / "tropical-knee-run2.json").write_text(json.dumps({"measured": {}}))  # no records: not a pair
+    (tmp_path / "vllm-round-robin-knee-run2.json").write_text(json.dumps({"records": rr}))
+    assert script.knee_pairs(tmp_path) == ["run3"]
+    pair = script.windows("run3", tmp_path, window_s=20.0)
+    assert [row["num_requests"] for row in pair["windows"]] == [2, 1, 1]
+    assert [row["met"] for row in pair["windows"]] == [
+        {"vllm-round-robin": 2, "tropical": 1},
+        {"vllm-round-robin": 1, "tropical": 0},
+        {"vllm-round-robin": 1, "tropical": 1},
+    ]
+    assert pair["slo_attainment"] == {"vllm-round-robin": 1.0, "tropical": 0.5}

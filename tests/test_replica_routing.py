@@ -322,3 +322,46 @@ def test_a_replica_is_predicted_with_the_step_time_model_its_report_carries() ->
     assert first.step_time.valid_range == PROFILE.step_time.valid_range
     assert second.step_time is None  # the policy's own
     assert routing.snapshot(replicas, NOW + 0.1).workers[0].step_time is first.step_time  # kept while unchanged
+
+
+@pytest.mark.parametrize("via", ["choose", "submit"])
+def test_the_decision_log_holds_each_request_routed_through_the_replicas(via: str, tmp_path: Any) -> None:
+    """With a decision log, every request this router routed gets its line when the ingress says it finished:
+    its route and replicas, the policy's reason, the prefill's answer and the decode's placement for P/D, and the
+    TTFT and TPOT the ingress saw against its SLOs, as ``tropical serve --decision-log`` writes them."""
+    from tropical_sched.serve.decision_log import DecisionLog, read_decision_log
+
+    routing, replicas = _hop_learning_cluster()
+    routing.decision_log = DecisionLog(tmp_path / "decisions.jsonl")
+    route, decode = _facts(500), _facts(500, phase="decode").model_copy(update={"prefill_done_at_unix_s": NOW + 0.2})
+    if via == "choose":
+        assert routing.choose(replicas, route, NOW) == [0]
+        assert routing.choose(replicas, decode, NOW + 0.3) == [1]
+    else:
+        routing.submit(route)
+        assert routing.dispatch(replicas, NOW) == {"r1": [0]}
+        routing.submit(decode)
+        assert routing.dispatch(replicas, NOW + 0.3) == {"r1": [1]}
+    routing.first_token("r1", NOW + 0.5)
+    routing.finished("r1", 0.2, NOW + 2.5, num_output_tokens=11)  # TPOT over its 0.1 s SLO
+    routing.finished("unknown", 0.01, NOW)
+    routing.decision_log.close()
+    (entry,) = read_decision_log(tmp_path / "decisions.jsonl")
+    assert (entry["route"], entry["worker"], entry["decode_worker"]) == ("prefill", "p", "m")
+    assert entry["reason"]
+    assert entry["decode_reason"]
+    assert (entry["routed_at_s"], entry["prefill_done_at_s"], entry["decode_placed_at_s"]) == (
+        NOW,
+        NOW + 0.2,
+        NOW + 0.3,
+    )
+    assert entry["ttft_s"] == pytest.approx(0.5)
+    assert (entry["tpot_s"], entry["num_output_tokens"], entry["met_ttft"], entry["met_tpot"]) == (0.2, 11, True, False)
+
+
+def test_without_a_decision_log_nothing_is_kept_per_request() -> None:
+    routing = _routing()
+    m = ("m", replica_stats(WorkerRole.MULTIPLEXING, _state(), NOW))
+    routing.submit(_facts(100))
+    routing.dispatch([m], NOW)
+    assert routing._log_entries == {}

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -64,6 +65,7 @@ from tropical_sched.policies.registry import make_policy
 from tropical_sched.predictors.profile import load_profile
 from tropical_sched.serve.app import request_slo, shape_events
 from tropical_sched.serve.config import RouterConfig
+from tropical_sched.serve.decision_log import DecisionLog
 from tropical_sched.serve.engines import dialect_for
 from tropical_sched.serve.openai import (
     DONE,
@@ -125,6 +127,8 @@ class TropicalRequestRouter(RequestRouter):
             hop_calibration=cluster.calibration.config() if cluster.calibration.enabled else None,
             hop_prior_fixed_s=serving.pd_hop_fixed_s,
             hop_prior_per_token_s=serving.pd_hop_per_prompt_token_s,
+            # one file per router process: Ray Serve runs a router in every process that holds a handle
+            decision_log=DecisionLog(f"{cluster.decision_log}.{os.getpid()}") if cluster.decision_log else None,
         )
         self._waiters: dict[str, asyncio.Future[list[RunningReplica]]] = {}
         self._calls: dict[str, str] = {}  # Ray Serve's internal request id -> Tropical's, for calls under way
@@ -187,10 +191,12 @@ class TropicalRequestRouter(RequestRouter):
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._first_token, request_id, at_unix_s)
 
-    def notify_finished(self, request_id: str, tpot_s: float, at_unix_s: float) -> None:
+    def notify_finished(
+        self, request_id: str, tpot_s: float, at_unix_s: float, num_output_tokens: int | None = None
+    ) -> None:
         """From any thread: a request's stream ended whole (:meth:`ReplicaRouting.finished`)."""
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._routing.finished, request_id, tpot_s, at_unix_s)
+            self._loop.call_soon_threadsafe(self._routing.finished, request_id, tpot_s, at_unix_s, num_output_tokens)
 
     def _first_token(self, request_id: str, at_unix_s: float) -> None:
         self._routing.first_token(request_id, at_unix_s)
@@ -457,7 +463,7 @@ async def _event_batches(answer: AsyncIterator[Any], request_id: str) -> AsyncIt
         yield events
     if num_tokens:
         tpot_s = (last_at_unix_s - first_at_unix_s) / (num_tokens - 1) if num_tokens > 1 else 0.0
-        tell_finished(request_id, tpot_s, last_at_unix_s)
+        tell_finished(request_id, tpot_s, last_at_unix_s, num_tokens)
 
 
 async def _relay(batches: AsyncIterator[list[StreamEvent]], options: dict[str, Any]) -> AsyncIterator[bytes]:

@@ -23,7 +23,7 @@ import math
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,6 +35,9 @@ from tropical_sched.policies.base import Policy
 from tropical_sched.policies.dispatcher import Dispatcher
 from tropical_sched.predictors.calibration import CalibrationConfig, HopCalibrator, observed_pd_hop_s
 from tropical_sched.predictors.step_time import StepTimeModel
+
+if TYPE_CHECKING:  # the serve package needs the serve extra; a log is only handed in
+    from tropical_sched.serve.decision_log import DecisionLog
 
 __all__ = [
     "STATS_KEY",
@@ -52,6 +55,7 @@ STATS_KEY = "tropical"
 
 _FORGET_AFTER_S = 10.0  # own decisions older than this are dropped even if no newer report came
 _REQUEST_MEMORY_S = 3600.0  # a routed request is remembered this long for the toggle's TPOT window
+_MAX_LOG_ENTRIES = 65536  # decision-log lines waiting for their request's end
 _IN_FLIGHT_S = 1.0  # a decision an engine that names its requests has not reported yet is on its way for this long
 
 
@@ -110,7 +114,9 @@ class FirstTokenListener(Protocol):
     def notify_first_token(self, request_id: str, at_unix_s: float) -> None:
         """Called from any thread; a request the router did not route is ignored."""
 
-    def notify_finished(self, request_id: str, tpot_s: float, at_unix_s: float) -> None:
+    def notify_finished(
+        self, request_id: str, tpot_s: float, at_unix_s: float, num_output_tokens: int | None = None
+    ) -> None:
         """Called from any thread when a request's stream ended whole; one the router did not route is ignored."""
 
 
@@ -129,10 +135,11 @@ def tell_first_token(request_id: str, at_unix_s: float) -> None:
         listener.notify_first_token(request_id, at_unix_s)
 
 
-def tell_finished(request_id: str, tpot_s: float, at_unix_s: float) -> None:
-    """Tell this process's routers that a request's stream ended whole, with its TPOT as the ingress saw it."""
+def tell_finished(request_id: str, tpot_s: float, at_unix_s: float, num_output_tokens: int | None = None) -> None:
+    """Tell this process's routers that a request's stream ended whole, with its TPOT (and its number of tokens)
+    as the ingress saw it."""
     for listener in list(_first_token_listeners):
-        listener.notify_finished(request_id, tpot_s, at_unix_s)
+        listener.notify_finished(request_id, tpot_s, at_unix_s, num_output_tokens)
 
 
 def _taken_at_unix_s(stats: Mapping[str, Any]) -> float:
@@ -182,6 +189,9 @@ class ReplicaRouting:
             ingress, and the decode half crossing to its replica), which no offline profile holds.
         hop_prior_fixed_s: the hop's fixed part before any observation (the profile's ``serving``), seconds.
         hop_prior_per_token_s: its part per prompt token before any observation, seconds per token.
+        decision_log: where to write one line per request it routed, when the request finishes
+            (:mod:`~tropical_sched.serve.decision_log`, as ``tropical serve --decision-log`` does; times are Unix
+            seconds, workers are replica ids); ``None``: no log.
     """
 
     policy: Policy
@@ -191,6 +201,8 @@ class ReplicaRouting:
     hop_calibration: CalibrationConfig | None = None
     hop_prior_fixed_s: float = 0.0
     hop_prior_per_token_s: float = 0.0
+    decision_log: DecisionLog | None = None
+    _log_entries: dict[str, dict[str, Any]] = field(default_factory=dict)  # request id -> its log line so far
     _hops: dict[str, HopCalibrator] = field(default_factory=dict)  # prefill replica id -> its hop
     _hop_watch: dict[str, _HopWatch] = field(default_factory=dict)  # request id -> its P/D hop under way
     _routed: dict[str, tuple[Request, bool]] = field(default_factory=dict)  # id -> (request, first token seen)
@@ -302,7 +314,8 @@ class ReplicaRouting:
         chosen: int | None
         if facts.phase == "decode":
             self._note_prefill_done(facts)
-            chosen = self.policy.place_decode(request, cluster).worker_id
+            placement = self.policy.place_decode(request, cluster)
+            chosen = placement.worker_id
             runs = [w.worker_id for w in cluster.workers if w.role.runs_decodes]
             decided = _Decided(
                 facts.request_id,
@@ -313,7 +326,10 @@ class ReplicaRouting:
             if chosen is None and runs:
                 runs.sort(key=lambda i: (cluster.workers[i].decodes.total_context_tokens, i))
                 chosen = runs[0]
+            if chosen is not None:
+                self._log_placement(facts, replicas[chosen][0], placement.reason, now_unix_s)
         else:
+            self._log_arrival(facts)
             decision = self.policy.route(request, cluster)
             chosen = decision.worker_id
             runs = [w.worker_id for w in cluster.workers if w.role.runs_prefills]
@@ -321,6 +337,8 @@ class ReplicaRouting:
             if decision.action is RouteAction.WAIT and runs:
                 runs.sort(key=lambda i: (cluster.workers[i].num_outstanding_prompt_tokens, i))
                 chosen = runs[0]
+            if chosen is not None:
+                self._log_route(request.request_id, decision, replicas[chosen][0], cluster.workers[chosen], now_unix_s)
         if chosen is None:
             return runs
         return self._record(replicas, cluster, chosen, runs, decided)
@@ -376,9 +394,13 @@ class ReplicaRouting:
         request = facts.request()
         if facts.phase == "decode":
             self._note_prefill_done(facts)
+            entry = self._log_entries.get(facts.request_id)
+            if entry is not None:
+                entry["prefill_done_at_s"] = facts.prefill_done_at_unix_s
             self._dispatcher.submit_decode(request)
         else:
             self._routed.setdefault(facts.request_id, (request, False))
+            self._log_arrival(facts)
             self._dispatcher.submit(request)
 
     def cancel(self, request_id: str) -> bool:
@@ -428,6 +450,13 @@ class ReplicaRouting:
                 runs,
                 _Decided(request.request_id, now_unix_s, prefill=PrefillState.from_request(request)),
             )
+            self._log_route(
+                request.request_id,
+                decision,
+                views[decision.worker_id][0],
+                cluster.workers[decision.worker_id],
+                now_unix_s,
+            )
             cache.clear()
             decided[request.request_id] = [reported[i] for i in order]
 
@@ -442,6 +471,13 @@ class ReplicaRouting:
                 tpot_slo_s=request.slo.tpot_s,
             )
             order = self._record(views, cluster, placement.worker_id, runs, context)
+            entry = self._log_entries.get(request.request_id)
+            if entry is not None:
+                entry.update(
+                    decode_worker=views[placement.worker_id][0],
+                    decode_placed_at_s=now_unix_s,
+                    decode_reason=placement.reason,
+                )
             cache.clear()
             decided[request.request_id] = [reported[i] for i in order]
 
@@ -469,6 +505,9 @@ class ReplicaRouting:
         step there and,
         when that replica was decoding, half a step (the step in flight the request waits for, on average), as
         ``tropical serve`` observes it. Unknown ids are ignored."""
+        entry = self._log_entries.get(request_id)
+        if entry is not None and entry["first_token_at_s"] is None:
+            entry["first_token_at_s"] = at_unix_s
         routed = self._routed.get(request_id)
         if routed is not None and not routed[1]:  # the toggle's TTFT window, as tropical serve feeds it
             request = routed[0]
@@ -514,13 +553,88 @@ class ReplicaRouting:
                 self._ended.setdefault(replica_id, {})[request_id] = at_unix_s
                 return
 
-    def finished(self, request_id: str, tpot_s: float, at_unix_s: float) -> None:
-        """A request this router routed streamed its last token, with ``tpot_s`` its mean TPOT (seconds, 0 for
-        one token): the policy is told (``Policy.on_finished``: the attainment toggle's TPOT window), as
-        ``tropical serve`` tells it. Unknown ids are ignored."""
+    def finished(self, request_id: str, tpot_s: float, at_unix_s: float, num_output_tokens: int | None = None) -> None:
+        """A request this router routed streamed its last token (``num_output_tokens`` of them, if known), with
+        ``tpot_s`` its mean TPOT (seconds, 0 for one token): the policy is told (``Policy.on_finished``: the
+        attainment toggle's TPOT window), as ``tropical serve`` tells it, and its line goes to the decision log.
+        Unknown ids are ignored."""
         routed = self._routed.pop(request_id, None)
         if routed is not None:
             self.policy.on_finished(routed[0], tpot_s, at_unix_s)
+        entry = self._log_entries.pop(request_id, None)
+        if entry is not None and self.decision_log is not None:
+            first_at = entry["first_token_at_s"]
+            ttft_s = None if first_at is None else first_at - entry["arrival_at_s"]
+            entry.update(
+                num_output_tokens=num_output_tokens,
+                last_token_at_s=at_unix_s,
+                ttft_s=ttft_s,
+                tpot_s=tpot_s,
+                met_ttft=ttft_s is not None and ttft_s <= entry["ttft_slo_s"],
+                met_tpot=tpot_s <= entry["tpot_slo_s"],
+            )
+            self.decision_log.write(entry)
+
+    def _log_arrival(self, facts: RequestFacts) -> None:
+        """Start a request's decision-log line (with a log, for a request not seen before)."""
+        if self.decision_log is None or facts.request_id in self._log_entries:
+            return
+        while len(self._log_entries) >= _MAX_LOG_ENTRIES:  # requests whose end never came: oldest first
+            del self._log_entries[next(iter(self._log_entries))]
+        self._log_entries[facts.request_id] = {
+            "request_id": facts.request_id,
+            "outcome": "ok",
+            "route": "",
+            "attempts": 1,
+            "arrival_at_s": facts.arrival_at_unix_s,
+            "num_prompt_tokens": facts.num_prompt_tokens,
+            "num_output_tokens": None,
+            "ttft_slo_s": facts.ttft_slo_s,
+            "tpot_slo_s": facts.tpot_slo_s,
+            "routed_at_s": None,
+            "worker": None,
+            "reason": "",
+            "predicted": {},
+            "prefill_done_at_s": None,
+            "decode_worker": None,
+            "decode_placed_at_s": None,
+            "decode_reason": "",
+            "first_token_at_s": None,
+            "last_token_at_s": None,
+            "ttft_s": None,
+            "tpot_s": None,
+            "met_ttft": False,
+            "met_tpot": False,
+        }
+
+    def _log_route(
+        self, request_id: str, decision: RouteDecision, replica_id: str, worker: WorkerSnapshot, now_unix_s: float
+    ) -> None:
+        """Where a request's prefill went, in its decision-log line (a WAIT sent to the least loaded engine
+        counts as the route of that engine's role)."""
+        entry = self._log_entries.get(request_id)
+        if entry is None:
+            return
+        route = decision.action.value if decision.action.needs_worker else ""
+        if not route:
+            route = RouteAction.PREFILL.value if worker.role is WorkerRole.PREFILL else RouteAction.MULTIPLEX.value
+        entry.update(
+            route=route,
+            routed_at_s=now_unix_s,
+            worker=replica_id,
+            reason=decision.reason,
+            predicted=dict(decision.predicted),
+        )
+
+    def _log_placement(self, facts: RequestFacts, replica_id: str, reason: str, now_unix_s: float) -> None:
+        entry = self._log_entries.get(facts.request_id)
+        if entry is not None:
+            entry.update(
+                prefill_done_at_s=facts.prefill_done_at_unix_s,
+                decode_worker=replica_id,
+                decode_placed_at_s=now_unix_s,
+                decode_reason=reason,
+            )
 
     def _current(
         self, replica_id: str, state: EngineLiveState, taken_at_s: float
