@@ -81,7 +81,9 @@ def main() -> int:
             process.stop()
     result: dict[str, Any] = {"schema_version": 1, "command": " ".join(["python", *sys.argv])}
     result.update(rate_per_s=args.rate, num_requests=args.num_requests)
-    result["cores"] = "core 0: engine A of both deployments and both clients; core 1: engine B of both and Tropical's router"
+    result["cores"] = (
+        "core 0: engine A of both deployments and both clients; core 1: engine B of both and Tropical's router"
+    )
     result["deployments"] = {name: _figures(json.loads(path.read_text())["records"]) for name, path in outs.items()}
     for name, figures in result["deployments"].items():
         print(
