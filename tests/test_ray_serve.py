@@ -21,6 +21,7 @@ with warnings.catch_warnings():  # Ray's import warns (pydantic deprecations), a
     from tropical_sched.integrations.ray_serve import batched_chunks, build_tropical_app
 
 from tropical_sched.predictors import Profile, load_profile, time_scaled, write_profile_file
+from tropical_sched.serve.decision_log import read_decision_log
 from tropical_sched.serve.fake_engine import FakeEngine
 from tropical_sched.serve.testing import ServerThread, free_port
 
@@ -41,11 +42,13 @@ class RayCluster:
             for i, role in enumerate(roles)
         ]
         self.servers = [ServerThread(engine.app).start() for engine in self.engines]
+        self.decision_log = tmp / "decisions.jsonl"  # each router process writes decisions.jsonl.<pid>
         config = {
             "policy": "tropical",
             "policy_options": {"route_order": "prefill-first"},
             "profile": str(path),
             "model": "fake-model",
+            "decision_log": str(self.decision_log),
             "instances": [{"url": s.url, "role": role} for s, role in zip(self.servers, roles, strict=True)],
         }
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -94,6 +97,20 @@ def test_requests_through_ray_serve_are_routed_by_tropical(cluster: RayCluster) 
     xargs = prefill.stats.xargs[-1]
     assert str(xargs["tropical_request_id"]).startswith("ray-")
     assert xargs["tropical_tpot_slo_ms"] == 90.0
+    # the routers' decision logs: a line per request, written when the ingress tells them it finished
+    entries: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 10
+    while len(entries) < 6 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        entries = [e for path in cluster.decision_log.parent.glob("decisions.jsonl.*") for e in read_decision_log(path)]
+    assert len(entries) == 6
+    for entry in entries:
+        assert entry["route"] in ("prefill", "multiplex")
+        assert entry["num_output_tokens"] == 8
+        assert entry["tpot_slo_s"] == pytest.approx(0.09)
+        assert 0 < entry["ttft_s"] < 60
+        assert entry["worker"] and entry["reason"]
+        assert (entry["decode_worker"] is not None) == (entry["route"] == "prefill")
 
 
 def test_a_malformed_request_gets_a_4xx_naming_the_field(cluster: RayCluster) -> None:
