@@ -30,6 +30,29 @@ def tpot_over_slo_deciles(entries: list[dict[str, Any]]) -> list[float]:
     return statistics.quantiles(ratios, n=10) if len(ratios) >= 2 else []
 
 
+PD_SEGMENTS = {
+    "wait": ("arrival_at_s", "routed_at_s"),
+    "prefill": ("routed_at_s", "prefill_done_at_s"),
+    "back_and_placement": ("prefill_done_at_s", "decode_placed_at_s"),
+    "hop_to_first_token": ("decode_placed_at_s", "first_token_at_s"),
+}
+"""Where a P/D request's TTFT goes: its wait at the router, its prefill (queue included) until the prefill's answer,
+the answer's way back and the decode half's placement, and from there to the first token (the hop, the first
+decode step, the relay)."""
+
+
+def pd_segments(entries: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Median and 90th percentile (seconds) of each of :data:`PD_SEGMENTS` over the P/D requests that got a first
+    token; a segment whose ends a log does not have (an older log, a SGLang P/D request) is left out."""
+    pd = [e for e in entries if e["route"] == "prefill" and e.get("first_token_at_s") is not None]
+    segments = {}
+    for name, (start, end) in PD_SEGMENTS.items():
+        values = [e[end] - e[start] for e in pd if e.get(start) is not None and e.get(end) is not None]
+        if len(values) >= 2:
+            segments[name] = {"p50_s": statistics.median(values), "p90_s": statistics.quantiles(values, n=10)[8]}
+    return segments
+
+
 def summary(path: Path) -> dict[str, Any]:
     """One log's summary, JSON-ready (NaN as None)."""
     entries = read_decision_log(path)
@@ -48,6 +71,7 @@ def summary(path: Path) -> dict[str, Any]:
         "tpot_over_slo_deciles": deciles,
         "num_tpot_within_10pct_below_slo": near,
         "num_tpot_within_10pct_over_slo": over,
+        "pd_segments": pd_segments(entries),
     }
 
 
@@ -73,6 +97,9 @@ def main() -> int:
             f"  TPOT within 10% below the SLO: {s['num_tpot_within_10pct_below_slo']}; within 10% over it: "
             f"{s['num_tpot_within_10pct_over_slo']}"
         )
+        if s["pd_segments"]:
+            parts = [f"{k} {v['p50_s'] * 1e3:.0f} / {v['p90_s'] * 1e3:.0f} ms" for k, v in s["pd_segments"].items()]
+            print(f"  P/D TTFT by segment, p50 / p90: {'; '.join(parts)}")
     if args.json:
         args.json.write_text(json.dumps({"schema_version": 1, "logs": summaries}, indent=1) + "\n")
     return 0

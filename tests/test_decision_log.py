@@ -145,3 +145,21 @@ def test_paired_knee_windows_count_the_same_requests_in_both_runs(tmp_path: Path
         {"vllm-round-robin": 1, "tropical": 1},
     ]
     assert pair["slo_attainment"] == {"vllm-round-robin": 1.0, "tropical": 0.5}
+
+
+def test_pd_requests_ttft_by_segment() -> None:
+    """benchmarks/decision_log.py: a P/D request's TTFT split at its route, its prefill's answer, its decode's
+    placement and its first token; multiplexed requests and P/D requests without a first token stay out."""
+    script = load_script("benchmarks/decision_log.py")
+    times = {"arrival_at_s": 0.0, "routed_at_s": 0.1, "prefill_done_at_s": 0.4, "decode_placed_at_s": 0.45}
+    entries = [
+        _entry("1", "prefill", **times, first_token_at_s=0.6),
+        _entry("2", "prefill", **{k: v * 2 for k, v in times.items()}, first_token_at_s=1.0),
+        _entry("3", "prefill", **times, first_token_at_s=None),
+        _entry("4", "multiplex", first_token_at_s=0.2),
+    ]
+    segments = script.pd_segments(entries)
+    assert segments["wait"]["p50_s"] == pytest.approx(0.15)
+    assert segments["prefill"]["p50_s"] == pytest.approx(0.45)
+    assert segments["back_and_placement"]["p50_s"] == pytest.approx(0.075)
+    assert segments["hop_to_first_token"]["p50_s"] == pytest.approx((0.15 + 0.1) / 2)
