@@ -69,6 +69,29 @@ def windows(variant: str, raw: Path = RAW, window_s: float = WINDOW_S) -> dict[s
     }
 
 
+def same_router_pairs(diagnosis: Path = RAW / "diagnosis") -> list[dict[str, Any]]:
+    """Tropical and the stock engines behind the same router (``tropical serve`` with ``vllm-chunked``), run one
+    after the other at the knee (``real_engines.py measure --variant s29-same-router-N``): both deployments'
+    figures per pair, in order of N."""
+    pairs = []
+    for path in sorted(
+        diagnosis.glob("tropical-knee-s29-same-router-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1])
+    ):
+        n = path.stem.rsplit("-", 1)[1]
+        other = diagnosis / f"vllm-colocated-router-knee-s29-same-router-{n}.json"
+        if not other.exists():
+            continue
+        figures = {
+            name: {
+                k: json.loads(p.read_text())["measured"][k]
+                for k in ("slo_attainment", "ttft_attainment", "tpot_attainment")
+            }
+            for name, p in (("tropical", path), ("stock-behind-router", other))
+        }
+        pairs.append({"pair": int(n), **figures})
+    return pairs
+
+
 def collect() -> dict[str, Any]:
     """The paired results, JSON-ready."""
     engine_pairs, deployment_pairs = [], []
@@ -83,6 +106,7 @@ def collect() -> dict[str, Any]:
         "deployment_pairs": deployment_pairs,
         "window_s": WINDOW_S,
         "knee_pairs": [windows(variant) for variant in knee_pairs()],
+        "same_router_pairs": same_router_pairs(),
     }
 
 

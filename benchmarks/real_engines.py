@@ -503,6 +503,18 @@ DIAGNOSIS_RUNS = {
     "vllm-proxy-round-robin-knee-s29-router-tax-5": "stop 29: round robin through a bare Python pass-through proxy "
     "on core 1",
     "vllm-round-robin-knee-s29-router-tax-6": "stop 29: plain vLLM, client round robin, as collected (run 2)",
+    # then Tropical and the stock engines behind the same router (vllm-chunked), interleaved three times
+    # (--variant s29-same-router-1 ... -3): the policy and scheduler class against stock, the router's cost on both
+    **{
+        f"{deployment}-knee-s29-same-router-{n}": f"stop 29, same router, pair {n}: "
+        + (
+            "Tropical, as collected"
+            if deployment == "tropical"
+            else "stock engines behind tropical serve (vllm-chunked)"
+        )
+        for n in (1, 2, 3)
+        for deployment in (("tropical", "vllm-colocated-router") if n % 2 else ("vllm-colocated-router", "tropical"))
+    },
 }
 
 

@@ -276,6 +276,27 @@ def render_paired_ab(data: dict[str, Any]) -> str:
             )
             + " |"
         )
+    same = data.get("same_router_pairs") or []
+    if same:
+        lines += [
+            "",
+            "Tropical and the stock engines behind the same router (`tropical serve` with `vllm-chunked`, least "
+            "loaded; router on core 1 in both), at the knee, one after the other (the diagnosis rows "
+            "`s29-same-router-N`):",
+            "",
+            "| pair | Tropical: joint / TTFT / TPOT att. | stock behind the router: joint / TTFT / TPOT att. | "
+            "difference (points) |",
+            "|---|---|---|---|",
+        ]
+        for pair in same:
+            t, o = pair["tropical"], pair["stock-behind-router"]
+            lines.append(
+                f"| {pair['pair']} | {_pct(t['slo_attainment'])} / {_pct(t['ttft_attainment'])} / "
+                f"{_pct(t['tpot_attainment'])} | {_pct(o['slo_attainment'])} / {_pct(o['ttft_attainment'])} / "
+                f"{_pct(o['tpot_attainment'])} | {(t['slo_attainment'] - o['slo_attainment']) * 100:+.1f} |"
+            )
+        mean = sum(p["tropical"]["slo_attainment"] - p["stock-behind-router"]["slo_attainment"] for p in same)
+        lines.append(f"| mean | | | {mean / len(same) * 100:+.1f} |")
     return "\n".join(lines)
 
 

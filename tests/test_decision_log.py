@@ -163,3 +163,21 @@ def test_pd_requests_ttft_by_segment() -> None:
     assert segments["prefill"]["p50_s"] == pytest.approx(0.45)
     assert segments["back_and_placement"]["p50_s"] == pytest.approx(0.075)
     assert segments["hop_to_first_token"]["p50_s"] == pytest.approx((0.15 + 0.1) / 2)
+
+
+def test_same_router_pairs_are_matched_by_their_number(tmp_path: Path) -> None:
+    script = load_script("benchmarks/paired_ab.py")
+
+    def write(name: str, joint: float) -> None:
+        measured = {"slo_attainment": joint, "ttft_attainment": 1.0, "tpot_attainment": joint}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"measured": measured}))
+
+    write("tropical-knee-s29-same-router-10", 0.7)
+    write("vllm-colocated-router-knee-s29-same-router-10", 0.6)
+    write("tropical-knee-s29-same-router-2", 0.8)
+    write("vllm-colocated-router-knee-s29-same-router-2", 0.9)
+    write("tropical-knee-s29-same-router-3", 0.5)  # its other half is missing: no pair
+    pairs = script.same_router_pairs(tmp_path)
+    assert [p["pair"] for p in pairs] == [2, 10]
+    assert pairs[0]["tropical"]["slo_attainment"] == 0.8
+    assert pairs[1]["stock-behind-router"]["slo_attainment"] == 0.6
