@@ -327,7 +327,7 @@ class ReplicaRouting:
                 runs.sort(key=lambda i: (cluster.workers[i].decodes.total_context_tokens, i))
                 chosen = runs[0]
             if chosen is not None:
-                self._log_placement(facts, replicas[chosen][0], placement.reason, now_unix_s)
+                self._log_placement(facts.request_id, replicas[chosen][0], placement.reason, now_unix_s)
         else:
             self._log_arrival(facts)
             decision = self.policy.route(request, cluster)
@@ -361,7 +361,11 @@ class ReplicaRouting:
         return [chosen, *(i for i in runs if i != chosen and cluster.workers[i].role is role)]
 
     def _note_prefill_done(self, facts: RequestFacts) -> None:
-        """Where the decode half of a P/D request says its prefill ended, its hop starts there."""
+        """Where the decode half of a P/D request says its prefill ended, its hop starts there (and its
+        decision-log line says so)."""
+        entry = self._log_entries.get(facts.request_id)
+        if entry is not None:
+            entry["prefill_done_at_s"] = facts.prefill_done_at_unix_s
         watch = self._hop_watch.get(facts.request_id)
         if watch is not None and facts.prefill_done_at_unix_s is not None:
             watch.prefill_done_at_unix_s = facts.prefill_done_at_unix_s
@@ -394,9 +398,6 @@ class ReplicaRouting:
         request = facts.request()
         if facts.phase == "decode":
             self._note_prefill_done(facts)
-            entry = self._log_entries.get(facts.request_id)
-            if entry is not None:
-                entry["prefill_done_at_s"] = facts.prefill_done_at_unix_s
             self._dispatcher.submit_decode(request)
         else:
             self._routed.setdefault(facts.request_id, (request, False))
@@ -471,13 +472,7 @@ class ReplicaRouting:
                 tpot_slo_s=request.slo.tpot_s,
             )
             order = self._record(views, cluster, placement.worker_id, runs, context)
-            entry = self._log_entries.get(request.request_id)
-            if entry is not None:
-                entry.update(
-                    decode_worker=views[placement.worker_id][0],
-                    decode_placed_at_s=now_unix_s,
-                    decode_reason=placement.reason,
-                )
+            self._log_placement(request.request_id, views[placement.worker_id][0], placement.reason, now_unix_s)
             cache.clear()
             decided[request.request_id] = [reported[i] for i in order]
 
@@ -563,15 +558,10 @@ class ReplicaRouting:
             self.policy.on_finished(routed[0], tpot_s, at_unix_s)
         entry = self._log_entries.pop(request_id, None)
         if entry is not None and self.decision_log is not None:
-            first_at = entry["first_token_at_s"]
-            ttft_s = None if first_at is None else first_at - entry["arrival_at_s"]
-            entry.update(
-                num_output_tokens=num_output_tokens,
-                last_token_at_s=at_unix_s,
-                ttft_s=ttft_s,
-                tpot_s=tpot_s,
-                met_ttft=ttft_s is not None and ttft_s <= entry["ttft_slo_s"],
-                met_tpot=tpot_s <= entry["tpot_slo_s"],
+            from tropical_sched.serve.decision_log import complete_entry  # a log is handed in: the serve extra is here
+
+            complete_entry(
+                entry, outcome="ok", num_output_tokens=num_output_tokens, last_token_at_s=at_unix_s, tpot_s=tpot_s
             )
             self.decision_log.write(entry)
 
@@ -581,31 +571,15 @@ class ReplicaRouting:
             return
         while len(self._log_entries) >= _MAX_LOG_ENTRIES:  # requests whose end never came: oldest first
             del self._log_entries[next(iter(self._log_entries))]
-        self._log_entries[facts.request_id] = {
-            "request_id": facts.request_id,
-            "outcome": "ok",
-            "route": "",
-            "attempts": 1,
-            "arrival_at_s": facts.arrival_at_unix_s,
-            "num_prompt_tokens": facts.num_prompt_tokens,
-            "num_output_tokens": None,
-            "ttft_slo_s": facts.ttft_slo_s,
-            "tpot_slo_s": facts.tpot_slo_s,
-            "routed_at_s": None,
-            "worker": None,
-            "reason": "",
-            "predicted": {},
-            "prefill_done_at_s": None,
-            "decode_worker": None,
-            "decode_placed_at_s": None,
-            "decode_reason": "",
-            "first_token_at_s": None,
-            "last_token_at_s": None,
-            "ttft_s": None,
-            "tpot_s": None,
-            "met_ttft": False,
-            "met_tpot": False,
-        }
+        from tropical_sched.serve.decision_log import new_entry  # a log is handed in: the serve extra is here
+
+        self._log_entries[facts.request_id] = new_entry(
+            request_id=facts.request_id,
+            arrival_at_s=facts.arrival_at_unix_s,
+            num_prompt_tokens=facts.num_prompt_tokens,
+            ttft_slo_s=facts.ttft_slo_s,
+            tpot_slo_s=facts.tpot_slo_s,
+        )
 
     def _log_route(
         self, request_id: str, decision: RouteDecision, replica_id: str, worker: WorkerSnapshot, now_unix_s: float
@@ -626,15 +600,11 @@ class ReplicaRouting:
             predicted=dict(decision.predicted),
         )
 
-    def _log_placement(self, facts: RequestFacts, replica_id: str, reason: str, now_unix_s: float) -> None:
-        entry = self._log_entries.get(facts.request_id)
+    def _log_placement(self, request_id: str, replica_id: str, reason: str, now_unix_s: float) -> None:
+        """Where a P/D request's decode half went, in its decision-log line."""
+        entry = self._log_entries.get(request_id)
         if entry is not None:
-            entry.update(
-                prefill_done_at_s=facts.prefill_done_at_unix_s,
-                decode_worker=replica_id,
-                decode_placed_at_s=now_unix_s,
-                decode_reason=reason,
-            )
+            entry.update(decode_worker=replica_id, decode_placed_at_s=now_unix_s, decode_reason=reason)
 
     def _current(
         self, replica_id: str, state: EngineLiveState, taken_at_s: float

@@ -12,7 +12,14 @@ from tropical_sched.serve.config import (
     engine_address,
     load_router_config,
 )
-from tropical_sched.serve.decision_log import DecisionLog, RouteSummary, read_decision_log, summarize_decision_log
+from tropical_sched.serve.decision_log import (
+    DecisionLog,
+    RouteSummary,
+    complete_entry,
+    new_entry,
+    read_decision_log,
+    summarize_decision_log,
+)
 from tropical_sched.serve.fake_engine import FakeEngine, FakeEngineStats
 from tropical_sched.serve.replay import EndpointInfo, ReplaySettings, probe_endpoint, replay, replay_sync
 from tropical_sched.serve.router import (
@@ -45,8 +52,10 @@ __all__ = [
     "RouterConfig",
     "SloDefaults",
     "check_base_url",
+    "complete_entry",
     "engine_address",
     "load_router_config",
+    "new_entry",
     "parse_slo_headers",
     "probe_endpoint",
     "read_decision_log",

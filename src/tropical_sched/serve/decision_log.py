@@ -40,9 +40,74 @@ from typing import Any
 
 from tropical_sched.core.errors import ConfigError
 
-__all__ = ["DecisionLog", "RouteSummary", "read_decision_log", "summarize_decision_log"]
+__all__ = [
+    "DecisionLog",
+    "RouteSummary",
+    "complete_entry",
+    "new_entry",
+    "read_decision_log",
+    "summarize_decision_log",
+]
 
 _REQUIRED_KEYS = ("request_id", "outcome", "route", "arrival_at_s", "ttft_slo_s", "tpot_slo_s", "ttft_s", "tpot_s")
+
+
+def new_entry(
+    *, request_id: str, arrival_at_s: float, num_prompt_tokens: int, ttft_slo_s: float, tpot_slo_s: float
+) -> dict[str, Any]:
+    """A request's line before anything happened to it: every field of the module docstring, the ones not known yet
+    ``None`` (``""`` for the route and reasons, ``{}`` for the predictions). Routers fill it in as the request goes
+    (``tropical serve``'s and the orchestrators' alike), then :func:`complete_entry`."""
+    return {
+        "request_id": request_id,
+        "outcome": "ok",
+        "route": "",
+        "attempts": 1,
+        "arrival_at_s": arrival_at_s,
+        "num_prompt_tokens": num_prompt_tokens,
+        "num_output_tokens": None,
+        "ttft_slo_s": ttft_slo_s,
+        "tpot_slo_s": tpot_slo_s,
+        "routed_at_s": None,
+        "worker": None,
+        "reason": "",
+        "predicted": {},
+        "prefill_done_at_s": None,
+        "decode_worker": None,
+        "decode_placed_at_s": None,
+        "decode_reason": "",
+        "first_token_at_s": None,
+        "last_token_at_s": None,
+        "ttft_s": None,
+        "tpot_s": None,
+        "met_ttft": False,
+        "met_tpot": False,
+    }
+
+
+def complete_entry(
+    entry: dict[str, Any],
+    *,
+    outcome: str,
+    num_output_tokens: int | None,
+    last_token_at_s: float | None,
+    tpot_s: float | None,
+) -> dict[str, Any]:
+    """Close a request's line at its end: its outcome and tokens, its TTFT (``first_token_at_s`` less its arrival,
+    for an ``ok`` request that produced a token; else ``None``) and whether it met its SLOs. ``tpot_s``: its mean
+    TPOT, seconds (0 for one token), ``None`` if it has none. Returns ``entry``."""
+    first_at = entry["first_token_at_s"]
+    ttft_s = first_at - entry["arrival_at_s"] if outcome == "ok" and first_at is not None else None
+    entry.update(
+        outcome=outcome,
+        num_output_tokens=num_output_tokens,
+        last_token_at_s=last_token_at_s,
+        ttft_s=ttft_s,
+        tpot_s=tpot_s,
+        met_ttft=ttft_s is not None and ttft_s <= entry["ttft_slo_s"],
+        met_tpot=tpot_s is not None and tpot_s <= entry["tpot_slo_s"],
+    )
+    return entry
 
 
 class DecisionLog:

@@ -50,7 +50,7 @@ from tropical_sched.serve.app import (
     parse_slo_headers,
 )
 from tropical_sched.serve.config import InstanceConfig, RouterConfig
-from tropical_sched.serve.decision_log import DecisionLog
+from tropical_sched.serve.decision_log import DecisionLog, complete_entry, new_entry
 from tropical_sched.serve.metrics import RouterMetrics
 from tropical_sched.serve.monitor import EngineMonitor
 from tropical_sched.serve.openai import StreamEvent, error_body
@@ -644,42 +644,37 @@ class Router:
         request = tracked.request
         n = tracked.num_generated_tokens
         first_at, last_at = tracked.first_token_at_s, tracked.last_token_at_s
-        ttft_s = first_at - request.arrival_at_s if outcome == "ok" and first_at is not None else None
         tpot_s = None
-        if ttft_s is not None:
-            tpot_s = (last_at - first_at) / (n - 1) if n > 1 and last_at is not None and first_at is not None else 0.0
+        if outcome == "ok" and first_at is not None:
+            tpot_s = (last_at - first_at) / (n - 1) if n > 1 and last_at is not None else 0.0
         pd = tracked.route == RouteAction.PREFILL.value
         worker = tracked.prefill_instance if pd else tracked.instance
-        return {
-            "request_id": request.request_id,
-            "outcome": outcome,
-            "route": tracked.route,
-            "attempts": tracked.attempts,
-            "arrival_at_s": request.arrival_at_s,
-            "num_prompt_tokens": request.num_prompt_tokens,
-            "num_output_tokens": n,
-            "ttft_slo_s": request.slo.ttft_s,
-            "tpot_slo_s": request.slo.tpot_s,
-            "routed_at_s": tracked.routed_at_s,
-            "worker": self.instances[worker].url if worker is not None else None,
-            "reason": tracked.reason,
-            "predicted": {
-                **tracked.decision_predicted,
-                **{k: v for k, v in tracked.predicted.items() if k == "tpot_s"},
-            },
-            "prefill_done_at_s": tracked.prefill_done_at_s if pd else None,
-            "decode_worker": self.instances[tracked.decode_instance].url
-            if pd and tracked.decode_instance is not None
-            else None,
-            "decode_placed_at_s": tracked.decode_placed_at_s if pd else None,
-            "decode_reason": tracked.decode_reason if pd else "",
-            "first_token_at_s": first_at,
-            "last_token_at_s": last_at,
-            "ttft_s": ttft_s,
-            "tpot_s": tpot_s,
-            "met_ttft": ttft_s is not None and ttft_s <= request.slo.ttft_s,
-            "met_tpot": tpot_s is not None and tpot_s <= request.slo.tpot_s,
-        }
+        entry = new_entry(
+            request_id=request.request_id,
+            arrival_at_s=request.arrival_at_s,
+            num_prompt_tokens=request.num_prompt_tokens,
+            ttft_slo_s=request.slo.ttft_s,
+            tpot_slo_s=request.slo.tpot_s,
+        )
+        entry.update(
+            route=tracked.route,
+            attempts=tracked.attempts,
+            routed_at_s=tracked.routed_at_s,
+            worker=self.instances[worker].url if worker is not None else None,
+            reason=tracked.reason,
+            predicted={**tracked.decision_predicted, **{k: v for k, v in tracked.predicted.items() if k == "tpot_s"}},
+            first_token_at_s=first_at,
+        )
+        if pd:
+            entry.update(
+                prefill_done_at_s=tracked.prefill_done_at_s,
+                decode_worker=self.instances[tracked.decode_instance].url
+                if tracked.decode_instance is not None
+                else None,
+                decode_placed_at_s=tracked.decode_placed_at_s,
+                decode_reason=tracked.decode_reason,
+            )
+        return complete_entry(entry, outcome=outcome, num_output_tokens=n, last_token_at_s=last_at, tpot_s=tpot_s)
 
     @property
     def num_tracked(self) -> int:
