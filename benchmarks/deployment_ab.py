@@ -18,24 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import real_engines
-from engine_ab import _figures
-from fidelity import MAX_MODEL_LEN, PROFILE, SEED, SERVED_MODEL_NAME, SLO_ARGS, TRACE, prepare_measurement
-
-
-def _replay(urls: list[str], out: Path, rate: float, num_requests: int) -> subprocess.Popen[bytes]:
-    argv = ["taskset", "-c", "0", sys.executable, "-m", "tropical_sched.cli.main", "replay"]
-    argv += [arg for url in urls for arg in ("--url", url)]
-    argv += ["--profile", PROFILE, "--trace", TRACE, "--rate", f"{rate:g}", "--arrival", "poisson"]
-    argv += ["--num-requests", str(num_requests), "--seed", str(SEED), *SLO_ARGS]
-    argv += ["--max-model-len", str(MAX_MODEL_LEN), "--model", SERVED_MODEL_NAME, "--vocab-size", "300"]
-    argv += ["--no-progress", "--json", str(out)]
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+from engine_ab import _figures, print_figures, replay_process
+from fidelity import prepare_measurement
 
 
 def main() -> int:
@@ -70,8 +59,8 @@ def main() -> int:
         outs = {"vllm-round-robin": workdir / "vllm-round-robin.json", "tropical": workdir / "tropical.json"}
         print(f"both deployments: {args.num_requests} requests at {args.rate} req/s each", flush=True)
         clients = [
-            _replay([url for _, url in stock], outs["vllm-round-robin"], args.rate, args.num_requests),
-            _replay([router_url], outs["tropical"], args.rate, args.num_requests),
+            replay_process([url for _, url in stock], 0, outs["vllm-round-robin"], args.rate, args.num_requests),
+            replay_process([router_url], 0, outs["tropical"], args.rate, args.num_requests),
         ]
         for client in clients:
             if client.wait() != 0:
@@ -86,11 +75,7 @@ def main() -> int:
     )
     result["deployments"] = {name: _figures(json.loads(path.read_text())["records"]) for name, path in outs.items()}
     for name, figures in result["deployments"].items():
-        print(
-            f"{name:18s} SLO {figures['slo_attainment']:.1%} TTFT {figures['ttft_attainment']:.1%} TPOT "
-            f"{figures['tpot_attainment']:.1%}  TTFT p50 {figures['ttft_p50_s'] * 1e3:.0f} ms  TPOT p50 "
-            f"{figures['tpot_p50_s'] * 1e3:.1f} ms"
-        )
+        print_figures(name, figures, width=18)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -48,8 +48,11 @@ def _start(name: str, model: Path, core: int, workdir: Path) -> tuple[Any, str]:
         real_engines.VARIANT["engine"] = {}
 
 
-def _replay(url: str, core: int, out: Path, rate: float, num_requests: int) -> subprocess.Popen[bytes]:
-    argv = ["taskset", "-c", str(core), sys.executable, "-m", "tropical_sched.cli.main", "replay", "--url", url]
+def replay_process(urls: list[str], core: int, out: Path, rate: float, num_requests: int) -> subprocess.Popen[bytes]:
+    """``tropical replay`` of the real-engine workload (the knee runs' trace, seed and SLOs) against ``urls``,
+    pinned to ``core``, writing every request to ``out``."""
+    argv = ["taskset", "-c", str(core), sys.executable, "-m", "tropical_sched.cli.main", "replay"]
+    argv += [arg for url in urls for arg in ("--url", url)]
     argv += ["--profile", PROFILE, "--trace", TRACE, "--rate", f"{rate:g}", "--arrival", "poisson"]
     argv += ["--num-requests", str(num_requests), "--seed", str(SEED), *SLO_ARGS]
     argv += ["--max-model-len", str(MAX_MODEL_LEN), "--model", SERVED_MODEL_NAME, "--vocab-size", "300"]
@@ -67,7 +70,7 @@ def _half(names: tuple[str, str], model: Path, workdir: Path, rate: float, num_r
             process.wait_healthy(url)
         outs = [workdir / f"{name}-core{core}.json" for core, name in enumerate(names)]
         clients = [
-            _replay(url, core, out, rate, num_requests)
+            replay_process([url], core, out, rate, num_requests)
             for core, ((_, url), out) in enumerate(zip(engines, outs, strict=True))
         ]
         for client in clients:
@@ -96,6 +99,15 @@ def _figures(records: list[dict[str, Any]]) -> dict[str, float]:
         "ttft_p50_s": statistics.median(r["ttft_s"] for r in ok),
         "tpot_p50_s": statistics.median(r["tpot_s"] for r in ok if r["num_output_tokens"] > 1),
     }
+
+
+def print_figures(name: str, figures: dict[str, float], width: int = 20) -> None:
+    """One line of :func:`_figures`: attainments and medians."""
+    print(
+        f"{name:{width}s} SLO {figures['slo_attainment']:.1%} TTFT {figures['ttft_attainment']:.1%} TPOT "
+        f"{figures['tpot_attainment']:.1%}  TTFT p50 {figures['ttft_p50_s'] * 1e3:.0f} ms  TPOT p50 "
+        f"{figures['tpot_p50_s'] * 1e3:.1f} ms"
+    )
 
 
 def main() -> int:
@@ -137,11 +149,7 @@ def main() -> int:
     result["engines"] = {name: _figures(records) for name, records in pooled.items()}
     result[f"{args.b}_over_{args.a}_p50"] = {k: statistics.median(v) for k, v in ratios.items()}
     for name, figures in result["engines"].items():
-        print(
-            f"{name:20s} SLO {figures['slo_attainment']:.1%} TTFT {figures['ttft_attainment']:.1%} TPOT "
-            f"{figures['tpot_attainment']:.1%}  TTFT p50 {figures['ttft_p50_s'] * 1e3:.0f} ms  TPOT p50 "
-            f"{figures['tpot_p50_s'] * 1e3:.1f} ms"
-        )
+        print_figures(name, figures)
     for i, half in enumerate(result["halves"]):
         print(
             f"half {i + 1}: "

@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REAL = HERE / "results" / "real-engines"
+from real_engines import HERE, RAW
+from real_engines import OUT as REAL
+
 PAIRED = REAL / "paired"
-RAW = REAL / "vllm-cpu"
 OUT = REAL / "paired-ab.json"
 WINDOW_S = 20.0
 DEPLOYMENTS = ("vllm-round-robin", "tropical")

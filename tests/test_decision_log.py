@@ -94,12 +94,14 @@ def test_the_summary_script_prints_and_writes_the_tpot_deciles(
     assert summary["routes"]["multiplex"]["tpot_attainment"] == pytest.approx(0.6)
 
 
-def test_engine_ab_figures_count_failed_requests_as_misses() -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        script = load_script("benchmarks/engine_ab.py")
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+def _benchmark(name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A benchmark script that imports its siblings (real_engines, fidelity), as a module."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return load_script(f"benchmarks/{name}.py")
+
+
+def test_engine_ab_figures_count_failed_requests_as_misses(monkeypatch: pytest.MonkeyPatch) -> None:
+    script = _benchmark("engine_ab", monkeypatch)
     records = [
         {"failed": False, "ttft_s": 0.1, "ttft_slo_s": 0.2, "tpot_s": 0.01, "tpot_slo_s": 0.02, "num_output_tokens": 5},
         {"failed": False, "ttft_s": 0.3, "ttft_slo_s": 0.2, "tpot_s": 0.01, "tpot_slo_s": 0.02, "num_output_tokens": 5},
@@ -113,10 +115,12 @@ def test_engine_ab_figures_count_failed_requests_as_misses() -> None:
     assert figures["ttft_p50_s"] == pytest.approx(0.2)
 
 
-def test_paired_knee_windows_count_the_same_requests_in_both_runs(tmp_path: Path) -> None:
+def test_paired_knee_windows_count_the_same_requests_in_both_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """benchmarks/paired_ab.py: a knee pair's requests by round robin's send time, met-both counts per deployment;
     a run without per-request records (before stop 29) is no pair."""
-    script = load_script("benchmarks/paired_ab.py")
+    script = _benchmark("paired_ab", monkeypatch)
 
     def record(i: int, arrival: float, ttft_s: float | None) -> dict[str, Any]:
         return {
@@ -165,8 +169,8 @@ def test_pd_requests_ttft_by_segment() -> None:
     assert segments["hop_to_first_token"]["p50_s"] == pytest.approx((0.15 + 0.1) / 2)
 
 
-def test_same_router_pairs_are_matched_by_their_number(tmp_path: Path) -> None:
-    script = load_script("benchmarks/paired_ab.py")
+def test_same_router_pairs_are_matched_by_their_number(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    script = _benchmark("paired_ab", monkeypatch)
 
     def write(name: str, joint: float) -> None:
         measured = {"slo_attainment": joint, "ttft_attainment": 1.0, "tpot_attainment": joint}
