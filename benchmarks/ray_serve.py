@@ -32,9 +32,28 @@ from shared_state import PROFILE, ROLES, TRACE, _engines, _record_header, _repla
 from tropical_sched.serve.testing import ServerProcess, free_port
 
 
-def start_ray_app(config: dict[str, Any], stats_period_s: float) -> str:
+def start_ray_app(config: dict[str, Any], stats_period_s: float, *, direct_ingress: bool = False) -> str:
     """A local Ray cluster on 127.0.0.1 serving ``build_tropical_app(config)``; its URL (stop it with
-    :func:`ray_down`)."""
+    :func:`ray_down`).
+
+    ``direct_ingress``: Ray Serve's direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``, experimental in 2.60):
+    the ingress replica serves HTTP itself, on a port from ``RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT`` (here
+    the first port is a free one, so the URL is known), and the client's bytes skip the HTTP proxy actor. The
+    variables are set in this process before Ray starts, so Ray's processes inherit them."""
+    direct_port = None
+    if direct_ingress:
+        direct_port, grpc_port = free_port(), free_port()
+        os.environ.update(
+            {
+                "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+                "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct_port),
+                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct_port + 1),  # an exclusive bound
+                "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc_port),
+                "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc_port + 1),
+            }
+        )
+    else:
+        os.environ.pop("RAY_SERVE_ENABLE_DIRECT_INGRESS", None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import ray
@@ -45,10 +64,12 @@ def start_ray_app(config: dict[str, Any], stats_period_s: float) -> str:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_tropical_app(config, stats_period_s=stats_period_s), route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{direct_port or port}"
 
 
-def _ray_app(engine_urls: list[str], stats_period_s: float, decision_log: Path | None = None) -> str:
+def _ray_app(
+    engine_urls: list[str], stats_period_s: float, decision_log: Path | None = None, *, direct_ingress: bool = False
+) -> str:
     config: dict[str, Any] = {
         "policy": "tropical",
         "profile": PROFILE,
@@ -57,7 +78,7 @@ def _ray_app(engine_urls: list[str], stats_period_s: float, decision_log: Path |
     }
     if decision_log is not None:
         config["decision_log"] = str(decision_log)
-    return start_ray_app(config, stats_period_s)
+    return start_ray_app(config, stats_period_s, direct_ingress=direct_ingress)
 
 
 def ray_down() -> None:
@@ -90,6 +111,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--stats-period-ms", type=float, default=100.0, help="Ray Serve's routing-stats period")
     parser.add_argument("--probes", type=int, default=200, help="sequential requests per path for added latency")
+    parser.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="Ray Serve's direct ingress (experimental in Ray 2.60): clients reach the ingress replica, not the proxy",
+    )
     parser.add_argument("--json", help="write the figures as JSON")
     args = parser.parse_args()
 
@@ -104,7 +130,9 @@ def main() -> None:
             decisions = log_dir / f"{label.replace(' ', '-')}-seed{seed}.decisions.jsonl"
             try:
                 if label == "ray serve":
-                    urls = [_ray_app(engine_urls, args.stats_period_ms / 1e3, decisions)]
+                    urls = [
+                        _ray_app(engine_urls, args.stats_period_ms / 1e3, decisions, direct_ingress=args.direct_ingress)
+                    ]
                 else:
                     routers, urls = _routers(1, engine_urls, 0.0, log_dir, decisions)
                 figures = _replay(urls, args, seed, label, log_dir)
@@ -127,7 +155,9 @@ def main() -> None:
         routers, router_urls = _routers(1, engine_urls, 0.0, log_dir)
         router_s = _probe(router_urls[0], args.probes)
         routers[0].stop()
-        ray_s = _probe(_ray_app(engine_urls, args.stats_period_ms / 1e3), args.probes)
+        ray_s = _probe(
+            _ray_app(engine_urls, args.stats_period_ms / 1e3, direct_ingress=args.direct_ingress), args.probes
+        )
         ray_down()
     finally:
         for process in [*routers, *engines]:

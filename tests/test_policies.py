@@ -14,6 +14,7 @@ from tropical_sched.core import (
     Slo,
     UnknownNameError,
     WorkerRole,
+    decode_first_token_wait_s,
     min_tpot_slack_s,
 )
 from tropical_sched.policies import (
@@ -643,7 +644,18 @@ def test_tropical_weighs_the_learned_pd_hop_of_each_prefill_worker(
     assert (decision.action, decision.worker_id) == (action, worker_id), decision.reason
     if action is RouteAction.PREFILL:
         learned_s = cluster.workers[0].pd_hop_s(100)
-        first_step_s = MODEL.decode_step_time_s(1, 101) if learned_s > 0 else 0.0
+        # a learned hop ends at the decoding instance: half its step in flight, then its first step with the request
+        decoding = cluster.workers[1]
+        first_step_s = (
+            decode_first_token_wait_s(
+                decoding.step_time or MODEL,
+                num_decoding=len(decoding.decodes),
+                num_decoding_context_tokens=decoding.decodes.total_context_tokens,
+                num_prompt_tokens=100,
+            )
+            if learned_s > 0
+            else 0.0
+        )
         hop_s = options.get("pd_overhead_s", 0.0) + learned_s + first_step_s
         isolated_s = 1.02 * MODEL.prefill_time_s(100)
         assert decision.predicted["predicted_ttft_s"] == pytest.approx(isolated_s + hop_s)

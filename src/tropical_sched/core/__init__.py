@@ -14,6 +14,8 @@ from tropical_sched.core.errors import (
 from tropical_sched.core.request import Request, RequestRecord, Slo
 from tropical_sched.core.slack import (
     QueueFinish,
+    decode_first_token_wait_s,
+    expected_step_in_flight_s,
     min_tpot_slack_s,
     predicted_queue_finish,
     queued_prefill_s,
@@ -64,6 +66,8 @@ __all__ = [
     "WorkerRole",
     "WorkerSnapshot",
     "check_fields",
+    "decode_first_token_wait_s",
+    "expected_step_in_flight_s",
     "min_tpot_slack_s",
     "parse_slo_classes",
     "predicted_queue_finish",

@@ -20,6 +20,8 @@ if TYPE_CHECKING:  # core stays free of runtime imports beyond itself
 
 __all__ = [
     "QueueFinish",
+    "decode_first_token_wait_s",
+    "expected_step_in_flight_s",
     "min_tpot_slack_s",
     "predicted_queue_finish",
     "queued_prefill_s",
@@ -114,6 +116,58 @@ def queued_prefill_s(prefill: PrefillState, step_time: StepTimeModel, chunk_toke
     return step_time.remaining_prefill_time_s(
         prefill.num_prompt_tokens, prefill.num_computed_tokens + prefill.num_scheduled_tokens, chunk_tokens
     )
+
+
+def expected_step_in_flight_s(
+    prefills: Sequence[PrefillState], step_time: StepTimeModel, chunk_tokens: int | None = None
+) -> float:
+    """Expected rest of the engine step in flight on a worker with ``prefills``, for a caller that cannot see the
+    engine's step boundaries (a router reading reports; the simulator knows ``busy_until_s`` exactly).
+
+    The step in flight is taken to be the first prefill's next chunk (its scheduled tokens, if the report names
+    them), and a request arriving at a random time during it waits half of it on average. Without this a live
+    router predicted a small prompt's first token on a busy prefill worker too early by about half a prefill
+    (``benchmarks/ray_serve.py`` decision logs: P/D first tokens over their prediction by 0.12-0.18 s at the
+    median, multiplexed ones by -0.07-0.06 s).
+
+    Args:
+        prefills: the worker's prefills in the order it runs them; empty: no step in flight, 0.
+        step_time: the worker's step-time model.
+        chunk_tokens: the worker's chunk size, tokens; ``None``: whole prefills.
+
+    Returns:
+        Seconds, >= 0.
+    """
+    if not prefills:
+        return 0.0
+    head = prefills[0]
+    left = head.num_prompt_tokens - head.num_computed_tokens
+    chunk = head.num_scheduled_tokens or (left if chunk_tokens is None else min(chunk_tokens, left))
+    return 0.5 * step_time.prefill_chunk_time_s(head.num_computed_tokens, chunk)
+
+
+def decode_first_token_wait_s(
+    step_time: StepTimeModel, *, num_decoding: int, num_decoding_context_tokens: int, num_prompt_tokens: int
+) -> float:
+    """Expected time from a P/D request's arrival at a decoding instance to its first token there: half the step
+    in flight, when the instance is decoding (on average the request waits that long for the next step), then
+    the first decode step of its ``num_decoding`` decodes and this one.
+
+    Both halves of the P/D hop use it: a router takes it out of an observed hop
+    (:func:`~tropical_sched.predictors.calibration.observed_pd_hop_s`) and adds it back when it predicts a P/D
+    first token, on the decoding instance the request would likely go to.
+
+    Args:
+        step_time: the decoding instance's step-time model.
+        num_decoding: decodes running there, >= 0.
+        num_decoding_context_tokens: their context tokens, >= 0.
+        num_prompt_tokens: the arriving request's prompt length, tokens, >= 1.
+
+    Returns:
+        Seconds, >= 0.
+    """
+    first_step_s = step_time.decode_step_time_s(num_decoding + 1, num_decoding_context_tokens + num_prompt_tokens + 1)
+    return first_step_s + step_time.decode_step_time_s(num_decoding, num_decoding_context_tokens) / 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -172,6 +172,11 @@ class WorkerSnapshot:
         is_available: False while the worker is marked down (router service) or draining.
         busy_until_s: when the engine step in flight ends, if known; nothing can be reordered before then.
             ``None``: idle, or unknown.
+        sees_step_in_flight: whether the builder of the snapshot sees the engine's steps (the simulator does:
+            ``busy_until_s`` ``None`` then means no step in flight). ``False``: a router reading what it sent and
+            the engine's reports, which cannot tell when the step in flight ends; a prediction behind the worker's
+            prefills then counts the expected rest of one
+            (:func:`~tropical_sched.core.slack.expected_step_in_flight_s`).
         step_time: the step-time model of this worker as calibrated online from what it was seen doing;
             ``None``: predict it with the policy's own model (the offline profile).
         pd_hop_fixed_s: learned cost of the P/D hop of a request prefilled on this worker, beyond its prefill
@@ -189,6 +194,7 @@ class WorkerSnapshot:
     max_num_seqs: int
     is_available: bool = True
     busy_until_s: float | None = None
+    sees_step_in_flight: bool = True
     step_time: StepTimeModel | None = None
     pd_hop_fixed_s: float = 0.0
     pd_hop_per_prompt_token_s: float = 0.0

@@ -269,6 +269,7 @@ class ReplicaRouting:
                     num_kv_tokens_used=min(kv_used, state.num_kv_tokens_capacity),
                     num_kv_tokens_capacity=state.num_kv_tokens_capacity,
                     max_num_seqs=self.max_num_seqs,
+                    sees_step_in_flight=False,  # reports and own decisions, not the engine's steps
                     step_time=self._engine_model(replica_id, state.step_time),
                     pd_hop_fixed_s=hop.fixed_s if hop is not None else self.hop_prior_fixed_s,
                     pd_hop_per_prompt_token_s=hop.per_prompt_token_s if hop is not None else self.hop_prior_per_token_s,

@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 from tropical_sched.core.decisions import DecodePlacement, RouteAction, RouteDecision
 from tropical_sched.core.errors import ConfigError, check_fields
 from tropical_sched.core.request import Request
-from tropical_sched.core.slack import QueueFinish, min_tpot_slack_s, predicted_queue_finish
+from tropical_sched.core.slack import (
+    QueueFinish,
+    decode_first_token_wait_s,
+    expected_step_in_flight_s,
+    min_tpot_slack_s,
+    predicted_queue_finish,
+)
 from tropical_sched.core.snapshot import ClusterSnapshot, PrefillState, WorkerRole, WorkerSnapshot
 from tropical_sched.policies.base import EngineSettings, LocalScheduler, PolicyContext
 from tropical_sched.policies.local import (
@@ -241,13 +247,18 @@ class TropicalPolicy:
         """The worker's calibrated step-time model, else the policy's own (the offline profile)."""
         return worker.step_time if worker.step_time is not None else self._step_time
 
-    def predicted_first_token(self, worker: WorkerSnapshot, new: PrefillState, now_s: float) -> QueueFinish:
+    def predicted_first_token(
+        self, worker: WorkerSnapshot, new: PrefillState, now_s: float, *, decode_wait_s: float | None = None
+    ) -> QueueFinish:
         """When ``new`` would produce its first token on ``worker``, as the routing rule predicts it.
 
         On a prefill worker: the queue simulated in the worker's own order (shortest remaining first) with the
-        safety factor, from the end of the step in flight (:func:`~tropical_sched.core.slack.predicted_queue_finish`);
-        the client's first token then comes after the P/D hop, the configured ``pd_overhead_s`` plus the worker's
-        learned hop cost and, when a hop was learned, the decoding instance's first step (``after_prefill_s``).
+        safety factor, from the end of the step in flight (:func:`~tropical_sched.core.slack.predicted_queue_finish`;
+        a snapshot that does not see it, ``sees_step_in_flight`` false, counts its expected rest:
+        :func:`~tropical_sched.core.slack.expected_step_in_flight_s`); the client's first token then comes after
+        the P/D hop, the configured ``pd_overhead_s`` plus the worker's learned hop cost and, when a hop was
+        learned, the wait for the first step on the decoding instance (``decode_wait_s``, seconds: see
+        :meth:`pd_decode_wait_s`; ``None``: a lone decode step) (``after_prefill_s``).
         ``broken_request_id`` names a queued prefill that was going to meet its deadline and would not with ``new``
         ahead of it. On a multiplexing worker without a prefill: the
         slack-capped chunked prefill beside its decodes (:meth:`multiplexed_prefill_s`) with the safety factor;
@@ -277,9 +288,14 @@ class TropicalPolicy:
             )
         hop_s = worker.pd_hop_s(new.num_prompt_tokens)
         if hop_s > 0:
-            # A learned hop ends when the decoding instance starts its first step, and the client's first token
-            # comes out of that step (priced with this worker's model, for want of the decoding one's).
-            hop_s += model.decode_step_time_s(1, new.num_prompt_tokens + 1)
+            # A learned hop ends when the request reaches its decoding instance; its first token comes out of
+            # the next step there (without the decoding instance: a lone step, priced with this worker's model).
+            hop_s += (
+                decode_wait_s if decode_wait_s is not None else model.decode_step_time_s(1, new.num_prompt_tokens + 1)
+            )
+        busy_until_s = worker.busy_until_s
+        if busy_until_s is None and not worker.sees_step_in_flight and worker.prefills:
+            busy_until_s = now_s + expected_step_in_flight_s(worker.prefills, model, cfg.prefill_chunk_tokens)
         return predicted_queue_finish(
             worker.prefills,
             new,
@@ -288,9 +304,26 @@ class TropicalPolicy:
             chunk_tokens=cfg.prefill_chunk_tokens,
             sort_key=self._queue_key,
             safety_factor=cfg.queue_safety_factor,
-            busy_until_s=worker.busy_until_s,
+            busy_until_s=busy_until_s,
             after_prefill_s=cfg.pd_overhead_s + hop_s,
         )
+
+    def pd_decode_wait_s(self, cluster: ClusterSnapshot, num_prompt_tokens: int) -> float | None:
+        """The P/D first token's wait on the decoding instance a request would likely go to: the least over the
+        multiplexing workers with a free slot and KV room for it, where :meth:`place_decode` looks
+        (:func:`~tropical_sched.core.slack.decode_first_token_wait_s`: half their step in flight, then their first
+        step with it), seconds; ``None`` without such a worker."""
+        waits = [
+            decode_first_token_wait_s(
+                self._model(worker),
+                num_decoding=len(worker.decodes),
+                num_decoding_context_tokens=worker.decodes.total_context_tokens,
+                num_prompt_tokens=num_prompt_tokens,
+            )
+            for worker in cluster.with_role(WorkerRole.MULTIPLEXING)
+            if len(worker.decodes) < worker.max_num_seqs and worker.num_free_kv_tokens > num_prompt_tokens
+        ]
+        return min(waits, default=None)
 
     def _try_prefill_workers(
         self, request: Request, new: PrefillState, cluster: ClusterSnapshot
@@ -299,8 +332,15 @@ class TropicalPolicy:
         now_s = cluster.now_s
         best: tuple[int, float, int] | None = None  # (outstanding tokens, finish_at_s, worker_id)
         earliest_at_s = math.inf
-        for worker in cluster.with_role(WorkerRole.PREFILL):
-            finish = self.predicted_first_token(worker, new, now_s)  # the client's first token, after the hop
+        prefill_workers = cluster.with_role(WorkerRole.PREFILL)
+        decode_wait_s = (
+            self.pd_decode_wait_s(cluster, new.num_prompt_tokens)
+            if any(worker.pd_hop_s(new.num_prompt_tokens) > 0 for worker in prefill_workers)
+            else None
+        )
+        for worker in prefill_workers:
+            # the client's first token, after the hop
+            finish = self.predicted_first_token(worker, new, now_s, decode_wait_s=decode_wait_s)
             finish_at_s = finish.finish_at_s
             earliest_at_s = min(earliest_at_s, finish_at_s)
             meets_deadline = finish_at_s <= request.ttft_deadline_at_s

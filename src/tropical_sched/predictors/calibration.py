@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tropical_sched.core.errors import ConfigError
+from tropical_sched.core.slack import decode_first_token_wait_s
 from tropical_sched.predictors.profile import Profile, ProfileFile, ServingOverheads, calibrated_profile_file
 from tropical_sched.predictors.step_time import (
     FEATURE_NAMES,
@@ -648,9 +649,12 @@ def observed_pd_hop_s(
     Returns:
         The hop, seconds (may be slightly negative from noise: the calibrator takes that).
     """
-    first_step_s = step_time.decode_step_time_s(num_decoding + 1, num_decoding_context_tokens + num_prompt_tokens + 1)
-    busy_s = step_time.decode_step_time_s(num_decoding, num_decoding_context_tokens)
-    return waited_s - first_step_s - busy_s / 2
+    return waited_s - decode_first_token_wait_s(
+        step_time,
+        num_decoding=num_decoding,
+        num_decoding_context_tokens=num_decoding_context_tokens,
+        num_prompt_tokens=num_prompt_tokens,
+    )
 
 
 def served_step_time(model: StepTimeModel, serving: ServingOverheads) -> StepTimeModel:

@@ -364,6 +364,7 @@ class Instance:
             num_kv_tokens_capacity=self.capacity,
             max_num_seqs=self.config.max_num_seqs,
             is_available=self.healthy,
+            sees_step_in_flight=False,  # the router sees what it sent and the engine's reports, not its steps
             step_time=step_time,
             pd_hop_fixed_s=hop_fixed_s,
             pd_hop_per_prompt_token_s=hop_per_token_s,
