@@ -32,34 +32,32 @@ from shared_state import PROFILE, ROLES, TRACE, _engines, _record_header, _repla
 from tropical_sched.serve.testing import ServerProcess, free_port
 
 
-def start_ray_app(config: dict[str, Any], stats_period_s: float, *, direct_ingress: bool = False) -> str:
+def start_ray_app(
+    config: dict[str, Any], stats_period_s: float, *, direct_ingress: bool = False, throughput_optimized: bool = False
+) -> str:
     """A local Ray cluster on 127.0.0.1 serving ``build_tropical_app(config)``; its URL (stop it with
     :func:`ray_down`).
 
     ``direct_ingress``: Ray Serve's direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``, experimental in 2.60):
-    the ingress replica serves HTTP itself, on a port from ``RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT`` (here
-    the first port is a free one, so the URL is known), and the client's bytes skip the HTTP proxy actor. The
-    variables are set in this process before Ray starts, so Ray's processes inherit them."""
-    direct_port = None
-    if direct_ingress:
-        direct_port, grpc_port = free_port(), free_port()
-        os.environ.update(
-            {
-                "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-                "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct_port),
-                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct_port + 1),  # an exclusive bound
-                "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc_port),
-                "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc_port + 1),
-            }
-        )
-    else:
-        os.environ.pop("RAY_SERVE_ENABLE_DIRECT_INGRESS", None)
+    the ingress replica serves HTTP itself on a free port (``direct_ingress_env``), and the client's bytes skip the
+    HTTP proxy actor. The variables are set in this process before Ray starts, so Ray's processes inherit them.
+
+    ``throughput_optimized``: Ray Serve's throughput-optimized mode (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``): user code
+    and the router on the replica's own event loop instead of threads of their own, gRPC between deployments, and
+    direct ingress (so it implies ``direct_ingress``)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import ray
         from ray import serve
 
-        from tropical_sched.integrations.ray_serve import build_tropical_app
+        from tropical_sched.integrations.ray_serve import build_tropical_app, direct_ingress_env
+    for name in direct_ingress_env(1, 2, throughput_optimized=True):  # a run before this one may have set them
+        os.environ.pop(name, None)
+    if direct_ingress or throughput_optimized:
+        direct_port = free_port()
+        os.environ.update(direct_ingress_env(direct_port, free_port(), throughput_optimized=throughput_optimized))
+    else:
+        direct_port = None
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -67,9 +65,7 @@ def start_ray_app(config: dict[str, Any], stats_period_s: float, *, direct_ingre
     return f"http://127.0.0.1:{direct_port or port}"
 
 
-def _ray_app(
-    engine_urls: list[str], stats_period_s: float, decision_log: Path | None = None, *, direct_ingress: bool = False
-) -> str:
+def _ray_app(engine_urls: list[str], stats_period_s: float, decision_log: Path | None = None, **modes: bool) -> str:
     config: dict[str, Any] = {
         "policy": "tropical",
         "profile": PROFILE,
@@ -78,7 +74,7 @@ def _ray_app(
     }
     if decision_log is not None:
         config["decision_log"] = str(decision_log)
-    return start_ray_app(config, stats_period_s, direct_ingress=direct_ingress)
+    return start_ray_app(config, stats_period_s, **modes)
 
 
 def ray_down() -> None:
@@ -116,8 +112,14 @@ def main() -> None:
         action="store_true",
         help="Ray Serve's direct ingress (experimental in Ray 2.60): clients reach the ingress replica, not the proxy",
     )
+    parser.add_argument(
+        "--throughput-optimized",
+        action="store_true",
+        help="Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1; implies --direct-ingress)",
+    )
     parser.add_argument("--json", help="write the figures as JSON")
     args = parser.parse_args()
+    modes = {"direct_ingress": args.direct_ingress, "throughput_optimized": args.throughput_optimized}
 
     log_dir = Path(tempfile.mkdtemp(prefix="ray-serve-"))
     print(f"logs: {log_dir}")
@@ -130,9 +132,7 @@ def main() -> None:
             decisions = log_dir / f"{label.replace(' ', '-')}-seed{seed}.decisions.jsonl"
             try:
                 if label == "ray serve":
-                    urls = [
-                        _ray_app(engine_urls, args.stats_period_ms / 1e3, decisions, direct_ingress=args.direct_ingress)
-                    ]
+                    urls = [_ray_app(engine_urls, args.stats_period_ms / 1e3, decisions, **modes)]
                 else:
                     routers, urls = _routers(1, engine_urls, 0.0, log_dir, decisions)
                 figures = _replay(urls, args, seed, label, log_dir)
@@ -155,9 +155,7 @@ def main() -> None:
         routers, router_urls = _routers(1, engine_urls, 0.0, log_dir)
         router_s = _probe(router_urls[0], args.probes)
         routers[0].stop()
-        ray_s = _probe(
-            _ray_app(engine_urls, args.stats_period_ms / 1e3, direct_ingress=args.direct_ingress), args.probes
-        )
+        ray_s = _probe(_ray_app(engine_urls, args.stats_period_ms / 1e3, **modes), args.probes)
         ray_down()
     finally:
         for process in [*routers, *engines]:
@@ -181,6 +179,8 @@ def main() -> None:
             "stats_period_s": args.stats_period_ms / 1e3,
             "num_probes": args.probes,
             "machine": machine,
+            "direct_ingress": args.direct_ingress or args.throughput_optimized,
+            "throughput_optimized": args.throughput_optimized,
             "ways": results,
             "latency": latency,
         }

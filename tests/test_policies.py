@@ -10,11 +10,13 @@ import pytest
 from tests.conftest import make_cluster, make_decodes, make_model, make_prefill, make_request, make_worker
 from tropical_sched.core import (
     ConfigError,
+    PrefillState,
     RouteAction,
     Slo,
     UnknownNameError,
     WorkerRole,
     decode_first_token_wait_s,
+    expected_step_in_flight_s,
     min_tpot_slack_s,
 )
 from tropical_sched.policies import (
@@ -572,6 +574,43 @@ def test_a_worker_calibrated_10x_slower_loses_the_route_to_an_accurately_predict
     assert make_policy(policy_name, CONTEXT, options).route(make_request(**request_overrides), one_model).worker_id != (
         worker_id
     )
+
+
+def test_a_router_that_cannot_see_the_step_in_flight_counts_its_expected_rest() -> None:
+    """A live router's snapshot (``sees_step_in_flight`` false) has no ``busy_until_s``: behind a busy prefill
+    worker the new prefill first waits the expected rest of the step in flight; an idle worker has none."""
+    policy = tropical()
+    new = PrefillState.from_request(make_request())
+    queued = (make_prefill(request_id="q", num_prompt_tokens=2000, ttft_slo_s=10.0),)
+    seen = policy.predicted_first_token(make_worker(0, P, prefills=queued), new, 0.0)
+    blind = policy.predicted_first_token(make_worker(0, P, prefills=queued, sees_step_in_flight=False), new, 0.0)
+    in_flight_s = expected_step_in_flight_s(queued, MODEL, policy.config.prefill_chunk_tokens)
+    assert in_flight_s > 0
+    assert blind.finish_at_s - seen.finish_at_s == pytest.approx(in_flight_s)
+    idle_blind = policy.predicted_first_token(make_worker(0, P, sees_step_in_flight=False), new, 0.0)
+    assert idle_blind == policy.predicted_first_token(make_worker(0, P), new, 0.0)
+
+
+def test_a_learned_hop_counts_the_wait_on_the_decoding_instance_with_room() -> None:
+    """After a learned hop the first token waits on the decoding instance: the least wait over the multiplexing
+    workers with a free slot (half their step in flight, then their first step with the request)."""
+    busy = make_decodes(32, num_context_tokens=2000)
+    light = make_decodes(2, num_context_tokens=200)
+    cluster = make_cluster(
+        make_worker(0, P, pd_hop_fixed_s=0.05),
+        make_worker(1, M, decodes=busy),
+        make_worker(2, M, decodes=light),
+        make_worker(3, M, decodes=make_decodes(1, num_context_tokens=10), max_num_seqs=1),  # full: left out
+    )
+    policy = tropical(route_order="prefill-first")
+    wait_s = decode_first_token_wait_s(
+        MODEL, num_decoding=len(light), num_decoding_context_tokens=light.total_context_tokens, num_prompt_tokens=100
+    )
+    assert policy.pd_decode_wait_s(cluster, 100) == pytest.approx(wait_s)
+    decision = policy.route(make_request(), cluster)
+    assert decision.action is RouteAction.PREFILL
+    assert decision.predicted["predicted_ttft_s"] == pytest.approx(1.02 * MODEL.prefill_time_s(100) + 0.05 + wait_s)
+    assert policy.pd_decode_wait_s(make_cluster(make_worker(0, P)), 100) is None  # nowhere to decode
 
 
 def test_decode_placement_checks_each_worker_with_its_own_model() -> None:

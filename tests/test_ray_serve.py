@@ -1,10 +1,12 @@
 """Tropical inside Ray Serve (marked ``ray``; runs in its own virtual environment from .ci/run): a local Ray
-cluster, fake engines as the instances, requests through Ray Serve's HTTP proxy."""
+cluster, fake engines as the instances, requests through Ray Serve's HTTP proxy, and straight to the ingress
+replica with Ray Serve's direct ingress, alone and in its throughput-optimized mode."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -18,7 +20,7 @@ with warnings.catch_warnings():  # Ray's import warns (pydantic deprecations), a
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    from tropical_sched.integrations.ray_serve import batched_chunks, build_tropical_app
+    from tropical_sched.integrations.ray_serve import batched_chunks, build_tropical_app, direct_ingress_env
 
 from tropical_sched.predictors import Profile, load_profile, time_scaled, write_profile_file
 from tropical_sched.serve.decision_log import read_decision_log
@@ -31,7 +33,7 @@ SCALE = 0.05
 
 
 class RayCluster:
-    def __init__(self, tmp: Any) -> None:
+    def __init__(self, tmp: Any, mode: str) -> None:
         scaled = time_scaled(load_profile("a100-llama2-70b-tp4").file, SCALE)
         path = tmp / "scaled.json"
         write_profile_file(scaled, path)
@@ -51,22 +53,33 @@ class RayCluster:
             "decision_log": str(self.decision_log),
             "instances": [{"url": s.url, "role": role} for s, role in zip(self.servers, roles, strict=True)],
         }
+        # Ray's processes inherit the environment at ray.init: direct ingress puts the ingress replica on its port
+        direct_ingress = mode != "proxy"
+        optimized = mode == "throughput-optimized"
+        self.env = {}
+        if direct_ingress:
+            self.env = direct_ingress_env(free_port(), free_port(), throughput_optimized=optimized)
+        os.environ.update(self.env)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_tropical_app(config, stats_period_s=0.1), route_prefix="/")
+        if direct_ingress:  # not the proxy's port: what answers there is the ingress replica itself
+            port = int(self.env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"])
         self.url = f"http://127.0.0.1:{port}"
 
     def close(self) -> None:
         serve.shutdown()
         ray.shutdown()
+        for name in self.env:
+            os.environ.pop(name, None)
         for server in self.servers:
             server.stop()
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    running = RayCluster(tmp_path_factory.mktemp("ray"))
+@pytest.fixture(scope="module", params=["proxy", "direct-ingress", "throughput-optimized"])
+def cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[RayCluster]:
+    running = RayCluster(tmp_path_factory.mktemp("ray"), request.param)
     yield running
     running.close()
 
@@ -123,6 +136,22 @@ def test_a_malformed_request_gets_a_4xx_naming_the_field(cluster: RayCluster) ->
         assert slo.status_code == 400
         assert "x-slo-ttft-ms" in slo.json()["error"]["message"]
         assert client.post("/v1/completions", json={"prompt": [1] * 50, "max_tokens": 2}).status_code == 200
+
+
+def test_the_direct_ingress_environment_names_its_ports_and_refuses_bad_ones() -> None:
+    env = direct_ingress_env(30100, 40100)
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == (
+        "30100",
+        "30101",
+    )
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"] == "40100"
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in env
+    assert direct_ingress_env(30100, 40100, throughput_optimized=True) == {**env, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    with pytest.raises(ValueError, match="http_port must be a TCP port"):
+        direct_ingress_env(0, 40100)
+    with pytest.raises(ValueError, match="must differ"):
+        direct_ingress_env(30100, 30100)
 
 
 def test_an_sglang_prefill_instance_is_refused_with_the_reason() -> None:

@@ -58,6 +58,9 @@ def test_stats_round_trip_and_build_the_cluster() -> None:
     assert first.decodes.first_token_at_s[0] == pytest.approx(NOW - 1.5)
     assert second.role is WorkerRole.MULTIPLEXING
     assert len(second.decodes) == 0
+    # reports and its own decisions: the router cannot see the engines' steps (predictions count their rest)
+    assert not first.sees_step_in_flight
+    assert not second.sees_step_in_flight
 
 
 def test_a_burst_between_two_reports_spreads_over_the_replicas() -> None:

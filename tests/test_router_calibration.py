@@ -206,6 +206,7 @@ def test_calibration_off_serves_the_offline_profile_and_snapshots_carry_no_model
         body = httpx.get(deployment.url + "/v1/tropical/profile", params={"instance": url}).json()
         assert ProfileFile.model_validate(body) == engines.file
         assert all(w.step_time is None for w in deployment.router.snapshot().workers)
+        assert not any(w.sees_step_in_flight for w in deployment.router.snapshot().workers)  # it sees no steps
         assert "tropical_router_calibrated_step_time_coefficient{" not in httpx.get(deployment.url + "/metrics").text
     finally:
         deployment.close()

@@ -79,7 +79,14 @@ from tropical_sched.serve.openai import (
     validate_body,
 )
 
-__all__ = ["EngineReplica", "TropicalIngress", "TropicalRequestRouter", "batched_chunks", "build_tropical_app"]
+__all__ = [
+    "EngineReplica",
+    "TropicalIngress",
+    "TropicalRequestRouter",
+    "batched_chunks",
+    "build_tropical_app",
+    "direct_ingress_env",
+]
 
 _STATS_TIMEOUT_S = 1.0
 _RETRY_TICK_S = 0.02  # as tropical serve retries its waiting requests
@@ -474,6 +481,39 @@ async def _relay(batches: AsyncIterator[list[StreamEvent]], options: dict[str, A
         if data:
             yield data
     yield DONE
+
+
+def direct_ingress_env(http_port: int, grpc_port: int, *, throughput_optimized: bool = False) -> dict[str, str]:
+    """The environment that turns on Ray Serve's direct ingress with the ingress replica on ``http_port``: set it
+    where Ray starts (before ``ray start`` or ``ray.init``; Ray's processes inherit it).
+
+    With it (``RAY_SERVE_ENABLE_DIRECT_INGRESS``, experimental in Ray Serve 2.60) the ingress replica serves HTTP
+    itself and clients reach :class:`TropicalIngress` without crossing Ray Serve's HTTP proxy actor, which on a
+    small machine costs a request's TTFT more than the routing does (docs/ray-serve.md, "Direct ingress"). The
+    replica takes the first free port of ``[http_port, http_port + 1)`` (and of ``[grpc_port, grpc_port + 1)`` for
+    gRPC): one ingress replica per node, whose URL is then known. More ingress replicas on a node need a port range
+    and a load balancer in front (Ray Serve's HAProxy mode, ``RAY_SERVE_ENABLE_HA_PROXY=1``, runs one).
+
+    ``throughput_optimized`` adds Ray Serve's throughput-optimized mode (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``: user
+    code and the request router on each replica's event loop instead of threads of their own, gRPC between
+    deployments), which also shortens a P/D request's crossings between the ingress and the replicas.
+
+    Raises:
+        ValueError: a port is outside 1-65535, or the two are equal.
+    """
+    for name, port in (("http_port", http_port), ("grpc_port", grpc_port)):
+        if not 1 <= port <= 65535:
+            raise ValueError(f"{name} must be a TCP port (1-65535), got {port!r}")
+    if http_port == grpc_port:
+        raise ValueError(f"http_port and grpc_port must differ, got {http_port!r} for both")
+    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"} if throughput_optimized else {}
+    return env | {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http_port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http_port + 1),  # an exclusive bound
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc_port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc_port + 1),
+    }
 
 
 def build_tropical_app(
