@@ -1106,6 +1106,10 @@ RENDERERS: dict[str, tuple[Path, Callable[[dict[str, Any]], str]]] = {
         RESULTS / "ray-serve" / "fake-engines-throughput-optimized.json",
         render_ray_serve,
     ),
+    "ray-serve-throughput-optimized-replicate": (
+        RESULTS / "ray-serve" / "fake-engines-throughput-optimized-replicate.json",
+        render_ray_serve,
+    ),
     "ray-serve-headroom-throughput-optimized": (
         RESULTS / "ray-serve" / "fake-engines-headroom-throughput-optimized.json",
         render_ray_serve,
