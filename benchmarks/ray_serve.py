@@ -65,6 +65,29 @@ def start_ray_app(
     return f"http://127.0.0.1:{direct_port or port}"
 
 
+def add_ray_mode_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--direct-ingress`` and ``--throughput-optimized``, the Ray Serve modes :func:`start_ray_app` runs in."""
+    parser.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="Ray Serve's direct ingress (experimental in Ray 2.60): clients reach the ingress replica, not the proxy",
+    )
+    parser.add_argument(
+        "--throughput-optimized",
+        action="store_true",
+        help="Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1; implies --direct-ingress)",
+    )
+
+
+def ray_modes(args: argparse.Namespace) -> dict[str, bool]:
+    """The modes of :func:`add_ray_mode_arguments` as :func:`start_ray_app`'s keyword arguments, and as a run's JSON
+    records them (the throughput-optimized mode runs with direct ingress)."""
+    return {
+        "direct_ingress": args.direct_ingress or args.throughput_optimized,
+        "throughput_optimized": args.throughput_optimized,
+    }
+
+
 def _ray_app(engine_urls: list[str], stats_period_s: float, decision_log: Path | None = None, **modes: bool) -> str:
     config: dict[str, Any] = {
         "policy": "tropical",
@@ -107,19 +130,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--stats-period-ms", type=float, default=100.0, help="Ray Serve's routing-stats period")
     parser.add_argument("--probes", type=int, default=200, help="sequential requests per path for added latency")
-    parser.add_argument(
-        "--direct-ingress",
-        action="store_true",
-        help="Ray Serve's direct ingress (experimental in Ray 2.60): clients reach the ingress replica, not the proxy",
-    )
-    parser.add_argument(
-        "--throughput-optimized",
-        action="store_true",
-        help="Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1; implies --direct-ingress)",
-    )
+    add_ray_mode_arguments(parser)
     parser.add_argument("--json", help="write the figures as JSON")
     args = parser.parse_args()
-    modes = {"direct_ingress": args.direct_ingress, "throughput_optimized": args.throughput_optimized}
+    modes = ray_modes(args)
 
     log_dir = Path(tempfile.mkdtemp(prefix="ray-serve-"))
     print(f"logs: {log_dir}")
@@ -179,8 +193,7 @@ def main() -> None:
             "stats_period_s": args.stats_period_ms / 1e3,
             "num_probes": args.probes,
             "machine": machine,
-            "direct_ingress": args.direct_ingress or args.throughput_optimized,
-            "throughput_optimized": args.throughput_optimized,
+            **modes,
             "ways": results,
             "latency": latency,
         }

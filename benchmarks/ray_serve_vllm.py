@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fidelity import PROFILE, SERVED_MODEL_NAME, TRACE
-from ray_serve import ray_down, start_ray_app
+from ray_serve import add_ray_mode_arguments, ray_down, ray_modes, start_ray_app
 from real_engines import NUM_REQUESTS, _engine, _hop, _router, _tropical, _validate_args, loads
 
 from tropical_sched.live_state import LiveStepTime
@@ -69,12 +69,7 @@ def _run(way: str, args: argparse.Namespace, rate: float, workdir: Path) -> dict
         for process, url in engines:
             process.wait_healthy(url)
         if way == "ray serve":
-            front = start_ray_app(
-                _cluster(urls),
-                args.stats_period_ms / 1e3,
-                direct_ingress=args.direct_ingress,
-                throughput_optimized=args.throughput_optimized,
-            )
+            front = start_ray_app(_cluster(urls), args.stats_period_ms / 1e3, **ray_modes(args))
         else:
             router, front = _router(workdir, "tropical-serve", "tropical", _cluster(urls)["instances"])
             processes.append(router)
@@ -117,16 +112,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=NUM_REQUESTS)
     parser.add_argument("--stats-period-ms", type=float, default=100.0, help="Ray Serve's routing-stats period")
     parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS)
-    parser.add_argument(
-        "--direct-ingress",
-        action="store_true",
-        help="Ray Serve's direct ingress (experimental in Ray 2.60): clients reach the ingress replica, not the proxy",
-    )
-    parser.add_argument(
-        "--throughput-optimized",
-        action="store_true",
-        help="Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1; implies --direct-ingress)",
-    )
+    add_ray_mode_arguments(parser)
     parser.add_argument("--json", help="write the figures as JSON")
     args = parser.parse_args()
     if not (args.model / "config.json").exists():
@@ -157,8 +143,7 @@ def main() -> None:
             "num_requests": args.num_requests,
             "stats_period_s": args.stats_period_ms / 1e3,
             "cores": CORES,
-            "direct_ingress": args.direct_ingress or args.throughput_optimized,
-            "throughput_optimized": args.throughput_optimized,
+            **ray_modes(args),
             "ways": ways,
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
