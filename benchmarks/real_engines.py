@@ -67,7 +67,16 @@ DEPLOYMENTS = ("vllm-round-robin", "vllm-pd", "tropical")
 # the colocated vllm-chunked policy (least loaded): what a proxy in the path costs, apart from Tropical's policy.
 # Stop 29: round robin through a bare Python pass-through proxy (benchmarks/passthrough_proxy.py: aiohttp, no parsing,
 # no policy) on core 1 where Tropical's router runs: what relaying every token costs, apart from the router's own work.
-EXTRA_DEPLOYMENTS = ("vllm-router-round-robin", "vllm-colocated-router", "vllm-proxy-round-robin")
+# Stop 31: Tropical with its router inside the client process (`tropical validate --router-config`, Router.submit):
+# the same engines, policy and calibration as "tropical", but no second process relaying tokens on an engine's core,
+# as client round robin has none.
+EXTRA_DEPLOYMENTS = (
+    "vllm-router-round-robin",
+    "vllm-colocated-router",
+    "vllm-proxy-round-robin",
+    "tropical-in-client",
+)
+EMBEDDED_ROUTER = {"tropical-in-client": "tropical"}  # deployment -> the deployment whose router it embeds
 VLLM_ROUTER = {"command": "vllm-router"}
 CORES = (
     "engine A pinned to core 0, engine B to core 1 (VLLM_CPU_OMP_THREADS_BIND and taskset); the client on core 0 "
@@ -224,20 +233,16 @@ def _hop() -> tuple[float, float]:
     return float(serving.get("pd_hop_fixed_s", 0.0)), float(serving.get("pd_hop_per_prompt_token_s", 0.0))
 
 
-def _router(
+def _cluster_file(
     workdir: Path,
     name: str,
     policy: str,
     instances: list[dict[str, Any]],
-    core: int = 0,
     profile: str = PROFILE,
     decision_log: Path | None = None,
-) -> tuple[Any, str]:
-    """``tropical serve`` pinned to ``core`` with ``policy`` over ``instances``, SLOs 5x from ``profile`` (plus the
-    diagnosis variant's router options and nice level, if any), writing its decision log to ``decision_log``."""
-    from tropical_sched.serve.testing import ServerProcess, free_port
-
-    port = free_port()
+) -> Path:
+    """The cluster file of a router with ``policy`` over ``instances``, SLOs 5x from ``profile`` (plus the diagnosis
+    variant's router options, if any), writing its decision log to ``decision_log``."""
     config = workdir / f"cluster-{name}.yaml"
     config.write_text(
         json.dumps(
@@ -252,6 +257,24 @@ def _router(
             }
         )
     )
+    return config
+
+
+def _router(
+    workdir: Path,
+    name: str,
+    policy: str,
+    instances: list[dict[str, Any]],
+    core: int = 0,
+    profile: str = PROFILE,
+    decision_log: Path | None = None,
+) -> tuple[Any, str]:
+    """``tropical serve`` pinned to ``core`` over the cluster file :func:`_cluster_file` writes (and the diagnosis
+    variant's nice level, if any)."""
+    from tropical_sched.serve.testing import ServerProcess, free_port
+
+    port = free_port()
+    config = _cluster_file(workdir, name, policy, instances, profile, decision_log)
     serve = ["serve", "--config", str(config), "--port", str(port), "--log-level", "warning"]
     nice = ["nice", "-n", str(VARIANT["router_nice"])] if VARIANT["router_nice"] else []
     command = [*nice, "taskset", "-c", str(core), sys.executable, "-m", "tropical_sched.cli.main", *serve]
@@ -287,7 +310,7 @@ def _shape(deployment: str, prefill_workers: int) -> tuple[list[str | None], str
     whether they get the KV connector."""
     if deployment == "vllm-pd":  # stock schedulers, KV through TropicalConnector
         return ["prefill", "decode"], "distserve", False, True
-    if deployment == "tropical":
+    if deployment in ("tropical", "tropical-in-client"):
         roles: list[str | None] = ["prefill"] * prefill_workers + ["multiplexing"] * (2 - prefill_workers)
         # No prefill worker, no P/D: the engines need no KV connector (ExampleConnector's hooks cost every step;
         # --with-connector puts it back, for comparison).
@@ -312,16 +335,20 @@ def _run(
         ]
         processes += [p for p, _ in engines]
         urls = [u for _, u in engines]
+        embedded: Path | None = None  # the cluster file of a router run inside the client
         if policy is not None:
             instances = [
                 {"url": u, "role": role or "colocated", "max_num_seqs": 32}
                 for u, role in zip(urls, engine_roles, strict=True)
             ]
-            core = VARIANT["router_core"] if VARIANT["router_core"] is not None else ROUTER_CORES[deployment]
             decisions = workdir / f"{out.stem}.decisions.jsonl"
-            router, url = _router(workdir, f"{deployment}-{load}", policy, instances, core, decision_log=decisions)
-            processes.append(router)
-            urls = [url]
+            if deployment in EMBEDDED_ROUTER:
+                embedded = _cluster_file(workdir, f"{deployment}-{load}", policy, instances, decision_log=decisions)
+            else:
+                core = VARIANT["router_core"] if VARIANT["router_core"] is not None else ROUTER_CORES[deployment]
+                router, url = _router(workdir, f"{deployment}-{load}", policy, instances, core, decision_log=decisions)
+                processes.append(router)
+                urls = [url]
         elif deployment == "vllm-router-round-robin":
             from tropical_sched.serve.testing import ServerProcess, free_port
 
@@ -339,14 +366,17 @@ def _run(
             urls = [f"http://127.0.0.1:{port}"]
         for process, engine_url in engines:
             process.wait_healthy(engine_url)
-        if deployment != "vllm-round-robin":
+        relay = deployment != "vllm-round-robin" and embedded is None  # a process between client and engines
+        if relay:
             processes[-1].wait_healthy(urls[0], timeout_s=120)
         print(f"{deployment} {load}: {num_requests} requests at {rate} req/s", flush=True)
-        url_args = [arg for u in urls for arg in ("--url", u)]
-        validate = _validate_args(deployment, rate, prefill_workers, _hop(), num_requests)
-        _tropical("validate", *url_args, *validate, "--json", str(out), core=0)
-        _keep_metrics(out, [u for _, u in engines], urls[0] if deployment != "vllm-round-robin" else None)
-        if deployment != "vllm-round-robin":
+        target = ["--router-config", str(embedded)] if embedded else [arg for u in urls for arg in ("--url", u)]
+        validate = _validate_args(
+            EMBEDDED_ROUTER.get(deployment, deployment), rate, prefill_workers, _hop(), num_requests
+        )
+        _tropical("validate", *target, *validate, "--json", str(out), core=0)
+        _keep_metrics(out, [u for _, u in engines], urls[0] if relay else None)
+        if relay:
             out.with_suffix(".router-cpu.txt").write_text(f"{_cpu_s(processes[-1].process.pid):.2f}\n")
     finally:
         for process in reversed(processes):

@@ -739,3 +739,97 @@ def test_a_corrupt_decision_log_fails_at_load_with_its_path_and_line(tmp_path: P
     path.write_text(json.dumps(good) + "\n\n" + json.dumps({"request_id": "2"}) + "\n")
     with pytest.raises(ConfigError, match=r"decisions.jsonl:3: a decision-log entry lacks outcome, route"):
         read_decision_log(path)
+
+
+def test_validate_through_a_router_in_the_client_process_takes_both_paths_with_no_http_to_the_router(
+    scaled_profile: tuple[str, Profile], tmp_path: Path
+) -> None:
+    """`tropical validate --router-config` runs the router of a cluster file inside the client: every request
+    reaches the engines through it (P/D and multiplexed alike, counted by the engines), the routes are reported as
+    over HTTP, the decision log has a line per request, and a request the router refuses (a model no engine serves)
+    fails with the status and message the HTTP surface would answer while the rest are served."""
+    from tropical_sched.cli.main import main as tropical_main
+    from tropical_sched.serve.decision_log import read_decision_log
+
+    path, scaled = scaled_profile
+    roles = ["prefill", "multiplexing", "multiplexing"]
+    engines = [
+        FakeEngine(scaled, engine_id=f"e{i}", policy="tropical", role=role)  # type: ignore[arg-type]
+        for i, role in enumerate(roles)
+    ]
+    servers = [ServerThread(e.app).start() for e in engines]
+    decisions = tmp_path / "decisions.jsonl"
+    cluster_file = tmp_path / "cluster.yaml"
+    cluster_file.write_text(
+        json.dumps(
+            {
+                "profile": path,
+                "model": "fake",
+                "decision_log": str(decisions),
+                "instances": [{"url": s.url, "role": role} for s, role in zip(servers, roles, strict=True)],
+            }
+        )
+    )
+    common = ["--profile", path, "--workers", "3", "--prefill-workers", "1", "--policies", "tropical", "--no-progress"]
+    common += ["--num-requests", "40", "--rate", "10", "--arrival", "poisson", "--tpot-slo-scale", "5"]
+    out = tmp_path / "validate.json"
+    wrong_model = tmp_path / "wrong-model.json"
+    try:
+        assert tropical_main(["validate", "--router-config", str(cluster_file), *common, "--json", str(out)]) == 0
+        served = sum(e.stats.num_requests for e in engines)
+        argv = ["validate", "--router-config", str(cluster_file), *common, "--num-requests", "3", "--model", "gpt-x"]
+        assert tropical_main([*argv, "--json", str(wrong_model)]) == 0
+    finally:
+        for s in servers:
+            s.stop()
+    data = json.loads(out.read_text())
+    assert data["router_config"] == str(cluster_file)
+    assert "url" not in data
+    records = data["records"]
+    assert len(records) == 40
+    assert not [r["reason"] for r in records if r["failed"]]
+    assert data["measured"]["slo_attainment"] > 0.5
+    entries = read_decision_log(decisions)
+    routes = [e["route"] for e in entries]
+    assert len(entries) == 40
+    assert {"prefill", "multiplex"} <= set(routes)
+    assert sum(r["multiplexed"] for r in records) == routes.count("multiplex")  # the route, read in the process
+    # P/D requests are two engine requests (prefill, then decode), multiplexed ones one
+    assert served == 40 + routes.count("prefill")
+    refused = json.loads(wrong_model.read_text())["records"]
+    assert all(r["failed"] for r in refused)
+    assert refused[0]["reason"].startswith("HTTP 404: field model = 'gpt-x'")
+
+
+def test_submit_checks_a_body_as_the_http_surface_does_and_refuses_naming_the_field(
+    scaled_profile: tuple[str, Profile],
+) -> None:
+    """`Router.submit` is the one check both fronts use: a malformed field or SLO header raises BadRequest naming
+    it (counted as invalid), headers are read as the HTTP ones are, and a refused request is never tracked."""
+    import asyncio
+
+    from tropical_sched.serve.openai import BadRequest
+
+    path, _ = scaled_profile
+    instances = [
+        {"url": "http://127.0.0.1:9", "role": "prefill"},
+        {"url": "http://127.0.0.1:10", "role": "multiplexing"},
+    ]
+    router = Router(RouterConfig.model_validate({"profile": path, "instances": instances}))
+
+    async def submit(body: dict[str, Any], headers: dict[str, str] | None = None) -> str:
+        try:
+            tracked, events = await router.submit(body, headers=headers)
+        except BadRequest as exc:
+            return f"{exc.status} {exc}"
+        await events.aclose()  # never started: nothing was sent
+        return f"{tracked.request.slo.ttft_s:.3f}"
+
+    assert asyncio.run(submit({"prompt": PROMPT, "max_tokens": 0})).startswith("400 field max_tokens")
+    assert asyncio.run(submit({"prompt": PROMPT}, {"x-slo-ttft-ms": "fast"})).startswith("400 header x-slo-ttft-ms")
+    assert asyncio.run(submit({"prompt": PROMPT, "max_tokens": 4}, {"x-slo-ttft-ms": "250"})) == "0.250"
+    assert router.num_tracked == 0
+    invalid = router.metrics.registry.get_sample_value(
+        "tropical_router_requests_total", {"route": "none", "outcome": "invalid"}
+    )
+    assert invalid == 2

@@ -30,9 +30,18 @@ def run(args: argparse.Namespace) -> int:
     """Run ``tropical validate``."""
     from tropical_sched.serve.replay import replay_sync
 
+    router_config = None
+    if args.router_config is not None:
+        from tropical_sched.serve.config import load_router_config
+
+        router_config = load_router_config(args.router_config)  # fails here, naming the file, line and field
+        urls = [instance.url for instance in router_config.instances]
+        where = f"the router of {args.router_config} in this process ({', '.join(urls)})"
+    else:
+        urls = args.url
+        where = " + ".join(urls)
     experiment = build_experiment(args)
-    settings = replay_settings(args, args.url)
-    where = " + ".join(args.url)
+    settings = replay_settings(args, urls)
     with collect_warnings() as notes, progress_bar(not args.no_progress) as (start, advance):
         # Simulate first (fast; fails early on a bad setting), then replay the very same workload.
         result = run_experiment(
@@ -41,13 +50,14 @@ def run(args: argparse.Namespace) -> int:
         profile, workload = result.profile, result.workload
         requests = build_requests(workload, profile, experiment.slo)
         start("replay", len(requests))
-        records = replay_sync(workload, requests, settings, progress=advance)
+        records = replay_sync(workload, requests, settings, progress=advance, router_config=router_config)
         measured = summarize(records)
     simulated = {name: outcome.summary for name, outcome in result.outcomes.items()}
     console = wide_console()
     data: dict[str, Any] = {
         "schema_version": 1,
-        "url": args.url[0] if len(args.url) == 1 else args.url,
+        **({"url": urls[0] if len(urls) == 1 else urls} if router_config is None else {}),
+        **({"router_config": str(args.router_config)} if router_config is not None else {}),
         "trace": experiment.trace,
         "profile": profile.name,
         "rate_per_s": experiment.rate_per_s,
@@ -86,13 +96,20 @@ def register(subparsers: Any) -> None:
         "same requests with the same profile and configuration, and report measured and simulated TTFT and TPOT "
         "(P50, P90) and joint SLO attainment with their relative errors.",
     )
-    parser.add_argument(
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument(
         "--url",
-        required=True,
         action="append",
         type=http_url,
         help="base URL of the endpoint, e.g. http://127.0.0.1:8000; give it several times to spread the requests "
         "round-robin over several engines (a plain colocated deployment)",
+    )
+    where.add_argument(
+        "--router-config",
+        metavar="CLUSTER_YAML",
+        help="send the requests through the Tropical router of this cluster file (tropical serve's --config), run "
+        "inside this process: no HTTP hop and no relay between the client and the router, as a Python gateway "
+        "that embeds the router would run it (docs/router.md, 'Embedding the router')",
     )
     add_experiment_arguments(parser)
     target = parser.add_argument_group("target")

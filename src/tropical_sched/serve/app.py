@@ -22,21 +22,17 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from tropical_sched.core.request import Request, Slo
+from tropical_sched.core.request import Slo
 from tropical_sched.core.slo import SloSpec
 from tropical_sched.predictors.step_time import StepTimeModel
 from tropical_sched.serve.openai import (
     DONE,
     BadRequest,
-    GenerationBody,
     PayloadTooLarge,
     StreamEvent,
-    UnknownModel,
     aggregate_events,
     error_body,
     parse_json_body,
-    prompt_token_count,
-    validate_body,
 )
 from tropical_sched.serve.upstream import HttpError, TransportFailure
 
@@ -179,8 +175,6 @@ class RouterApp:
 
     def __init__(self, router: Router) -> None:
         self.router = router
-        self._slo_spec = router.config.slo.spec()
-        self._next_id = 0
         self.web = web.Application(client_max_size=MAX_REQUEST_BODY_BYTES)
         self.web.add_routes(
             [
@@ -286,88 +280,19 @@ class RouterApp:
             chunks.append(chunk)
         return parse_json_body(b"".join(chunks))
 
-    async def _tokenize(self, body: dict[str, Any], chat: bool) -> int | None:
-        """The exact prompt length from a healthy instance's ``POST /tokenize`` (``prompt_tokens: tokenize``),
-        or ``None`` (token-id prompt, estimate configured, or no instance answered: the router then estimates)."""
-        config = self.router.config
-        if config.prompt_tokens != "tokenize" or (not chat and isinstance(body.get("prompt"), list)):
-            return None
-        payload: dict[str, Any] = {key: body[key] for key in ("model", "messages" if chat else "prompt") if key in body}
-        if "model" not in payload and config.model:
-            payload["model"] = config.model
-        return await self.router.upstream.count_tokens(self.router.instances, payload)
-
-    def _new_request(
-        self,
-        http: web.Request,
-        body: dict[str, Any],
-        typed: GenerationBody,
-        chat: bool,
-        num_prompt_tokens: int | None = None,
-    ) -> Request:
-        """Check a client's request against the served models and context and build the request the policy sees.
-
-        Args:
-            http: the HTTP request (its SLO headers).
-            body: the client's body.
-            typed: the same body, validated (:func:`~tropical_sched.serve.openai.validate_body`).
-            chat: chat completions rather than completions.
-            num_prompt_tokens: the exact prompt length if it was tokenized; else it is counted from the body.
-
-        Raises:
-            BadRequest: a field or header is malformed or out of range, the model is unknown, or the prompt and
-                ``max_tokens`` cannot fit the served model's context (the message names the field and value).
-        """
-        router = self.router
-        served = router.served_models()
-        if typed.model is not None and served and typed.model not in served:
-            raise UnknownModel(
-                f"field model = {typed.model!r}: the model does not exist here (served: {sorted(served)})"
-            )
-        counted, exact = prompt_token_count(body, chat=chat, chars_per_token=router.config.chars_per_token)
-        if num_prompt_tokens is None:
-            num_prompt_tokens = counted
-        else:
-            exact = True
-        max_tokens = typed.num_max_tokens
-        max_model_len = router.max_model_len()
-        if max_tokens is not None and max_tokens >= max_model_len:
-            raise BadRequest(
-                f"field max_tokens = {max_tokens}: leaves no room for the prompt in the model's context of "
-                f"{max_model_len} tokens"
-            )
-        if exact and num_prompt_tokens + (max_tokens or 1) > max_model_len:
-            raise BadRequest(
-                f"field prompt: {num_prompt_tokens} prompt tokens + max_tokens {max_tokens or 1} exceed the model's "
-                f"context of {max_model_len} tokens"
-            )
-        slo = request_slo(self._slo_spec, router.profile.step_time, num_prompt_tokens, http.headers)
-        self._next_id += 1
-        return Request(
-            request_id=f"{router.request_id_prefix}{self._next_id}",
-            arrival_at_s=router.now_s(),
-            num_prompt_tokens=num_prompt_tokens,
-            slo=slo,
-            max_output_tokens=max_tokens,
-        )
-
     # -- one request --------------------------------------------------------------------------------------------
 
     async def _serve(self, http: web.Request, *, chat: bool) -> web.StreamResponse:
         router = self.router
         try:
             body = await self._read_body(http)
-            typed = validate_body(body, chat=chat)  # before a tokenizer sees it
-            request = self._new_request(http, body, typed, chat, await self._tokenize(body, chat))
         except BadRequest as exc:
             router.metrics.requests.labels("none", "invalid").inc()
             return _error_response(str(exc), exc.kind, exc.status)
-        if router.config.model and "model" not in body:
-            body["model"] = router.config.model
-        if router.dispatcher.num_waiting >= router.config.max_waiting_requests:
-            router.metrics.requests.labels("none", "rejected").inc()
-            return _error_response("too many requests waiting at the router", "ServiceUnavailable", 503)
-        tracked, events = router.admit(request, body, chat)
+        try:
+            tracked, events = await router.submit(body, chat=chat, headers=http.headers)
+        except (BadRequest, HttpError) as exc:
+            return _error_response(str(exc), exc.kind, exc.status)
         # A client that goes away cancels this handler: closing ``events`` then aborts the request wherever it is.
         try:
             try:

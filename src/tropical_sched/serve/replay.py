@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import numpy as np
@@ -21,6 +21,10 @@ from tropical_sched.core.errors import ConfigError
 from tropical_sched.core.request import Request, RequestRecord
 from tropical_sched.serve.openai import chunk_delta, iter_sse
 from tropical_sched.workloads.workload import Workload
+
+if TYPE_CHECKING:
+    from tropical_sched.serve.config import RouterConfig
+    from tropical_sched.serve.router import Router
 
 __all__ = ["EndpointInfo", "ReplaySettings", "probe_endpoint", "replay", "replay_sync"]
 
@@ -133,6 +137,7 @@ async def _one(
     num_output_tokens: int,
     index: int,
     start: float,
+    router: Router | None = None,
 ) -> RequestRecord:
     prompt = _prompt(settings, index, request.num_prompt_tokens)
     body: dict[str, Any] = {
@@ -164,27 +169,38 @@ async def _one(
     tokens = 0
     reason = ""
     route = ""
-    try:
-        async with client.stream(
-            "POST", _url(settings, index).rstrip("/") + path, json=body, headers=headers, timeout=settings.timeout_s
-        ) as response:
-            route = response.headers.get(ROUTE_HEADER, "")
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")[:300]
-                reason = f"HTTP {response.status_code}: {text}"
-            else:
-                async for event in iter_sse(response):
-                    if "error" in event:
-                        reason = f"stream error: {event['error']}"
-                        break
-                    delta = chunk_delta(event, tokens)
-                    if delta.num_tokens:
-                        now = time.monotonic() - start
-                        first_at = first_at if first_at is not None else now
-                        last_at = now
-                        tokens += delta.num_tokens
-    except (httpx.HTTPError, ValueError) as exc:
-        reason = f"{type(exc).__name__}: {exc}"
+
+    def count(event: dict[str, Any]) -> str:
+        """Count an event's tokens (their times since the start); what went wrong, if it reports an error."""
+        nonlocal first_at, last_at, tokens
+        if "error" in event:
+            return f"stream error: {event['error']}"
+        delta = chunk_delta(event, tokens)
+        if delta.num_tokens:
+            now = time.monotonic() - start
+            first_at = first_at if first_at is not None else now
+            last_at = now
+            tokens += delta.num_tokens
+        return ""
+
+    if router is not None:
+        route, reason = await _through_router(router, body, headers, settings, count)
+    else:
+        try:
+            async with client.stream(
+                "POST", _url(settings, index).rstrip("/") + path, json=body, headers=headers, timeout=settings.timeout_s
+            ) as response:
+                route = response.headers.get(ROUTE_HEADER, "")
+                if response.status_code != 200:
+                    text = (await response.aread()).decode(errors="replace")[:300]
+                    reason = f"HTTP {response.status_code}: {text}"
+                else:
+                    async for event in iter_sse(response):
+                        reason = count(event)
+                        if reason:
+                            break
+        except (httpx.HTTPError, ValueError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
     failed = bool(reason) or first_at is None
     multiplexed = route == "multiplex"
     return RequestRecord(
@@ -203,12 +219,46 @@ async def _one(
     )
 
 
+async def _through_router(
+    router: Router,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    settings: ReplaySettings,
+    count: Callable[[dict[str, Any]], str],
+) -> tuple[str, str]:
+    """One request through a router in this process (:meth:`Router.submit`), its events handed to ``count`` as
+    the HTTP path hands them; ``(route, what went wrong or "")``. An error the router would answer with a status
+    reads as that answer does over HTTP (``HTTP 400: ...``)."""
+    from tropical_sched.serve.openai import BadRequest
+    from tropical_sched.serve.upstream import HttpError
+
+    route = reason = ""
+    try:
+        async with asyncio.timeout(settings.timeout_s):
+            tracked, events = await router.submit(body, chat=settings.endpoint == "chat", headers=headers)
+            try:
+                async for batch in events:
+                    route = route or tracked.route
+                    for event in batch:
+                        reason = count(event.json())
+                        if reason:
+                            return route, reason
+            finally:
+                await events.aclose()
+    except (BadRequest, HttpError) as exc:
+        reason = f"HTTP {exc.status}: {exc}"
+    except (TimeoutError, ValueError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+    return route, reason
+
+
 async def replay(
     workload: Workload,
     requests: Sequence[Request],
     settings: ReplaySettings,
     *,
     progress: Callable[[int], None] | None = None,
+    router: Router | None = None,
 ) -> list[RequestRecord]:
     """Send every request at its arrival time and record what came back.
 
@@ -218,8 +268,11 @@ async def replay(
     Args:
         workload: output lengths come from here (sent as ``max_tokens`` with ``ignore_eos``).
         requests: the requests with their SLOs (from :func:`~tropical_sched.sim.simulator.build_requests`).
-        settings: endpoint and prompt settings.
+        settings: endpoint and prompt settings (``url`` and ``extra_urls`` are not used with ``router``).
         progress: called with 1 per finished request.
+        router: a started router in this process (:meth:`Router.submit`): each request goes through it, without
+            HTTP between this client and the router, and the engines' events reach the client where the router
+            reads them (a client embedding the router, as client-side round robin embeds its choice).
 
     Returns:
         One record per request, in request order; times are seconds since the replay started.
@@ -229,7 +282,8 @@ async def replay(
         start = time.monotonic()
 
         async def run(index: int, request: Request) -> RequestRecord:
-            record = await _one(client, settings, request, int(workload.num_output_tokens[index]), index, start)
+            num_output_tokens = int(workload.num_output_tokens[index])
+            record = await _one(client, settings, request, num_output_tokens, index, start, router)
             if progress is not None:
                 progress(1)
             return record
@@ -242,6 +296,28 @@ def replay_sync(
     requests: Sequence[Request],
     settings: ReplaySettings,
     progress: Callable[[int], None] | None = None,
+    *,
+    router_config: RouterConfig | None = None,
 ) -> list[RequestRecord]:
-    """:func:`replay` from synchronous code."""
-    return asyncio.run(replay(workload, requests, settings, progress=progress))
+    """:func:`replay` from synchronous code; with ``router_config``, through a router built from it in this
+    process (started and probed before the first request, stopped after the last).
+
+    Raises:
+        ConfigError: ``router_config`` cannot run (its policy on its roles, or a profile that does not load).
+    """
+    if router_config is None:
+        return asyncio.run(replay(workload, requests, settings, progress=progress))
+    config = router_config
+
+    async def through_router() -> list[RequestRecord]:
+        from tropical_sched.serve.router import Router
+
+        router = Router(config)
+        await router.start()
+        try:
+            await router.probe_instances()
+            return await replay(workload, requests, settings, progress=progress, router=router)
+        finally:
+            await router.stop()
+
+    return asyncio.run(through_router())

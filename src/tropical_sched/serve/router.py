@@ -27,7 +27,7 @@ import asyncio
 import math
 import secrets
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from tropical_sched.core.decisions import DecodePlacement, RouteAction, RouteDecision
@@ -48,12 +48,21 @@ from tropical_sched.serve.app import (
     SLO_HEADERS,
     RouterApp,
     parse_slo_headers,
+    request_slo,
 )
 from tropical_sched.serve.config import InstanceConfig, RouterConfig
 from tropical_sched.serve.decision_log import DecisionLog, complete_entry, new_entry
 from tropical_sched.serve.metrics import RouterMetrics
 from tropical_sched.serve.monitor import EngineMonitor
-from tropical_sched.serve.openai import StreamEvent, error_body
+from tropical_sched.serve.openai import (
+    BadRequest,
+    GenerationBody,
+    StreamEvent,
+    UnknownModel,
+    error_body,
+    prompt_token_count,
+    validate_body,
+)
 from tropical_sched.serve.state import Instance, Phase, Tracked
 from tropical_sched.serve.upstream import (
     ConcurrentPrefill,
@@ -132,6 +141,8 @@ class Router:
         for instance in self.instances:
             self.metrics.instance_up.labels(instance.url, instance.role.value).set(1)
             self.metrics.in_flight.labels(instance.url).set(0)
+        self._slo_spec = config.slo.spec()
+        self._next_request_number = 0
         self.app = RouterApp(self).web
 
     # -- set-up -------------------------------------------------------------------------------------------------
@@ -189,6 +200,12 @@ class Router:
         await self.upstream.close()
         if self.decision_log is not None:
             self.decision_log.close()
+
+    async def probe_instances(self) -> None:
+        """Probe every instance once now (``GET /health``, and ``GET /v1/models`` for its model names and context
+        limit), as the periodic health check does: a router embedded in a client (:meth:`submit`) calls this after
+        :meth:`start`, before its first request, so that requests are checked against the engines' context."""
+        await asyncio.gather(*(self.monitor.probe(instance) for instance in self.instances))
 
     # -- clock, snapshots, dispatch -----------------------------------------------------------------------------
 
@@ -298,14 +315,115 @@ class Router:
         reported = [i.max_model_len for i in self.instances if i.max_model_len is not None]
         return min(reported) if reported else self.profile.max_model_len
 
+    async def submit(
+        self, body: dict[str, Any], *, chat: bool = False, headers: Mapping[str, str] | None = None
+    ) -> tuple[Tracked, AsyncGenerator[list[StreamEvent], None]]:
+        """Check a client's request and admit it: what ``POST /v1/completions`` (``chat=False``) and ``POST
+        /v1/chat/completions`` (``chat=True``) do with a body, without HTTP. The HTTP surface calls it; so does
+        a Python client or gateway that embeds the router (``tropical validate --router-config``), which then
+        carries the engines' bytes itself and puts no relay between them and its client.
+
+        Args:
+            body: the OpenAI request body (a JSON object); ``model`` is filled in from the configuration if
+                absent. The router always streams from the engines; the events come back as they came.
+            chat: chat completions rather than completions.
+            headers: the request's headers, lower-case names (SLO headers: ``x-slo-ttft-ms``,
+                ``x-slo-tpot-ms``, or llm-d's ``x-llm-d-slo-*-ms``); ``None``: none (default SLOs from the
+                configuration).
+
+        Returns:
+            ``(tracked, events)`` as :meth:`admit` returns them: the first ``__anext__`` of ``events`` routes the
+            request (``tracked.route`` names its path after it); closing ``events`` aborts it.
+
+        Raises:
+            BadRequest: a field or header is malformed or out of range, the model is unknown, or the prompt and
+                ``max_tokens`` cannot fit the served model's context (``status`` 4xx; the message names the
+                field and the value).
+            HttpError: 503, ``config.max_waiting_requests`` requests already wait at the router.
+        """
+        try:
+            typed = validate_body(body, chat=chat)  # before a tokenizer sees it
+            request = self._new_request(body, typed, chat, headers or {}, await self._tokenize(body, chat))
+        except BadRequest:
+            self.metrics.requests.labels("none", "invalid").inc()
+            raise
+        if self.config.model and "model" not in body:
+            body["model"] = self.config.model
+        if self.dispatcher.num_waiting >= self.config.max_waiting_requests:
+            self.metrics.requests.labels("none", "rejected").inc()
+            raise HttpError(503, "too many requests waiting at the router", "ServiceUnavailable")
+        return self.admit(request, body, chat)
+
+    async def _tokenize(self, body: dict[str, Any], chat: bool) -> int | None:
+        """The exact prompt length from a healthy instance's ``POST /tokenize`` (``prompt_tokens: tokenize``),
+        or ``None`` (token-id prompt, estimate configured, or no instance answered: the router then estimates)."""
+        if self.config.prompt_tokens != "tokenize" or (not chat and isinstance(body.get("prompt"), list)):
+            return None
+        payload: dict[str, Any] = {key: body[key] for key in ("model", "messages" if chat else "prompt") if key in body}
+        if "model" not in payload and self.config.model:
+            payload["model"] = self.config.model
+        return await self.upstream.count_tokens(self.instances, payload)
+
+    def _new_request(
+        self,
+        body: dict[str, Any],
+        typed: GenerationBody,
+        chat: bool,
+        headers: Mapping[str, str],
+        num_prompt_tokens: int | None = None,
+    ) -> Request:
+        """Check a client's request against the served models and context and build the request the policy sees.
+
+        Args:
+            body: the client's body.
+            typed: the same body, validated (:func:`~tropical_sched.serve.openai.validate_body`).
+            chat: chat completions rather than completions.
+            headers: the request's headers (its SLO headers).
+            num_prompt_tokens: the exact prompt length if it was tokenized; else it is counted from the body.
+
+        Raises:
+            BadRequest: a field or header is malformed or out of range, the model is unknown, or the prompt and
+                ``max_tokens`` cannot fit the served model's context (the message names the field and value).
+        """
+        served = self.served_models()
+        if typed.model is not None and served and typed.model not in served:
+            raise UnknownModel(
+                f"field model = {typed.model!r}: the model does not exist here (served: {sorted(served)})"
+            )
+        counted, exact = prompt_token_count(body, chat=chat, chars_per_token=self.config.chars_per_token)
+        if num_prompt_tokens is None:
+            num_prompt_tokens = counted
+        else:
+            exact = True
+        max_tokens = typed.num_max_tokens
+        max_model_len = self.max_model_len()
+        if max_tokens is not None and max_tokens >= max_model_len:
+            raise BadRequest(
+                f"field max_tokens = {max_tokens}: leaves no room for the prompt in the model's context of "
+                f"{max_model_len} tokens"
+            )
+        if exact and num_prompt_tokens + (max_tokens or 1) > max_model_len:
+            raise BadRequest(
+                f"field prompt: {num_prompt_tokens} prompt tokens + max_tokens {max_tokens or 1} exceed the model's "
+                f"context of {max_model_len} tokens"
+            )
+        slo = request_slo(self._slo_spec, self.profile.step_time, num_prompt_tokens, headers)
+        self._next_request_number += 1
+        return Request(
+            request_id=f"{self.request_id_prefix}{self._next_request_number}",
+            arrival_at_s=self.now_s(),
+            num_prompt_tokens=num_prompt_tokens,
+            slo=slo,
+            max_output_tokens=max_tokens,
+        )
+
     def admit(
         self, request: Request, body: dict[str, Any], chat: bool
     ) -> tuple[Tracked, AsyncGenerator[list[StreamEvent], None]]:
-        """Take a validated request: track it, and return the generator of its upstream events, in batches (the
-        events of one network read; routing starts at its first ``__anext__``; closing it aborts the request
-        wherever it is)."""
+        """Take a validated request and return the generator of its upstream events, in batches (the events of one
+        network read; tracking and routing start at its first ``__anext__``; closing it aborts the request wherever
+        it is)."""
         tracked = Tracked(request=request)
-        self._tracked[request.request_id] = tracked
         return tracked, self._events(tracked, body, chat)
 
     # -- one request through the cluster ------------------------------------------------------------------------
@@ -364,6 +482,7 @@ class Router:
         request = tracked.request
         path = "/v1/chat/completions" if chat else "/v1/completions"
         outcome = "aborted"
+        self._tracked[request.request_id] = tracked  # here, not in admit(): a stream closed unstarted leaves nothing
         try:
             while True:
                 tracked.attempts += 1
