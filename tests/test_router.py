@@ -747,7 +747,8 @@ def test_validate_through_a_router_in_the_client_process_takes_both_paths_with_n
     """`tropical validate --router-config` runs the router of a cluster file inside the client: every request
     reaches the engines through it (P/D and multiplexed alike, counted by the engines), the routes are reported as
     over HTTP, the decision log has a line per request, and a request the router refuses (a model no engine serves)
-    fails with the status and message the HTTP surface would answer while the rest are served."""
+    fails with the status and message the HTTP surface would answer while the rest are served. `tropical replay
+    --router-config` takes its SLOs from the router's profile."""
     from tropical_sched.cli.main import main as tropical_main
     from tropical_sched.serve.decision_log import read_decision_log
 
@@ -779,6 +780,9 @@ def test_validate_through_a_router_in_the_client_process_takes_both_paths_with_n
         served = sum(e.stats.num_requests for e in engines)
         argv = ["validate", "--router-config", str(cluster_file), *common, "--num-requests", "3", "--model", "gpt-x"]
         assert tropical_main([*argv, "--json", str(wrong_model)]) == 0
+        replayed = tmp_path / "replay.json"
+        argv = ["replay", "--router-config", str(cluster_file), "--num-requests", "10", "--rate", "10", "--no-progress"]
+        assert tropical_main([*argv, "--json", str(replayed)]) == 0
     finally:
         for s in servers:
             s.stop()
@@ -790,12 +794,18 @@ def test_validate_through_a_router_in_the_client_process_takes_both_paths_with_n
     assert not [r["reason"] for r in records if r["failed"]]
     assert data["measured"]["slo_attainment"] > 0.5
     entries = read_decision_log(decisions)
+    assert len(entries) == 40 + 10  # validate's, then replay's; the refused requests were never decided
+    entries = entries[:40]
     routes = [e["route"] for e in entries]
-    assert len(entries) == 40
     assert {"prefill", "multiplex"} <= set(routes)
     assert sum(r["multiplexed"] for r in records) == routes.count("multiplex")  # the route, read in the process
     # P/D requests are two engine requests (prefill, then decode), multiplexed ones one
     assert served == 40 + routes.count("prefill")
+    replay_data = json.loads(replayed.read_text())
+    assert replay_data["router_config"] == str(cluster_file)
+    assert replay_data["profile"] == scaled.name  # SLOs from the router's profile
+    assert replay_data["num_requests"] == 10
+    assert not [r["reason"] for r in replay_data["records"] if r["failed"]]
     refused = json.loads(wrong_model.read_text())["records"]
     assert all(r["failed"] for r in refused)
     assert refused[0]["reason"].startswith("HTTP 404: field model = 'gpt-x'")

@@ -26,17 +26,30 @@ from tropical_sched.workloads.workload import make_workload
 if TYPE_CHECKING:
     from tropical_sched.serve.replay import ReplaySettings
 
-__all__ = ["add_request_arguments", "register", "replay_settings"]
+__all__ = ["add_request_arguments", "add_target_arguments", "register", "replay_settings"]
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tropical replay``."""
     from tropical_sched.serve.replay import probe_endpoint, replay_sync
 
-    endpoint = probe_endpoint(args.url)
+    router_config = None
+    if args.router_config is not None:
+        from tropical_sched.serve.config import load_router_config
+
+        router_config = load_router_config(args.router_config)  # fails here, naming the file, line and field
+        urls = [instance.url for instance in router_config.instances]
+        where = f"the router of {args.router_config} in this process"
+    else:
+        urls = args.url
+        where = ", ".join(urls)
+    endpoint = probe_endpoint(urls)
     notes_before: list[str] = []
     if args.profile is not None:
         profile = load_profile(args.profile)
+    elif router_config is not None:
+        profile = load_profile(router_config.profile)
+        notes_before.append(f"SLOs from the router's profile {profile.name} (--profile to override)")
     elif endpoint.router_profile is not None:
         profile = profile_from_json(endpoint.router_profile, f"{args.url[0]}/v1/tropical/profile")
         notes_before.append(f"SLOs from the router's profile {profile.name} (--profile to override)")
@@ -64,19 +77,17 @@ def run(args: argparse.Namespace) -> int:
     requests = build_requests(workload, profile, slo)
     settings = replay_settings(
         args,
-        args.url,
+        urls,
         endpoint=args.endpoint,
         prompt_format=args.prompt_format,
         chars_per_token=args.chars_per_token,
     )
     with collect_warnings() as notes, progress_bar(not args.no_progress) as (start, advance):
         start(args.label, len(requests))
-        records = replay_sync(workload, requests, settings, progress=advance)
+        records = replay_sync(workload, requests, settings, progress=advance, router_config=router_config)
     summary = summarize(records)
     console = wide_console()
-    render_summaries(
-        f"replay of {args.trace} against {', '.join(args.url)}; {slo.describe()}", {args.label: summary}, console
-    )
+    render_summaries(f"replay of {args.trace} against {where}; {slo.describe()}", {args.label: summary}, console)
     console.print(f"workload: {workload.report.describe()}")
     for note in notes_before:
         console.print(f"note: {note}")
@@ -87,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
         "schema_version": 1,
         "trace": args.trace,
         "profile": profile.name,
-        "url": args.url if len(args.url) > 1 else args.url[0],
+        **({"url": urls if len(urls) > 1 else urls[0]} if router_config is None else {}),
+        **({"router_config": str(args.router_config)} if router_config is not None else {}),
         "num_requests": len(records),
         "slo": slo.describe(),
         "workload": workload.report.describe(),
@@ -128,6 +140,26 @@ def add_request_arguments(group: Any) -> None:
     group.add_argument("--no-slo-headers", action="store_true", help="do not send x-slo-*-ms headers")
 
 
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the requests go (``tropical replay``, ``tropical validate``): ``--url`` (one or more) or
+    ``--router-config``, one of them required."""
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--url",
+        action="append",
+        type=http_url,
+        help="base URL of the endpoint, e.g. http://127.0.0.1:8000; give it several times to spread the requests "
+        "round-robin over several engines (a plain colocated deployment)",
+    )
+    where.add_argument(
+        "--router-config",
+        metavar="CLUSTER_YAML",
+        help="send the requests through the Tropical router of this cluster file (tropical serve's --config), run "
+        "inside this process: no HTTP hop and no relay between the client and the router, as a Python gateway "
+        "that embeds the router runs it (docs/router.md, 'Embedding the router in a Python process')",
+    )
+
+
 def replay_settings(args: argparse.Namespace, urls: list[str], **options: Any) -> ReplaySettings:
     """The :class:`ReplaySettings` of the arguments :func:`add_request_arguments` added (and ``--seed``), sent to
     ``urls`` round-robin; ``options`` sets the other fields."""
@@ -153,14 +185,7 @@ def register(subparsers: Any) -> None:
         description="Send each request of a trace at its arrival time with its SLOs as x-slo-*-ms headers, stream "
         "the answers, and report SLO attainment and latencies as tropical simulate does.",
     )
-    parser.add_argument(
-        "--url",
-        required=True,
-        action="append",
-        type=http_url,
-        help="base URL of the endpoint, e.g. http://127.0.0.1:8000; give it several times to spread the requests "
-        "round-robin over several engines (a plain colocated deployment)",
-    )
+    add_target_arguments(parser)
     add_workload_arguments(parser)
     add_slo_arguments(parser)
     target = parser.add_argument_group("target")

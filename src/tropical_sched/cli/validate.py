@@ -9,8 +9,8 @@ from typing import Any
 
 from rich.table import Table
 
-from tropical_sched.cli._common import collect_warnings, http_url, progress_bar, report_notes_and_json, wide_console
-from tropical_sched.cli.replay import add_request_arguments, record_dicts, replay_settings
+from tropical_sched.cli._common import collect_warnings, progress_bar, report_notes_and_json, wide_console
+from tropical_sched.cli.replay import add_request_arguments, add_target_arguments, record_dicts, replay_settings
 from tropical_sched.cli.simulate import add_experiment_arguments, build_experiment
 from tropical_sched.metrics.attainment import summarize
 from tropical_sched.metrics.fidelity import fidelity_rows
@@ -96,21 +96,7 @@ def register(subparsers: Any) -> None:
         "same requests with the same profile and configuration, and report measured and simulated TTFT and TPOT "
         "(P50, P90) and joint SLO attainment with their relative errors.",
     )
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument(
-        "--url",
-        action="append",
-        type=http_url,
-        help="base URL of the endpoint, e.g. http://127.0.0.1:8000; give it several times to spread the requests "
-        "round-robin over several engines (a plain colocated deployment)",
-    )
-    where.add_argument(
-        "--router-config",
-        metavar="CLUSTER_YAML",
-        help="send the requests through the Tropical router of this cluster file (tropical serve's --config), run "
-        "inside this process: no HTTP hop and no relay between the client and the router, as a Python gateway "
-        "that embeds the router would run it (docs/router.md, 'Embedding the router')",
-    )
+    add_target_arguments(parser)
     add_experiment_arguments(parser)
     target = parser.add_argument_group("target")
     add_request_arguments(target)

@@ -21,6 +21,7 @@ from tropical_sched.serve.decision_log import (
     summarize_decision_log,
 )
 from tropical_sched.serve.fake_engine import FakeEngine, FakeEngineStats
+from tropical_sched.serve.openai import BadRequest
 from tropical_sched.serve.replay import EndpointInfo, ReplaySettings, probe_endpoint, replay, replay_sync
 from tropical_sched.serve.router import (
     MAX_REQUEST_BODY_BYTES,
@@ -31,6 +32,7 @@ from tropical_sched.serve.router import (
     Router,
     parse_slo_headers,
 )
+from tropical_sched.serve.upstream import HttpError
 
 __all__ = [
     "MAX_REQUEST_BODY_BYTES",
@@ -38,6 +40,7 @@ __all__ = [
     "ROUTE_HEADER",
     "SLO_HEADERS",
     "SLO_HEADER_RANGE_MS",
+    "BadRequest",
     "CalibrationSettings",
     "ClusterFileError",
     "DecisionLog",
@@ -45,6 +48,7 @@ __all__ = [
     "Engine",
     "FakeEngine",
     "FakeEngineStats",
+    "HttpError",
     "InstanceConfig",
     "ReplaySettings",
     "RouteSummary",
