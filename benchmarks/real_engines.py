@@ -14,6 +14,10 @@ client, as the runs up to stop 27 had it):
 * ``tropical``: the shape ``tropical plan`` recommends for ``cpu-served-llama`` on two instances (read from
   ``benchmarks/results/real-engines/plan-cpu-served-llama.json``), the Tropical scheduler class and connector on
   every engine, behind ``tropical serve`` with the ``tropical`` policy and online calibration on.
+* ``tropical-in-client``: the same engines and router configuration, the router run inside the client's process
+  (``tropical validate --router-config``): no second process relaying tokens on an engine's core. The result
+  file's Tropical cell is collected from these runs (stop 31 on); ``tropical``'s are kept as
+  ``tropical-router-process`` (see ``COLLECTED``).
 
 Workload: the Azure conversation trace (prompts within the 2,304-token context), Poisson arrivals, 200 requests per
 load; SLOs TTFT 5x the isolated prefill and TPOT 5x the isolated decode step at the request's context, both from
@@ -77,11 +81,22 @@ EXTRA_DEPLOYMENTS = (
     "tropical-in-client",
 )
 EMBEDDED_ROUTER = {"tropical-in-client": "tropical"}  # deployment -> the deployment whose router it embeds
+# What the result file's cells are collected from: Tropical's cell is the router in the client (stop 31 on), the
+# runs with the router in its own process (up to stop 30) are kept as a cell of their own.
+COLLECTED = {
+    "vllm-round-robin": "vllm-round-robin",
+    "vllm-pd": "vllm-pd",
+    "tropical": "tropical-in-client",
+    "tropical-router-process": "tropical",
+}
+# Runs in pairs (round robin and Tropical with the router in the client, one after the other on fresh engines,
+# the order alternating): ``measure --variant s31-N``. A cell's runs are its first, its ``-runN`` repeats and these.
+PAIRED_VARIANT = "s31-"
 VLLM_ROUTER = {"command": "vllm-router"}
 CORES = (
     "engine A pinned to core 0, engine B to core 1 (VLLM_CPU_OMP_THREADS_BIND and taskset); the client on core 0 "
-    "beside engine A; the router on core 1 beside engine B for Tropical, on core 0 beside the prefill engine (A) for "
-    "vLLM P/D"
+    "beside engine A; Tropical's router inside the client's process (core 0), or, for the router-process runs, in "
+    "its own process on core 1 beside engine B; vLLM P/D's router on core 0 beside the prefill engine (A)"
 )
 # Where the router runs, per deployment. The client and the router each relay every token of every request. With
 # two colocated engines the router goes beside engine B, the client being beside engine A: with both beside engine A
@@ -591,13 +606,22 @@ def _diagnosis() -> list[dict[str, Any]]:
         entry.update({k: run["measured"][k] for k in FIGURES})
         entry["engines"] = _engine_figures(metrics.read_text()) if metrics.exists() else []
         runs.append(entry)
-    collected = {"vllm-round-robin": None, "tropical": None}
-    for deployment in collected:
-        metrics = RAW / f"{deployment}-knee.metrics.txt"
+    firsts = {
+        "vllm-round-robin": "vllm-round-robin: the first of its runs in the table above",
+        "tropical": "tropical, router process on core 1: the first of its runs in the table above",
+    }
+    cells = [(f"{deployment}-knee", what) for deployment, what in firsts.items()]
+    # stop 31's knee pairs: what the engines did with Tropical's router in the client, beside round robin's
+    for n, _ in paired_runs(COLLECTED["tropical"], "knee"):
+        cells.append((f"vllm-round-robin-knee-{PAIRED_VARIANT}{n}", f"stop 31, pair {n}: round robin"))
+        cells.append(
+            (f"{COLLECTED['tropical']}-knee-{PAIRED_VARIANT}{n}", f"stop 31, pair {n}: Tropical, router in the client")
+        )
+    for name, what in cells:
+        metrics = RAW / f"{name}.metrics.txt"
         if metrics.exists():
-            run = json.loads((RAW / f"{deployment}-knee.json").read_text())
-            what = f"{deployment}: the first of its runs in the table above"
-            entry = {"name": f"{deployment}-knee", "what": what, "num_requests": run["num_requests"]}
+            run = json.loads((RAW / f"{name}.json").read_text())
+            entry = {"name": name, "what": what, "num_requests": run["num_requests"]}
             entry.update({k: run["measured"][k] for k in FIGURES})
             entry["engines"] = _engine_figures(metrics.read_text())
             runs.append(entry)
@@ -606,10 +630,35 @@ def _diagnosis() -> list[dict[str, Any]]:
 
 def run_paths(deployment: str, load: str) -> list[Path]:
     """A cell's raw runs: ``<deployment>-<load>.json``, then its repeats ``<deployment>-<load>-run<N>.json``
-    (``measure --variant runN``) in order of N."""
+    (``measure --variant runN``) in order of N, then its paired runs ``<deployment>-<load>-s31-<N>.json``
+    (:data:`PAIRED_VARIANT`) in order of N."""
     first = RAW / f"{deployment}-{load}.json"
     repeats = sorted(RAW.glob(f"{deployment}-{load}-run*.json"), key=lambda p: int(p.stem.rsplit("-run", 1)[1]))
-    return [first, *repeats] if first.exists() else repeats
+    return ([first] if first.exists() else []) + repeats + [path for _, path in paired_runs(deployment, load)]
+
+
+def paired_runs(deployment: str, load: str) -> list[tuple[int, Path]]:
+    """A cell's paired runs (:data:`PAIRED_VARIANT`) with their pair numbers, in order."""
+    prefix = f"{deployment}-{load}-{PAIRED_VARIANT}"
+    runs = [(path.stem.removeprefix(prefix), path) for path in RAW.glob(f"{prefix}*.json")]
+    return sorted((int(n), path) for n, path in runs if n.isdigit())
+
+
+def collected_pairs(load: str) -> list[dict[str, Any]]:
+    """The paired runs of a load: per pair, round robin's and Tropical's (router in the client) figures and the
+    difference in joint attainment (points)."""
+    tropical = dict(paired_runs(COLLECTED["tropical"], load))
+    pairs = []
+    for n, path in paired_runs("vllm-round-robin", load):
+        if n not in tropical:
+            continue
+        figures = {
+            key: {name: json.loads(p.read_text())["measured"][name] for name in FIGURES}
+            for key, p in (("vllm-round-robin", path), ("tropical", tropical[n]))
+        }
+        points = (figures["tropical"]["slo_attainment"] - figures["vllm-round-robin"]["slo_attainment"]) * 100
+        pairs.append({"pair": n, **figures, "difference_points": round(points, 6)})
+    return pairs
 
 
 def collected_entry(paths: list[Path], validate_args: list[str], shape: str, tropical: bool) -> dict[str, Any] | None:
@@ -644,12 +693,16 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     result_loads = []
     for load, rate in loads().items():
         deployments: dict[str, Any] = {}
-        for deployment in DEPLOYMENTS:
-            validate_args = _validate_args(deployment, rate, prefill_workers, hop)
-            entry = collected_entry(run_paths(deployment, load), validate_args, shape, deployment == "tropical")
+        for key, deployment in COLLECTED.items():
+            validate_args = _validate_args(EMBEDDED_ROUTER.get(deployment, deployment), rate, prefill_workers, hop)
+            tropical = key.startswith("tropical")
+            entry = collected_entry(run_paths(deployment, load), validate_args, shape, tropical)
             if entry is not None:
-                deployments[deployment] = entry
-        result_loads.append({"name": load, "rate_per_s": rate, "deployments": deployments})
+                if tropical:
+                    entry["router"] = "in the client" if deployment in EMBEDDED_ROUTER else "process on core 1"
+                deployments[key] = entry
+        pairs = collected_pairs(load)
+        result_loads.append({"name": load, "rate_per_s": rate, "deployments": deployments, "pairs": pairs})
     data = {
         "schema_version": 1,
         "engine": (RAW / "engine.txt").read_text().strip(),
@@ -668,7 +721,12 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
             "measure": "benchmarks/real_engines.py measure (one tropical validate per deployment and load)",
             "vllm-round-robin": "tropical validate --url ENGINE_A --url ENGINE_B ...",
             "vllm-pd": "tropical validate --url ROUTER (tropical serve, policy distserve, prefill + decode) ...",
-            "tropical": f"tropical validate --url ROUTER (tropical serve, policy tropical, {shape}) ...",
+            "tropical": f"tropical validate --router-config CLUSTER_YAML (the router, policy tropical, {shape}, "
+            "inside the client's process) ...",
+            "tropical-router-process": f"tropical validate --url ROUTER (tropical serve, policy tropical, {shape}, "
+            "on core 1) ...",
+            "pairs": "benchmarks/real_engines.py measure --deployments vllm-round-robin tropical-in-client --loads L "
+            "--variant s31-N (the order of the two alternating from pair to pair)",
         },
         "loads": result_loads,
         "diagnosis": _diagnosis(),

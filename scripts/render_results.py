@@ -103,6 +103,7 @@ _DEPLOYMENT_NAMES = {
     "sglang-round-robin": "SGLang, round robin (2 colocated)",
     "sglang-pd": "SGLang P/D (1 prefill + 1 decode)",
     "tropical": "Tropical",
+    "tropical-router-process": "Tropical",
 }
 _LOAD_MEANING = {"light": "light half of it", "overloaded": "overloaded 1.5x"}
 
@@ -148,7 +149,7 @@ def render_real_engines(data: dict[str, Any]) -> str:
         for key, figures in load["deployments"].items():
             name = _DEPLOYMENT_NAMES.get(key, key)
             if "shape" in figures:
-                name += f" ({figures['shape']})"
+                name += f" ({figures['shape']}" + (f", router {figures['router']})" if "router" in figures else ")")
             lines.append(
                 f"| {load['name']} | {load['rate_per_s']:g} | {name} | {_requests(figures)} | "
                 f"{_joint(figures)} | {_pct(figures['ttft_attainment'])} | "
@@ -168,13 +169,39 @@ def render_real_engines(data: dict[str, Any]) -> str:
             continue
         measured = sorted(deployments, key=lambda k: -deployments[k]["slo_attainment"])
         simulated = sorted(deployments, key=lambda k: -deployments[k]["simulated"]["slo_attainment"])
-        stock = [k for k in deployments if k != "tropical"]
+        stock = [k for k in deployments if not k.startswith("tropical")]
         line = f"- {load['name']}: measured ranking {' > '.join(measured)}; simulated {' > '.join(simulated)}"
         if "tropical" in deployments and stock:
             best = max(stock, key=lambda k: deployments[k]["slo_attainment"])
             points = (deployments["tropical"]["slo_attainment"] - deployments[best]["slo_attainment"]) * 100
             line += f"; Tropical {points:+.1f} points against the best stock deployment ({best})"
+        pairs = load.get("pairs") or []
+        if pairs:
+            mean = sum(pair["difference_points"] for pair in pairs) / len(pairs)
+            line += f"; paired with round robin ({len(pairs)} pairs, below): {mean:+.1f} points on average"
         lines.append(line + ".")
+    paired = [load for load in data["loads"] if load.get("pairs")]
+    if paired:
+        lines += [
+            "",
+            "Pairs: round robin and Tropical (router in the client) one after the other on fresh engines, the order "
+            "alternating from pair to pair (the machine's speed drifts between periods; a pair shares one).",
+            "",
+            "| load | pair | round robin: joint / TTFT / TPOT att. | Tropical: joint / TTFT / TPOT att. | "
+            "difference (points) |",
+            "|---|---|---|---|---|",
+        ]
+        for load in sorted(paired, key=lambda entry: _LOAD_ORDER.get(entry["name"], 9)):
+            for pair in load["pairs"]:
+                cells = [
+                    " / ".join(_pct(pair[key][k]) for k in ("slo_attainment", "ttft_attainment", "tpot_attainment"))
+                    for key in ("vllm-round-robin", "tropical")
+                ]
+                lines.append(
+                    f"| {load['name']} | {pair['pair']} | {cells[0]} | {cells[1]} | {pair['difference_points']:+.1f} |"
+                )
+            mean = sum(pair["difference_points"] for pair in load["pairs"]) / len(load["pairs"])
+            lines.append(f"| {load['name']} | mean | | | {mean:+.1f} |")
     lines.append("")
     lines.append(
         f"Plan: `{data['plan']['command']}` recommended {data['plan']['recommendation']['policy']} at "

@@ -254,33 +254,46 @@ def test_real_engine_results_follow_the_issues_schema() -> None:
     assert rates == sorted(rates)
     figures = {"slo_attainment", "ttft_attainment", "tpot_attainment", "ttft_p90_s", "tpot_p90_s"}
     for load in data["loads"]:
-        assert set(load["deployments"]) == {"vllm-round-robin", "vllm-pd", "tropical"}
+        # Tropical with its router in the client, and (stop 30 and before) in a process of its own
+        assert set(load["deployments"]) == {"vllm-round-robin", "vllm-pd", "tropical", "tropical-router-process"}
         for name, deployment in load["deployments"].items():
             assert figures <= set(deployment)
             assert deployment["num_requests"] >= 200
             joint, ttft, tpot = (deployment[k] for k in ("slo_attainment", "ttft_attainment", "tpot_attainment"))
             assert 0 <= joint <= min(ttft, tpot)
-            assert ("shape" in deployment) == (name == "tropical")
+            assert ("shape" in deployment) == name.startswith("tropical")
             runs = deployment.get("runs", [])
             assert deployment.get("num_runs", 1) == max(len(runs), 1)
             for key in figures if runs else ():
                 assert deployment[key] == pytest.approx(sum(run[key] for run in runs) / len(runs))
+        for pair in load["pairs"]:  # a pair's runs are runs of their cells too
+            for key in ("vllm-round-robin", "tropical"):
+                assert pair[key]["slo_attainment"] in [
+                    run["slo_attainment"] for run in load["deployments"][key]["runs"]
+                ]
+            difference = pair["tropical"]["slo_attainment"] - pair["vllm-round-robin"]["slo_attainment"]
+            assert pair["difference_points"] == pytest.approx(difference * 100)
 
 
 def test_real_engine_collect_averages_a_cells_runs_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``benchmarks/real_engines.py collect``: a cell's figures are the mean of its run and its ``-runN`` repeats,
-    taken in the order of N (run10 after run3), and other raw files of the same cell (diagnosis variants) stay out."""
+    """``benchmarks/real_engines.py collect``: a cell's figures are the mean of its run, its ``-runN`` repeats, taken
+    in the order of N (run10 after run3), and its paired runs, and other raw files of the same cell (diagnosis
+    variants) stay out; paired runs are paired by their number."""
     import json
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     real = load_script("benchmarks/real_engines.py")
     monkeypatch.setattr(real, "RAW", tmp_path)
     figures = ("slo_attainment", "ttft_attainment", "tpot_attainment", "ttft_p90_s", "tpot_p90_s")
-    for suffix, joint in (("", 0.8), ("-run2", 0.9), ("-run10", 0.7), ("-run3", 1.0), ("-steplog", 0.1)):
+
+    def write(name: str, joint: float) -> None:
         run = {key: joint for key in figures}
-        (tmp_path / f"tropical-knee{suffix}.json").write_text(
+        (tmp_path / f"{name}.json").write_text(
             json.dumps({"num_requests": 200, "measured": run, "simulated": {"tropical": run}})
         )
+
+    for suffix, joint in (("", 0.8), ("-run2", 0.9), ("-run10", 0.7), ("-run3", 1.0), ("-steplog", 0.1)):
+        write(f"tropical-knee{suffix}", joint)
     paths = real.run_paths("tropical", "knee")
     assert [p.stem.removeprefix("tropical-knee") for p in paths] == ["", "-run2", "-run3", "-run10"]
     entry = real.collected_entry(paths, ["--rate", "1.81"], "2M", tropical=True)
@@ -291,6 +304,21 @@ def test_real_engine_collect_averages_a_cells_runs_in_order(tmp_path: Path, monk
     assert entry["shape"] == "2M"
     assert real.run_paths("vllm-pd", "knee") == []
     assert real.collected_entry([], ["--rate", "1.81"], "2M", tropical=False) is None
+    # paired runs (round robin and Tropical with the router in the client): after the repeats, in pair order, and
+    # paired by number; a pair with one half missing is no pair
+    for name, joint in (("vllm-round-robin-knee", 0.8), ("vllm-round-robin-knee-s31-10", 0.6)):
+        write(name, joint)
+    for n, joint in ((10, 0.7), (2, 0.9), (1, 0.5)):
+        write(f"tropical-in-client-knee-s31-{n}", joint)
+    write("vllm-round-robin-knee-s31-2", 0.85)
+    paths = real.run_paths("vllm-round-robin", "knee")
+    assert [p.stem.removeprefix("vllm-round-robin-knee") for p in paths] == ["", "-s31-2", "-s31-10"]
+    pairs = real.collected_pairs("knee")
+    assert [(pair["pair"], pair["difference_points"]) for pair in pairs] == [
+        (2, pytest.approx(5.0)),
+        (10, pytest.approx(10.0)),
+    ]
+    assert pairs[0]["tropical"]["slo_attainment"] == 0.9
 
 
 def test_sglang_real_engine_results_follow_the_issues_schema() -> None:
