@@ -40,6 +40,8 @@ import argparse
 import json
 import math
 import os
+import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -296,6 +298,42 @@ def _router(
     return ServerProcess(command, workdir / f"router-{name}.log"), f"http://127.0.0.1:{port}"
 
 
+SPEED_PROBE = (
+    "import time, numpy as np; a = np.random.default_rng(0).random((256, 256)); "
+    "t = time.perf_counter(); [a @ a for _ in range(400)]; print((time.perf_counter() - t) / 400 * 1e3)"
+)
+"""A fixed piece of work (a 256x256 matrix product, 400 times): its time per product on a core, ms, is that core's
+speed now. The machine's speed drifts 5-35% between runs minutes apart (the engines' calibrated decode steps of the
+stop 31 pairs), which moves attainment at the knee more than the deployments do; each run records the probe on
+both cores before its engines start and after they stop (``<run>.speed.json``)."""
+
+
+def _speed_ms() -> list[float]:
+    """:data:`SPEED_PROBE` on core 0 and core 1, ms per product."""
+    return [
+        float(
+            subprocess.run(
+                ["taskset", "-c", str(core), sys.executable, "-c", SPEED_PROBE],
+                env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        for core in (0, 1)
+    ]
+
+
+def _keep_calibration(out: Path, logs: list[Path]) -> None:
+    """The Tropical engines' last online-calibration line each (engine A on core 0 first), beside the run's
+    result: the lone decode step and 1,024-token prefill each engine ran at, against the profile's."""
+    lines = []
+    for core, log in enumerate(logs):
+        found = [line for line in log.read_text(errors="replace").splitlines() if "tropical online calibration" in line]
+        lines.append(f"core {core}: " + (found[-1].split("tropical online calibration: ", 1)[1] if found else "-"))
+    out.with_suffix(".calibration.txt").write_text("\n".join(lines) + "\n")
+
+
 def _cpu_s(pid: int) -> float:
     """CPU seconds (user + system) a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -343,6 +381,7 @@ def _run(
     out = RAW / f"{deployment}-{load}{suffix}.json"
     processes: list[Any] = []
     engine_roles, policy, tropical, connector = _shape(deployment, prefill_workers)
+    speed = {"before_ms": _speed_ms()}
     try:
         engines = [
             _engine(model, core, workdir, kv_dir, role, tropical=tropical, connector=connector)
@@ -389,13 +428,22 @@ def _run(
         validate = _validate_args(
             EMBEDDED_ROUTER.get(deployment, deployment), rate, prefill_workers, _hop(), num_requests
         )
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         _tropical("validate", *target, *validate, "--json", str(out), core=0)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # the client's CPU (with the router's, where it runs inside): what core 0 spends beside engine A
+        client_cpu_s = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+        out.with_suffix(".client-cpu.txt").write_text(f"{client_cpu_s:.2f}\n")
         _keep_metrics(out, [u for _, u in engines], urls[0] if relay else None)
+        if tropical:
+            _keep_calibration(out, [process.log for process, _ in engines])
         if relay:
             out.with_suffix(".router-cpu.txt").write_text(f"{_cpu_s(processes[-1].process.pid):.2f}\n")
     finally:
         for process in reversed(processes):
             process.stop()
+    speed["after_ms"] = _speed_ms()
+    out.with_suffix(".speed.json").write_text(json.dumps(speed) + "\n")
     if policy is not None:
         _print_decisions(workdir / f"{out.stem}.decisions.jsonl")
 
@@ -652,10 +700,17 @@ def collected_pairs(load: str) -> list[dict[str, Any]]:
     for n, path in paired_runs("vllm-round-robin", load):
         if n not in tropical:
             continue
-        figures = {
-            key: {name: json.loads(p.read_text())["measured"][name] for name in FIGURES}
-            for key, p in (("vllm-round-robin", path), ("tropical", tropical[n]))
-        }
+        figures: dict[str, dict[str, Any]] = {}
+        for key, run in (("vllm-round-robin", path), ("tropical", tropical[n])):
+            figures[key] = {name: json.loads(run.read_text())["measured"][name] for name in FIGURES}
+            speed = run.with_suffix(".speed.json")
+            if speed.exists():  # the probe before and after the run, both cores: their mean
+                probes = json.loads(speed.read_text())
+                figures[key]["speed_probe_ms"] = statistics.fmean(probes["before_ms"] + probes["after_ms"])
+            calibration = run.with_suffix(".calibration.txt")
+            if calibration.exists():  # Tropical's engines: the lone decode step each calibrated, ms (mean of both)
+                steps = re.findall(r"decode step at batch 1 ([0-9.]+) ms", calibration.read_text())
+                figures[key]["calibrated_decode_step_ms"] = statistics.fmean(float(step) for step in steps)
         points = (figures["tropical"]["slo_attainment"] - figures["vllm-round-robin"]["slo_attainment"]) * 100
         pairs.append({"pair": n, **figures, "difference_points": round(points, 6)})
     return pairs

@@ -126,6 +126,10 @@ def _joint(figures: dict[str, Any]) -> str:
     return f"{_pct(figures['slo_attainment'])} ({min(runs):.1%}-{max(runs):.1%})"
 
 
+def _number_or_dash(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def _ms_or_dash(seconds: float | None, spec: str) -> str:
     """Seconds as milliseconds in ``spec``, or ``-`` when there is no figure."""
     return "-" if seconds is None else format(seconds * 1e3, spec)
@@ -185,11 +189,14 @@ def render_real_engines(data: dict[str, Any]) -> str:
         lines += [
             "",
             "Pairs: round robin and Tropical (router in the client) one after the other on fresh engines, the order "
-            "alternating from pair to pair (the machine's speed drifts between periods; a pair shares one).",
+            "alternating from pair to pair. The machine's speed drifts between runs; the speed probe (from pair 5 "
+            "on) times a fixed 256x256 matrix product on each core before and after each run (ms, lower is "
+            "faster; the mean of the four); Tropical's engines also log the lone decode step their online "
+            "calibration learned (the profile's: 8.61 ms), the mean of the two engines at the end of the run.",
             "",
             "| load | pair | round robin: joint / TTFT / TPOT att. | Tropical: joint / TTFT / TPOT att. | "
-            "difference (points) |",
-            "|---|---|---|---|---|",
+            "difference (points) | speed probe ms: round robin / Tropical | Tropical's engines: lone decode step ms |",
+            "|---|---|---|---|---|---|---|",
         ]
         for load in sorted(paired, key=lambda entry: _LOAD_ORDER.get(entry["name"], 9)):
             for pair in load["pairs"]:
@@ -197,11 +204,14 @@ def render_real_engines(data: dict[str, Any]) -> str:
                     " / ".join(_pct(pair[key][k]) for k in ("slo_attainment", "ttft_attainment", "tpot_attainment"))
                     for key in ("vllm-round-robin", "tropical")
                 ]
+                probes = [pair[key].get("speed_probe_ms") for key in ("vllm-round-robin", "tropical")]
+                speed = " / ".join("-" if probe is None else f"{probe:.2f}" for probe in probes)
                 lines.append(
-                    f"| {load['name']} | {pair['pair']} | {cells[0]} | {cells[1]} | {pair['difference_points']:+.1f} |"
+                    f"| {load['name']} | {pair['pair']} | {cells[0]} | {cells[1]} | {pair['difference_points']:+.1f} | "
+                    f"{speed} | {_number_or_dash(pair['tropical'].get('calibrated_decode_step_ms'), '.1f')} |"
                 )
             mean = sum(pair["difference_points"] for pair in load["pairs"]) / len(load["pairs"])
-            lines.append(f"| {load['name']} | mean | | | {mean:+.1f} |")
+            lines.append(f"| {load['name']} | mean | | | {mean:+.1f} | | |")
     lines.append("")
     lines.append(
         f"Plan: `{data['plan']['command']}` recommended {data['plan']['recommendation']['policy']} at "
