@@ -608,6 +608,15 @@ DIAGNOSIS_RUNS = {
         for n in (1, 2, 3)
         for deployment in (("tropical", "vllm-colocated-router") if n % 2 else ("vllm-colocated-router", "tropical"))
     },
+    # Stop 31: Tropical's router in the client over the same scheduler class with vLLM's own scheduling (no slack
+    # cap: --engine-option policy=vllm-chunked --engine-option role=colocated), paired with client round robin
+    # (--variant s31-nocap-N, the order alternating): does the engine-side cap decide the knee?
+    "tropical-in-client-knee-s31-nocap-1": "stop 31, no-cap pair 1: Tropical's router in the client, the engines' "
+    "own scheduling (no slack cap)",
+    "vllm-round-robin-knee-s31-nocap-1": "stop 31, no-cap pair 1: round robin",
+    "vllm-round-robin-knee-s31-nocap-2": "stop 31, no-cap pair 2: round robin",
+    "tropical-in-client-knee-s31-nocap-2": "stop 31, no-cap pair 2: Tropical's router in the client, the engines' "
+    "own scheduling (no slack cap)",
 }
 
 
