@@ -24,25 +24,25 @@ from tropical_sched.workloads.traces import load_trace
 from tropical_sched.workloads.workload import make_workload
 
 if TYPE_CHECKING:
+    from tropical_sched.serve.config import RouterConfig
     from tropical_sched.serve.replay import ReplaySettings
 
-__all__ = ["add_request_arguments", "add_target_arguments", "register", "replay_settings"]
+__all__ = [
+    "add_request_arguments",
+    "add_target_arguments",
+    "register",
+    "replay_settings",
+    "replay_target",
+    "target_fields",
+]
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tropical replay``."""
     from tropical_sched.serve.replay import probe_endpoint, replay_sync
 
-    router_config = None
-    if args.router_config is not None:
-        from tropical_sched.serve.config import load_router_config
-
-        router_config = load_router_config(args.router_config)  # fails here, naming the file, line and field
-        urls = [instance.url for instance in router_config.instances]
-        where = f"the router of {args.router_config} in this process"
-    else:
-        urls = args.url
-        where = ", ".join(urls)
+    urls, router_config = replay_target(args)
+    where = f"the router of {args.router_config} in this process" if router_config is not None else ", ".join(urls)
     endpoint = probe_endpoint(urls)
     notes_before: list[str] = []
     if args.profile is not None:
@@ -98,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
         "schema_version": 1,
         "trace": args.trace,
         "profile": profile.name,
-        **({"url": urls if len(urls) > 1 else urls[0]} if router_config is None else {}),
-        **({"router_config": str(args.router_config)} if router_config is not None else {}),
+        **target_fields(args, urls),
         "num_requests": len(records),
         "slo": slo.describe(),
         "workload": workload.report.describe(),
@@ -158,6 +157,29 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
         "inside this process: no HTTP hop and no relay between the client and the router, as a Python gateway "
         "that embeds the router runs it (docs/router.md, 'Embedding the router in a Python process')",
     )
+
+
+def replay_target(args: argparse.Namespace) -> tuple[list[str], RouterConfig | None]:
+    """The engines' (or endpoints') URLs the arguments of :func:`add_target_arguments` name, and the router
+    configuration to run in this process (``None`` with ``--url``).
+
+    Raises:
+        ClusterFileError: the ``--router-config`` file cannot be read or breaks the schema (path, line, field).
+    """
+    if args.router_config is None:
+        return list(args.url), None
+    from tropical_sched.serve.config import load_router_config
+
+    config = load_router_config(args.router_config)
+    return [instance.url for instance in config.instances], config
+
+
+def target_fields(args: argparse.Namespace, urls: list[str]) -> dict[str, Any]:
+    """Where the requests went, as the ``--json`` output records it: ``url`` (one, or the list) or
+    ``router_config``."""
+    if args.router_config is not None:
+        return {"router_config": str(args.router_config)}
+    return {"url": urls if len(urls) > 1 else urls[0]}
 
 
 def replay_settings(args: argparse.Namespace, urls: list[str], **options: Any) -> ReplaySettings:

@@ -10,7 +10,14 @@ from typing import Any
 from rich.table import Table
 
 from tropical_sched.cli._common import collect_warnings, progress_bar, report_notes_and_json, wide_console
-from tropical_sched.cli.replay import add_request_arguments, add_target_arguments, record_dicts, replay_settings
+from tropical_sched.cli.replay import (
+    add_request_arguments,
+    add_target_arguments,
+    record_dicts,
+    replay_settings,
+    replay_target,
+    target_fields,
+)
 from tropical_sched.cli.simulate import add_experiment_arguments, build_experiment
 from tropical_sched.metrics.attainment import summarize
 from tropical_sched.metrics.fidelity import fidelity_rows
@@ -30,15 +37,10 @@ def run(args: argparse.Namespace) -> int:
     """Run ``tropical validate``."""
     from tropical_sched.serve.replay import replay_sync
 
-    router_config = None
-    if args.router_config is not None:
-        from tropical_sched.serve.config import load_router_config
-
-        router_config = load_router_config(args.router_config)  # fails here, naming the file, line and field
-        urls = [instance.url for instance in router_config.instances]
+    urls, router_config = replay_target(args)
+    if router_config is not None:
         where = f"the router of {args.router_config} in this process ({', '.join(urls)})"
     else:
-        urls = args.url
         where = " + ".join(urls)
     experiment = build_experiment(args)
     settings = replay_settings(args, urls)
@@ -56,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
     console = wide_console()
     data: dict[str, Any] = {
         "schema_version": 1,
-        **({"url": urls[0] if len(urls) == 1 else urls} if router_config is None else {}),
-        **({"router_config": str(args.router_config)} if router_config is not None else {}),
+        **target_fields(args, urls),
         "trace": experiment.trace,
         "profile": profile.name,
         "rate_per_s": experiment.rate_per_s,
