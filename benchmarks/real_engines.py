@@ -32,6 +32,10 @@ deployment's policy and shape, so that the simulator's ranking can be set agains
     /path/to/vllm-venv/bin/python benchmarks/real_engines.py measure [--model DIR]
     # collect the raw runs into benchmarks/results/real-engines/vllm-cpu.json
     python benchmarks/real_engines.py collect
+
+A machine slower or faster than the one the profile was measured on puts every deployment at another point of its
+curve than the profile's knee; ``measure --normalize-speed`` measures the engines' speed first and scales SLOs, rate
+and the router's prior by it (:func:`engine_speed`; pairs named ``--variant norm-N``, collected apart).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +143,26 @@ VARIANT: dict[str, Any] = {
     "connector": False,
     "router_nice": 0,
     "router_core": None,  # None: ROUTER_CORES
+    "normalize_speed": False,
+    "load_scale": 1.0,  # the load's rate (after normalizing, where it is) times this
+    "speed_factor": None,  # normalize by this factor instead of each run's measured one
 }
+
+# Speed-normalized runs (``measure --normalize-speed``, stop 32 on): the machine's speed is not the profile's (the
+# served engines of stop 31 calibrated their lone decode step at 1.3-1.6x the profile's, stop 32's at 3.2x; lone
+# requests there took 2.0-2.6x the profile's times), and SLOs and loads taken from the profile as it is then put every
+# deployment at another point of its curve than the profile's knee. Such a run first times a few lone requests on
+# each of its engines (SPEED_*), takes the ratio of what they measured to what the profile predicts for them as the
+# engines' speed factor, and runs on the profile scaled by it (:func:`tropical_sched.predictors.profile.time_scaled`):
+# SLOs derived from the engines' own prefill and decode step (issue 14: "a TPOT SLO derived from the engine's decode
+# step"), each load's rate divided by the factor (times ``--load-scale``), and the router's prior the scaled
+# profile. ``--speed-factor F`` takes F instead of each run's measurement, so that both runs of a pair share SLOs and
+# rate (each run's measurement is kept beside it either way). Their pairs are kept apart from the nominal ones
+# (:data:`NORMALIZED_VARIANT`).
+NORMALIZED_VARIANT = "norm-"
+SPEED_PROMPT_TOKENS = 1024
+SPEED_OUTPUT_TOKENS = 33
+SPEED_REQUESTS = 4  # per engine, one after the other; the first warms the engine up and is not counted
 
 
 def _tropical(*argv: str, core: int | None = None) -> None:
@@ -224,10 +248,16 @@ def _engine(
 
 
 def _validate_args(
-    deployment: str, rate: float, prefill_workers: int, hop: tuple[float, float], num_requests: int = NUM_REQUESTS
+    deployment: str,
+    rate: float,
+    prefill_workers: int,
+    hop: tuple[float, float],
+    num_requests: int = NUM_REQUESTS,
+    profile: str = PROFILE,
 ) -> list[str]:
-    """``tropical validate``'s workload and the simulated deployment matching ``deployment``."""
-    argv = ["--profile", PROFILE, "--trace", TRACE, "--rate", f"{rate:g}", "--arrival", "poisson"]
+    """``tropical validate``'s workload and the simulated deployment matching ``deployment``, SLOs from
+    ``profile``."""
+    argv = ["--profile", profile, "--trace", TRACE, "--rate", f"{rate:g}", "--arrival", "poisson"]
     argv += ["--num-requests", str(num_requests), "--seed", str(SEED), *SLO_ARGS, "--max-num-seqs", "32"]
     argv += ["--workers", "2", "--model", SERVED_MODEL_NAME, "--vocab-size", "300", "--no-progress"]
     if deployment in ("vllm-round-robin", "vllm-router-round-robin", "vllm-colocated-router", "vllm-proxy-round-robin"):
@@ -324,6 +354,90 @@ def _speed_ms() -> list[float]:
     ]
 
 
+def _lone_request_s(url: str, prompt: list[int], model_name: str) -> tuple[float, float]:
+    """One streamed completion of ``prompt`` (token ids) for :data:`SPEED_OUTPUT_TOKENS` tokens, nothing else on
+    the engine: its TTFT and mean gap between the tokens after the first, seconds (from the usage each event
+    carries, so that a token whose text is empty still counts)."""
+    import httpx
+
+    body = {
+        "model": model_name,
+        "prompt": prompt,
+        "max_tokens": SPEED_OUTPUT_TOKENS,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    token_at_s: list[float] = []
+    started_s = time.perf_counter()
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            usage = json.loads(line[6:]).get("usage") or {}
+            while len(token_at_s) < int(usage.get("completion_tokens") or 0):
+                token_at_s.append(time.perf_counter())
+    if len(token_at_s) < 2:
+        raise RuntimeError(f"{url}: {len(token_at_s)} tokens streamed, expected {SPEED_OUTPUT_TOKENS}")
+    return token_at_s[0] - started_s, (token_at_s[-1] - token_at_s[0]) / (len(token_at_s) - 1)
+
+
+def engine_speed(urls: list[str], profile: str = PROFILE, model_name: str = SERVED_MODEL_NAME) -> dict[str, Any]:
+    """The engines' speed against ``profile``: on each engine, :data:`SPEED_REQUESTS` lone requests of
+    :data:`SPEED_PROMPT_TOKENS` prompt tokens, their median TTFT over the profile's served prefill of that prompt
+    and their median token gap over its served lone decode step at that context (both with the profile's serving
+    overheads, :func:`~tropical_sched.predictors.calibration.served_step_time`); an engine's factor is the geometric
+    mean of the two ratios, the run's the mean over its engines.
+
+    Returns:
+        ``{"factor", "engines": [{"url", "ttft_ms", "itl_ms", "ttft_over_profile", "itl_over_profile",
+        "factor"}], "profile_ttft_ms", "profile_itl_ms"}``.
+    """
+    import random
+
+    from tropical_sched.predictors.calibration import served_step_time
+    from tropical_sched.predictors.profile import load_profile
+
+    loaded = load_profile(profile)
+    served = served_step_time(loaded.step_time, loaded.serving) if loaded.serving else loaded.step_time
+    expected_ttft_s = served.prefill_time_s(SPEED_PROMPT_TOKENS)
+    expected_itl_s = served.decode_step_time_s(1, SPEED_PROMPT_TOKENS + SPEED_OUTPUT_TOKENS // 2)
+    rng = random.Random(SEED)
+    prompt = [rng.randrange(3, 300) for _ in range(SPEED_PROMPT_TOKENS)]
+    engines = []
+    for url in urls:
+        timings = [_lone_request_s(url, prompt, model_name) for _ in range(SPEED_REQUESTS)][1:]
+        ttft_s = statistics.median(t for t, _ in timings)
+        itl_s = statistics.median(g for _, g in timings)
+        ratios = (ttft_s / expected_ttft_s, itl_s / expected_itl_s)
+        engines.append(
+            {
+                "url": url,
+                "ttft_ms": ttft_s * 1e3,
+                "itl_ms": itl_s * 1e3,
+                "ttft_over_profile": ratios[0],
+                "itl_over_profile": ratios[1],
+                "factor": math.sqrt(ratios[0] * ratios[1]),
+            }
+        )
+    return {
+        "factor": statistics.fmean(engine["factor"] for engine in engines),
+        "engines": engines,
+        "profile_ttft_ms": expected_ttft_s * 1e3,
+        "profile_itl_ms": expected_itl_s * 1e3,
+    }
+
+
+def write_scaled_profile(workdir: Path, factor: float, profile: str = PROFILE) -> Path:
+    """``profile`` with every time times ``factor``, as a file in ``workdir``."""
+    from tropical_sched.predictors.profile import load_profile, time_scaled, write_profile_file
+
+    path = workdir / f"{profile}-x{factor:g}.json"
+    write_profile_file(time_scaled(load_profile(profile).file, factor), path)
+    return path
+
+
 def _keep_calibration(out: Path, logs: list[Path]) -> None:
     """The Tropical engines' last online-calibration line each (engine A on core 0 first), beside the run's
     result: the lone decode step and 1,024-token prefill each engine ran at, against the profile's."""
@@ -375,13 +489,16 @@ def _shape(deployment: str, prefill_workers: int) -> tuple[list[str | None], str
 def _run(
     model: Path, workdir: Path, deployment: str, load: str, rate: float, prefill_workers: int, num_requests: int
 ) -> None:
-    """Start a deployment's engines (and router), validate at ``rate``, stop everything."""
+    """Start a deployment's engines (and router), validate at ``rate``, stop everything. With
+    ``--normalize-speed``, the engines' speed is measured first and the run takes its SLOs, its rate and the
+    router's prior from the profile scaled by it (:func:`engine_speed`)."""
     kv_dir = workdir / f"kv-{deployment}-{load}"
     suffix = f"-{VARIANT['name']}" if VARIANT["name"] else ""
     out = RAW / f"{deployment}-{load}{suffix}.json"
     processes: list[Any] = []
     engine_roles, policy, tropical, connector = _shape(deployment, prefill_workers)
-    speed = {"before_ms": _speed_ms()}
+    speed: dict[str, Any] = {"before_ms": _speed_ms()}
+    profile = PROFILE
     try:
         engines = [
             _engine(model, core, workdir, kv_dir, role, tropical=tropical, connector=connector)
@@ -389,6 +506,26 @@ def _run(
         ]
         processes += [p for p, _ in engines]
         urls = [u for _, u in engines]
+        for process, engine_url in engines:
+            process.wait_healthy(engine_url)
+        if VARIANT["normalize_speed"]:
+            measured = engine_speed(urls)
+            # the scaled profile's factor: this run's measured one, or the one given for every run
+            factor = VARIANT["speed_factor"] or round(measured["factor"], 2)
+            profile = str(write_scaled_profile(workdir, factor))
+            scaled_rate = round(rate * VARIANT["load_scale"] / factor, 3)
+            speed["engine_speed"] = {
+                **measured,
+                "measured_factor": measured["factor"],
+                "factor": factor,
+                "nominal_rate_per_s": rate,
+                "load_scale": VARIANT["load_scale"],
+                "rate_per_s": scaled_rate,
+            }
+            rate = scaled_rate
+            print(f"engine speed {factor:g}x the profile's: {rate} req/s, SLOs from {profile}", flush=True)
+        elif VARIANT["load_scale"] != 1:
+            rate = round(rate * VARIANT["load_scale"], 3)
         embedded: Path | None = None  # the cluster file of a router run inside the client
         if policy is not None:
             instances = [
@@ -396,11 +533,12 @@ def _run(
                 for u, role in zip(urls, engine_roles, strict=True)
             ]
             decisions = workdir / f"{out.stem}.decisions.jsonl"
+            name = f"{deployment}-{load}"
             if deployment in EMBEDDED_ROUTER:
-                embedded = _cluster_file(workdir, f"{deployment}-{load}", policy, instances, decision_log=decisions)
+                embedded = _cluster_file(workdir, name, policy, instances, profile, decision_log=decisions)
             else:
                 core = VARIANT["router_core"] if VARIANT["router_core"] is not None else ROUTER_CORES[deployment]
-                router, url = _router(workdir, f"{deployment}-{load}", policy, instances, core, decision_log=decisions)
+                router, url = _router(workdir, name, policy, instances, core, profile, decision_log=decisions)
                 processes.append(router)
                 urls = [url]
         elif deployment == "vllm-router-round-robin":
@@ -418,15 +556,13 @@ def _run(
             command = ["taskset", "-c", "1", sys.executable, str(HERE / "passthrough_proxy.py"), str(port), *urls]
             processes.append(ServerProcess(command, workdir / f"proxy-{load}.log"))
             urls = [f"http://127.0.0.1:{port}"]
-        for process, engine_url in engines:
-            process.wait_healthy(engine_url)
         relay = deployment != "vllm-round-robin" and embedded is None  # a process between client and engines
         if relay:
             processes[-1].wait_healthy(urls[0], timeout_s=120)
         print(f"{deployment} {load}: {num_requests} requests at {rate} req/s", flush=True)
         target = ["--router-config", str(embedded)] if embedded else [arg for u in urls for arg in ("--url", u)]
         validate = _validate_args(
-            EMBEDDED_ROUTER.get(deployment, deployment), rate, prefill_workers, _hop(), num_requests
+            EMBEDDED_ROUTER.get(deployment, deployment), rate, prefill_workers, _hop(), num_requests, profile
         )
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         _tropical("validate", *target, *validate, "--json", str(out), core=0)
@@ -480,6 +616,9 @@ def measure(args: argparse.Namespace) -> None:
         connector=args.with_connector,
         router_nice=args.router_nice,
         router_core=args.router_core,
+        normalize_speed=args.normalize_speed,
+        load_scale=args.load_scale,
+        speed_factor=args.speed_factor,
     )
     model = Path(args.model)
     workdir = prepare_measurement(model, RAW, "real-engines-")
@@ -617,6 +756,26 @@ DIAGNOSIS_RUNS = {
     "vllm-round-robin-knee-s31-nocap-2": "stop 31, no-cap pair 2: round robin",
     "tropical-in-client-knee-s31-nocap-2": "stop 31, no-cap pair 2: Tropical's router in the client, the engines' "
     "own scheduling (no slack cap)",
+    # Stop 32, on a machine whose engines ran a lone request 2.5-3.2x slower than the profile predicts (stop 31's:
+    # 1.3-1.6x): one pair at the nominal knee with SLOs from the profile as it is, as collected. Both deployments
+    # collapse, which led to the speed-normalized runs (--normalize-speed, NORMALIZED_VARIANT).
+    "vllm-round-robin-knee-s32-1": "stop 32, the nominal knee, the engines at 2-3x the profile's times: round robin",
+    "tropical-in-client-knee-s32-1": "stop 32, the nominal knee, the engines at 2-3x the profile's times: Tropical, "
+    "router in the client",
+    # Then speed-normalized (--normalize-speed): one pair at the knee's rate over the engines' speed factor, where
+    # both met nearly every SLO, and round robin alone at 1.25x and 1.6x that (--load-scale), to find where its joint
+    # attainment falls; the pairs of the table above ran at 1.35x.
+    "vllm-round-robin-knee-norm-x1.0": "stop 32, speed-normalized, load scale 1: round robin",
+    "tropical-in-client-knee-norm-x1.0": "stop 32, speed-normalized, load scale 1: Tropical, router in the client",
+    "vllm-round-robin-knee-normknee-x1.25": "stop 32, speed-normalized, load scale 1.25: round robin",
+    "vllm-round-robin-knee-normknee-x1.6": "stop 32, speed-normalized, load scale 1.6: round robin",
+    # A pair at load scale 1.35, each run normalized by its own measurement: Tropical's engines measured 2.31x,
+    # round robin's 2.04x, so round robin ran at a 13% higher rate and tighter SLOs; not a fair pair. The pairs of
+    # the table above share one factor (--speed-factor).
+    "tropical-in-client-knee-norm-x1.35": "stop 32, speed-normalized by the run's own measurement, load scale 1.35: "
+    "Tropical, router in the client",
+    "vllm-round-robin-knee-norm-x1.35": "stop 32, speed-normalized by the run's own measurement, load scale 1.35: "
+    "round robin",
 }
 
 
@@ -694,19 +853,21 @@ def run_paths(deployment: str, load: str) -> list[Path]:
     return ([first] if first.exists() else []) + repeats + [path for _, path in paired_runs(deployment, load)]
 
 
-def paired_runs(deployment: str, load: str) -> list[tuple[int, Path]]:
-    """A cell's paired runs (:data:`PAIRED_VARIANT`) with their pair numbers, in order."""
-    prefix = f"{deployment}-{load}-{PAIRED_VARIANT}"
+def paired_runs(deployment: str, load: str, variant: str = PAIRED_VARIANT) -> list[tuple[int, Path]]:
+    """A cell's paired runs (``variant``: :data:`PAIRED_VARIANT`, or :data:`NORMALIZED_VARIANT` for the
+    speed-normalized ones) with their pair numbers, in order."""
+    prefix = f"{deployment}-{load}-{variant}"
     runs = [(path.stem.removeprefix(prefix), path) for path in RAW.glob(f"{prefix}*.json")]
     return sorted((int(n), path) for n, path in runs if n.isdigit())
 
 
-def collected_pairs(load: str) -> list[dict[str, Any]]:
-    """The paired runs of a load: per pair, round robin's and Tropical's (router in the client) figures and the
-    difference in joint attainment (points)."""
-    tropical = dict(paired_runs(COLLECTED["tropical"], load))
+def collected_pairs(load: str, variant: str = PAIRED_VARIANT) -> list[dict[str, Any]]:
+    """The paired runs of a load (``variant`` as :func:`paired_runs`): per pair, round robin's and Tropical's
+    (router in the client) figures and the difference in joint attainment (points); for speed-normalized runs also
+    each run's engine speed factor and the rate it ran at."""
+    tropical = dict(paired_runs(COLLECTED["tropical"], load, variant))
     pairs = []
-    for n, path in paired_runs("vllm-round-robin", load):
+    for n, path in paired_runs("vllm-round-robin", load, variant):
         if n not in tropical:
             continue
         figures: dict[str, dict[str, Any]] = {}
@@ -716,6 +877,14 @@ def collected_pairs(load: str) -> list[dict[str, Any]]:
             if speed.exists():  # the probe before and after the run, both cores: their mean
                 probes = json.loads(speed.read_text())
                 figures[key]["speed_probe_ms"] = statistics.fmean(probes["before_ms"] + probes["after_ms"])
+                if "engine_speed" in probes:  # a speed-normalized run
+                    engine_speed = probes["engine_speed"]
+                    figures[key]["engine_speed_factor"] = round(engine_speed["factor"], 2)
+                    figures[key]["measured_speed_factor"] = round(
+                        engine_speed.get("measured_factor", engine_speed["factor"]), 2
+                    )
+                    figures[key]["rate_per_s"] = probes["engine_speed"]["rate_per_s"]
+                    figures[key]["load_scale"] = probes["engine_speed"].get("load_scale", 1.0)
             calibration = run.with_suffix(".calibration.txt")
             if calibration.exists():  # Tropical's engines: the lone decode step each calibrated, ms (mean of both)
                 steps = re.findall(r"decode step at batch 1 ([0-9.]+) ms", calibration.read_text())
@@ -766,7 +935,16 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                     entry["router"] = "in the client" if deployment in EMBEDDED_ROUTER else "process on core 1"
                 deployments[key] = entry
         pairs = collected_pairs(load)
-        result_loads.append({"name": load, "rate_per_s": rate, "deployments": deployments, "pairs": pairs})
+        normalized = collected_pairs(load, NORMALIZED_VARIANT)
+        result_loads.append(
+            {
+                "name": load,
+                "rate_per_s": rate,
+                "deployments": deployments,
+                "pairs": pairs,
+                "normalized_pairs": normalized,
+            }
+        )
     data = {
         "schema_version": 1,
         "engine": (RAW / "engine.txt").read_text().strip(),
@@ -791,6 +969,8 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
             "on core 1) ...",
             "pairs": "benchmarks/real_engines.py measure --deployments vllm-round-robin tropical-in-client --loads L "
             "--variant s31-N (the order of the two alternating from pair to pair)",
+            "normalized_pairs": "benchmarks/real_engines.py measure --deployments vllm-round-robin tropical-in-client "
+            "--loads L --variant norm-N --normalize-speed (the order alternating)",
         },
         "loads": result_loads,
         "diagnosis": _diagnosis(),
@@ -820,6 +1000,22 @@ def main() -> int:
     parser.add_argument("--engine-option", action="append", default=[], help="diagnosis: K=V in the engines' section")
     parser.add_argument("--router-option", action="append", default=[], help="diagnosis: K=V in the cluster file")
     parser.add_argument("--router-nice", type=int, default=0, help="diagnosis: run the router at this nice level")
+    parser.add_argument(
+        "--load-scale", type=float, default=1.0, help="run each load at its rate times this (after --normalize-speed)"
+    )
+    parser.add_argument(
+        "--speed-factor",
+        type=float,
+        default=None,
+        help="with --normalize-speed: scale by this factor (the engines' speed measured beforehand) instead of each "
+        "run's own measurement, so that the runs of a comparison share SLOs and rate",
+    )
+    parser.add_argument(
+        "--normalize-speed",
+        action="store_true",
+        help="measure the engines' speed first and take SLOs, rate and the router's prior from the profile scaled "
+        "by it (name such pairs --variant norm-N)",
+    )
     parser.add_argument(
         "--router-core", type=int, choices=(0, 1), help="diagnosis: pin the router here (default: per deployment)"
     )

@@ -183,6 +183,10 @@ def render_real_engines(data: dict[str, Any]) -> str:
         if pairs:
             mean = sum(pair["difference_points"] for pair in pairs) / len(pairs)
             line += f"; paired with round robin ({len(pairs)} pairs, below): {mean:+.1f} points on average"
+        normalized_pairs = load.get("normalized_pairs") or []
+        if normalized_pairs:
+            mean = sum(pair["difference_points"] for pair in normalized_pairs) / len(normalized_pairs)
+            line += f"; speed-normalized ({len(normalized_pairs)} pairs, below): {mean:+.1f} points on average"
         lines.append(line + ".")
     paired = [load for load in data["loads"] if load.get("pairs")]
     if paired:
@@ -212,6 +216,40 @@ def render_real_engines(data: dict[str, Any]) -> str:
                 )
             mean = sum(pair["difference_points"] for pair in load["pairs"]) / len(load["pairs"])
             lines.append(f"| {load['name']} | mean | | | {mean:+.1f} | | |")
+    normalized = [load for load in data["loads"] if load.get("normalized_pairs")]
+    if normalized:
+        lines += [
+            "",
+            "Speed-normalized pairs (stop 32 on, `measure --normalize-speed --speed-factor F --load-scale S`): "
+            "a few lone requests on each engine give the engines' speed against the profile (the geometric mean of "
+            "measured over predicted TTFT and token gap, the mean of the two engines); the runs take their SLOs "
+            "from the profile scaled by the factor F (both runs of a pair the same one, from the stock engines' "
+            "measurements beforehand; each run's own measurement beside it) and run at the load's rate times S "
+            "over F (lone requests slow down more than batched steps, so the knee moves: S places the load where "
+            "round robin's attainment falls, the diagnosis rows below).",
+            "",
+            "| load | pair | speed factor: applied (measured: round robin / Tropical) | load scale | "
+            "rate req/s: round robin / Tropical | "
+            "round robin: joint / TTFT / TPOT att. | Tropical: joint / TTFT / TPOT att. | difference (points) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for load in sorted(normalized, key=lambda entry: _LOAD_ORDER.get(entry["name"], 9)):
+            for pair in load["normalized_pairs"]:
+                runs = [pair[key] for key in ("vllm-round-robin", "tropical")]
+                cells = [
+                    " / ".join(_pct(run[k]) for k in ("slo_attainment", "ttft_attainment", "tpot_attainment"))
+                    for run in runs
+                ]
+                measured = " / ".join(_number_or_dash(run.get("measured_speed_factor"), ".2f") for run in runs)
+                factors = f"{_number_or_dash(runs[0].get('engine_speed_factor'), '.2f')} ({measured})"
+                rates = " / ".join(_number_or_dash(run.get("rate_per_s"), ".3f") for run in runs)
+                scale = _number_or_dash(runs[1].get("load_scale"), "g")
+                lines.append(
+                    f"| {load['name']} | {pair['pair']} | {factors} | {scale} | {rates} | {cells[0]} | {cells[1]} | "
+                    f"{pair['difference_points']:+.1f} |"
+                )
+            points = [pair["difference_points"] for pair in load["normalized_pairs"]]
+            lines.append(f"| {load['name']} | mean | | | | | | {sum(points) / len(points):+.1f} |")
     lines.append("")
     lines.append(
         f"Plan: `{data['plan']['command']}` recommended {data['plan']['recommendation']['policy']} at "

