@@ -130,6 +130,19 @@ def _number_or_dash(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _pair_attainment_cells(pair: dict[str, Any]) -> list[str]:
+    """A real-engine pair's joint / TTFT / TPOT attainment, round robin's then Tropical's."""
+    return [
+        " / ".join(_pct(pair[key][k]) for k in ("slo_attainment", "ttft_attainment", "tpot_attainment"))
+        for key in ("vllm-round-robin", "tropical")
+    ]
+
+
+def _mean_difference_points(pairs: list[dict[str, Any]]) -> float:
+    """The mean of real-engine pairs' differences in joint attainment, points."""
+    return sum(pair["difference_points"] for pair in pairs) / len(pairs)
+
+
 def _ms_or_dash(seconds: float | None, spec: str) -> str:
     """Seconds as milliseconds in ``spec``, or ``-`` when there is no figure."""
     return "-" if seconds is None else format(seconds * 1e3, spec)
@@ -179,14 +192,11 @@ def render_real_engines(data: dict[str, Any]) -> str:
             best = max(stock, key=lambda k: deployments[k]["slo_attainment"])
             points = (deployments["tropical"]["slo_attainment"] - deployments[best]["slo_attainment"]) * 100
             line += f"; Tropical {points:+.1f} points against the best stock deployment ({best})"
-        pairs = load.get("pairs") or []
-        if pairs:
-            mean = sum(pair["difference_points"] for pair in pairs) / len(pairs)
-            line += f"; paired with round robin ({len(pairs)} pairs, below): {mean:+.1f} points on average"
-        normalized_pairs = load.get("normalized_pairs") or []
-        if normalized_pairs:
-            mean = sum(pair["difference_points"] for pair in normalized_pairs) / len(normalized_pairs)
-            line += f"; speed-normalized ({len(normalized_pairs)} pairs, below): {mean:+.1f} points on average"
+        for key, what in (("pairs", "paired with round robin"), ("normalized_pairs", "speed-normalized")):
+            pairs = load.get(key) or []
+            if pairs:
+                mean = _mean_difference_points(pairs)
+                line += f"; {what} ({len(pairs)} pairs, below): {mean:+.1f} points on average"
         lines.append(line + ".")
     paired = [load for load in data["loads"] if load.get("pairs")]
     if paired:
@@ -204,23 +214,21 @@ def render_real_engines(data: dict[str, Any]) -> str:
         ]
         for load in sorted(paired, key=lambda entry: _LOAD_ORDER.get(entry["name"], 9)):
             for pair in load["pairs"]:
-                cells = [
-                    " / ".join(_pct(pair[key][k]) for k in ("slo_attainment", "ttft_attainment", "tpot_attainment"))
-                    for key in ("vllm-round-robin", "tropical")
-                ]
+                cells = _pair_attainment_cells(pair)
                 probes = [pair[key].get("speed_probe_ms") for key in ("vllm-round-robin", "tropical")]
                 speed = " / ".join("-" if probe is None else f"{probe:.2f}" for probe in probes)
                 lines.append(
                     f"| {load['name']} | {pair['pair']} | {cells[0]} | {cells[1]} | {pair['difference_points']:+.1f} | "
                     f"{speed} | {_number_or_dash(pair['tropical'].get('calibrated_decode_step_ms'), '.1f')} |"
                 )
-            mean = sum(pair["difference_points"] for pair in load["pairs"]) / len(load["pairs"])
-            lines.append(f"| {load['name']} | mean | | | {mean:+.1f} | | |")
+            lines.append(f"| {load['name']} | mean | | | {_mean_difference_points(load['pairs']):+.1f} | | |")
     normalized = [load for load in data["loads"] if load.get("normalized_pairs")]
     if normalized:
         lines += [
             "",
-            "Speed-normalized pairs (stop 32 on, `measure --normalize-speed --speed-factor F --load-scale S`): "
+            "Speed-normalized pairs (stop 32 on, `measure --normalize-speed --speed-factor F --load-scale S`; "
+            "cores shared as above: engine A on core 0 with the client and Tropical's router in it, engine B on "
+            "core 1): "
             "a few lone requests on each engine give the engines' speed against the profile (the geometric mean of "
             "measured over predicted TTFT and token gap, the mean of the two engines); the runs take their SLOs "
             "from the profile scaled by the factor F (both runs of a pair the same one, from the stock engines' "
@@ -236,10 +244,7 @@ def render_real_engines(data: dict[str, Any]) -> str:
         for load in sorted(normalized, key=lambda entry: _LOAD_ORDER.get(entry["name"], 9)):
             for pair in load["normalized_pairs"]:
                 runs = [pair[key] for key in ("vllm-round-robin", "tropical")]
-                cells = [
-                    " / ".join(_pct(run[k]) for k in ("slo_attainment", "ttft_attainment", "tpot_attainment"))
-                    for run in runs
-                ]
+                cells = _pair_attainment_cells(pair)
                 measured = " / ".join(_number_or_dash(run.get("measured_speed_factor"), ".2f") for run in runs)
                 factors = f"{_number_or_dash(runs[0].get('engine_speed_factor'), '.2f')} ({measured})"
                 rates = " / ".join(_number_or_dash(run.get("rate_per_s"), ".3f") for run in runs)
@@ -248,8 +253,8 @@ def render_real_engines(data: dict[str, Any]) -> str:
                     f"| {load['name']} | {pair['pair']} | {factors} | {scale} | {rates} | {cells[0]} | {cells[1]} | "
                     f"{pair['difference_points']:+.1f} |"
                 )
-            points = [pair["difference_points"] for pair in load["normalized_pairs"]]
-            lines.append(f"| {load['name']} | mean | | | | | | {sum(points) / len(points):+.1f} |")
+            mean = _mean_difference_points(load["normalized_pairs"])
+            lines.append(f"| {load['name']} | mean | | | | | | {mean:+.1f} |")
     lines.append("")
     lines.append(
         f"Plan: `{data['plan']['command']}` recommended {data['plan']['recommendation']['policy']} at "
