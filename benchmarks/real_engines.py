@@ -35,7 +35,16 @@ deployment's policy and shape, so that the simulator's ranking can be set agains
 
 A machine slower or faster than the one the profile was measured on puts every deployment at another point of its
 curve than the profile's knee; ``measure --normalize-speed`` measures the engines' speed first and scales SLOs, rate
-and the router's prior by it (:func:`engine_speed`; pairs named ``--variant norm-N``, collected apart).
+and the router's prior by it (:func:`engine_speed`). From stop 33 the result file's cells are such runs (``--variant
+norm-N``, one ``--speed-factor F --load-scale S`` for every run of a load: :func:`normalized_load`); the nominal
+cells and pairs (SLOs and rate from the profile as it is, up to stop 32) are kept as ``nominal_loads``.
+
+    # the cells (stop 33): every deployment at a load, one factor and load scale; round robin and Tropical in
+    # pairs, the order alternating from pair to pair
+    /path/to/vllm-venv/bin/python benchmarks/real_engines.py measure --deployments vllm-round-robin \
+        tropical-in-client --loads knee --variant norm-N --normalize-speed --speed-factor 2.2 --load-scale 1.34
+    /path/to/vllm-venv/bin/python benchmarks/real_engines.py measure --deployments vllm-pd --loads knee \
+        --variant norm-N --normalize-speed --speed-factor 2.2 --load-scale 1.34
 """
 
 from __future__ import annotations
@@ -833,6 +842,13 @@ def _diagnosis() -> list[dict[str, Any]]:
         cells.append(
             (f"{COLLECTED['tropical']}-knee-{PAIRED_VARIANT}{n}", f"stop 31, pair {n}: Tropical, router in the client")
         )
+    # the speed-normalized knee pairs (stop 32 on), whose runs are the cells: the same
+    for n, path in paired_runs(COLLECTED["tropical"], "knee", NORMALIZED_VARIANT):
+        what = f"speed-normalized knee pair {n} ({_normalized_speed(path)['rate_per_s']:g} req/s)"
+        cells.append((f"vllm-round-robin-knee-{NORMALIZED_VARIANT}{n}", f"{what}: round robin"))
+        cells.append(
+            (f"{COLLECTED['tropical']}-knee-{NORMALIZED_VARIANT}{n}", f"{what}: Tropical, router in the client")
+        )
     for name, what in cells:
         metrics = RAW / f"{name}.metrics.txt"
         if metrics.exists():
@@ -917,13 +933,75 @@ def collected_entry(paths: list[Path], validate_args: list[str], shape: str, tro
     return entry
 
 
+def _normalized_speed(path: Path) -> dict[str, Any]:
+    """A speed-normalized run's factor applied, factor measured, load scale and rate (its ``.speed.json``)."""
+    speed = path.with_suffix(".speed.json")
+    engine_speed = json.loads(speed.read_text()).get("engine_speed") if speed.exists() else None
+    if engine_speed is None:
+        raise ValueError(f"{speed}: a speed-normalized run without its engine speed (measure --normalize-speed)")
+    return {
+        "speed_factor": engine_speed["factor"],
+        "measured_speed_factor": round(engine_speed.get("measured_factor", engine_speed["factor"]), 2),
+        "load_scale": engine_speed.get("load_scale", 1.0),
+        "rate_per_s": engine_speed["rate_per_s"],
+    }
+
+
+def normalized_load(load: str, nominal_rate: float, prefill_workers: int, hop: tuple[float, float]) -> dict[str, Any]:
+    """A load's cells from its speed-normalized runs (``<deployment>-<load>-norm-N``, :data:`NORMALIZED_VARIANT`):
+    each deployment's figures over its runs (:func:`collected_entry`; each run with its measured speed factor), the
+    load's rate, factor and load scale, which every run of the load must share, and the round robin / Tropical
+    pairs among them.
+
+    Raises:
+        ValueError: runs of the load ran at different rates, factors or load scales (naming them), or a run has no
+            engine speed.
+    """
+    paths = {key: [path for _, path in paired_runs(COLLECTED[key], load, NORMALIZED_VARIANT)] for key in DEPLOYMENTS}
+    speeds = {path: _normalized_speed(path) for key_paths in paths.values() for path in key_paths}
+    settings = {(s["speed_factor"], s["load_scale"], s["rate_per_s"]) for s in speeds.values()}
+    if len(settings) > 1:
+        runs = ", ".join(
+            f"{path.stem}: factor {s['speed_factor']:g}, scale {s['load_scale']:g}, rate {s['rate_per_s']:g}"
+            for path, s in speeds.items()
+        )
+        raise ValueError(f"{load}: the speed-normalized runs of a load must share factor, load scale and rate: {runs}")
+    factor, load_scale, rate = settings.pop() if settings else (None, None, None)
+    profile = f"{PROFILE}-x{factor:g}.json" if factor is not None else PROFILE  # write_scaled_profile's name
+    deployments: dict[str, Any] = {}
+    for key, key_paths in paths.items():
+        validate_args = _validate_args(
+            EMBEDDED_ROUTER.get(COLLECTED[key], COLLECTED[key]),
+            rate or nominal_rate,
+            prefill_workers,
+            hop,
+            profile=profile,
+        )
+        entry = collected_entry(key_paths, validate_args, tropical_shape(prefill_workers), key == "tropical")
+        if entry is not None:
+            for run, path in zip(entry["runs"], key_paths, strict=True):
+                run["measured_speed_factor"] = speeds[path]["measured_speed_factor"]
+            if key == "tropical":
+                entry["router"] = "in the client"
+            deployments[key] = entry
+    return {
+        "name": load,
+        "rate_per_s": rate,
+        "nominal_rate_per_s": nominal_rate,
+        "speed_factor": factor,
+        "load_scale": load_scale,
+        "deployments": deployments,
+        "pairs": collected_pairs(load, NORMALIZED_VARIANT),
+    }
+
+
 def collect(args: argparse.Namespace) -> dict[str, Any]:
     """The raw validate runs as ``vllm-cpu.json`` (issue 14's schema, plus the simulated figures and commands)."""
     plan_data = _plan()
     prefill_workers = _tropical_prefill_workers(plan_data)
     shape = tropical_shape(prefill_workers)
     hop = _hop()
-    result_loads = []
+    result_loads, nominal_loads = [], []
     for load, rate in loads().items():
         deployments: dict[str, Any] = {}
         for key, deployment in COLLECTED.items():
@@ -934,17 +1012,10 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                 if tropical:
                     entry["router"] = "in the client" if deployment in EMBEDDED_ROUTER else "process on core 1"
                 deployments[key] = entry
-        pairs = collected_pairs(load)
-        normalized = collected_pairs(load, NORMALIZED_VARIANT)
-        result_loads.append(
-            {
-                "name": load,
-                "rate_per_s": rate,
-                "deployments": deployments,
-                "pairs": pairs,
-                "normalized_pairs": normalized,
-            }
+        nominal_loads.append(
+            {"name": load, "rate_per_s": rate, "deployments": deployments, "pairs": collected_pairs(load)}
         )
+        result_loads.append(normalized_load(load, rate, prefill_workers, hop))
     data = {
         "schema_version": 1,
         "engine": (RAW / "engine.txt").read_text().strip(),
@@ -952,7 +1023,11 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         "profile": PROFILE,
         "trace": TRACE,
         "cores": CORES,
-        "slo": "TTFT 5x isolated prefill, TPOT 5x isolated decode step at the request's context (cpu-served-llama)",
+        "slo": "TTFT 5x the isolated prefill, TPOT 5x the isolated decode step at the request's context, both from "
+        "the cpu-served-llama profile times the engines' speed factor (lone requests on the engines against the "
+        "profile's prediction for them: the engines' own prefill and decode step)",
+        "nominal_slo": "TTFT 5x isolated prefill, TPOT 5x isolated decode step at the request's context "
+        "(cpu-served-llama as it is)",
         "knee_per_s": _knee_per_s(plan_data),
         "plan": {
             "command": "tropical plan " + " ".join(PLAN_ARGS),
@@ -967,20 +1042,22 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
             "inside the client's process) ...",
             "tropical-router-process": f"tropical validate --url ROUTER (tropical serve, policy tropical, {shape}, "
             "on core 1) ...",
-            "pairs": "benchmarks/real_engines.py measure --deployments vllm-round-robin tropical-in-client --loads L "
-            "--variant s31-N (the order of the two alternating from pair to pair)",
-            "normalized_pairs": "benchmarks/real_engines.py measure --deployments vllm-round-robin tropical-in-client "
-            "--loads L --variant norm-N --normalize-speed (the order alternating)",
+            "cells": "benchmarks/real_engines.py measure --deployments D --loads L --variant norm-N "
+            "--normalize-speed --speed-factor F --load-scale S (F and S as the load's; round robin and Tropical in "
+            "pairs, the order alternating)",
+            "nominal_pairs": "benchmarks/real_engines.py measure --deployments vllm-round-robin tropical-in-client "
+            "--loads L --variant s31-N (the order of the two alternating from pair to pair)",
         },
         "loads": result_loads,
+        "nominal_loads": nominal_loads,
         "diagnosis": _diagnosis(),
     }
     Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {args.json}")
-    for entry in result_loads:
+    for entry in [*result_loads, *nominal_loads]:
         for name, figures in entry["deployments"].items():
             measured, simulated = figures["slo_attainment"], figures["simulated"]["slo_attainment"]
-            print(f"{entry['name']:>10} {entry['rate_per_s']:>5} {name:>18}  measured {measured:.1%}", end="")
+            print(f"{entry['name']:>10} {entry['rate_per_s']:>5} {name:>23}  measured {measured:.1%}", end="")
             print(f"  simulated {simulated:.1%}")
     return data
 

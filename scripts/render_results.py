@@ -148,21 +148,20 @@ def _ms_or_dash(seconds: float | None, spec: str) -> str:
     return "-" if seconds is None else format(seconds * 1e3, spec)
 
 
-def render_real_engines(data: dict[str, Any]) -> str:
-    """A real-engine comparison of docs/evaluation.md from ``benchmarks/results/real-engines/{vllm,sglang}-cpu.json``
-    (issue 14's schema): every deployment at every load, measured, with the simulator's joint attainment beside it
-    and the ranking both give."""
-    others = [_LOAD_MEANING[load["name"]] for load in data["loads"] if load["name"] in _LOAD_MEANING]
+def _by_load(loads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(loads, key=lambda entry: _LOAD_ORDER.get(entry["name"], 9))
+
+
+def _real_engine_cells(loads: list[dict[str, Any]], pairs_what: str) -> list[str]:
+    """The cells table of a real-engine result's loads (every deployment at every load, measured, with the
+    simulator's joint attainment), then per load the ranking measured and simulated, Tropical against the best stock
+    deployment and the mean difference of the load's ``pairs`` (named ``pairs_what``)."""
     lines = [
-        f"Engine {data['engine']}; model {data['model']}; trace {data['trace']}; SLOs {data['slo']}. Cores: "
-        f"{data['cores']}. Loads: the knee is the best stock policy's simulated goodput on the profile "
-        f"({data['knee_per_s']:g} req/s){''.join(', ' + other for other in others)}.",
-        "",
         "| load | rate (req/s) | deployment | requests | joint attainment | TTFT att. | TPOT att. | TTFT P90 ms | "
         "TPOT P90 ms | simulated joint att. |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for load in sorted(data["loads"], key=lambda entry: _LOAD_ORDER.get(entry["name"], 9)):
+    for load in _by_load(loads):
         for key, figures in load["deployments"].items():
             name = _DEPLOYMENT_NAMES.get(key, key)
             if "shape" in figures:
@@ -173,14 +172,14 @@ def render_real_engines(data: dict[str, Any]) -> str:
                 f"{_pct(figures['tpot_attainment'])} | {_ms(figures['ttft_p90_s'])} | {_ms(figures['tpot_p90_s'])} | "
                 f"{_pct(figures['simulated']['slo_attainment'])} |"
             )
-    if any(figures.get("num_runs", 1) > 1 for load in data["loads"] for figures in load["deployments"].values()):
+    if any(figures.get("num_runs", 1) > 1 for load in loads for figures in load["deployments"].values()):
         lines += [
             "",
             "A cell with several runs (each on fresh engines, the deployments of a load interleaved) shows the mean "
             "of each figure over them, and the range of the joint attainment in brackets.",
         ]
     lines.append("")
-    for load in sorted(data["loads"], key=lambda entry: _LOAD_ORDER.get(entry["name"], 9)):
+    for load in _by_load(loads):
         deployments = load["deployments"]
         if not deployments:
             continue
@@ -192,69 +191,115 @@ def render_real_engines(data: dict[str, Any]) -> str:
             best = max(stock, key=lambda k: deployments[k]["slo_attainment"])
             points = (deployments["tropical"]["slo_attainment"] - deployments[best]["slo_attainment"]) * 100
             line += f"; Tropical {points:+.1f} points against the best stock deployment ({best})"
-        for key, what in (("pairs", "paired with round robin"), ("normalized_pairs", "speed-normalized")):
-            pairs = load.get(key) or []
-            if pairs:
-                mean = _mean_difference_points(pairs)
-                line += f"; {what} ({len(pairs)} pairs, below): {mean:+.1f} points on average"
+        pairs = load.get("pairs") or []
+        if pairs:
+            line += (
+                f"; {pairs_what} ({len(pairs)} pair{'s' if len(pairs) > 1 else ''}, below): "
+                f"{_mean_difference_points(pairs):+.1f} points on average"
+            )
         lines.append(line + ".")
-    paired = [load for load in data["loads"] if load.get("pairs")]
-    if paired:
+    return lines
+
+
+def _nominal_pairs_table(loads: list[dict[str, Any]]) -> list[str]:
+    """The nominal pairs (stop 31): round robin and Tropical, with the speed probe and the calibrated decode step."""
+    lines = [
+        "Pairs: round robin and Tropical (router in the client) one after the other on fresh engines, the order "
+        "alternating from pair to pair. The machine's speed drifts between runs; the speed probe (from pair 5 "
+        "on) times a fixed 256x256 matrix product on each core before and after each run (ms, lower is "
+        "faster; the mean of the four); Tropical's engines also log the lone decode step their online "
+        "calibration learned (the profile's: 8.61 ms), the mean of the two engines at the end of the run.",
+        "",
+        "| load | pair | round robin: joint / TTFT / TPOT att. | Tropical: joint / TTFT / TPOT att. | "
+        "difference (points) | speed probe ms: round robin / Tropical | Tropical's engines: lone decode step ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for load in _by_load([load for load in loads if load.get("pairs")]):
+        for pair in load["pairs"]:
+            cells = _pair_attainment_cells(pair)
+            probes = [pair[key].get("speed_probe_ms") for key in ("vllm-round-robin", "tropical")]
+            speed = " / ".join("-" if probe is None else f"{probe:.2f}" for probe in probes)
+            lines.append(
+                f"| {load['name']} | {pair['pair']} | {cells[0]} | {cells[1]} | {pair['difference_points']:+.1f} | "
+                f"{speed} | {_number_or_dash(pair['tropical'].get('calibrated_decode_step_ms'), '.1f')} |"
+            )
+        lines.append(f"| {load['name']} | mean | | | {_mean_difference_points(load['pairs']):+.1f} | | |")
+    return lines
+
+
+def _normalized_pairs_table(loads: list[dict[str, Any]]) -> list[str]:
+    """The speed-normalized pairs: each run's factor applied and measured, load scale, rate and attainment."""
+    lines = [
+        "Pairs among these runs: round robin and Tropical (router in the client) one after the other on fresh "
+        "engines, the order alternating; each run's own speed measurement beside the factor applied.",
+        "",
+        "| load | pair | speed factor: applied (measured: round robin / Tropical) | load scale | "
+        "rate req/s: round robin / Tropical | "
+        "round robin: joint / TTFT / TPOT att. | Tropical: joint / TTFT / TPOT att. | difference (points) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for load in _by_load([load for load in loads if load.get("pairs")]):
+        for pair in load["pairs"]:
+            runs = [pair[key] for key in ("vllm-round-robin", "tropical")]
+            cells = _pair_attainment_cells(pair)
+            measured = " / ".join(_number_or_dash(run.get("measured_speed_factor"), ".2f") for run in runs)
+            factors = f"{_number_or_dash(runs[0].get('engine_speed_factor'), '.2f')} ({measured})"
+            rates = " / ".join(_number_or_dash(run.get("rate_per_s"), ".3f") for run in runs)
+            scale = _number_or_dash(runs[1].get("load_scale"), "g")
+            lines.append(
+                f"| {load['name']} | {pair['pair']} | {factors} | {scale} | {rates} | {cells[0]} | {cells[1]} | "
+                f"{pair['difference_points']:+.1f} |"
+            )
+        lines.append(f"| {load['name']} | mean | | | | | | {_mean_difference_points(load['pairs']):+.1f} |")
+    return lines
+
+
+def render_real_engines(data: dict[str, Any]) -> str:
+    """A real-engine comparison of docs/evaluation.md from ``benchmarks/results/real-engines/{vllm,sglang}-cpu.json``
+    (issue 14's schema): every deployment at every load, measured, with the simulator's joint attainment beside it
+    and the ranking both give. A result with ``nominal_loads`` (vLLM, stop 33 on) has its cells from
+    speed-normalized runs (SLOs and rate from the profile scaled to the engines' measured speed), their pairs, and
+    then the nominal cells and pairs (SLOs and rate from the profile as it is)."""
+    nominal = data.get("nominal_loads")
+    others = [_LOAD_MEANING[load["name"]] for load in data["loads"] if load["name"] in _LOAD_MEANING]
+    knee = f"({data['knee_per_s']:g} req/s){''.join(', ' + other for other in others)}"
+    lines = [
+        f"Engine {data['engine']}; model {data['model']}; trace {data['trace']}; SLOs {data['slo']}. Cores: "
+        f"{data['cores']}. Loads: the knee is the best stock policy's simulated goodput on the profile {knee}"
+        + (
+            "; each run at that rate times the load scale S over the speed factor F (per load below: lone "
+            "requests slow down more than batched steps, so S places the knee where round robin's attainment "
+            "falls, found by the diagnosis rows below)."
+            if nominal
+            else "."
+        ),
+        "",
+    ]
+    if nominal:
+        lines += [
+            "| load | nominal rate (req/s) | speed factor F | load scale S | rate run (req/s) |",
+            "|---|---|---|---|---|",
+        ]
+        for load in _by_load(data["loads"]):
+            if load["rate_per_s"] is not None:
+                lines.append(
+                    f"| {load['name']} | {load['nominal_rate_per_s']:g} | {load['speed_factor']:g} | "
+                    f"{load['load_scale']:g} | {load['rate_per_s']:g} |"
+                )
+        lines.append("")
+    lines += _real_engine_cells(data["loads"], "paired with round robin")
+    if any(load.get("pairs") for load in data["loads"]):
+        lines += ["", *(_normalized_pairs_table(data["loads"]) if nominal else _nominal_pairs_table(data["loads"]))]
+    if nominal:
         lines += [
             "",
-            "Pairs: round robin and Tropical (router in the client) one after the other on fresh engines, the order "
-            "alternating from pair to pair. The machine's speed drifts between runs; the speed probe (from pair 5 "
-            "on) times a fixed 256x256 matrix product on each core before and after each run (ms, lower is "
-            "faster; the mean of the four); Tropical's engines also log the lone decode step their online "
-            "calibration learned (the profile's: 8.61 ms), the mean of the two engines at the end of the run.",
+            f"Nominal runs (up to stop 32): SLOs {data['nominal_slo']}, rates from the profile as it is (knee "
+            f"{data['knee_per_s']:g} req/s), on machines whose engines ran 1.3-3x slower than the profile.",
             "",
-            "| load | pair | round robin: joint / TTFT / TPOT att. | Tropical: joint / TTFT / TPOT att. | "
-            "difference (points) | speed probe ms: round robin / Tropical | Tropical's engines: lone decode step ms |",
-            "|---|---|---|---|---|---|---|",
+            *_real_engine_cells(nominal, "paired with round robin"),
         ]
-        for load in sorted(paired, key=lambda entry: _LOAD_ORDER.get(entry["name"], 9)):
-            for pair in load["pairs"]:
-                cells = _pair_attainment_cells(pair)
-                probes = [pair[key].get("speed_probe_ms") for key in ("vllm-round-robin", "tropical")]
-                speed = " / ".join("-" if probe is None else f"{probe:.2f}" for probe in probes)
-                lines.append(
-                    f"| {load['name']} | {pair['pair']} | {cells[0]} | {cells[1]} | {pair['difference_points']:+.1f} | "
-                    f"{speed} | {_number_or_dash(pair['tropical'].get('calibrated_decode_step_ms'), '.1f')} |"
-                )
-            lines.append(f"| {load['name']} | mean | | | {_mean_difference_points(load['pairs']):+.1f} | | |")
-    normalized = [load for load in data["loads"] if load.get("normalized_pairs")]
-    if normalized:
-        lines += [
-            "",
-            "Speed-normalized pairs (stop 32 on, `measure --normalize-speed --speed-factor F --load-scale S`; "
-            "cores shared as above: engine A on core 0 with the client and Tropical's router in it, engine B on "
-            "core 1): "
-            "a few lone requests on each engine give the engines' speed against the profile (the geometric mean of "
-            "measured over predicted TTFT and token gap, the mean of the two engines); the runs take their SLOs "
-            "from the profile scaled by the factor F (both runs of a pair the same one, from the stock engines' "
-            "measurements beforehand; each run's own measurement beside it) and run at the load's rate times S "
-            "over F (lone requests slow down more than batched steps, so the knee moves: S places the load where "
-            "round robin's attainment falls, the diagnosis rows below).",
-            "",
-            "| load | pair | speed factor: applied (measured: round robin / Tropical) | load scale | "
-            "rate req/s: round robin / Tropical | "
-            "round robin: joint / TTFT / TPOT att. | Tropical: joint / TTFT / TPOT att. | difference (points) |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for load in sorted(normalized, key=lambda entry: _LOAD_ORDER.get(entry["name"], 9)):
-            for pair in load["normalized_pairs"]:
-                runs = [pair[key] for key in ("vllm-round-robin", "tropical")]
-                cells = _pair_attainment_cells(pair)
-                measured = " / ".join(_number_or_dash(run.get("measured_speed_factor"), ".2f") for run in runs)
-                factors = f"{_number_or_dash(runs[0].get('engine_speed_factor'), '.2f')} ({measured})"
-                rates = " / ".join(_number_or_dash(run.get("rate_per_s"), ".3f") for run in runs)
-                scale = _number_or_dash(runs[1].get("load_scale"), "g")
-                lines.append(
-                    f"| {load['name']} | {pair['pair']} | {factors} | {scale} | {rates} | {cells[0]} | {cells[1]} | "
-                    f"{pair['difference_points']:+.1f} |"
-                )
-            mean = _mean_difference_points(load["normalized_pairs"])
-            lines.append(f"| {load['name']} | mean | | | | | | {mean:+.1f} |")
+        if any(load.get("pairs") for load in nominal):
+            lines += ["", *_nominal_pairs_table(nominal)]
     lines.append("")
     lines.append(
         f"Plan: `{data['plan']['command']}` recommended {data['plan']['recommendation']['policy']} at "

