@@ -438,11 +438,16 @@ def engine_speed(urls: list[str], profile: str = PROFILE, model_name: str = SERV
     }
 
 
+def scaled_profile_name(factor: float, profile: str = PROFILE) -> str:
+    """The file name :func:`write_scaled_profile` gives ``profile`` scaled by ``factor``."""
+    return f"{profile}-x{factor:g}.json"
+
+
 def write_scaled_profile(workdir: Path, factor: float, profile: str = PROFILE) -> Path:
     """``profile`` with every time times ``factor``, as a file in ``workdir``."""
     from tropical_sched.predictors.profile import load_profile, time_scaled, write_profile_file
 
-    path = workdir / f"{profile}-x{factor:g}.json"
+    path = workdir / scaled_profile_name(factor, profile)
     write_profile_file(time_scaled(load_profile(profile).file, factor), path)
     return path
 
@@ -894,13 +899,9 @@ def collected_pairs(load: str, variant: str = PAIRED_VARIANT) -> list[dict[str, 
                 probes = json.loads(speed.read_text())
                 figures[key]["speed_probe_ms"] = statistics.fmean(probes["before_ms"] + probes["after_ms"])
                 if "engine_speed" in probes:  # a speed-normalized run
-                    engine_speed = probes["engine_speed"]
-                    figures[key]["engine_speed_factor"] = round(engine_speed["factor"], 2)
-                    figures[key]["measured_speed_factor"] = round(
-                        engine_speed.get("measured_factor", engine_speed["factor"]), 2
-                    )
-                    figures[key]["rate_per_s"] = probes["engine_speed"]["rate_per_s"]
-                    figures[key]["load_scale"] = probes["engine_speed"].get("load_scale", 1.0)
+                    fields = _engine_speed_fields(probes["engine_speed"])
+                    figures[key]["engine_speed_factor"] = round(fields.pop("speed_factor"), 2)
+                    figures[key].update(fields)
             calibration = run.with_suffix(".calibration.txt")
             if calibration.exists():  # Tropical's engines: the lone decode step each calibrated, ms (mean of both)
                 steps = re.findall(r"decode step at batch 1 ([0-9.]+) ms", calibration.read_text())
@@ -933,18 +934,28 @@ def collected_entry(paths: list[Path], validate_args: list[str], shape: str, tro
     return entry
 
 
+def _engine_speed_fields(engine_speed: dict[str, Any]) -> dict[str, Any]:
+    """A speed-normalized run's factor applied, factor measured (the applied one where none was kept apart), load
+    scale and rate, from the ``engine_speed`` of its ``.speed.json``."""
+    return {
+        "speed_factor": engine_speed["factor"],
+        "measured_speed_factor": round(engine_speed.get("measured_factor", engine_speed["factor"]), 2),
+        "rate_per_s": engine_speed["rate_per_s"],
+        "load_scale": engine_speed.get("load_scale", 1.0),
+    }
+
+
 def _normalized_speed(path: Path) -> dict[str, Any]:
-    """A speed-normalized run's factor applied, factor measured, load scale and rate (its ``.speed.json``)."""
+    """:func:`_engine_speed_fields` of the run ``path`` (its ``.speed.json``).
+
+    Raises:
+        ValueError: the run has no engine speed (not run with ``measure --normalize-speed``), naming the file.
+    """
     speed = path.with_suffix(".speed.json")
     engine_speed = json.loads(speed.read_text()).get("engine_speed") if speed.exists() else None
     if engine_speed is None:
         raise ValueError(f"{speed}: a speed-normalized run without its engine speed (measure --normalize-speed)")
-    return {
-        "speed_factor": engine_speed["factor"],
-        "measured_speed_factor": round(engine_speed.get("measured_factor", engine_speed["factor"]), 2),
-        "load_scale": engine_speed.get("load_scale", 1.0),
-        "rate_per_s": engine_speed["rate_per_s"],
-    }
+    return _engine_speed_fields(engine_speed)
 
 
 def normalized_load(load: str, nominal_rate: float, prefill_workers: int, hop: tuple[float, float]) -> dict[str, Any]:
@@ -967,7 +978,7 @@ def normalized_load(load: str, nominal_rate: float, prefill_workers: int, hop: t
         )
         raise ValueError(f"{load}: the speed-normalized runs of a load must share factor, load scale and rate: {runs}")
     factor, load_scale, rate = settings.pop() if settings else (None, None, None)
-    profile = f"{PROFILE}-x{factor:g}.json" if factor is not None else PROFILE  # write_scaled_profile's name
+    profile = scaled_profile_name(factor) if factor is not None else PROFILE
     deployments: dict[str, Any] = {}
     for key, key_paths in paths.items():
         validate_args = _validate_args(
