@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import statistics
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,13 +121,15 @@ def test_engines_10x_off_the_profile_and_the_pd_hop_are_learned_within_10_percen
     engine = Profile(truth).step_time
     prefill, mux = slow_engines.calibrated(0, tmp_path), slow_engines.calibrated(1, tmp_path)
     assert prefill.name == mux.name == f"{BASE.name}-x{ENGINE_SCALE / 10:g}-online"
+    prefill_added_s, mux_added_s = _engine_added_s(slow_engines, engine)
     for tokens in (128, 256, 512, 800):  # the prefill engine's prefills
-        assert prefill.step_time.prefill_time_s(tokens) == pytest.approx(engine.prefill_time_s(tokens), rel=0.10)
+        truth_s = engine.prefill_time_s(tokens)
+        _assert_within(prefill.step_time.prefill_time_s(tokens), truth_s, truth_s + prefill_added_s, rel=0.10)
     for decodes in (1, 2, 4, 8):  # the multiplexing engine's decode steps
         for context in (300, 800):
-            assert mux.step_time.decode_step_time_s(decodes, decodes * context) == pytest.approx(
-                engine.decode_step_time_s(decodes, decodes * context), rel=0.10
-            )
+            truth_s = engine.decode_step_time_s(decodes, decodes * context)
+            calibrated_s = mux.step_time.decode_step_time_s(decodes, decodes * context)
+            _assert_within(calibrated_s, truth_s, truth_s + mux_added_s, rel=0.10)
     for tokens in (128, 512, 800):  # the hop of requests prefilled on the prefill engine
         assert prefill.serving.pd_hop_s(tokens) == pytest.approx(HOP_FIXED_S + HOP_PER_TOKEN_S * tokens, rel=0.10)
     assert "learned online" in (prefill.file.serving.source if prefill.file.serving else "")
@@ -159,42 +162,73 @@ def test_engines_10x_off_the_profile_and_the_pd_hop_are_learned_within_10_percen
 
 @pytest.mark.slow
 def test_with_engines_at_the_profile_the_calibrated_predictions_stay_at_the_profile(tmp_path: Path) -> None:
-    """Never worse than the offline profile when the profile is right: decode steps stay within 3% of the
-    profile's or 0.5 ms (the fake engine's event loop adds some to every step on a slow machine: 3.04% of a 14 ms
-    step once, stop 32); prefills within 6% or 2 ms (a prefill that ran alone is timed from the router, less the
-    instance's bare HTTP round trip, so it keeps what the engine's server adds to a request beyond that: what the
-    router really sees; on a busy 2-core machine that is a millisecond or two, 6.6% of a 20 ms prefill once in CI);
-    and on what was observed, the calibrated model errs no more than the profile."""
+    """Never worse than the offline profile when the profile is right, and never off what the engines ran.
+
+    The fake engines sleep the profile's step time, but a step also takes what their event loop adds, and a prefill
+    that ran alone is timed from the router less the bare HTTP round trip, so it keeps what the engine's server adds
+    to a request: on an idle machine a fraction of a millisecond, on a busy 2-core CI machine a millisecond or more
+    that varies with the load (0.95 ms on a 13 ms decode step once, 7%). So the calibrated model must lie between the
+    profile and the profile plus what the instance's engine was seen to add (the 90th percentile of observed less
+    profile over its recent steps): decode steps within 3% or 0.5 ms of that band, prefills within 6% or 2 ms; what
+    the engines add is never negative (a fake engine cannot run faster than it sleeps); and on what was observed, the
+    calibrated model errs no more than the profile."""
     profile_path = _router_profile(tmp_path, ENGINE_SCALE)
     deployment = _Deployment(profile_path, Profile(time_scaled(BASE.file, ENGINE_SCALE)), hop=False)
     try:
         deployment.send(100, rate_per_s=14.0, seed=1)
         engine = Profile(time_scaled(BASE.file, ENGINE_SCALE)).step_time
         prefill, mux = deployment.calibrated(0, tmp_path), deployment.calibrated(1, tmp_path)
-        for decodes in (1, 2, 4, 8):
-            for context in (300, 800):
-                assert mux.step_time.decode_step_time_s(decodes, decodes * context) == pytest.approx(
-                    engine.decode_step_time_s(decodes, decodes * context), rel=0.03, abs=5e-4
-                )
-        for tokens in (128, 256, 512, 800):
-            assert prefill.step_time.prefill_time_s(tokens) == pytest.approx(
-                engine.prefill_time_s(tokens), rel=0.06, abs=2e-3
-            )
+        prefill_added_s, mux_added_s = _engine_added_s(deployment, engine)
         for instance in deployment.router.instances:
             calibration = instance.calibration
             assert calibration is not None
             seen = calibration.step.recent_observations()
-            assert len(seen) >= 20
 
             def error(model: object, seen: list[tuple[tuple[float, ...], float]] = seen) -> float:
-                coefficients = model.coefficients.as_tuple()  # type: ignore[attr-defined]
-                return sum(abs(sum(c * x for c, x in zip(coefficients, f, strict=True)) / t - 1) for f, t in seen)
+                return sum(abs(_predicted_s(model, f) / t - 1) for f, t in seen)
 
             # The fit minimizes squared relative error under its prior and forgetting; this sums absolute relative
             # errors: on the same samples the two criteria can trade a few percent, so "no worse" allows 10%.
             assert error(calibration.step_time) <= 1.10 * error(engine)
+        for decodes in (1, 2, 4, 8):
+            for context in (300, 800):
+                profile_s = engine.decode_step_time_s(decodes, decodes * context)
+                calibrated_s = mux.step_time.decode_step_time_s(decodes, decodes * context)
+                _assert_within(calibrated_s, profile_s, profile_s + mux_added_s, rel=0.03, abs_s=5e-4)
+        for tokens in (128, 256, 512, 800):
+            profile_s = engine.prefill_time_s(tokens)
+            calibrated_s = prefill.step_time.prefill_time_s(tokens)
+            _assert_within(calibrated_s, profile_s, profile_s + prefill_added_s, rel=0.06, abs_s=2e-3)
     finally:
         deployment.close()
+
+
+def _predicted_s(model: object, features: tuple[float, ...]) -> float:
+    """A step-time model's prediction for one observation's features (the calibrated fit's linear form)."""
+    coefficients = model.coefficients.as_tuple()  # type: ignore[attr-defined]
+    return float(sum(c * x for c, x in zip(coefficients, features, strict=True)))
+
+
+def _engine_added_s(deployment: _Deployment, engine: object) -> tuple[float, float]:
+    """What the prefill and the multiplexing fake engine were seen to add to ``engine``'s step times, in seconds:
+    the 90th percentile of observed less predicted over each instance's recent steps (at least 20), at least 0. The
+    fake engines sleep ``engine``'s times; their event loop and HTTP server add to that, a fraction of a millisecond
+    on an idle machine, a millisecond or more on a busy one. A median below -0.5 ms fails: a fake engine cannot run
+    faster than it sleeps."""
+    added_s = []
+    for instance in deployment.router.instances:
+        assert instance.calibration is not None
+        seen = instance.calibration.step.recent_observations()
+        assert len(seen) >= 20
+        excess_s = [t - _predicted_s(engine, f) for f, t in seen]
+        assert statistics.median(excess_s) >= -5e-4, excess_s
+        added_s.append(max(0.0, statistics.quantiles(excess_s, n=10)[-1]))
+    return added_s[0], added_s[1]
+
+
+def _assert_within(value_s: float, low_s: float, high_s: float, *, rel: float, abs_s: float = 0.0) -> None:
+    """``value_s`` in ``[low_s, high_s]`` widened by ``rel`` or ``abs_s``, whichever is wider."""
+    assert low_s - max(rel * low_s, abs_s) <= value_s <= high_s + max(rel * high_s, abs_s), (value_s, low_s, high_s)
 
 
 def test_calibration_off_serves_the_offline_profile_and_snapshots_carry_no_model(tmp_path: Path) -> None:
