@@ -790,6 +790,35 @@ DIAGNOSIS_RUNS = {
     "Tropical, router in the client",
     "vllm-round-robin-knee-norm-x1.35": "stop 32, speed-normalized by the run's own measurement, load scale 1.35: "
     "round robin",
+    # Stop 34, speed-normalized like the cells (F 2.2, S 1.34), between the knee pairs norm-8 to norm-10. A guard that
+    # turned an engine's slack cap off while fewer than 90% of its recent decodes kept their TPOT pace (patch, not
+    # kept: --engine-option slack_cap_guard=true); Tropical's router over vLLM's own scheduling in the scheduler
+    # class, with the step log (--engine-option policy=vllm-chunked --engine-option role=colocated); and Tropical
+    # with multiplexed chunks of at least 256 tokens on the engines and in the router's predictions (--engine-option
+    # and --router-option 'policy_options={"min_multiplexed_chunk_tokens": 256}'), the first with the step log,
+    # then in pairs with round robin (--variant minchunk256-N, the order alternating).
+    "tropical-in-client-knee-guard-1": "stop 34: Tropical with a per-engine guard that turns the slack cap off while "
+    "under 90% of the engine's recent decodes keep their TPOT pace (patch, not kept; it turned off at about 120 s)",
+    "tropical-in-client-knee-s34-nocap-1": "stop 34: Tropical's router in the client, the engines' own scheduling "
+    "(no slack cap), with the step log",
+    **{
+        f"{deployment}-knee-minchunk256-{n}": f"stop 34, min-chunk pair {n}: "
+        + (
+            "Tropical, multiplexed chunks of at least 256 tokens" + (" (step log)" if n == 1 else "")
+            if deployment == "tropical-in-client"
+            else "round robin"
+        )
+        for n in (1, 2, 3, 4)
+        for deployment in ("tropical-in-client", "vllm-round-robin")
+    },
+    # Then one pair with the same chunks and the router's best_effort_decode_watermark (--router-option
+    # 'policy_options={"min_multiplexed_chunk_tokens": 256, "best_effort_decode_watermark": true}').
+    "tropical-in-client-knee-mc256-watermark-1": "stop 34: Tropical, multiplexed chunks of at least 256 tokens and "
+    "best_effort_decode_watermark",
+    "vllm-round-robin-knee-mc256-watermark-1": "stop 34, the same pair: round robin",
+    "vllm-round-robin-knee-mc256-watermark-2": "stop 34, a second such pair: round robin",
+    "tropical-in-client-knee-mc256-watermark-2": "stop 34, a second such pair: Tropical, multiplexed chunks of at "
+    "least 256 tokens and best_effort_decode_watermark",
 }
 
 

@@ -2,12 +2,14 @@
 
 Reads the logs the Tropical vLLM scheduler class writes with ``$TROPICAL_STEP_LOG`` set (one JSON object per step:
 ``started_at_s``, ``duration_s``, ``num_decode_seqs``, ``num_decode_context_tokens``, ``prefill_chunks``,
-``prefill_token_cap``; see :mod:`tropical_sched.adapters.vllm.scheduler`) and prints, per log (one engine core):
-its steps, the time they took and how much of the run that was (busy fraction), the decode batch weighted by
+``prefill_token_cap``, and from stop 34 ``predicted_s``: what the engine side predicted for the step with the model
+it held then, calibrated online; see :mod:`tropical_sched.adapters.vllm.scheduler`) and prints, per log (one engine
+core): its steps, the time they took and how much of the run that was (busy fraction), the decode batch weighted by
 decode tokens, and per kind of step (decode only, mixed: decodes and prefill chunks, prefill only) the count,
 the time, the mean step, the median of measured over predicted (the profile's
-:meth:`~tropical_sched.predictors.step_time.StepTimeModel.step_time_s`), the median prefill tokens per step, and the
-prefill caps the steps ran under.
+:meth:`~tropical_sched.predictors.step_time.StepTimeModel.step_time_s`), the median of measured over the engine's
+own prediction (where the log has it), the median prefill tokens per step, and the prefill caps the steps ran
+under.
 
 Usage: python benchmarks/step_log.py LOG.jsonl [LOG.jsonl ...] [--profile cpu-served-llama] [--json OUT]
 """
@@ -86,11 +88,13 @@ def summarize(steps: list[dict[str, Any]], model: StepTimeModel) -> dict[str, An
         if not chosen:
             continue
         caps = [s["prefill_token_cap"] for s, _ in chosen if s.get("prefill_token_cap") is not None]
+        engine_ratios = [s["duration_s"] / s["predicted_s"] for s, _ in chosen if (s.get("predicted_s") or 0) > 0]
         summary["kinds"][kind] = {
             "num_steps": len(chosen),
             "time_s": sum(s["duration_s"] for s, _ in chosen),
             "mean_step_s": statistics.mean(s["duration_s"] for s, _ in chosen),
             "measured_over_predicted_p50": statistics.median(s["duration_s"] / p for s, p in chosen if p > 0),
+            "measured_over_engine_predicted_p50": statistics.median(engine_ratios) if engine_ratios else None,
             "mean_decode_seqs": statistics.mean(s["num_decode_seqs"] for s, _ in chosen),
             "prefill_tokens_per_step_p50": statistics.median(sum(c for _, c in s["prefill_chunks"]) for s, _ in chosen),
             "num_capped_steps": len(caps),
@@ -107,10 +111,12 @@ def _print(name: str, summary: dict[str, Any]) -> None:
     )
     for kind, figures in summary["kinds"].items():
         cap = figures["prefill_token_cap_p50"]
+        engine_ratio = figures.get("measured_over_engine_predicted_p50")
         print(
             f"  {kind:8s} {figures['num_steps']:6d} steps {figures['time_s']:7.1f} s  mean "
             f"{figures['mean_step_s'] * 1e3:6.1f} ms  measured/predicted {figures['measured_over_predicted_p50']:.2f}  "
-            f"decodes {figures['mean_decode_seqs']:4.1f}  "
+            + (f"measured/engine's prediction {engine_ratio:.2f}  " if engine_ratio is not None else "")
+            + f"decodes {figures['mean_decode_seqs']:4.1f}  "
             f"prefill tokens/step {figures['prefill_tokens_per_step_p50']:.0f}"
             + (f"  cap p50 {cap:.0f} ({figures['num_capped_steps']} capped)" if cap is not None else "")
         )

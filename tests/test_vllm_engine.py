@@ -179,6 +179,7 @@ def test_multiplexing_worker_caps_prefill_tokens_next_to_decodes(
     assert [sum(c for _, c in s["prefill_chunks"]) for s in logged] == capped
     assert all(sum(c for _, c in s["prefill_chunks"]) <= s["prefill_token_cap"] <= 32 for s in logged)
     assert all(s["duration_s"] > 0 for s in steps)
+    assert all(s["predicted_s"] > 0 for s in steps)  # the engine side's own prediction of each step
     assert steps[0]["prefill_token_cap"] is None  # the first prompt's prefill, with no decode beside it
     uncapped, scheduler = _mixed_step_prefill_tokens(tiny_model, cache_root, "colocated", "vllm-chunked")
     assert max(uncapped) > 32  # the same schedule on a plain chunked-prefill engine

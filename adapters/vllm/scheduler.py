@@ -210,6 +210,13 @@ class _TropicalMixin:
                     "num_decode_context_tokens": context_tokens,
                     "prefill_chunks": [list(chunk) for chunk in chunks],
                     "prefill_token_cap": cap,
+                    # what the engine side predicted for this step with the model it held then
+                    "predicted_s": round(
+                        self.tropical.step_time.step_time_s(
+                            num_decode_seqs=num_decodes, num_decode_context_tokens=context_tokens, prefill_chunks=chunks
+                        ),
+                        6,
+                    ),
                 }
                 self._step_log.write(json.dumps(step) + "\n")
             refreshed = self.tropical.observe_step(
