@@ -801,14 +801,16 @@ DIAGNOSIS_RUNS = {
     "under 90% of the engine's recent decodes keep their TPOT pace (patch, not kept; it turned off at about 120 s)",
     "tropical-in-client-knee-s34-nocap-1": "stop 34: Tropical's router in the client, the engines' own scheduling "
     "(no slack cap), with the step log",
+    "tropical-in-client-knee-minchunk256-1": "stop 34, min-chunk run 1 (beside round robin's norm-10, no partner "
+    "of its own): Tropical, multiplexed chunks of at least 256 tokens (step log)",
     **{
         f"{deployment}-knee-minchunk256-{n}": f"stop 34, min-chunk pair {n}: "
         + (
-            "Tropical, multiplexed chunks of at least 256 tokens" + (" (step log)" if n == 1 else "")
+            "Tropical, multiplexed chunks of at least 256 tokens"
             if deployment == "tropical-in-client"
             else "round robin"
         )
-        for n in (1, 2, 3, 4)
+        for n in (2, 3, 4)
         for deployment in ("tropical-in-client", "vllm-round-robin")
     },
     # Then one pair with the same chunks and the router's best_effort_decode_watermark (--router-option

@@ -2,11 +2,11 @@
 
 Reads the logs the Tropical vLLM scheduler class writes with ``$TROPICAL_STEP_LOG`` set (one JSON object per step:
 ``started_at_s``, ``duration_s``, ``num_decode_seqs``, ``num_decode_context_tokens``, ``prefill_chunks``,
-``prefill_token_cap``, and from stop 34 ``predicted_s``: what the engine side predicted for the step with the model
-it held then, calibrated online; see :mod:`tropical_sched.adapters.vllm.scheduler`) and prints, per log (one engine
-core): its steps, the time they took and how much of the run that was (busy fraction), the decode batch weighted by
-decode tokens, and per kind of step (decode only, mixed: decodes and prefill chunks, prefill only) the count,
-the time, the mean step, the median of measured over predicted (the profile's
+``prefill_token_cap``, and from stop 34 ``predicted_s``: what the engine side predicts for the step with the model
+it holds as the step's output returns, calibrated online; see :mod:`tropical_sched.adapters.vllm.scheduler`) and
+prints, per log (one engine core): its steps, the time they took and how much of the run that was (busy fraction),
+the decode batch weighted by decode tokens, and per kind of step (decode only, mixed: decodes and prefill chunks,
+prefill only) the count, the time, the mean step, the median of measured over predicted (the profile's
 :meth:`~tropical_sched.predictors.step_time.StepTimeModel.step_time_s`), the median of measured over the engine's
 own prediction (where the log has it), the median prefill tokens per step, and the prefill caps the steps ran
 under.

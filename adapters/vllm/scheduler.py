@@ -210,7 +210,7 @@ class _TropicalMixin:
                     "num_decode_context_tokens": context_tokens,
                     "prefill_chunks": [list(chunk) for chunk in chunks],
                     "prefill_token_cap": cap,
-                    # what the engine side predicted for this step with the model it held then
+                    # what the engine side predicts for this step with the model it holds as the step's output returns
                     "predicted_s": round(
                         self.tropical.step_time.step_time_s(
                             num_decode_seqs=num_decodes, num_decode_context_tokens=context_tokens, prefill_chunks=chunks
