@@ -650,6 +650,10 @@ FIGURES = ("slo_attainment", "ttft_attainment", "tpot_attainment", "ttft_p90_s",
 
 
 DIAGNOSIS = RAW / "diagnosis"
+DRAIN_PAIRS = (1, 2)  # stop 35's pairs, by variant
+PACE_PAIRS = (1,)
+PACE90_PAIRS = (1, 2, 3)
+PACELATE_PAIRS = {"knee": (1, 2), "light": (1,), "overloaded": (1,)}
 DIAGNOSIS_RUNS = {
     # raw name (in DIAGNOSIS) -> what was different from the collected runs
     "vllm-round-robin-knee-metrics": "plain vLLM, client round robin (a second run, with the engines' metrics)",
@@ -821,6 +825,47 @@ DIAGNOSIS_RUNS = {
     "vllm-round-robin-knee-mc256-watermark-2": "stop 34, a second such pair: round robin",
     "tropical-in-client-knee-mc256-watermark-2": "stop 34, a second such pair: Tropical, multiplexed chunks of at "
     "least 256 tokens and best_effort_decode_watermark",
+    # Stop 35, the same F and S and pinning. Tropical with drain_late_prefills (a prefill past reach of its TTFT
+    # deadline runs its rest in one chunk instead of the slack cap's minimum; --engine-option and --router-option
+    # 'policy_options={"drain_late_prefills": true}'), in pairs with round robin (--variant drain-N, the order
+    # alternating); then with the router's pace guard as well: one pair at the SLO's own pace (pace-1, made before
+    # pace_tpot_fraction existed: '{"drain_late_prefills": true, "max_behind_pace_fraction": 0.25}'), then at 90%
+    # of it ('{..., "pace_tpot_fraction": 0.9}', --variant pace90-N); then the same options with the guard's rule
+    # for late requests (they join only a worker none of whose decodes are behind; --variant pacelate-N), at the
+    # knee and, one pair each, at the light and overloaded loads.
+    **{
+        f"{deployment}-{load}-{variant}-{n}": f"stop 35, {label} pair {n}"
+        + ("" if load == "knee" else f" ({load})")
+        + ": "
+        + (what if deployment == "tropical-in-client" else "round robin")
+        for variant, label, what, loads in (
+            ("drain", "drain", "Tropical, late prefills drained", {"knee": DRAIN_PAIRS}),
+            (
+                "pace",
+                "pace-guard",
+                "Tropical, late prefills drained and the pace guard (max_behind_pace_fraction 0.25, at the SLO's "
+                "own pace)",
+                {"knee": PACE_PAIRS},
+            ),
+            (
+                "pace90",
+                "pace-guard (90%)",
+                "Tropical, late prefills drained and the pace guard (max_behind_pace_fraction 0.25, "
+                "pace_tpot_fraction 0.9)",
+                {"knee": PACE90_PAIRS},
+            ),
+            (
+                "pacelate",
+                "pace-guard (90%, late requests only beside decodes on pace)",
+                "Tropical, late prefills drained and the pace guard at 90%, late requests joining only a worker "
+                "none of whose decodes are behind",
+                PACELATE_PAIRS,
+            ),
+        )
+        for load, pairs in loads.items()
+        for n in pairs
+        for deployment in ("tropical-in-client", "vllm-round-robin")
+    },
 }
 
 

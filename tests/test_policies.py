@@ -10,6 +10,7 @@ import pytest
 from tests.conftest import make_cluster, make_decodes, make_model, make_prefill, make_request, make_worker
 from tropical_sched.core import (
     ConfigError,
+    DecodeBatch,
     PrefillState,
     RouteAction,
     Slo,
@@ -18,6 +19,8 @@ from tropical_sched.core import (
     decode_first_token_wait_s,
     expected_step_in_flight_s,
     min_tpot_slack_s,
+    num_behind_tpot_pace,
+    tpot_slack_s,
 )
 from tropical_sched.policies import (
     POLICIES,
@@ -345,7 +348,7 @@ def test_slack_capped_chunk_keeps_the_step_within_the_smallest_slack() -> None:
     )
     budget = min_tpot_slack_s(decodes, 0.45)  # 0.05 s, give or take rounding
     assert budget == pytest.approx(0.05)
-    assert step(cap) <= budget < step(cap + 1)
+    assert step(cap) <= budget + 1e-12 < step(cap + 1)  # within a picosecond counts as within (float rounding)
     assert scheduler.prefill_token_cap(now_s=0.45, decodes=make_decodes(0), num_prefix_tokens=0) is None
     floor = SlackCappedScheduler(MODEL, min_chunk_tokens=32)
     assert floor.prefill_token_cap(now_s=10.0, decodes=decodes, num_prefix_tokens=0) == 32
@@ -457,6 +460,82 @@ def test_the_best_effort_watermark_holds_a_late_request_that_would_push_decodes_
     # an idle worker still takes it
     decision = watermark.route(late, make_cluster(down, heavy, make_worker(3, M), now_s=5.0))
     assert (decision.action, decision.worker_id) == (RouteAction.MULTIPLEX, 3), decision.reason
+
+
+def _decodes_with_pace(num_on_pace: int, num_behind: int) -> DecodeBatch:
+    """Decodes at t=10 s with a 100 ms TPOT SLO: 10 tokens since their first at 9 s are on pace (slack 0), 5 are
+    behind (slack -0.5 s)."""
+    n = num_on_pace + num_behind
+    return DecodeBatch(
+        request_ids=tuple(f"d{i}" for i in range(n)),
+        first_token_at_s=(9.0,) * n,
+        num_generated_tokens=(10,) * num_on_pace + (5,) * num_behind,
+        tpot_slo_s=(0.1,) * n,
+        num_context_tokens=(200,) * n,
+    )
+
+
+def test_num_behind_tpot_pace_counts_the_decodes_with_negative_tpot_slack() -> None:
+    batch = _decodes_with_pace(3, 2)
+    assert num_behind_tpot_pace(batch, 10.0) == 2  # slack 0 is on pace
+    assert num_behind_tpot_pace(batch, 10.0 + 1e-9) == 5
+    assert num_behind_tpot_pace(batch, 9.4) == 0
+    assert num_behind_tpot_pace(DecodeBatch(), 10.0) == 0
+    # at 90% of the SLO, a running mean TPOT of exactly the SLO is behind too
+    assert num_behind_tpot_pace(batch, 10.0, pace_fraction=0.9) == 5
+    assert num_behind_tpot_pace(batch, 9.85, pace_fraction=0.9) == 2  # 10 tokens by 0.85 s: 85 ms, within 90 ms
+    expected = sum(
+        tpot_slack_s(first_token_at_s=f, num_generated_tokens=g, tpot_slo_s=slo, now_s=10.0) < 0
+        for f, g, slo in zip(batch.first_token_at_s, batch.num_generated_tokens, batch.tpot_slo_s, strict=True)
+    )
+    assert num_behind_tpot_pace(batch, 10.0) == expected
+
+
+def test_the_pace_guard_holds_requests_off_a_worker_whose_decodes_fall_behind() -> None:
+    on_time = make_request(arrival_at_s=10.0, num_prompt_tokens=100, slo=Slo(ttft_s=5.0, tpot_s=0.1))
+    late = make_request(arrival_at_s=0.0, num_prompt_tokens=100, slo=Slo(ttft_s=1.0, tpot_s=0.1))  # deadline 1 s
+    behind = make_worker(0, M, decodes=_decodes_with_pace(2, 2))  # half behind
+    keeping_up = make_worker(1, M, decodes=_decodes_with_pace(3, 1))  # a quarter behind
+    guarded = tropical(max_behind_pace_fraction=0.25, pace_tpot_fraction=1.0)
+    for request in (on_time, late):
+        # off (the default): the fewest-context worker (ties to the earliest first token) takes it either way
+        assert tropical().route(request, make_cluster(behind, now_s=10.0)).action is RouteAction.MULTIPLEX
+        # on: more than a quarter behind takes nothing, slack-tested or best effort; the request waits ...
+        decision = guarded.route(request, make_cluster(behind, now_s=10.0))
+        assert decision.action is RouteAction.WAIT, decision.reason
+    # ... unless a worker keeps pace (a quarter behind is not more than a quarter) ...
+    decision = guarded.route(on_time, make_cluster(behind, keeping_up, now_s=10.0))
+    assert (decision.action, decision.worker_id) == (RouteAction.MULTIPLEX, 1), decision.reason
+    # ... which a late request, lost for joint attainment, joins only with none of its decodes behind
+    assert guarded.route(late, make_cluster(behind, keeping_up, now_s=10.0)).action is RouteAction.WAIT
+    on_pace = make_worker(2, M, decodes=_decodes_with_pace(4, 0))
+    decision = guarded.route(late, make_cluster(behind, keeping_up, on_pace, now_s=10.0))
+    assert (decision.action, decision.worker_id) == (RouteAction.MULTIPLEX, 2), decision.reason
+    assert "behind their TPOT pace" in guarded.route(on_time, make_cluster(behind, now_s=10.0)).reason
+    # the decodes catch up (or finish): the worker opens again
+    assert guarded.route(on_time, make_cluster(behind, now_s=9.4)).action is RouteAction.MULTIPLEX
+    assert guarded.route(on_time, make_cluster(make_worker(0, M), now_s=10.0)).action is RouteAction.MULTIPLEX
+    # at the default pace of 90% of the SLO, decodes running at exactly their SLO are behind: it waits
+    at_slo = make_worker(1, M, decodes=_decodes_with_pace(4, 0))
+    assert guarded.route(on_time, make_cluster(at_slo, now_s=10.0)).action is RouteAction.MULTIPLEX
+    reserve = tropical(max_behind_pace_fraction=0.25)
+    assert reserve.route(on_time, make_cluster(at_slo, now_s=10.0)).action is RouteAction.WAIT
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("max_behind_pace_fraction", -0.1),
+        ("max_behind_pace_fraction", 1.0),
+        ("max_behind_pace_fraction", math.nan),
+        ("pace_tpot_fraction", 0.0),
+        ("pace_tpot_fraction", 1.5),
+        ("pace_tpot_fraction", math.nan),
+    ],
+)
+def test_the_pace_guard_fractions_must_lie_in_their_ranges(name: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=name):
+        tropical(**{"max_behind_pace_fraction": 0.25, name: value})
 
 
 # -- per-worker models: a worker's calibrated step times and learned P/D hop -------------------------------------

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from hypothesis import event, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import make_model, make_prefill, make_worker
@@ -195,6 +195,32 @@ def test_every_simulated_step_costs_what_the_model_predicts_for_what_it_runs(
     ttft_slo_s=st.floats(0.01, 20.0),
     deadline_floor=st.booleans(),
     floor_fraction=st.floats(0.05, 1.0),
+    drain_late=st.booleans(),
+)
+@example(  # a slack exactly at the one-token chunk's step, 1e-17 s apart in the worker's sum and the router's
+    model=make_model(
+        StepTimeCoefficients(
+            const_s=0.01,
+            per_batched_token_s=0.0,
+            per_prefill_seq_s=0.0,
+            per_prefill_attention_pair_s=0.0,
+            per_decode_seq_s=0.0,
+            per_decode_context_token_s=0.0,
+        )
+    ),
+    num_decodes=1,
+    context=1,
+    lateness_s=0.0,
+    num_generated=1,
+    tpot_slo_s=0.02,
+    prompt=1,
+    margin=0.5,
+    min_chunk=0,
+    budget=64,
+    ttft_slo_s=1.0,
+    deadline_floor=False,
+    floor_fraction=1.0,
+    drain_late=False,
 )
 def test_multiplexed_prefill_prediction_is_the_slack_capped_run_priced_by_the_model(
     model: StepTimeModel,
@@ -210,10 +236,12 @@ def test_multiplexed_prefill_prediction_is_the_slack_capped_run_priced_by_the_mo
     ttft_slo_s: float,
     deadline_floor: bool,
     floor_fraction: float,
+    drain_late: bool,
 ) -> None:
     """The router's per-step loop (``multiplexed_prefill_s``, step time inlined) predicts exactly what a simulated
     multiplexing worker does: its local scheduler caps each chunk by the decodes' slack (raised to the prefill's TTFT
-    deadline floor when on), every step priced by :meth:`StepTimeModel.step_time_s` (decodes of one TPOT SLO, so
+    deadline floor when on, and to the rest of the prompt once that deadline is out of reach with
+    ``drain_late_prefills``), every step priced by :meth:`StepTimeModel.step_time_s` (decodes of one TPOT SLO, so
     the loop's slack bound is exact)."""
     budget = max(budget, num_decodes + 1)
     policy = TropicalPolicy(
@@ -224,6 +252,7 @@ def test_multiplexed_prefill_prediction_is_the_slack_capped_run_priced_by_the_mo
             multiplexing_token_budget=budget,
             deadline_floor=deadline_floor,
             deadline_floor_fraction=floor_fraction,
+            drain_late_prefills=drain_late,
         ),
     )
     role = WorkerRole.MULTIPLEXING

@@ -174,8 +174,26 @@ def test_a_multiplexing_worker_raises_its_cap_to_what_a_prefill_needs_for_its_de
     # Half the time left is too little, the whole of it is not: aimed at the deadline itself.
     assert cap(halfway, 0.6) == cap(floored, 0.6)
     assert _chunked_time_s(model, 2000, 0, cap(halfway, 0.6) or 0, 1, 2000) <= 0.6
-    # A prefill past saving gets the slack cap only.
+    # A prefill past saving gets the slack cap only, or with drain_late_prefills the rest of its prompt at once.
     assert cap(floored, 0.3) == cap(halfway, 0.3) == 32
+    draining = SlackCappedScheduler(
+        model, min_chunk_tokens=32, deadline_floor=True, deadline_floor_fraction=0.5, drain_late_prefills=True
+    )
+    assert cap(draining, 0.3) == cap(draining, -5.0) == 2000
+    assert cap(draining, 1.5) == half  # while the deadline is within reach, the floor is the same
+    # The rest after a prefix, not the whole prompt.
+    rest = draining.prefill_token_cap(
+        now_s=1.0,
+        decodes=late,
+        num_prefix_tokens=1500,
+        prefill=PrefillState(
+            request_id="p", arrival_at_s=0.0, num_prompt_tokens=2000, num_computed_tokens=1500, ttft_slo_s=0.5
+        ),
+    )
+    assert rest == 500
+    # Without the deadline floor there is nothing to drain: the slack cap alone.
+    no_floor = SlackCappedScheduler(model, min_chunk_tokens=32, drain_late_prefills=True)
+    assert cap(no_floor, 0.3) == 32
 
 
 def test_tropical_turns_the_deadline_floor_on_by_default_and_off_by_option() -> None:

@@ -160,3 +160,80 @@ def test_the_stop_34_step_summaries_and_runs_hold_what_docs_evaluation_md_reads_
         assert f"{joint(tropical)} / {joint(round_robin)}" in doc
     assert f"{joint('tropical-in-client-knee-guard-1')}, a little" in doc
     assert f"(no cap): {joint('tropical-in-client-knee-s34-nocap-1')}" in doc
+
+
+def _burst(run: dict, start_s: float = 120.0, end_s: float = 160.0) -> dict[str, float]:
+    """A run's requests arriving in [start_s, end_s): how many, the median TPOT over its SLO, how many met both
+    SLOs and how many met the TTFT SLO."""
+    records = [r for r in run["records"] if start_s <= r["arrival_at_s"] < end_s]
+    ratios = sorted(r["tpot_s"] / r["tpot_slo_s"] for r in records)
+    mid = len(ratios) // 2
+    median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    met_ttft = [r["ttft_s"] <= r["ttft_slo_s"] for r in records]
+    met_tpot = [r["tpot_s"] <= r["tpot_slo_s"] for r in records]
+    return {
+        "num_requests": len(records),
+        "tpot_over_slo_p50": round(median, 2),
+        "num_met_both": sum(a and b for a, b in zip(met_ttft, met_tpot, strict=True)),
+        "num_met_ttft": sum(met_ttft),
+    }
+
+
+def test_the_stop_35_runs_hold_what_docs_evaluation_md_reads_from_them() -> None:
+    """docs/evaluation.md's stop 35 reading quotes the committed diagnosis runs: each pair's joint attainment, the
+    mean difference, and what the burst of 120-160 s did in them."""
+    real = ROOT / "benchmarks" / "results" / "real-engines"
+    diagnosis = real / "vllm-cpu" / "diagnosis"
+    doc = " ".join((ROOT / "docs" / "evaluation.md").read_text().split())
+    reading = doc[doc.index("**Reading (stop 35") : doc.index("**Reading (stop 34")]
+
+    def run(deployment: str, name: str, load: str = "knee") -> dict:
+        return json.loads((diagnosis / f"{deployment}-{load}-{name}.json").read_text())
+
+    def pair(name: str, load: str = "knee") -> tuple[float, float]:
+        tropical, round_robin = (run(d, name, load) for d in ("tropical-in-client", "vllm-round-robin"))
+        return tropical["measured"]["slo_attainment"], round_robin["measured"]["slo_attainment"]
+
+    def quoted(name: str, load: str = "knee") -> str:
+        tropical, round_robin = pair(name, load)
+        return f"{100 * (tropical - round_robin):+.1f} ({100 * tropical:.1f}% / {100 * round_robin:.1f}%)"
+
+    for name in ("drain-1", "drain-2", "pace-1", "pace90-1", "pace90-2", "pace90-3", "pacelate-1", "pacelate-2"):
+        assert quoted(name) in reading, name
+    for load in ("light", "overloaded"):
+        assert quoted("pacelate-1", load) in reading, load
+    guarded = ("pace90-1", "pace90-2", "pace90-3", "pacelate-1", "pacelate-2")
+    differences = [100 * (t - r) for t, r in map(pair, guarded)]
+    assert f"{sum(differences) / len(differences):+.1f} points on average" in reading
+    tropical_runs = sorted(100 * pair(name)[0] for name in guarded)
+    round_robin_runs = sorted(100 * pair(name)[1] for name in guarded)
+    assert f"ranged {tropical_runs[0]:.1f}%-{tropical_runs[-1]:.1f}%" in reading
+    assert f"round robin's {round_robin_runs[0]:.1f}%-{round_robin_runs[-1]:.1f}%" in reading
+
+    ttft = [run("tropical-in-client", f"drain-{n}")["measured"]["ttft_attainment"] for n in (1, 2)]
+    assert f"({100 * ttft[0]:.1f}% and {100 * ttft[1]:.1f}%," in reading
+    mixed_ms = sorted(
+        round(1e3 * e["kinds"]["mixed"]["mean_step_s"])
+        for e in json.loads((diagnosis / "tropical-in-client-knee-norm-10.steps.json").read_text())["engines"].values()
+    )
+    assert f"{mixed_ms[0]}-{mixed_ms[-1]} ms on average" in reading
+    drained = [_burst(run("tropical-in-client", f"drain-{n}")) for n in (1, 2)]
+    assert all(b["num_requests"] == 40 and b["num_met_both"] == 0 for b in drained)
+    assert [b["tpot_over_slo_p50"] for b in drained] == [1.44, 1.46]
+    beside = [_burst(run("vllm-round-robin", f"drain-{n}")) for n in (1, 2)]
+    assert [(b["num_met_both"], b["tpot_over_slo_p50"]) for b in beside] == [(13, 1.13), (14, 1.22)]
+    assert "1.44 and 1.46x" in reading
+    assert "met 13 and 14 (1.13 and 1.22x)" in reading
+    assert _burst(run("tropical-in-client", "pace-1"))["tpot_over_slo_p50"] == 0.98
+    bursts = [_burst(run("tropical-in-client", name)) for name in guarded]
+    rr_bursts = [_burst(run("vllm-round-robin", name)) for name in guarded]
+    tpot = sorted(b["tpot_over_slo_p50"] for b in bursts)
+    assert f"median {tpot[0]:.2f}-{tpot[-1]:.2f}x of the SLO" in reading
+    ttft = sorted(b["num_met_ttft"] for b in bursts)
+    rr_ttft = sorted(b["num_met_ttft"] for b in rr_bursts)
+    assert f"TTFT met by {ttft[0]}-{ttft[-1]} of the 40, against {rr_ttft[0]}-{rr_ttft[-1]}" in reading
+
+    logged = json.loads((diagnosis / "tropical-in-client-knee-norm-10.steps.json").read_text())["engines"]
+    decode_ms = [round(1e3 * e["kinds"]["decode"]["mean_step_s"]) for e in logged.values()]
+    assert decode_ms == [46, 40]
+    assert "averaged 46 and 40 ms" in reading

