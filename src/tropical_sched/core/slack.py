@@ -117,7 +117,10 @@ def num_behind_tpot_pace(decodes: DecodeBatch, now_s: float, *, pace_fraction: f
         for first_at, num_generated, slo in zip(
             decodes.first_token_at_s, decodes.num_generated_tokens, decodes.tpot_slo_s, strict=True
         )
-        if first_at + pace_fraction * slo * (num_generated if num_generated > 1 else 1) < now_s
+        if tpot_slack_s(
+            first_token_at_s=first_at, num_generated_tokens=num_generated, tpot_slo_s=pace_fraction * slo, now_s=now_s
+        )
+        < 0
     )
 
 
