@@ -35,16 +35,21 @@ deployment's policy and shape, so that the simulator's ranking can be set agains
 
 A machine slower or faster than the one the profile was measured on puts every deployment at another point of its
 curve than the profile's knee; ``measure --normalize-speed`` measures the engines' speed first and scales SLOs, rate
-and the router's prior by it (:func:`engine_speed`). From stop 33 the result file's cells are such runs (``--variant
-norm-N``, one ``--speed-factor F --load-scale S`` for every run of a load: :func:`normalized_load`); the nominal
-cells and pairs (SLOs and rate from the profile as it is, up to stop 32) are kept as ``nominal_loads``.
+and the router's prior by it (:func:`engine_speed`). From stop 33 the result file's cells are such runs, one
+``--speed-factor F --load-scale S`` for every run of a load (:func:`normalized_load`); from stop 36 Tropical runs
+with :data:`TROPICAL_OPTIONS` (late prefills drained, the pace guard), which ``measure`` gives it by default, and
+round robin's and Tropical's cells are their pairs ``--variant pacelate-N``; the pairs with Tropical's default
+options (``--variant norm-N``, stops 32-34) are kept as a cell and pairs of their own, and the nominal cells and
+pairs (SLOs and rate from the profile as it is, up to stop 32) as ``nominal_loads``.
 
-    # the cells (stop 33): every deployment at a load, one factor and load scale; round robin and Tropical in
-    # pairs, the order alternating from pair to pair
+    # the cells (stop 36): round robin and Tropical in pairs at a load, the order alternating from pair to pair
     /path/to/vllm-venv/bin/python benchmarks/real_engines.py measure --deployments vllm-round-robin \
-        tropical-in-client --loads knee --variant norm-N --normalize-speed --speed-factor 2.2 --load-scale 1.34
+        tropical-in-client --loads knee --variant pacelate-N --normalize-speed --speed-factor 2.2 --load-scale 1.34
+    # vLLM P/D (stop 33)
     /path/to/vllm-venv/bin/python benchmarks/real_engines.py measure --deployments vllm-pd --loads knee \
         --variant norm-N --normalize-speed --speed-factor 2.2 --load-scale 1.34
+    # Tropical with its default options, as the norm-N pairs had them
+    ... --variant norm-N ... --engine-option 'policy_options={}' --router-option 'policy_options={}'
 """
 
 from __future__ import annotations
@@ -169,6 +174,20 @@ VARIANT: dict[str, Any] = {
 # rate (each run's measurement is kept beside it either way). Their pairs are kept apart from the nominal ones
 # (:data:`NORMALIZED_VARIANT`).
 NORMALIZED_VARIANT = "norm-"
+# Tropical's options in the cells (stop 36 on), on its engines (``--additional-config tropical``) and its router (the
+# cluster file) alike: late prefills drained and the pace guard (:class:`~tropical_sched.policies.tropical.
+# TropicalConfig`'s ``drain_late_prefills``, ``max_behind_pace_fraction``, ``pace_tpot_fraction``), from the stop 35
+# measurements (docs/evaluation.md, "Reading (stop 35)"): with the slack cap alone the knee's burst let decodes fall
+# behind their TPOT pace. ``measure`` gives Tropical's engines and router these unless ``--engine-option`` or
+# ``--router-option`` sets ``policy_options`` itself (``policy_options={}``: the defaults, as the norm-N runs had).
+# Their runs are ``--variant pacelate-N`` (:data:`CELL_VARIANT`, the name they had as stop 35's diagnosis); round
+# robin's cell is its runs of the same pairs, vLLM P/D's its norm-N runs (no Tropical there).
+TROPICAL_OPTIONS: dict[str, Any] = {
+    "drain_late_prefills": True,
+    "max_behind_pace_fraction": 0.25,
+    "pace_tpot_fraction": 0.9,
+}
+CELL_VARIANT = "pacelate-"
 SPEED_PROMPT_TOKENS = 1024
 SPEED_OUTPUT_TOKENS = 33
 SPEED_REQUESTS = 4  # per engine, one after the other; the first warms the engine up and is not counted
@@ -263,9 +282,11 @@ def _validate_args(
     hop: tuple[float, float],
     num_requests: int = NUM_REQUESTS,
     profile: str = PROFILE,
+    policy_options: dict[str, Any] | None = None,
 ) -> list[str]:
     """``tropical validate``'s workload and the simulated deployment matching ``deployment``, SLOs from
-    ``profile``."""
+    ``profile``; a Tropical deployment's simulation with the router's ``policy_options`` (``--policy-option
+    tropical.KEY=VALUE``)."""
     argv = ["--profile", profile, "--trace", TRACE, "--rate", f"{rate:g}", "--arrival", "poisson"]
     argv += ["--num-requests", str(num_requests), "--seed", str(SEED), *SLO_ARGS, "--max-num-seqs", "32"]
     argv += ["--workers", "2", "--model", SERVED_MODEL_NAME, "--vocab-size", "300", "--no-progress"]
@@ -278,6 +299,8 @@ def _validate_args(
     else:
         argv += ["--policies", "tropical", "--prefill-workers", str(prefill_workers), "--calibration", "on"]
         argv += ["--engine-pd-hop-ms", f"{hop[0] * 1e3:.6g}", "--engine-pd-hop-per-token-ms", f"{hop[1] * 1e3:.6g}"]
+        for key, value in (policy_options or {}).items():
+            argv += ["--policy-option", f"tropical.{key}={json.dumps(value)}"]
     return argv
 
 
@@ -576,7 +599,13 @@ def _run(
         print(f"{deployment} {load}: {num_requests} requests at {rate} req/s", flush=True)
         target = ["--router-config", str(embedded)] if embedded else [arg for u in urls for arg in ("--url", u)]
         validate = _validate_args(
-            EMBEDDED_ROUTER.get(deployment, deployment), rate, prefill_workers, _hop(), num_requests, profile
+            EMBEDDED_ROUTER.get(deployment, deployment),
+            rate,
+            prefill_workers,
+            _hop(),
+            num_requests,
+            profile,
+            VARIANT["router"].get("policy_options"),
         )
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         _tropical("validate", *target, *validate, "--json", str(out), core=0)
@@ -620,13 +649,21 @@ def _options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
+def _with_tropical_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` (``--engine-option`` / ``--router-option``) with :data:`TROPICAL_OPTIONS` as their
+    ``policy_options``, unless they set ``policy_options`` or another ``policy`` themselves."""
+    if "policy_options" in options or "policy" in options:
+        return options
+    return {"policy_options": TROPICAL_OPTIONS, **options}
+
+
 def measure(args: argparse.Namespace) -> None:
     """Every deployment at every load, fresh engines (and router) per run; loads in turn, deployments interleaved."""
     VLLM_ROUTER["command"] = args.vllm_router
     VARIANT.update(
         name=args.variant,
-        engine=_options(args.engine_option),
-        router=_options(args.router_option),
+        engine=_with_tropical_options(_options(args.engine_option)),
+        router=_with_tropical_options(_options(args.router_option)),
         connector=args.with_connector,
         router_nice=args.router_nice,
         router_core=args.router_core,
@@ -653,7 +690,6 @@ DIAGNOSIS = RAW / "diagnosis"
 DRAIN_PAIRS = (1, 2)  # stop 35's pairs, by variant
 PACE_PAIRS = (1,)
 PACE90_PAIRS = (1, 2, 3)
-PACELATE_PAIRS = {"knee": (1, 2), "light": (1,), "overloaded": (1,)}
 DIAGNOSIS_RUNS = {
     # raw name (in DIAGNOSIS) -> what was different from the collected runs
     "vllm-round-robin-knee-metrics": "plain vLLM, client round robin (a second run, with the engines' metrics)",
@@ -832,7 +868,8 @@ DIAGNOSIS_RUNS = {
     # pace_tpot_fraction existed: '{"drain_late_prefills": true, "max_behind_pace_fraction": 0.25}'), then at 90%
     # of it ('{..., "pace_tpot_fraction": 0.9}', --variant pace90-N); then the same options with the guard's rule
     # for late requests (they join only a worker none of whose decodes are behind; --variant pacelate-N), at the
-    # knee and, one pair each, at the light and overloaded loads.
+    # knee and, one pair each, at the light and overloaded loads: from stop 36 Tropical's cell options
+    # (TROPICAL_OPTIONS), so those runs are cells (CELL_VARIANT), not diagnosis rows.
     **{
         f"{deployment}-{load}-{variant}-{n}": f"stop 35, {label} pair {n}"
         + ("" if load == "knee" else f" ({load})")
@@ -853,13 +890,6 @@ DIAGNOSIS_RUNS = {
                 "Tropical, late prefills drained and the pace guard (max_behind_pace_fraction 0.25, "
                 "pace_tpot_fraction 0.9)",
                 {"knee": PACE90_PAIRS},
-            ),
-            (
-                "pacelate",
-                "pace-guard (90%, late requests only beside decodes on pace)",
-                "Tropical, late prefills drained and the pace guard at 90%, late requests joining only a worker "
-                "none of whose decodes are behind",
-                PACELATE_PAIRS,
             ),
         )
         for load, pairs in loads.items()
@@ -1034,17 +1064,54 @@ def _normalized_speed(path: Path) -> dict[str, Any]:
     return _engine_speed_fields(engine_speed)
 
 
+# Where each cell of a speed-normalized load comes from (stop 36 on): round robin and Tropical from their pairs in
+# Tropical's cell options (:data:`CELL_VARIANT`), vLLM P/D from its norm-N runs, and Tropical with its default
+# options (the slack cap alone) from the norm-N pairs of stops 32-34, kept as a cell of its own.
+NORMALIZED_CELLS = {
+    "vllm-round-robin": CELL_VARIANT,
+    "vllm-pd": NORMALIZED_VARIANT,
+    "tropical": CELL_VARIANT,
+    "tropical-default-options": NORMALIZED_VARIANT,
+}
+_NORMALIZED_RUNS = {"tropical-default-options": "tropical-in-client"}  # cell -> the deployment whose runs it has
+
+
+def simulated_figures(validate_args: list[str], factor: float | None) -> dict[str, Any]:
+    """What ``tropical validate`` with ``validate_args`` simulates (its one policy's summary), the profile scaled by
+    ``factor`` where it is one of :func:`scaled_profile_name`'s (written to a temporary directory), without
+    replaying anything: the simulated side of runs whose own was made before their options reached it."""
+    import tempfile
+
+    from tropical_sched.cli.main import build_parser
+    from tropical_sched.cli.simulate import build_experiment
+    from tropical_sched.sim.experiment import run_experiment
+
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = list(validate_args)
+        if factor is not None and scaled_profile_name(factor) in argv:
+            argv[argv.index(scaled_profile_name(factor))] = str(write_scaled_profile(Path(tmp), factor))
+        args = build_parser().parse_args(["validate", "--url", "http://127.0.0.1:9", *argv])
+        (outcome,) = run_experiment(build_experiment(args)).outcomes.values()
+    summary = outcome.summary.as_dict()
+    return {name: summary[name] for name in FIGURES}
+
+
 def normalized_load(load: str, nominal_rate: float, prefill_workers: int, hop: tuple[float, float]) -> dict[str, Any]:
-    """A load's cells from its speed-normalized runs (``<deployment>-<load>-norm-N``, :data:`NORMALIZED_VARIANT`):
-    each deployment's figures over its runs (:func:`collected_entry`; each run with its measured speed factor), the
-    load's rate, factor and load scale, which every run of the load must share, and the round robin / Tropical
-    pairs among them.
+    """A load's cells from its speed-normalized runs (:data:`NORMALIZED_CELLS`: round robin and Tropical from their
+    ``<deployment>-<load>-pacelate-N`` pairs, vLLM P/D and Tropical's default options from ``-norm-N`` runs): each
+    deployment's figures over its runs (:func:`collected_entry`; each run with its measured speed factor), the load's
+    rate, factor and load scale, which every run of the load must share, and the round robin / Tropical pairs of
+    both kinds. Tropical's cell records its :data:`TROPICAL_OPTIONS`, and its simulated figures are simulated with
+    them (:func:`simulated_figures`).
 
     Raises:
         ValueError: runs of the load ran at different rates, factors or load scales (naming them), or a run has no
             engine speed.
     """
-    paths = {key: [path for _, path in paired_runs(COLLECTED[key], load, NORMALIZED_VARIANT)] for key in DEPLOYMENTS}
+    paths = {
+        key: [path for _, path in paired_runs(_NORMALIZED_RUNS.get(key, COLLECTED[key]), load, variant)]
+        for key, variant in NORMALIZED_CELLS.items()
+    }
     speeds = {path: _normalized_speed(path) for key_paths in paths.values() for path in key_paths}
     settings = {(s["speed_factor"], s["load_scale"], s["rate_per_s"]) for s in speeds.values()}
     if len(settings) > 1:
@@ -1057,19 +1124,25 @@ def normalized_load(load: str, nominal_rate: float, prefill_workers: int, hop: t
     profile = scaled_profile_name(factor) if factor is not None else PROFILE
     deployments: dict[str, Any] = {}
     for key, key_paths in paths.items():
+        deployment = _NORMALIZED_RUNS.get(key, COLLECTED[key])
+        options = TROPICAL_OPTIONS if key == "tropical" else None
         validate_args = _validate_args(
-            EMBEDDED_ROUTER.get(COLLECTED[key], COLLECTED[key]),
+            EMBEDDED_ROUTER.get(deployment, deployment),
             rate or nominal_rate,
             prefill_workers,
             hop,
             profile=profile,
+            policy_options=options,
         )
-        entry = collected_entry(key_paths, validate_args, tropical_shape(prefill_workers), key == "tropical")
+        entry = collected_entry(key_paths, validate_args, tropical_shape(prefill_workers), key.startswith("tropical"))
         if entry is not None:
             for run, path in zip(entry["runs"], key_paths, strict=True):
                 run["measured_speed_factor"] = speeds[path]["measured_speed_factor"]
-            if key == "tropical":
+            if key.startswith("tropical"):
                 entry["router"] = "in the client"
+                entry["policy_options"] = options or {}
+            if options:
+                entry["simulated"] = simulated_figures(validate_args, factor)
             deployments[key] = entry
     return {
         "name": load,
@@ -1078,7 +1151,8 @@ def normalized_load(load: str, nominal_rate: float, prefill_workers: int, hop: t
         "speed_factor": factor,
         "load_scale": load_scale,
         "deployments": deployments,
-        "pairs": collected_pairs(load, NORMALIZED_VARIANT),
+        "pairs": collected_pairs(load, CELL_VARIANT),
+        "default_options_pairs": collected_pairs(load, NORMALIZED_VARIANT),
     }
 
 

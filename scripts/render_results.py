@@ -104,6 +104,7 @@ _DEPLOYMENT_NAMES = {
     "sglang-pd": "SGLang P/D (1 prefill + 1 decode)",
     "tropical": "Tropical",
     "tropical-router-process": "Tropical",
+    "tropical-default-options": "Tropical, default options",
 }
 _LOAD_MEANING = {"light": "light half of it", "overloaded": "overloaded 1.5x"}
 
@@ -227,10 +228,13 @@ def _nominal_pairs_table(loads: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _normalized_pairs_table(loads: list[dict[str, Any]]) -> list[str]:
-    """The speed-normalized pairs: each run's factor applied and measured, load scale, rate and attainment."""
+def _normalized_pairs_table(loads: list[dict[str, Any]], key: str = "pairs", what: str | None = None) -> list[str]:
+    """The speed-normalized pairs of each load's ``key``: each run's factor applied and measured, load scale, rate
+    and attainment, under the sentence ``what`` (or the cells' own)."""
+    loads = [{**load, "pairs": load[key]} for load in loads if load.get(key)]
     lines = [
-        "Pairs among these runs: round robin and Tropical (router in the client) one after the other on fresh "
+        what
+        or "Pairs among these runs: round robin and Tropical (router in the client) one after the other on fresh "
         "engines, the order alternating; each run's own speed measurement beside the factor applied.",
         "",
         "| load | pair | speed factor: applied (measured: round robin / Tropical) | load scale | "
@@ -288,8 +292,26 @@ def render_real_engines(data: dict[str, Any]) -> str:
                 )
         lines.append("")
     lines += _real_engine_cells(data["loads"], "paired with round robin")
+    options = {
+        json.dumps(load["deployments"]["tropical"].get("policy_options"))
+        for load in data["loads"]
+        if "tropical" in load["deployments"]
+    }
+    if options - {"{}", "null"}:
+        lines += [
+            "",
+            "Tropical's options in its cells, on its engines and router alike: "
+            + "; ".join(f"`policy_options={o}`" for o in sorted(options))
+            + ". Tropical, default options: the same engines and router without them (the slack cap alone).",
+        ]
     if any(load.get("pairs") for load in data["loads"]):
         lines += ["", *(_normalized_pairs_table(data["loads"]) if nominal else _nominal_pairs_table(data["loads"]))]
+    if any(load.get("default_options_pairs") for load in data["loads"]):
+        what = (
+            "Pairs with Tropical's default options (stops 32-34, the same factor, load scale and pinning): round robin "
+            "and Tropical one after the other on fresh engines, the order alternating."
+        )
+        lines += ["", *_normalized_pairs_table(data["loads"], "default_options_pairs", what)]
     if nominal:
         lines += [
             "",

@@ -282,11 +282,17 @@ def test_real_engine_results_follow_the_issues_schema() -> None:
         assert load["rate_per_s"] == pytest.approx(
             nominal["rate_per_s"] * load["load_scale"] / load["speed_factor"], abs=1e-3
         )
-        _check_real_engine_cells(load, {"vllm-round-robin", "vllm-pd", "tropical"})
-        for pair in load["pairs"]:
+        _check_real_engine_cells(load, {"vllm-round-robin", "vllm-pd", "tropical", "tropical-default-options"})
+        # Tropical's cell with its options (stop 36), beside its pairs with the default options (stops 32-34)
+        assert load["deployments"]["tropical"]["policy_options"]["max_behind_pace_fraction"] is not None
+        assert load["deployments"]["tropical-default-options"]["policy_options"] == {}
+        assert "--policy-option tropical.max_behind_pace_fraction=" in load["deployments"]["tropical"]["validate_args"]
+        for pair in load["pairs"] + load["default_options_pairs"]:
             for key in ("vllm-round-robin", "tropical"):
                 assert pair[key]["engine_speed_factor"] == pytest.approx(load["speed_factor"], abs=0.005)
                 assert pair[key]["rate_per_s"] == load["rate_per_s"]
+        default_runs = [r["slo_attainment"] for r in load["deployments"]["tropical-default-options"]["runs"]]
+        assert [pair["tropical"]["slo_attainment"] for pair in load["default_options_pairs"]] == default_runs
         # Tropical with its router in the client, and (stop 30 and before) in a process of its own
         _check_real_engine_cells(nominal, {"vllm-round-robin", "vllm-pd", "tropical", "tropical-router-process"})
 
@@ -369,28 +375,76 @@ def test_real_engine_collect_averages_a_cells_runs_in_order(tmp_path: Path, monk
         ("tropical-in-client-knee-norm-2", 0.85),
         ("vllm-pd-knee-norm-1", 0.3),
         ("vllm-pd-knee-norm-x1.6", 0.1),  # a diagnosis run, no cell's
+        ("vllm-round-robin-knee-pacelate-1", 0.7),  # the cells' pairs (stop 36 on), Tropical with its options
+        ("tropical-in-client-knee-pacelate-1", 0.9),
+        ("vllm-pd-knee-pacelate-1", 0.2),  # no cell's: vLLM P/D's cell is its norm-N runs
     ):
         write(name, joint)
         engine_speed = {"factor": 2.2, "measured_factor": 2.312, "rate_per_s": 1.102, "load_scale": 1.34}
         (tmp_path / f"{name}.speed.json").write_text(
             json.dumps({"before_ms": [1.0], "after_ms": [1.0], "engine_speed": engine_speed})
         )
+    simulated = []
+    monkeypatch.setattr(real, "simulated_figures", lambda argv, factor: simulated.append((argv, factor)) or {"x": 1})
     load = real.normalized_load("knee", 1.81, 0, (0.0, 0.0))
     assert (load["rate_per_s"], load["speed_factor"], load["load_scale"]) == (1.102, 2.2, 1.34)
-    assert load["deployments"]["vllm-round-robin"]["slo_attainment"] == pytest.approx(0.7)
-    assert load["deployments"]["tropical"]["slo_attainment"] == pytest.approx(0.8)
-    assert load["deployments"]["tropical"]["shape"] == "2M"
-    assert load["deployments"]["vllm-pd"]["num_runs"] == 1
-    assert load["deployments"]["vllm-pd"]["runs"][0]["measured_speed_factor"] == 2.31
-    assert "--profile cpu-served-llama-x2.2.json" in load["deployments"]["vllm-pd"]["validate_args"]
-    assert "--rate 1.102" in load["deployments"]["vllm-pd"]["validate_args"]
-    assert [(pair["pair"], pair["difference_points"]) for pair in load["pairs"]] == [
+    cells = load["deployments"]
+    assert cells["vllm-round-robin"]["slo_attainment"] == pytest.approx(0.7)  # its pacelate run alone
+    assert cells["tropical"]["slo_attainment"] == pytest.approx(0.9)
+    assert cells["tropical"]["shape"] == "2M"
+    assert cells["tropical"]["policy_options"] == real.TROPICAL_OPTIONS
+    # Tropical's simulated side is simulated again with its options (its runs' own is the default options')
+    assert cells["tropical"]["simulated"] == {"x": 1}
+    ((argv, factor),) = simulated
+    assert factor == 2.2
+    assert argv == cells["tropical"]["validate_args"].split()
+    assert "--policy-option tropical.drain_late_prefills=true" in cells["tropical"]["validate_args"]
+    assert "--policy-option tropical.max_behind_pace_fraction=0.25" in cells["tropical"]["validate_args"]
+    assert cells["tropical-default-options"]["slo_attainment"] == pytest.approx(0.8)  # the norm-N runs
+    assert cells["tropical-default-options"]["policy_options"] == {}
+    assert cells["tropical-default-options"]["simulated"]["slo_attainment"] == pytest.approx(0.8)
+    assert "--policy-option" not in cells["tropical-default-options"]["validate_args"]
+    assert cells["vllm-pd"]["num_runs"] == 1
+    assert cells["vllm-pd"]["runs"][0]["measured_speed_factor"] == 2.31
+    assert "--profile cpu-served-llama-x2.2.json" in cells["vllm-pd"]["validate_args"]
+    assert "--rate 1.102" in cells["vllm-pd"]["validate_args"]
+    assert [(pair["pair"], pair["difference_points"]) for pair in load["pairs"]] == [(1, pytest.approx(20.0))]
+    assert [(pair["pair"], pair["difference_points"]) for pair in load["default_options_pairs"]] == [
         (1, pytest.approx(15.0)),
         (2, pytest.approx(5.0)),
     ]
     (tmp_path / "vllm-pd-knee-norm-1.speed.json").write_text(json.dumps({"before_ms": [1.0], "after_ms": [1.0]}))
     with pytest.raises(ValueError, match=r"vllm-pd-knee-norm-1.speed.json: a speed-normalized run without"):
         real.normalized_load("knee", 1.81, 0, (0.0, 0.0))
+
+
+def test_real_engine_simulated_figures_are_what_validate_simulated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``benchmarks/real_engines.py``'s :func:`simulated_figures` (the simulated side of Tropical's cell, simulated
+    again with its options) gives what a committed run's own ``tropical validate`` simulated for the same arguments:
+    a pacelate knee run, whose validate simulated the default options (stop 35)."""
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    real = load_script("benchmarks/real_engines.py")
+    run = json.loads((real.RAW / "tropical-in-client-knee-pacelate-2.json").read_text())
+    argv = real._validate_args("tropical", 1.102, 0, real._hop(), profile=real.scaled_profile_name(2.2))
+    figures = real.simulated_figures(argv, 2.2)
+    assert figures == pytest.approx({name: run["simulated"]["tropical"][name] for name in real.FIGURES})
+
+
+def test_real_engine_measure_gives_tropical_its_cell_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``benchmarks/real_engines.py measure``: Tropical's engines and router get :data:`TROPICAL_OPTIONS` unless the
+    options name their own ``policy_options`` (``{}``: the defaults) or another ``policy``; its validate simulates
+    with the router's."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    real = load_script("benchmarks/real_engines.py")
+    assert real._with_tropical_options({}) == {"policy_options": real.TROPICAL_OPTIONS}
+    assert real._with_tropical_options({"role": "colocated"})["policy_options"] == real.TROPICAL_OPTIONS
+    assert real._with_tropical_options({"policy_options": {}}) == {"policy_options": {}}
+    assert real._with_tropical_options({"policy": "vllm-chunked"}) == {"policy": "vllm-chunked"}
+    argv = real._validate_args("tropical", 1.1, 0, (0.0, 0.0), policy_options={"pace_tpot_fraction": 0.9})
+    assert argv[argv.index("--policy-option") + 1] == "tropical.pace_tpot_fraction=0.9"
+    assert "--policy-option" not in real._validate_args("vllm-pd", 1.1, 1, (0.0, 0.0), policy_options={"x": 1})
 
 
 def test_real_engine_speed_of_an_engine_twice_as_slow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -187,7 +187,9 @@ def test_the_stop_35_runs_hold_what_docs_evaluation_md_reads_from_them() -> None
     reading = doc[doc.index("**Reading (stop 35") : doc.index("**Reading (stop 34")]
 
     def run(deployment: str, name: str, load: str = "knee") -> dict:
-        return json.loads((diagnosis / f"{deployment}-{load}-{name}.json").read_text())
+        # the pacelate runs are cells from stop 36 on (Tropical's cell options), the others diagnosis runs
+        folder = diagnosis.parent if name.startswith("pacelate-") else diagnosis
+        return json.loads((folder / f"{deployment}-{load}-{name}.json").read_text())
 
     def pair(name: str, load: str = "knee") -> tuple[float, float]:
         tropical, round_robin = (run(d, name, load) for d in ("tropical-in-client", "vllm-round-robin"))
