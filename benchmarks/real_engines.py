@@ -1082,16 +1082,19 @@ def simulated_figures(validate_args: list[str], factor: float | None) -> dict[st
     replaying anything: the simulated side of runs whose own was made before their options reached it."""
     import tempfile
 
+    from tropical_sched.cli._common import collect_warnings
     from tropical_sched.cli.main import build_parser
     from tropical_sched.cli.simulate import build_experiment
     from tropical_sched.sim.experiment import run_experiment
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, collect_warnings() as notes:  # as validate reports them: notes
         argv = list(validate_args)
         if factor is not None and scaled_profile_name(factor) in argv:
             argv[argv.index(scaled_profile_name(factor))] = str(write_scaled_profile(Path(tmp), factor))
         args = build_parser().parse_args(["validate", "--url", "http://127.0.0.1:9", *argv])
         (outcome,) = run_experiment(build_experiment(args)).outcomes.values()
+    for note in notes:
+        print(f"simulated {' '.join(validate_args[:6])}: {note}", file=sys.stderr)
     summary = outcome.summary.as_dict()
     return {name: summary[name] for name in FIGURES}
 
@@ -1109,7 +1112,7 @@ def normalized_load(load: str, nominal_rate: float, prefill_workers: int, hop: t
             engine speed.
     """
     paths = {
-        key: [path for _, path in paired_runs(_NORMALIZED_RUNS.get(key, COLLECTED[key]), load, variant)]
+        key: [path for _, path in paired_runs(_NORMALIZED_RUNS.get(key) or COLLECTED[key], load, variant)]
         for key, variant in NORMALIZED_CELLS.items()
     }
     speeds = {path: _normalized_speed(path) for key_paths in paths.values() for path in key_paths}
@@ -1124,7 +1127,7 @@ def normalized_load(load: str, nominal_rate: float, prefill_workers: int, hop: t
     profile = scaled_profile_name(factor) if factor is not None else PROFILE
     deployments: dict[str, Any] = {}
     for key, key_paths in paths.items():
-        deployment = _NORMALIZED_RUNS.get(key, COLLECTED[key])
+        deployment = _NORMALIZED_RUNS.get(key) or COLLECTED[key]
         options = TROPICAL_OPTIONS if key == "tropical" else None
         validate_args = _validate_args(
             EMBEDDED_ROUTER.get(deployment, deployment),

@@ -365,7 +365,11 @@ def test_real_engine_collect_averages_a_cells_runs_in_order(tmp_path: Path, monk
     assert normalized["tropical"]["load_scale"] == 1.5
     assert normalized["tropical"]["measured_speed_factor"] == 2.61  # none measured apart from the applied one
     assert normalized["tropical"]["speed_probe_ms"] == pytest.approx(1.1)
-    # the load's cells from its normalized runs: runs at different factors do not make one cell
+    # the load's cells from its normalized runs: runs at different factors do not make one cell (here Tropical's
+    # default options, norm-1 at 2.61, and vLLM P/D's run at 2.504)
+    write("vllm-pd-knee-norm-1", 0.3)
+    speed = {"before_ms": [1.0], "after_ms": [1.0], "engine_speed": {"factor": 2.504, "rate_per_s": 0.7}}
+    (tmp_path / "vllm-pd-knee-norm-1.speed.json").write_text(json.dumps(speed))
     with pytest.raises(ValueError, match=r"knee: .*must share.*tropical-in-client-knee-norm-1: factor 2.61"):
         real.normalized_load("knee", 1.81, 0, (0.0, 0.0))
     for name, joint in (

@@ -178,6 +178,74 @@ def _burst(run: dict, start_s: float = 120.0, end_s: float = 160.0) -> dict[str,
     }
 
 
+def test_the_stop_36_cells_hold_what_docs_evaluation_md_reads_from_them() -> None:
+    """docs/evaluation.md's stop 36 reading quotes the collected cells and pairs (vllm-cpu.json): per load the pairs'
+    mean difference, the cells' attainment, the knee's wins, standard error and ranges, and the bar it states."""
+    data = json.loads((ROOT / "benchmarks" / "results" / "real-engines" / "vllm-cpu.json").read_text())
+    loads = {load["name"]: load for load in data["loads"]}
+    doc = " ".join((ROOT / "docs" / "evaluation.md").read_text().split())
+    reading = doc[doc.index("**Reading (stop 36") : doc.index("**Reading (stop 35")]
+
+    def pct(load: str, key: str, figure: str = "slo_attainment", side: str = "") -> str:
+        cell = loads[load]["deployments"][key]
+        return f"{100 * (cell['simulated'] if side else cell)[figure]:.1f}%"
+
+    def differences(load: str) -> list[float]:
+        return [pair["difference_points"] for pair in loads[load]["pairs"]]
+
+    knee = differences("knee")
+    assert f"over {len(knee)} pairs Tropical {statistics.fmean(knee):+.1f} points on average" in reading
+    assert f"({pct('knee', 'tropical')} against round robin's {pct('knee', 'vllm-round-robin')})" in reading
+    assert f"winning {sum(d > 0 for d in knee)} of the {len(knee)}" in reading
+    standard_error = statistics.stdev(knee) / len(knee) ** 0.5
+    assert f"standard error of {standard_error:.1f} points" in reading
+    assert [pair["pair"] for pair in loads["knee"]["pairs"]][2:] == [3, 4, 5, 6, 7, 8]
+    assert f"(pairs 3-8): {statistics.fmean(knee[2:]):+.1f} on average" in reading
+    runs = {
+        key: sorted(run["slo_attainment"] for run in loads["knee"]["deployments"][key]["runs"])
+        for key in ("tropical", "vllm-round-robin")
+    }
+    assert f"runs ranged {100 * runs['tropical'][0]:.1f}%-{100 * runs['tropical'][-1]:.1f}%" in reading
+    assert (
+        f"round robin's {100 * runs['vllm-round-robin'][0]:.1f}%-{100 * runs['vllm-round-robin'][-1]:.1f}%" in reading
+    )
+    for figure, what in (("tpot_attainment", "meets TPOT"), ("ttft_attainment", "pays in TTFT")):
+        assert (
+            f"{what} ({pct('knee', 'tropical', figure)} against {pct('knee', 'vllm-round-robin', figure)})" in reading
+        )
+    overloaded = differences("overloaded")
+    assert (
+        f"over {len(overloaded)} pairs {statistics.fmean(overloaded):+.1f} points ({pct('overloaded', 'tropical')} "
+        f"against {pct('overloaded', 'vllm-round-robin')}; TPOT {pct('overloaded', 'tropical', 'tpot_attainment')} "
+        f"against {pct('overloaded', 'vllm-round-robin', 'tpot_attainment')}, TTFT "
+        f"{pct('overloaded', 'tropical', 'ttft_attainment')} against "
+        f"{pct('overloaded', 'vllm-round-robin', 'ttft_attainment')})"
+    ) in reading
+    light = differences("light")
+    assert (
+        f"over {len(light)} pairs {statistics.fmean(light):+.1f} ({pct('light', 'tropical')} against "
+        f"{pct('light', 'vllm-round-robin')})"
+    ) in reading
+    assert f"({', '.join(pct(load, 'vllm-pd') for load in ('light', 'knee', 'overloaded'))})" in reading
+    assert f"scored {pct('knee', 'tropical-default-options')} at the knee and " in reading
+    assert f"{pct('overloaded', 'tropical-default-options')} overloaded" in reading
+    simulated = f"({pct('knee', 'tropical', side='s')} and {pct('overloaded', 'tropical', side='s')} simulated)"
+    assert simulated in reading
+    assert f"({pct('knee', 'vllm-round-robin', side='s')} simulated, {pct('knee', 'vllm-round-robin')} measured)" in (
+        reading
+    )
+    # the bar: against the best stock deployment at each load, by the cells' means
+    bar = []
+    for name in ("light", "knee", "overloaded"):
+        cells = loads[name]["deployments"]
+        best = max(("vllm-round-robin", "vllm-pd"), key=lambda key: cells[key]["slo_attainment"])
+        assert best == "vllm-round-robin"
+        bar.append(f"{name} {100 * (cells['tropical']['slo_attainment'] - cells[best]['slo_attainment']):+.1f}")
+    assert "by their means: " + ", ".join(bar) + " against round robin" in reading
+    assert all(float(entry.split()[1]) >= -2 for entry in bar)
+    assert float(bar[1].split()[1]) > 0
+
+
 def test_the_stop_35_runs_hold_what_docs_evaluation_md_reads_from_them() -> None:
     """docs/evaluation.md's stop 35 reading quotes the committed diagnosis runs: each pair's joint attainment, the
     mean difference, and what the burst of 120-160 s did in them."""
