@@ -1067,13 +1067,12 @@ def _normalized_speed(path: Path) -> dict[str, Any]:
 # Where each cell of a speed-normalized load comes from (stop 36 on): round robin and Tropical from their pairs in
 # Tropical's cell options (:data:`CELL_VARIANT`), vLLM P/D from its norm-N runs, and Tropical with its default
 # options (the slack cap alone) from the norm-N pairs of stops 32-34, kept as a cell of its own.
-NORMALIZED_CELLS = {
-    "vllm-round-robin": CELL_VARIANT,
-    "vllm-pd": NORMALIZED_VARIANT,
-    "tropical": CELL_VARIANT,
-    "tropical-default-options": NORMALIZED_VARIANT,
+NORMALIZED_CELLS = {  # cell -> (the deployment whose runs it has, their variant)
+    "vllm-round-robin": ("vllm-round-robin", CELL_VARIANT),
+    "vllm-pd": ("vllm-pd", NORMALIZED_VARIANT),
+    "tropical": ("tropical-in-client", CELL_VARIANT),
+    "tropical-default-options": ("tropical-in-client", NORMALIZED_VARIANT),
 }
-_NORMALIZED_RUNS = {"tropical-default-options": "tropical-in-client"}  # cell -> the deployment whose runs it has
 
 
 def simulated_figures(validate_args: list[str], factor: float | None) -> dict[str, Any]:
@@ -1112,8 +1111,8 @@ def normalized_load(load: str, nominal_rate: float, prefill_workers: int, hop: t
             engine speed.
     """
     paths = {
-        key: [path for _, path in paired_runs(_NORMALIZED_RUNS.get(key) or COLLECTED[key], load, variant)]
-        for key, variant in NORMALIZED_CELLS.items()
+        key: [path for _, path in paired_runs(deployment, load, variant)]
+        for key, (deployment, variant) in NORMALIZED_CELLS.items()
     }
     speeds = {path: _normalized_speed(path) for key_paths in paths.values() for path in key_paths}
     settings = {(s["speed_factor"], s["load_scale"], s["rate_per_s"]) for s in speeds.values()}
@@ -1127,7 +1126,7 @@ def normalized_load(load: str, nominal_rate: float, prefill_workers: int, hop: t
     profile = scaled_profile_name(factor) if factor is not None else PROFILE
     deployments: dict[str, Any] = {}
     for key, key_paths in paths.items():
-        deployment = _NORMALIZED_RUNS.get(key) or COLLECTED[key]
+        deployment = NORMALIZED_CELLS[key][0]
         options = TROPICAL_OPTIONS if key == "tropical" else None
         validate_args = _validate_args(
             EMBEDDED_ROUTER.get(deployment, deployment),

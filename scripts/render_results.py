@@ -231,7 +231,6 @@ def _nominal_pairs_table(loads: list[dict[str, Any]]) -> list[str]:
 def _normalized_pairs_table(loads: list[dict[str, Any]], key: str = "pairs", what: str | None = None) -> list[str]:
     """The speed-normalized pairs of each load's ``key``: each run's factor applied and measured, load scale, rate
     and attainment, under the sentence ``what`` (or the cells' own)."""
-    loads = [{**load, "pairs": load[key]} for load in loads if load.get(key)]
     lines = [
         what
         or "Pairs among these runs: round robin and Tropical (router in the client) one after the other on fresh "
@@ -242,9 +241,9 @@ def _normalized_pairs_table(loads: list[dict[str, Any]], key: str = "pairs", wha
         "round robin: joint / TTFT / TPOT att. | Tropical: joint / TTFT / TPOT att. | difference (points) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for load in _by_load([load for load in loads if load.get("pairs")]):
-        for pair in load["pairs"]:
-            runs = [pair[key] for key in ("vllm-round-robin", "tropical")]
+    for load in _by_load([load for load in loads if load.get(key)]):
+        for pair in load[key]:
+            runs = [pair[deployment] for deployment in ("vllm-round-robin", "tropical")]
             cells = _pair_attainment_cells(pair)
             measured = " / ".join(_number_or_dash(run.get("measured_speed_factor"), ".2f") for run in runs)
             factors = f"{_number_or_dash(runs[0].get('engine_speed_factor'), '.2f')} ({measured})"
@@ -254,7 +253,7 @@ def _normalized_pairs_table(loads: list[dict[str, Any]], key: str = "pairs", wha
                 f"| {load['name']} | {pair['pair']} | {factors} | {scale} | {rates} | {cells[0]} | {cells[1]} | "
                 f"{pair['difference_points']:+.1f} |"
             )
-        lines.append(f"| {load['name']} | mean | | | | | | {_mean_difference_points(load['pairs']):+.1f} |")
+        lines.append(f"| {load['name']} | mean | | | | | | {_mean_difference_points(load[key]):+.1f} |")
     return lines
 
 
